@@ -1,0 +1,114 @@
+"""KV caches. One small contract for all of them: `update` (called by the forward), `trim`, `nbytes`.
+
+`KVCache` holds one document: k/v [L, KV, capacity, hd], position = index, keys stored rotated,
+capacity grown in chunks. `ScratchCache` holds generated tokens: it attends to a prefix view of a
+`KVCache` (never a copy) plus its own rows, and is rolled back by `trim`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.rope_shift import rope_shift
+
+Segment = tuple[torch.Tensor, torch.Tensor, int]  # K, V [B|1, KV, S, hd], position of row 0
+
+
+class KVCache:
+    def __init__(self, n_layers: int, n_kv: int, head_dim: int, *, dtype=torch.float32, device="cpu", chunk=512):
+        self.shape = (n_layers, n_kv, head_dim)
+        self.dtype, self.device, self.chunk = dtype, device, chunk
+        self.k = torch.zeros(n_layers, n_kv, 0, head_dim, dtype=dtype, device=device)  # [L, KV, cap, hd]
+        self.v = torch.zeros_like(self.k)
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    @property
+    def state(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[:, :, : self.length], self.v[:, :, : self.length]
+
+    def reserve(self, n: int) -> None:
+        """Make room for n rows (grown in whole chunks; rows past `length` are undefined)."""
+        if n <= self.capacity:
+            return
+        cap = -(-n // self.chunk) * self.chunk
+        L, KV, hd = self.shape
+        k = torch.empty(L, KV, cap, hd, dtype=self.dtype, device=self.device)
+        v = torch.empty_like(k)
+        k[:, :, : self.length] = self.k[:, :, : self.length]
+        v[:, :, : self.length] = self.v[:, :, : self.length]
+        self.k, self.v = k, v
+
+    def trim(self, n: int) -> None:
+        """Keep the first n rows."""
+        self.length = min(self.length, max(0, n))
+
+    def release(self) -> None:
+        """Drop the storage (eviction); the owner re-encodes on demand."""
+        self.k = self.k[:, :, :0].clone()
+        self.v = self.v[:, :, :0].clone()
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> list[Segment]:
+        """Write new rows k/v [1, KV, T, hd] at index pos[0]; return the visible segment [0, pos[-1]]."""
+        start, end = int(pos[0]), int(pos[0]) + k.shape[2]
+        self.k[layer, :, start:end] = k[0]
+        self.v[layer, :, start:end] = v[0]
+        return [(self.k[layer, :, :end][None], self.v[layer, :, :end][None], 0)]
+
+    def splice(self, start: int, end: int, m: int, *, inv_freq: torch.Tensor | None) -> None:
+        """Replace rows [start, end) by m undefined rows: the suffix moves by delta = m - (end - start)
+        and, given the per-layer RoPE frequencies, its keys are rotated by delta (PIE). Without
+        frequencies the suffix moves unrotated (the naive baseline)."""
+        delta = m - (end - start)
+        old_len = self.length
+        self.reserve(old_len + delta)
+        if delta != 0 and end < old_len:
+            if inv_freq is None:
+                self.k[:, :, end + delta : old_len + delta] = self.k[:, :, end:old_len].clone()
+                self.v[:, :, end + delta : old_len + delta] = self.v[:, :, end:old_len].clone()
+            else:
+                rope_shift(self.k, self.v, end, old_len, end + delta, inv_freq)
+        self.length = old_len + delta
+
+    def clone(self) -> "KVCache":
+        c = KVCache(*self.shape, dtype=self.dtype, device=self.device, chunk=self.chunk)
+        c.reserve(self.length)
+        c.k[:, :, : self.length], c.v[:, :, : self.length] = self.state
+        c.length = self.length
+        return c
+
+
+class ScratchCache:
+    """Rows for generated tokens [L, B, KV, cap, hd] at positions start.., over prefix rows [0, start)."""
+
+    def __init__(self, prefix: KVCache, start: int, capacity: int, *, batch: int = 1):
+        L, KV, hd = prefix.shape
+        self.prefix, self.start, self.length = prefix, start, 0
+        self.k = torch.zeros(L, batch, KV, capacity, hd, dtype=prefix.dtype, device=prefix.device)
+        self.v = torch.zeros_like(self.k)
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def trim(self, n: int) -> None:
+        self.length = min(self.length, max(0, n))
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> list[Segment]:
+        i = int(pos[0]) - self.start
+        end = i + k.shape[2]
+        if end > self.k.shape[3]:
+            raise IndexError(f"scratch area full ({self.k.shape[3]} rows)")
+        self.k[layer, :, :, i:end] = k
+        self.v[layer, :, :, i:end] = v
+        self.length = max(self.length, end)
+        pk, pv = self.prefix.k[layer, :, : self.start], self.prefix.v[layer, :, : self.start]
+        return [(pk[None], pv[None], 0), (self.k[layer, :, :, :end], self.v[layer, :, :, :end], self.start)]

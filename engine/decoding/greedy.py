@@ -1,0 +1,44 @@
+"""Greedy decoding, the reference every other decoder is tested against. Ids in, ids out."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from engine.cache import KVCache, ScratchCache
+
+
+@torch.no_grad()
+def greedy(
+    model, cache: ScratchCache, first: int, *, max_new: int, first_mask: torch.Tensor | None = None
+) -> Iterator[int]:
+    """Yield up to `max_new` greedy tokens after the context. `first` is the last context token: it
+    is fed at position `cache.start` (the scratch's first row), so its logits give the first new
+    token. `first_mask` [V] restricts the first token (token healing). Stop by closing the generator."""
+    tok, pos = first, cache.start
+    for step in range(max_new):
+        logits = model(torch.tensor([[tok]]), torch.tensor([pos]), cache)[0, -1]  # [V]
+        if step == 0 and first_mask is not None:
+            logits = logits.masked_fill(~first_mask, float("-inf"))
+        tok = int(logits.argmax())
+        pos += 1
+        yield tok
+
+
+@torch.no_grad()
+def reference_greedy(model, ids: list[int], max_new: int, *, stop_ids=()) -> list[int]:
+    """The naive generator: re-encode the whole sequence for every new token. Slow and obviously right."""
+    a = model.args
+    seq, out = list(ids), []
+    for _ in range(max_new):
+        cache = KVCache(a.n_layers, a.n_kv_heads, a.head_dim, dtype=model.embed_tokens.weight.dtype)
+        cache.reserve(len(seq))
+        cache.length = len(seq)
+        logits = model(torch.tensor([seq]), torch.arange(len(seq)), cache, last_only=True)[0, -1]
+        tok = int(logits.argmax())
+        out.append(tok)
+        seq.append(tok)
+        if tok in stop_ids:
+            break
+    return out

@@ -1,0 +1,88 @@
+"""An open document: its text, token ids, character offsets, KV cache and stale-token mask.
+
+Edits (PIE): re-tokenise the new text, diff the ids against the old ones, and for each changed span
+`[i, j)` replaced by `m` new tokens keep the prefix, move the suffix by `delta = m - (j - i)` rotating
+its keys, and encode only the new tokens. The suffix keeps K/V computed against the old text: those
+tokens are *stale* until `refresh` re-encodes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from difflib import SequenceMatcher
+
+STRATEGIES = ("pie", "naive", "prefix", "full")
+
+
+@dataclass(frozen=True)
+class Hunk:
+    """old ids [old_start, old_end) became new ids [new_start, new_end)."""
+
+    old_start: int
+    old_end: int
+    new_start: int
+    new_end: int
+
+
+def token_hunks(old: list[int], new: list[int], *, multi: bool = False, merge_gap: int = 8) -> list[Hunk]:
+    """Changed spans between two id lists, top to bottom. The common prefix and suffix are always
+    kept; with `multi`, equal runs inside the middle are kept too (edits in several places), and
+    hunks closer than `merge_gap` tokens are merged so a lone equal token does not split them."""
+    n = min(len(old), len(new))
+    p = 0
+    while p < n and old[p] == new[p]:
+        p += 1
+    s = 0
+    while s < n - p and old[-1 - s] == new[-1 - s]:
+        s += 1
+    a, b = old[p : len(old) - s], new[p : len(new) - s]
+    if not a and not b:
+        return []
+    if not multi:
+        return [Hunk(p, len(old) - s, p, len(new) - s)]
+    hunks: list[Hunk] = []
+    for tag, i1, i2, j1, j2 in SequenceMatcher(None, a, b).get_opcodes():
+        if tag == "equal":
+            continue
+        h = Hunk(p + i1, p + i2, p + j1, p + j2)
+        if hunks and h.old_start - hunks[-1].old_end < merge_gap:
+            last = hunks.pop()
+            h = Hunk(last.old_start, h.old_end, last.new_start, h.new_end)
+        hunks.append(h)
+    return hunks
+
+
+class Document:
+    def __init__(self, uri: str, text: str, ids: list[int], offsets: list[tuple[int, int]]):
+        self.uri, self.text, self.ids, self.offsets = uri, text, ids, offsets
+        self.cache = None  # engine.cache.KVCache once encoded; None when evicted
+        self.stale = bytearray(len(ids))  # 1 where the cached K/V saw an older text
+        self.last_used = 0.0
+
+    @property
+    def stale_count(self) -> int:
+        return self.stale.count(1)
+
+    @property
+    def first_stale(self) -> int:
+        i = self.stale.find(1)
+        return len(self.ids) if i < 0 else i
+
+    def splice_stale(self, h: Hunk, *, suffix_stale: bool) -> None:
+        """Mirror one hunk in the stale mask (indices already in the new layout above the hunk)."""
+        m, cut = h.new_end - h.new_start, h.new_start + (h.old_end - h.old_start)
+        suffix = self.stale[cut:]
+        if suffix_stale:
+            suffix = bytearray(b"\x01" * len(suffix))
+        self.stale = self.stale[: h.new_start] + bytearray(m) + suffix
+
+    def token_at(self, offset: int) -> int:
+        """Index of the first token that ends after `offset` (tokens before it lie wholly before)."""
+        lo, hi = 0, len(self.offsets)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.offsets[mid][1] <= offset:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo

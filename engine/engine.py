@@ -1,0 +1,285 @@
+"""The engine facade: documents in, completions out. Synchronous and single-threaded by design:
+the LSP layer (or the daemon) calls it from one worker thread.
+
+    engine = Engine.load()                      # embedded Gemma 3 270M
+    engine.open("file:///a.py", text)
+    engine.edit("file:///a.py", changes)        # PIE
+    engine.complete("file:///a.py", offset).text
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.cache import KVCache, ScratchCache
+from engine.decoding.greedy import greedy
+from engine.document import STRATEGIES, Document, Hunk, token_hunks
+from engine.stops import StopRules
+from engine.text import apply_changes
+from engine.tokenizer import Tokenizer
+
+
+@dataclass
+class EngineOptions:
+    memory_budget_mb: float = 2048.0  # all documents' KV caches together; LRU eviction past it
+    encode_chunk: int = 256  # tokens per forward when encoding (bounds memory, allows cancelling)
+    refresh_stale_share: float = 0.25  # refresh a document once this share of its tokens is stale
+    refresh_stale_min: int = 64  # ... and at least this many
+
+
+@dataclass
+class CompletionOptions:
+    multiline: bool = False
+    max_tokens: int = 48
+    time_cap_ms: float | None = None  # stop once past this and something is worth showing
+
+
+@dataclass
+class UpdateStats:
+    strategy: str
+    hunks: int = 0
+    encoded: int = 0  # tokens run through the model
+    delta: int = 0  # change in the number of tokens
+    stale: int = 0  # stale tokens left in the document
+    ms: float = 0.0
+
+
+@dataclass
+class Completion:
+    text: str
+    tokens: list[int] = field(default_factory=list)
+    stop_reason: str = ""
+    ctx_tokens: int = 0
+    heal: str = ""
+    ms: float = 0.0
+    first_token_ms: float = 0.0
+
+
+class Cancelled(Exception):
+    """Raised when a `should_stop` callback asks an encode to stop; the document stays consistent."""
+
+
+class Engine:
+    def __init__(self, model, tokenizer: Tokenizer, options: EngineOptions | None = None):
+        self.model, self.tok = model, tokenizer
+        self.options = options or EngineOptions()
+        self.docs: dict[str, Document] = {}
+        self._masks: dict[str, torch.Tensor] = {}
+        self._clock = 0
+
+    @classmethod
+    def load(cls, spec=None, *, options: EngineOptions | None = None, progress=None) -> "Engine":
+        from engine.loader import load
+
+        loaded = load(spec, progress=progress)
+        engine = cls(loaded.model, loaded.tokenizer, options)
+        engine.loaded = loaded
+        return engine
+
+    # documents -----------------------------------------------------------------------------------
+
+    def open(self, uri: str, text: str, *, should_stop: Callable[[], bool] | None = None) -> UpdateStats:
+        t0 = time.perf_counter()
+        ids, offsets = self.tok.encode(text)
+        doc = Document(uri, text, ids, offsets)
+        self.docs[uri] = doc
+        self._touch(doc)
+        n = self._encode_all(doc, should_stop)
+        return UpdateStats("open", encoded=n, ms=(time.perf_counter() - t0) * 1e3)
+
+    def close(self, uri: str) -> None:
+        self.docs.pop(uri, None)
+
+    def text(self, uri: str) -> str:
+        return self._doc(uri).text
+
+    def edit(self, uri: str, changes: list, *, strategy: str = "pie", should_stop=None) -> UpdateStats:
+        """Apply LSP-style changes (ranges in code points, in order); update the cache by `strategy`:
+        `pie` (move + rotate the suffix), `naive` (move it unrotated), `prefix` (re-encode from the
+        first change), `full` (re-encode everything). A bad change raises EditError and changes nothing."""
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}")
+        t0 = time.perf_counter()
+        doc = self._doc(uri)
+        new_text = apply_changes(doc.text, changes)
+        ids, offsets = self.tok.encode(new_text)
+        hunks = token_hunks(doc.ids, ids, multi=len(changes) > 1)
+        old_len = len(doc.ids)
+        doc.text, doc.ids, doc.offsets = new_text, ids, offsets
+        stats = UpdateStats(strategy, hunks=len(hunks), delta=len(ids) - old_len)
+        self._touch(doc)
+        if doc.cache is None or not hunks:
+            doc.stale = doc.stale[: len(ids)] + bytearray(max(0, len(ids) - len(doc.stale)))
+        elif strategy == "full":
+            stats.encoded = self._encode_all(doc, should_stop)
+        elif strategy == "prefix":
+            first = hunks[0].new_start
+            doc.cache.trim(first)
+            doc.stale = doc.stale[:first] + bytearray(len(ids) - first)
+            stats.encoded = self._encode(doc, first, len(ids), should_stop)
+        else:
+            freqs = self.model.args.inv_freq if strategy == "pie" else None
+            for h in hunks:
+                m = h.new_end - h.new_start
+                doc.cache.splice(h.new_start, h.new_start + h.old_end - h.old_start, m, inv_freq=freqs)
+                doc.splice_stale(h, suffix_stale=True)
+                stats.encoded += self._encode(doc, h.new_start, h.new_end, None)
+        stats.stale = doc.stale_count
+        stats.ms = (time.perf_counter() - t0) * 1e3
+        return stats
+
+    def needs_refresh(self, uri: str) -> bool:
+        doc = self._doc(uri)
+        s, o = doc.stale_count, self.options
+        return doc.cache is not None and s >= o.refresh_stale_min and s >= o.refresh_stale_share * len(doc.ids)
+
+    def refresh(self, uri: str, *, should_stop=None) -> UpdateStats:
+        """Re-encode from the first stale token to the end, so the cache equals a full encode."""
+        t0 = time.perf_counter()
+        doc = self._doc(uri)
+        if doc.cache is None:
+            n = self._encode_all(doc, should_stop)
+        else:
+            first = doc.first_stale
+            doc.cache.trim(first)
+            n = self._encode(doc, first, len(doc.ids), should_stop)
+            doc.stale = bytearray(len(doc.ids))
+        return UpdateStats("refresh", encoded=n, ms=(time.perf_counter() - t0) * 1e3)
+
+    # completion ----------------------------------------------------------------------------------
+
+    def complete(self, uri: str, offset: int, options: CompletionOptions | None = None, *, should_stop=None) -> Completion:
+        result = Completion("")
+        for result in self.stream(uri, offset, options, should_stop=should_stop):
+            pass
+        return result
+
+    def stream(self, uri: str, offset: int, options: CompletionOptions | None = None, *, should_stop=None) -> Iterator[Completion]:
+        """Complete at code-point `offset`, yielding the suggestion as it grows (stop iterating to
+        cancel; `should_stop()` is also polled between decoding steps)."""
+        opts = options or CompletionOptions()
+        t0 = time.perf_counter()
+        doc = self._doc(uri)
+        if not 0 <= offset <= len(doc.text):
+            raise ValueError(f"offset {offset} is outside the document (0..{len(doc.text)})")
+        self._touch(doc)
+        if doc.cache is None:
+            self._encode_all(doc, should_stop)
+        P = doc.token_at(offset)  # tokens [0, P) lie wholly before the cursor
+        if P == 0:
+            yield Completion("", stop_reason="no_context")
+            return
+        heal = doc.text[doc.offsets[P - 1][1] : offset]  # text between the last kept token and the cursor
+        line_start = doc.text.rfind("\n", 0, offset) + 1
+        rules = StopRules(opts.multiline, doc.text[line_start:offset], _next_line(doc.text, offset))
+        first = doc.ids[P - 1]
+        scratch = ScratchCache(doc.cache, P - 1, opts.max_tokens + 1)
+        gen = greedy(self.model, scratch, first, max_new=opts.max_tokens, first_mask=self._mask(heal))
+        prev = self.tok.decode([first])
+        out = Completion("", ctx_tokens=P, heal=heal)
+        try:
+            for tok in gen:
+                if not out.tokens:
+                    out.first_token_ms = (time.perf_counter() - t0) * 1e3
+                if tok in self.tok.eos_ids:
+                    out.stop_reason = "eos"
+                    break
+                out.tokens.append(tok)
+                raw = self.tok.decode([first] + out.tokens)[len(prev) :]
+                if raw.endswith("\ufffd"):  # a character split across tokens: wait for the rest
+                    continue
+                out.text, reason = rules.apply(raw[len(heal) :])
+                out.ms = (time.perf_counter() - t0) * 1e3
+                if reason is None and opts.time_cap_ms is not None and out.ms > opts.time_cap_ms and out.text.strip():
+                    reason = "time_cap"
+                if reason is None and should_stop is not None and should_stop():
+                    reason = "cancelled"
+                if reason:
+                    out.stop_reason = reason
+                    break
+                yield out
+            else:
+                out.stop_reason = "max_tokens"
+        finally:
+            gen.close()
+            scratch.trim(0)
+        out.ms = (time.perf_counter() - t0) * 1e3
+        yield out
+
+    # internals -----------------------------------------------------------------------------------
+
+    def _doc(self, uri: str) -> Document:
+        doc = self.docs.get(uri)
+        if doc is None:
+            raise KeyError(f"document {uri!r} is not open")
+        return doc
+
+    def _touch(self, doc: Document) -> None:
+        self._clock += 1
+        doc.last_used = self._clock
+
+    def _mask(self, heal: str) -> torch.Tensor | None:
+        if not heal:
+            return None
+        if heal not in self._masks:
+            if len(self._masks) > 64:
+                self._masks.clear()
+            self._masks[heal] = self.tok.starting_with(heal, self.model.args.vocab_size)
+        return self._masks[heal]
+
+    def new_cache(self) -> KVCache:
+        a = self.model.args
+        return KVCache(a.n_layers, a.n_kv_heads, a.head_dim, dtype=self.model.embed_tokens.weight.dtype)
+
+    def _encode_all(self, doc: Document, should_stop) -> int:
+        doc.cache = self.new_cache()
+        doc.stale = bytearray(len(doc.ids))
+        n = self._encode(doc, 0, len(doc.ids), should_stop)
+        self._evict(keep=doc)
+        return n
+
+    @torch.no_grad()
+    def _encode(self, doc: Document, start: int, end: int, should_stop) -> int:
+        """Run ids[start:end] through the model into rows start..end (rows before are its context)."""
+        cache, chunk = doc.cache, self.options.encode_chunk
+        cache.reserve(max(cache.length, end))
+        cache.length = max(cache.length, end)
+        for s in range(start, end, chunk):
+            e = min(end, s + chunk)
+            if should_stop is not None and should_stop():
+                cache.trim(s)  # rows past s are not valid yet: mark them stale, keep the prefix
+                doc.stale[s:] = b"\x01" * (len(doc.stale) - s)
+                raise Cancelled(f"encoding {doc.uri} stopped at token {s} of {end}")
+            self.model(torch.tensor([doc.ids[s:e]]), torch.arange(s, e), cache, return_hidden=True, last_only=True)
+        return end - start
+
+    def _evict(self, *, keep: Document) -> None:
+        budget = self.options.memory_budget_mb * 2**20
+        cached = sorted((d for d in self.docs.values() if d.cache is not None), key=lambda d: d.last_used)
+        total = sum(d.cache.nbytes for d in cached)
+        for d in cached:
+            if total <= budget:
+                break
+            if d is keep:
+                continue
+            total -= d.cache.nbytes
+            d.cache = None
+
+    def memory_bytes(self) -> int:
+        return sum(d.cache.nbytes for d in self.docs.values() if d.cache is not None)
+
+
+def _next_line(text: str, offset: int) -> str:
+    """The first non-blank line below the cursor's line, stripped."""
+    i = text.find("\n", offset)
+    while i >= 0:
+        j = text.find("\n", i + 1)
+        line = text[i + 1 : j if j >= 0 else len(text)]
+        if line.strip():
+            return line.strip()
+        i = j
+    return ""

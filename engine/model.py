@@ -1,0 +1,279 @@
+"""A compact decoder forward for the Llama and Gemma 3 families, built from a Hugging Face config.
+
+Module and parameter names mirror Hugging Face's, so a HF state dict loads as it is (less its
+`model.` prefix). The forward runs on any cache that implements `update(layer, k, v, pos)`
+(see `engine.cache`), can stop after any layer, and can take input embeddings instead of ids.
+
+Shapes: B batch, T new tokens, S keys, H query heads, KV key/value heads, D model width, hd head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.rope_shift import apply_rope, rope_cos_sin
+from kernels.segment_attention import segment_attention
+
+LLAMA_TYPES = {"llama", "mistral", "qwen2", "smollm", "smollm3"}
+GEMMA_TYPES = {"gemma3_text", "gemma3"}
+SHIFTABLE_ROPE = {"default", "linear", "llama3"}
+
+
+class UnsupportedModel(ValueError):
+    """The checkpoint's architecture or RoPE scaling is one Ghostline cannot serve exactly."""
+
+
+@dataclass
+class ModelArgs:
+    family: str  # "llama" | "gemma3"
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    hidden_dim: int
+    norm_eps: float
+    attn_scale: float
+    inv_freq: torch.Tensor  # [L, hd/2] per-layer RoPE inverse frequencies
+    windows: list[int | None] = field(default_factory=list)  # per layer: sliding window or None
+    qkv_bias: bool = False
+    tie_embeddings: bool = True
+    embed_scale: float = 1.0
+    final_softcap: float | None = None
+    attn_softcap: float | None = None
+    act: str = "silu"
+
+    @classmethod
+    def from_hf(cls, cfg) -> "ModelArgs":
+        mtype = getattr(cfg, "model_type", "?")
+        if getattr(cfg, "text_config", None) is not None and mtype == "gemma3":
+            cfg, mtype = cfg.text_config, cfg.text_config.model_type
+        if mtype not in LLAMA_TYPES | GEMMA_TYPES:
+            raise UnsupportedModel(
+                f"model_type {mtype!r} is not supported; Ghostline serves the Llama family "
+                f"({', '.join(sorted(LLAMA_TYPES))}) and Gemma 3"
+            )
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        n_layers = cfg.num_hidden_layers
+        layer_types = getattr(cfg, "layer_types", None) or ["full_attention"] * n_layers
+        gemma = mtype in GEMMA_TYPES
+        windows: list[int | None] = []
+        for lt in layer_types:
+            sliding = lt == "sliding_attention" or (mtype == "mistral" and cfg.sliding_window)
+            windows.append(cfg.sliding_window if sliding else None)
+        inv_freq = torch.stack([_inv_freq(cfg, lt if gemma else None, head_dim) for lt in layer_types])
+        return cls(
+            family="gemma3" if gemma else "llama",
+            vocab_size=cfg.vocab_size,
+            dim=cfg.hidden_size,
+            n_layers=n_layers,
+            n_heads=cfg.num_attention_heads,
+            n_kv_heads=cfg.num_key_value_heads,
+            head_dim=head_dim,
+            hidden_dim=cfg.intermediate_size,
+            norm_eps=cfg.rms_norm_eps,
+            attn_scale=(cfg.query_pre_attn_scalar if gemma else head_dim) ** -0.5,
+            inv_freq=inv_freq,
+            windows=windows,
+            qkv_bias=mtype == "qwen2" or bool(getattr(cfg, "attention_bias", False)),
+            tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+            embed_scale=cfg.hidden_size**0.5 if gemma else 1.0,
+            final_softcap=getattr(cfg, "final_logit_softcapping", None),
+            attn_softcap=getattr(cfg, "attn_logit_softcapping", None),
+            act="gelu_tanh" if gemma else "silu",
+        )
+
+
+def _inv_freq(cfg, layer_type: str | None, head_dim: int) -> torch.Tensor:
+    """RoPE inverse frequencies for one layer; only scalings that a fixed rotation can shift exactly."""
+    params = getattr(cfg, "rope_parameters", None) or {}
+    if layer_type is not None and layer_type in params:
+        params = params[layer_type]
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in SHIFTABLE_ROPE:
+        why = "its frequencies depend on the sequence length" if rope_type == "dynamic" else "it is not supported"
+        raise UnsupportedModel(
+            f"RoPE scaling {rope_type!r} cannot be used: PIE shifts cached keys by a fixed rotation and {why} "
+            f"(supported: {', '.join(sorted(SHIFTABLE_ROPE))})"
+        )
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise UnsupportedModel("partial rotary embeddings are not supported")
+    base = params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rope_type == "linear":
+        inv = inv / params["factor"]
+    elif rope_type == "llama3":
+        factor, lo, hi = params["factor"], params["low_freq_factor"], params["high_freq_factor"]
+        old_ctx = params["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_ctx / lo, old_ctx / hi
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old_ctx / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv = torch.where(medium, smoothed, scaled)
+    return inv
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm in fp32; Gemma scales by (1 + w), Llama by w."""
+
+    def __init__(self, dim: int, eps: float, *, offset: float):
+        super().__init__()
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (h * (self.offset + self.weight.float())).type_as(x)
+        return self.weight * h.type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, a: ModelArgs, layer: int):
+        super().__init__()
+        self.a, self.layer = a, layer
+        self.q_proj = nn.Linear(a.dim, a.n_heads * a.head_dim, bias=a.qkv_bias)
+        self.k_proj = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=a.qkv_bias)
+        self.v_proj = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=a.qkv_bias)
+        self.o_proj = nn.Linear(a.n_heads * a.head_dim, a.dim, bias=False)
+        if a.family == "gemma3":
+            self.q_norm = RMSNorm(a.head_dim, a.norm_eps, offset=1.0)
+            self.k_norm = RMSNorm(a.head_dim, a.norm_eps, offset=1.0)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, cos_sin, cache) -> torch.Tensor:
+        a, (B, T, _) = self.a, x.shape
+        q = self.q_proj(x).view(B, T, a.n_heads, a.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k = self.k_proj(x).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)  # [B, KV, T, hd]
+        v = self.v_proj(x).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        if a.family == "gemma3":
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = cos_sin
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        segments = cache.update(self.layer, k, v, pos)
+        o = segment_attention(
+            q, segments, pos, scale=a.attn_scale, window=a.windows[self.layer], softcap=a.attn_softcap
+        )  # [B, H, T, hd]
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(a.dim, a.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(a.dim, a.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(a.hidden_dim, a.dim, bias=False)
+        self.act = a.act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.gate_proj(x)
+        g = F.gelu(g, approximate="tanh") if self.act == "gelu_tanh" else F.silu(g)
+        return self.down_proj(g * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, a: ModelArgs, layer: int):
+        super().__init__()
+        offset = 1.0 if a.family == "gemma3" else 0.0
+        self.gemma = a.family == "gemma3"
+        self.self_attn = Attention(a, layer)
+        self.mlp = MLP(a)
+        self.input_layernorm = RMSNorm(a.dim, a.norm_eps, offset=offset)
+        self.post_attention_layernorm = RMSNorm(a.dim, a.norm_eps, offset=offset)
+        if self.gemma:
+            self.pre_feedforward_layernorm = RMSNorm(a.dim, a.norm_eps, offset=offset)
+            self.post_feedforward_layernorm = RMSNorm(a.dim, a.norm_eps, offset=offset)
+
+    def forward(self, x, pos, cos_sin, cache):
+        h = self.self_attn(self.input_layernorm(x), pos, cos_sin, cache)
+        if self.gemma:  # sandwich norms
+            x = x + self.post_attention_layernorm(h)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.args = a
+        self.embed_tokens = nn.Embedding(a.vocab_size, a.dim)
+        self.layers = nn.ModuleList(Block(a, i) for i in range(a.n_layers))
+        self.norm = RMSNorm(a.dim, a.norm_eps, offset=1.0 if a.family == "gemma3" else 0.0)
+        self.lm_head = nn.Linear(a.dim, a.vocab_size, bias=False)
+        if a.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.set_rope(a.inv_freq)
+
+    def set_rope(self, inv_freq: torch.Tensor) -> None:
+        """Per-layer RoPE frequencies [L, hd/2], grouped so layers sharing a base share cos/sin tables."""
+        self.rope_freqs, group = torch.unique(inv_freq.float(), dim=0, return_inverse=True)  # [G, hd/2]
+        self.rope_group = group.tolist()
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, T] -> scaled input embeddings [B, T, D]."""
+        x = self.embed_tokens(ids)
+        if self.args.embed_scale != 1.0:
+            x = x * torch.tensor(self.args.embed_scale, dtype=x.dtype)
+        return x
+
+    def forward(
+        self,
+        ids: torch.Tensor | None,
+        pos: torch.Tensor,
+        cache,
+        *,
+        embeds: torch.Tensor | None = None,
+        exit_layer: int | None = None,
+        last_only: bool = False,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """ids [B, T] (or embeds [B, T, D]) at positions pos [T] -> logits [B, T, V].
+
+        `exit_layer=l` stops after l layers and reads logits through the final norm and LM head;
+        `last_only` computes logits for the last position only; `return_hidden` skips the head.
+        """
+        x = self.embed(ids) if embeds is None else embeds
+        n = self.args.n_layers if exit_layer is None else exit_layer
+        tables = [rope_cos_sin(pos, f, dtype=x.dtype) for f in self.rope_freqs]
+        for i in range(n):
+            x = self.layers[i](x, pos, tables[self.rope_group[i]], cache)
+        if last_only:
+            x = x[:, -1:]
+        if return_hidden:
+            return x
+        return self.head(x)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head (+ soft-capping): hidden [..., D] -> logits [..., V]."""
+        logits = self.lm_head(self.norm(x))
+        if self.args.final_softcap:
+            c = self.args.final_softcap
+            logits = torch.tanh(logits / c) * c
+        return logits
+
+
+def build(cfg, state_dict: dict[str, torch.Tensor], *, dtype=torch.float32) -> Transformer:
+    """A Transformer from a HF config and a HF-named state dict (with or without the `model.` prefix)."""
+    args = ModelArgs.from_hf(cfg)
+    with torch.device("meta"):
+        model = Transformer(args)
+    sd = {k.removeprefix("model."): v for k, v in state_dict.items()}
+    if args.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    model.load_state_dict(sd, strict=False, assign=True)
+    if args.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise UnsupportedModel(f"checkpoint lacks weights: {', '.join(missing[:5])}")
+    model.set_rope(args.inv_freq)
+    return model.to(dtype).eval().requires_grad_(False)

@@ -1,0 +1,39 @@
+"""Stop rules for code: where a suggestion ends, decided on its text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def indent_of(line: str) -> int:
+    return len(line) - len(line.lstrip(" \t"))
+
+
+@dataclass
+class StopRules:
+    """`multiline=False`: end of line. `multiline=True`: a line dedented below the cursor's block (or,
+    after a block header ending in ':', back to the header's level), or a line repeating the first
+    non-blank line below the cursor."""
+
+    multiline: bool
+    line_before: str = ""  # the cursor's line up to the cursor
+    below: str = ""  # first non-blank line below the cursor's line, stripped
+
+    def apply(self, text: str) -> tuple[str, str | None]:
+        """Generated text -> (text to show, stop reason or None to go on)."""
+        if not self.multiline:
+            i = text.find("\n")
+            return (text, None) if i < 0 else (text[:i], "end_of_line")
+        lines = text.split("\n")
+        base = indent_of(self.line_before)
+        header = (self.line_before + lines[0]).rstrip().endswith(":")
+        for i in range(1, len(lines)):
+            line, complete = lines[i], i < len(lines) - 1
+            if not line.strip():
+                continue
+            ind = indent_of(line)
+            if ind < base or (header and ind <= base):
+                return "\n".join(lines[:i]).rstrip(), "end_of_block"
+            if complete and self.below and line.strip() == self.below:
+                return "\n".join(lines[:i]).rstrip(), "repeat_below"
+        return text, None

@@ -1,0 +1,52 @@
+"""Shared fixtures: the two real models (loaded once per session) and tiny random models built from
+configs with a real tokenizer (SmolLM2's), which keep most engine tests fast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
+
+from engine.engine import Engine, EngineOptions
+from engine.loader import load
+from engine.model import build
+
+
+@pytest.fixture(scope="session")
+def smol():
+    return load("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    return load("gemma3-270m")
+
+
+def tiny_config(kind: str, vocab: int):
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_attention_heads=4, max_position_embeddings=4096)
+    if kind == "gemma3":
+        return Gemma3TextConfig(**common, num_hidden_layers=6, num_key_value_heads=1, head_dim=32,
+                                sliding_window=16, query_pre_attn_scalar=32, bos_token_id=1, eos_token_id=0)
+    if kind == "llama3":
+        return LlamaConfig(**common, num_hidden_layers=2, num_key_value_heads=2, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    return LlamaConfig(**common, num_hidden_layers=2, num_key_value_heads=2)
+
+
+def tiny_hf(kind: str, vocab: int, seed: int = 0):
+    """A random HF model (eager attention, fp32) of a tiny config."""
+    torch.manual_seed(seed)
+    cfg = tiny_config(kind, vocab)
+    cfg._attn_implementation = "eager"
+    hf = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float().eval()
+    return cfg, hf
+
+
+@pytest.fixture(scope="session")
+def tiny_engine_factory(smol):
+    def make(kind: str = "llama", **opts) -> Engine:
+        cfg, hf = tiny_hf(kind, smol.tokenizer.vocab_size)
+        return Engine(build(cfg, hf.state_dict()), smol.tokenizer, EngineOptions(**opts))
+
+    return make

@@ -1,0 +1,171 @@
+"""PIE: rotating cached keys equals encoding at the new positions; edits keep text, ids and cache
+consistent; zero stale tokens equals a full encode."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engine.cache import KVCache
+from engine.document import Hunk, token_hunks
+from engine.model import build
+from engine.text import Change, EditError
+from kernels.rope_shift import rope_shift
+from tests.conftest import tiny_hf
+
+SAMPLE = open(__file__.replace("test_pie.py", "data/sessions_before.py")).read()
+
+
+class OffsetCache(KVCache):
+    """Stores positions p at rows p - offset: encodes a sequence as if it started at `offset`."""
+
+    def __init__(self, *shape, offset: int):
+        super().__init__(*shape)
+        self.offset = offset
+
+    def update(self, layer, k, v, pos):
+        (K, V, _), = super().update(layer, k, v, pos - self.offset)
+        return [(K, V, self.offset)]
+
+
+def encode_at(model, ids, start: int, *, offset: int = 0) -> KVCache:
+    a = model.args
+    c = OffsetCache(a.n_layers, a.n_kv_heads, a.head_dim, offset=offset)
+    c.reserve(start - offset + len(ids))
+    c.length = start - offset + len(ids)
+    with torch.no_grad():
+        model(torch.tensor([ids]), torch.arange(start, start + len(ids)), c)
+    return c
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "llama3"])
+@pytest.mark.parametrize("delta", [37, -5])
+def test_rotation_equals_encoding_at_new_positions(kind, delta):
+    cfg, hf = tiny_hf(kind, 300)
+    model = build(cfg, hf.state_dict())
+    ids = torch.randint(0, 300, (40,)).tolist()
+    base = 100
+    moved = encode_at(model, ids, base, offset=base)  # rows 0..39 hold positions 100..139
+    fresh = encode_at(model, ids, base + delta, offset=base + delta)
+    k = torch.full((*moved.k.shape[:2], 200, moved.k.shape[3]), float("nan"))
+    v = k.clone()
+    k[:, :, 50:90], v[:, :, 50:90] = moved.state
+    rope_shift(k, v, 50, 90, 50 + delta, model.args.inv_freq)
+    got_k, got_v = k[:, :, 50 + delta : 90 + delta], v[:, :, 50 + delta : 90 + delta]
+    want_k, want_v = fresh.state
+    # Shift invariance of RoPE attention: pre-RoPE keys do not depend on the absolute position, so the
+    # only difference is fp32 rounding of angles at positions < 200 (~1e-5 rad) times |k|.
+    scale = want_k.abs().max().item()
+    assert (got_k - want_k).abs().max().item() < 1e-4 * max(1.0, scale)
+    assert (got_v - want_v).abs().max().item() < 1e-4 * max(1.0, want_v.abs().max().item())
+
+
+def test_token_hunks():
+    assert token_hunks([1, 2, 3], [1, 2, 3]) == []
+    assert token_hunks([1, 2, 3, 4], [1, 9, 9, 4]) == [Hunk(1, 3, 1, 3)]
+    assert token_hunks([1, 2, 3], [1, 2, 3, 4]) == [Hunk(3, 3, 3, 4)]
+    many = list(range(100))
+    edited = [0, 50] + many[1:60] + many[61:]
+    hunks = token_hunks(many, edited, multi=True)
+    assert [(h.old_start, h.old_end) for h in hunks] == [(1, 1), (60, 61)]
+
+
+def states_close(a: KVCache, b: KVCache, atol: float) -> float:
+    (ka, va), (kb, vb) = a.state, b.state
+    assert ka.shape == kb.shape
+    return max((ka - kb).abs().max().item(), (va - vb).abs().max().item())
+
+
+def test_insertion_at_end_equals_full_encode(tiny_engine_factory):
+    eng = tiny_engine_factory("gemma3")
+    text = SAMPLE[:800]
+    eng.open("a", text)
+    lines = text.split("\n")
+    stats = eng.edit("a", [{"range": {"start": {"line": len(lines) - 1, "character": len(lines[-1])},
+                                      "end": {"line": len(lines) - 1, "character": len(lines[-1])}},
+                            "text": "\n    return session\n"}])
+    assert stats.stale == 0 and stats.encoded < 20
+    ref = tiny_engine_factory("gemma3")
+    ref.open("a", eng.text("a"))
+    assert eng.docs["a"].ids == ref.docs["a"].ids
+    assert states_close(eng.docs["a"].cache, ref.docs["a"].cache, 0) < 1e-5
+
+
+def test_refresh_equals_full_encode_after_middle_edits(tiny_engine_factory):
+    eng = tiny_engine_factory("gemma3", encode_chunk=64)
+    eng.open("a", SAMPLE[:1500])
+    eng.edit("a", [{"range": {"start": {"line": 10, "character": 0}, "end": {"line": 12, "character": 0}},
+                    "text": "import json\nimport sys\nimport re\n"},
+                   {"range": {"start": {"line": 3, "character": 0}, "end": {"line": 3, "character": 4}}, "text": "X"}])
+    doc = eng.docs["a"]
+    assert doc.stale_count > 0 and eng.needs_refresh("a") in (True, False)
+    ref = tiny_engine_factory("gemma3")
+    ref.open("a", eng.text("a"))
+    assert states_close(doc.cache, ref.docs["a"].cache, 0) > 1e-3  # stale rows really differ
+    eng.refresh("a")
+    assert doc.stale_count == 0
+    assert states_close(doc.cache, ref.docs["a"].cache, 0) < 1e-5
+
+
+def test_naive_and_pie_differ_only_in_the_suffix_rotation(tiny_engine_factory):
+    change = [{"range": {"start": {"line": 2, "character": 0}, "end": {"line": 2, "character": 0}}, "text": "x = 1\n" * 5}]
+    caches = {}
+    for strategy in ("pie", "naive"):
+        eng = tiny_engine_factory("llama")
+        eng.open("a", SAMPLE[:600])
+        eng.edit("a", change, strategy=strategy)
+        caches[strategy] = eng.docs["a"].cache
+    (kp, vp), (kn, vn) = caches["pie"].state, caches["naive"].state
+    assert torch.equal(vp, vn)
+    assert (kp - kn).abs().max() > 1e-2
+
+
+def test_bad_edit_changes_nothing(tiny_engine_factory):
+    eng = tiny_engine_factory("llama")
+    eng.open("a", "x = 1\ny = 2\n")
+    before = (eng.text("a"), list(eng.docs["a"].ids))
+    with pytest.raises(EditError):
+        eng.edit("a", [{"range": {"start": {"line": 0, "character": 0}, "end": {"line": 0, "character": 1}}, "text": "z"},
+                       {"range": {"start": {"line": 9, "character": 0}, "end": {"line": 9, "character": 0}}, "text": "!"}])
+    assert (eng.text("a"), eng.docs["a"].ids) == before
+    with pytest.raises(KeyError):
+        eng.edit("nope", [])
+
+
+def test_memory_budget_evicts_least_recently_used(tiny_engine_factory):
+    eng = tiny_engine_factory("llama", memory_budget_mb=0.05, encode_chunk=128)
+    for name in "abc":
+        eng.open(name, SAMPLE[:400])
+    assert eng.docs["c"].cache is not None and eng.docs["a"].cache is None
+    assert eng.memory_bytes() <= max(0.05 * 2**20, eng.docs["c"].cache.nbytes)
+    out = eng.complete("a", 100)  # rebuilt on demand
+    assert eng.docs["a"].cache is not None and out.ctx_tokens > 0
+
+
+ALPHABET = "ab (_)\n\t:=éü😀x"
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.floats(0, 1), st.floats(0, 1), st.text(ALPHABET, max_size=12)), min_size=1, max_size=6),
+       st.booleans())
+def test_random_edits_keep_text_ids_and_cache_consistent(tiny_engine_factory, edits, batched):
+    eng = tiny_engine_factory("llama")
+    text = SAMPLE[:300]
+    eng.open("a", text)
+    changes = []
+    for fa, fb, new in edits:
+        a, b = sorted((int(fa * len(text)), int(fb * len(text))))
+        changes.append(Change(a, b, new))
+        text = text[:a] + new + text[b:]
+        if not batched:
+            eng.edit("a", changes[-1:])
+    if batched:
+        eng.edit("a", changes)
+    doc = eng.docs["a"]
+    assert doc.text == text
+    assert doc.ids == eng.tok.encode(text)[0]
+    assert doc.cache.length == len(doc.ids) == len(doc.stale)
