@@ -1,0 +1,135 @@
+// The extension's client side against the real server, without VS Code: start `ghostline serve` with
+// the extension's own spawn code (out/server.js), then speak LSP over vscode-languageserver-protocol.
+// GHOSTLINE_PYTHON names the interpreter that has the `lsp` package (default: the repo's .venv).
+const { test } = require('node:test');
+const assert = require('node:assert/strict');
+const fs = require('node:fs');
+const path = require('node:path');
+const {
+  createMessageConnection,
+  StreamMessageReader,
+  StreamMessageWriter,
+  InitializeRequest,
+  InitializedNotification,
+  DidOpenTextDocumentNotification,
+  InlineCompletionRequest,
+  InlineCompletionTriggerKind,
+  CompletionRequest,
+  ShutdownRequest,
+  ExitNotification,
+  WorkDoneProgressCreateRequest,
+} = require('vscode-languageserver-protocol/node');
+const { spawnServer, launch, serverSettings, Outcomes, STATUS, DID_ACCEPT } = require('../out/server.js');
+
+const ROOT = path.resolve(__dirname, '..', '..', '..');
+const PYTHON = process.env.GHOSTLINE_PYTHON || path.join(ROOT, '.venv', 'bin', 'python');
+const SNIPPET = [
+  'def average(numbers):',
+  '    """The mean of a list of numbers."""',
+  '    total = sum(numbers)',
+  '    return ',
+  '',
+].join('\n');
+
+/** Rejects after `ms` with `what` so every wait is bounded. */
+function within(ms, what, promise) {
+  let timer;
+  const timeout = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}
+
+test('settings map to the server keys', () => {
+  const user = { model: 'smollm2-135m', maxTokens: 16, timeCapMs: null, memoryBudgetMb: 512 };
+  const get = (key, fallback) => (key in user ? user[key] : fallback);
+  assert.deepEqual(serverSettings(get), {
+    model: 'smollm2-135m', multiline: 'auto', max_tokens: 16, debounce_ms: 25,
+    time_cap_ms: null, drafts: 1, memory_budget_mb: 512,
+  });
+  assert.deepEqual(launch((key, fallback) => fallback), { serverPath: 'ghostline', serverArgs: [], serverAddress: '' });
+});
+
+test('initialize, open, inline completion, accept, shutdown', { skip: !fs.existsSync(PYTHON) && `no Python at ${PYTHON}`, timeout: 300000 }, async () => {
+  const settings = { model: 'smollm2-135m', maxTokens: 16, multiline: 'never' };
+  const get = (key, fallback) => (key in settings ? settings[key] : fallback);
+  const proc = spawnServer(
+    { serverPath: PYTHON, serverArgs: ['-m', 'lsp.cli'], serverAddress: '' },
+    { ...process.env, PYTHONPATH: ROOT },
+    ROOT,
+  );
+  let log = '';
+  proc.stderr.on('data', (d) => { log = (log + d).slice(-6000); });
+  const exited = new Promise((resolve) => proc.on('exit', (code) => resolve(code)));
+  const conn = createMessageConnection(new StreamMessageReader(proc.stdout), new StreamMessageWriter(proc.stdin));
+  const statuses = [];
+  let progress = 0;
+  const ready = new Promise((resolve, reject) => {
+    conn.onNotification(STATUS, (s) => {
+      statuses.push(s.state);
+      if (s.state === 'ready') resolve(s);
+      if (s.state === 'error') reject(new Error(`server error: ${s.message}`));
+    });
+  });
+  conn.onRequest(WorkDoneProgressCreateRequest.type, () => null);
+  conn.onNotification('$/progress', () => { progress += 1; });
+  conn.onNotification('window/logMessage', () => {});
+  conn.listen();
+
+  try {
+    const init = await within(60000, 'initialize', conn.sendRequest(InitializeRequest.type, {
+      processId: process.pid,
+      rootUri: null,
+      capabilities: { window: { workDoneProgress: true }, general: { positionEncodings: ['utf-16'] } },
+      initializationOptions: serverSettings(get),
+    }));
+    const caps = init.capabilities;
+    assert.ok(caps.inlineCompletionProvider, 'inlineCompletionProvider is advertised');
+    assert.ok(caps.completionProvider, 'completionProvider is advertised');
+    const sync = typeof caps.textDocumentSync === 'number' ? caps.textDocumentSync : caps.textDocumentSync.change;
+    assert.equal(sync, 2, 'incremental sync');
+    await conn.sendNotification(InitializedNotification.type, {});
+    const status = await within(240000, 'ghostline/status ready', ready);
+    assert.match(status.model, /smollm2|SmolLM2/i);
+
+    const uri = 'file:///tmp/ghostline-vscode-test/average.py';
+    await conn.sendNotification(DidOpenTextDocumentNotification.type, {
+      textDocument: { uri, languageId: 'python', version: 1, text: SNIPPET },
+    });
+    const position = { line: 3, character: 11 };
+    const result = await within(60000, 'textDocument/inlineCompletion', conn.sendRequest(InlineCompletionRequest.type, {
+      textDocument: { uri },
+      position,
+      context: { triggerKind: InlineCompletionTriggerKind.Invoked },
+    }));
+    const items = Array.isArray(result) ? result : result.items;
+    assert.ok(items.length > 0, 'at least one inline completion item');
+    const text = typeof items[0].insertText === 'string' ? items[0].insertText : items[0].insertText.value;
+    assert.ok(text.trim().length > 0, 'a non-empty suggestion');
+    console.log(`suggestion at 3:11: ${JSON.stringify(text)} (statuses ${statuses.join(',')}, ${progress} progress messages)`);
+
+    const completion = await within(60000, 'textDocument/completion', conn.sendRequest(CompletionRequest.type, {
+      textDocument: { uri },
+      position,
+    }));
+    assert.equal(completion.isIncomplete, true);
+
+    // The accept path of the extension: the item's command reports it through the same Outcomes.
+    const sent = [];
+    const outcomes = new Outcomes((method, params) => { sent.push(method); void conn.sendNotification(method, params); });
+    outcomes.requested(uri, () => undefined);
+    outcomes.offered(uri, position, text);
+    outcomes.accepted(uri, position, text);
+    assert.deepEqual(sent, [DID_ACCEPT]);
+
+    await within(30000, 'shutdown', conn.sendRequest(ShutdownRequest.type));
+    await conn.sendNotification(ExitNotification.type);
+    assert.equal(await within(30000, 'the server to exit', exited), 0);
+  } catch (err) {
+    err.message += `\n--- server log (tail):\n${log}`;
+    throw err;
+  } finally {
+    conn.dispose();
+    proc.kill();
+  }
+});
