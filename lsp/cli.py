@@ -42,6 +42,14 @@ def _info(args) -> int:
     return 0
 
 
+def _stats(args) -> int:
+    from lsp.stats import Stats, report, stats_path
+
+    data = Stats().load()
+    print(report(data) if data else f"no suggestions counted yet ({stats_path()})")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="ghostline", description="Code completion with a per-document KV cache kept current by PIE.")
     p.add_argument("--log-level", default="INFO")
@@ -60,12 +68,12 @@ def main(argv=None) -> int:
     i.add_argument("--model", default=None)
     i.set_defaults(func=_info)
 
-    try:
-        from lsp.server import add_serve_parser
-    except ImportError:
-        add_serve_parser = None
-    if add_serve_parser is not None:
-        add_serve_parser(sub)
+    from lsp.server import add_serve_parser
+
+    add_serve_parser(sub)
+
+    st = sub.add_parser("stats", help="print local acceptance rates of shown suggestions")
+    st.set_defaults(func=_stats)
 
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -1,0 +1,45 @@
+"""Edit-then-complete tasks (../shared/EVAL.md): loading, the cursor offset, and the scores."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from rapidfuzz.distance import Levenshtein
+
+from engine.text import offset_of
+
+
+def read_tasks(path: str | Path, limit: int | None = None) -> list[dict]:
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return rows[:limit] if limit else rows
+
+
+def cursor_offset(task: dict) -> int:
+    c = task["cursor"]
+    return offset_of(task["after"], c["line"], c["character"])
+
+
+def first_line(text: str) -> str:
+    return text.split("\n", 1)[0]
+
+
+def em(prediction: str, target: str) -> float:
+    return 100.0 * (prediction.strip() == target.strip())
+
+
+def es(prediction: str, target: str) -> float:
+    return 100.0 * Levenshtein.normalized_similarity(prediction.strip(), target.strip())
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return float(values[0])
+    return float(statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]) if q < 100 else float(max(values))
+
+
+def mean(values: list[float]) -> float:
+    return float(statistics.fmean(values)) if values else float("nan")

@@ -1,0 +1,484 @@
+"""The language server: protocol glue between LSP clients and the engine.
+
+Handlers only translate: positions to code-point offsets, changes to engine edits, results to
+items. The model runs on the engine worker thread (`lsp.worker`); the server keeps each document's
+text (`Mirror`) so it can always resync the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+from lsprotocol import types
+from pygls.lsp.server import LanguageServer
+
+from engine.engine import CompletionOptions, Engine, EngineOptions
+from engine.text import Change, EditError
+from lsp.positions import Mirror
+from lsp.settings import Settings, SettingsError
+from lsp.stats import Stats
+from lsp.worker import EngineWorker
+
+log = logging.getLogger("ghostline.server")
+VERSION = "0.1.0"
+STATUS = "ghostline/status"
+DID_ACCEPT = "ghostline/didAccept"
+DID_REJECT = "ghostline/didReject"
+INSPECT = "ghostline/inspect"
+
+
+@dataclass
+class Shown:
+    """The last suggestion offered for a document, reused while the user types through it."""
+
+    offset: int
+    text: str
+    tail: str  # the text just before `offset` when it was shown
+
+
+class Debounce:
+    """Wait a little before decoding; longer while keystrokes come fast (their gap's moving average)."""
+
+    def __init__(self, base_ms: int):
+        self.base_ms, self.gap_ms, self.last = base_ms, None, None
+
+    def keystroke(self) -> None:
+        now = time.monotonic()
+        if self.last is not None:
+            gap = (now - self.last) * 1e3
+            self.gap_ms = gap if self.gap_ms is None else 0.7 * self.gap_ms + 0.3 * min(gap, 1000.0)
+        self.last = now
+
+    def delay_s(self) -> float:
+        if self.gap_ms is None or self.gap_ms > 250:
+            return self.base_ms / 1e3
+        return min(4 * self.base_ms, max(self.base_ms, 0.6 * self.gap_ms)) / 1e3
+
+
+class GhostlineServer(LanguageServer):
+    def __init__(self, *, model: str | None = None, settings: Settings | None = None):
+        super().__init__("ghostline", VERSION)
+        self.model_flag = model
+        self.settings = settings or Settings()
+        self.engine: Engine | None = None
+        self.state = ""
+        self.mirrors: dict[str, Mirror] = {}
+        self.languages: dict[str, str] = {}
+        self.latest: dict[str, object] = {}  # newest request token per document
+        self.running: dict[str, object] = {}  # newest submitted completion job per document
+        self.shown: dict[str, Shown] = {}
+        self.prefetch: dict[str, tuple[int, str]] = {}
+        self.stats = Stats()
+        self.debounce = Debounce(self.settings.debounce_ms)
+        self.worker = EngineWorker(idle=self._idle_refresh, idle_after_s=self.settings.idle_refresh_ms / 1e3)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.errors = 0
+
+    # plumbing ------------------------------------------------------------------------------------
+
+    @property
+    def encoding(self) -> str:
+        try:
+            enc = self.server_capabilities.position_encoding
+        except AttributeError:  # before initialize
+            return "utf-16"
+        return str(getattr(enc, "value", enc) or "utf-16")
+
+    def notify_threadsafe(self, method: str, params) -> None:
+        if self.loop is None:
+            return
+        self.loop.call_soon_threadsafe(self.protocol.notify, method, params)
+
+    def set_status(self, state: str, message: str = "") -> None:
+        if state == self.state and state != "error":
+            return
+        self.state = state
+        model = str(getattr(getattr(self.engine, "loaded", None), "source", "") or self.model_name)
+        self.notify_threadsafe(STATUS, {"state": state, "message": message, "model": model})
+
+    @property
+    def model_name(self) -> str:
+        return self.model_flag or self.settings.model or "gemma3-270m"
+
+    def start_engine(self) -> None:
+        token = str(uuid.uuid4())
+        progress = self.client_capabilities.window and self.client_capabilities.window.work_done_progress
+        if progress:
+            self.work_done_progress.create(token)
+            self.work_done_progress.begin(token, types.WorkDoneProgressBegin(title="Ghostline", message="loading model"))
+        self.set_status("loading", f"loading {self.model_name}")
+
+        def say(message: str) -> None:
+            log.info("load: %s", message)
+            if progress:
+                self.loop.call_soon_threadsafe(
+                    self.work_done_progress.report, token, types.WorkDoneProgressReport(message=message)
+                )
+
+        def load(_stop):
+            opts = EngineOptions(memory_budget_mb=self.settings.memory_budget_mb)
+            return Engine.load(self.model_name, options=opts, progress=say)
+
+        job = self.worker.submit("load", load)
+        job.future.add_done_callback(lambda f: self._loaded(f, token if progress else None))
+
+    def _loaded(self, future, token) -> None:
+        try:
+            self.engine = future.result()
+            loaded = self.engine.loaded
+            msg = f"{loaded.source.name} ready in {loaded.seconds:.1f}s ({'cached' if loaded.from_cache else 'first start'})"
+            log.info(msg)
+            self.set_status("ready", msg)
+        except Exception as exc:  # a bad model path: say so, keep serving (without completions)
+            log.error("model failed to load: %s", exc)
+            self.set_status("error", f"model failed to load: {exc}")
+        if token is not None:
+            self.loop.call_soon_threadsafe(self.work_done_progress.end, token, types.WorkDoneProgressEnd(message=self.state))
+
+    def submit_update(self, uri: str, fn) -> None:
+        def run(_stop):
+            if self.engine is None:
+                return None
+            try:
+                return fn(self.engine)
+            except EditError as exc:  # the engine refused a change: resync from our copy
+                log.error("edit of %s refused (%s); resyncing", uri, exc)
+                mirror = self.mirrors.get(uri)
+                if mirror is not None:
+                    self.engine.open(uri, mirror.text)
+
+        self.worker.submit("update", run, uri=uri)
+
+    def _idle_refresh(self, should_stop) -> bool:
+        """Background work when quiet: refresh the stalest document that needs it."""
+        if self.engine is None:
+            return False
+        for uri in list(self.engine.docs):
+            if self.engine.needs_refresh(uri):
+                from engine.engine import Cancelled
+
+                try:
+                    stats = self.engine.refresh(uri, should_stop=should_stop)
+                    log.info("refreshed %s: %d tokens in %.0f ms", uri, stats.encoded, stats.ms)
+                except Cancelled:
+                    return False
+                return True
+        return False
+
+    def resync(self, uri: str, why: str) -> None:
+        """Take the text pygls holds for the document as the truth and re-open it in the engine."""
+        self.errors += 1
+        doc = self.workspace.get_text_document(uri)
+        log.error("%s: %s; resyncing from the client's text", uri, why)
+        mirror = self.mirrors.get(uri)
+        if mirror is None:
+            self.mirrors[uri] = mirror = Mirror(doc.source, doc.version)
+        else:
+            mirror.set(doc.source, doc.version)
+        text = mirror.text
+        self.submit_update(uri, lambda e: e.open(uri, text))
+
+    # completion ----------------------------------------------------------------------------------
+
+    def options_for(self, mirror: Mirror, offset: int) -> CompletionOptions:
+        line_start = mirror.text.rfind("\n", 0, offset) + 1
+        before = mirror.text[line_start:offset]
+        multiline = self.settings.multiline == "always"
+        if self.settings.multiline == "auto":
+            if before.rstrip().endswith(":") and not mirror.text[offset:].split("\n", 1)[0].strip():
+                multiline = True  # at the end of a block header
+            elif not before.strip():
+                prev = mirror.text[:line_start].rstrip().rsplit("\n", 1)[-1]
+                multiline = prev.rstrip().endswith(":")  # first line of a block body
+        return CompletionOptions(
+            multiline=multiline,
+            max_tokens=self.settings.max_tokens_multiline if multiline else self.settings.max_tokens,
+            time_cap_ms=self.settings.time_cap_ms,
+        )
+
+    def type_through(self, uri: str, mirror: Mirror, offset: int) -> str | None:
+        """The rest of the shown suggestion if the user typed its beginning (no new decode)."""
+        shown = self.shown.get(uri)
+        if shown is None or offset < shown.offset:
+            return None
+        if mirror.text[shown.offset - len(shown.tail) : shown.offset] != shown.tail:
+            return None
+        typed = mirror.text[shown.offset : offset]
+        rest = shown.text[len(typed) :] if shown.text.startswith(typed) else None
+        return rest if rest else None
+
+    async def suggest(self, uri: str, position: types.Position) -> list[str] | None:
+        """Suggestions at a position, or None (unknown document, superseded, cancelled, not ready)."""
+        mirror = self.mirrors.get(uri)
+        if mirror is None:
+            log.warning("completion for a document that is not open: %s", uri)
+            return None
+        try:
+            offset = mirror.offset(position.line, position.character, self.encoding)
+        except EditError as exc:
+            log.warning("completion position %s:%s outside %s: %s", position.line, position.character, uri, exc)
+            return None
+        rest = self.type_through(uri, mirror, offset)
+        if rest is not None:
+            return [rest]
+        if self.engine is None:
+            return None
+        token = object()
+        self.latest[uri] = token
+        previous = self.running.pop(uri, None)
+        if previous is not None:
+            previous.cancel()  # cancel-previous: the newest request wins
+        await asyncio.sleep(self.debounce.delay_s())
+        if self.latest.get(uri) is not token:
+            return None
+        version, opts = mirror.version, self.options_for(mirror, offset)
+
+        def run(should_stop):
+            if mirror.version != version:  # an edit arrived after the request: its offset is stale
+                return None
+            return self.engine.complete(uri, offset, opts, should_stop=should_stop)
+
+        self.set_status("busy")
+        job = self.worker.submit("complete", run, uri=uri)
+        self.running[uri] = job
+        try:
+            out = await asyncio.wrap_future(job.future)
+        except (asyncio.CancelledError, concurrent.futures.CancelledError):
+            job.cancel()
+            raise asyncio.CancelledError()
+        finally:
+            if self.running.get(uri) is job:
+                del self.running[uri]
+            if not self.running:
+                self.set_status("ready")
+        if out is None or out.stop_reason == "cancelled" or not out.text.strip():
+            return None
+        tail = mirror.text[max(0, offset - 200) : offset]
+        self.shown[uri] = Shown(offset, out.text, tail)
+        self.stats.count("shown", self.languages.get(uri))
+        return [out.text]
+
+
+    def after_change(self, uri: str, mirror: Mirror) -> None:
+        """After an accepted suggestion lands in the text, prefetch the next one as if accepted."""
+        pending = self.prefetch.pop(uri, None)
+        if pending is None or self.engine is None:
+            return
+        start, text = pending
+        end = start + len(text)
+        if mirror.text[start:end] != text:
+            return
+        opts, version = self.options_for(mirror, end), mirror.version
+
+        def run(should_stop):
+            if mirror.version != version:
+                return None
+            return self.engine.complete(uri, end, opts, should_stop=should_stop)
+
+        def done(f):
+            out = None if f.cancelled() or f.exception() else f.result()
+            if out is not None and out.text.strip() and mirror.version == version:
+                self.shown[uri] = Shown(end, out.text, mirror.text[max(0, end - 200) : end])
+
+        self.worker.submit("complete", run, uri=uri).future.add_done_callback(done)
+
+
+    def accepted(self, params) -> None:
+        uri, text, pos = _get(params, "uri"), _get(params, "text"), _get(params, "position")
+        mirror = self.mirrors.get(uri)
+        self.shown.pop(uri, None)
+        if mirror is None or not isinstance(text, str) or not pos:
+            return
+        try:
+            line, ch = (pos["line"], pos["character"]) if isinstance(pos, dict) else (pos.line, pos.character)
+            start = mirror.offset(int(line), int(ch), self.encoding)
+        except (EditError, KeyError, TypeError, ValueError):
+            return
+        self.prefetch[uri] = (start, text)
+        if mirror.text[start : start + len(text)] == text:  # the insertion already arrived
+            self.after_change(uri, mirror)
+
+
+def _range_at(position: types.Position) -> types.Range:
+    return types.Range(start=position, end=position)
+
+
+def build_server(*, model: str | None = None) -> GhostlineServer:
+    server = GhostlineServer(model=model)
+
+    @server.feature(types.INITIALIZE)
+    def initialize(ls: GhostlineServer, params: types.InitializeParams):
+        ls.loop = asyncio.get_running_loop()
+        try:
+            ls.settings = ls.settings.merged(params.initialization_options)
+        except SettingsError as exc:
+            log.error("initializationOptions rejected: %s", exc)
+        ls.debounce.base_ms = ls.settings.debounce_ms
+
+    @server.feature(types.INITIALIZED)
+    def initialized(ls: GhostlineServer, params):
+        ls.worker.start()
+        ls.start_engine()
+
+    @server.feature(types.SHUTDOWN)
+    def shutdown(ls: GhostlineServer, params):
+        ls.worker.stop()
+
+    @server.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
+    def did_change_configuration(ls: GhostlineServer, params: types.DidChangeConfigurationParams):
+        try:
+            ls.settings = ls.settings.merged(params.settings)
+        except SettingsError as exc:
+            log.error("settings rejected: %s", exc)
+            ls.window_show_message(types.ShowMessageParams(type=types.MessageType.Error, message=f"Ghostline: {exc}"))
+            return
+        ls.debounce.base_ms = ls.settings.debounce_ms
+        if ls.engine is not None:
+            ls.engine.options.memory_budget_mb = ls.settings.memory_budget_mb
+
+    @server.feature(types.TEXT_DOCUMENT_DID_OPEN)
+    def did_open(ls: GhostlineServer, params: types.DidOpenTextDocumentParams):
+        doc = params.text_document
+        ls.mirrors[doc.uri] = Mirror(doc.text, doc.version)
+        ls.languages[doc.uri] = doc.language_id
+        text = doc.text
+        ls.submit_update(doc.uri, lambda e: e.open(doc.uri, text))
+
+    @server.feature(types.TEXT_DOCUMENT_DID_CHANGE)
+    def did_change(ls: GhostlineServer, params: types.DidChangeTextDocumentParams):
+        uri, version = params.text_document.uri, params.text_document.version
+        ls.debounce.keystroke()
+        mirror = ls.mirrors.get(uri)
+        if mirror is None:
+            return ls.resync(uri, "change to a document that was never opened")
+        if version is not None and mirror.version is not None and version <= mirror.version:
+            return ls.resync(uri, f"version {version} after {mirror.version}")
+        changes, text = [], mirror.text
+        try:
+            for ev in params.content_changes:
+                if isinstance(ev, types.TextDocumentContentChangeWholeDocument) or getattr(ev, "range", None) is None:
+                    c = Change(0, len(text), ev.text)
+                else:
+                    m = Mirror(text, None)
+                    r = ev.range
+                    a = m.offset(r.start.line, r.start.character, ls.encoding)
+                    b = m.offset(r.end.line, r.end.character, ls.encoding)
+                    if b < a:
+                        raise EditError("range end before its start")
+                    c = Change(a, b, ev.text)
+                text = text[: c.start] + c.text + text[c.end :]
+                changes.append(c)
+        except EditError as exc:
+            return ls.resync(uri, f"bad change ({exc})")
+        mirror.set(text, version)
+        if ls.workspace.get_text_document(uri).source != text:
+            return ls.resync(uri, "text differs from the client's after the change")
+        ls.submit_update(uri, lambda e: e.edit(uri, changes))
+        ls.after_change(uri, mirror)
+
+    @server.feature(types.TEXT_DOCUMENT_DID_CLOSE)
+    def did_close(ls: GhostlineServer, params: types.DidCloseTextDocumentParams):
+        uri = params.text_document.uri
+        for table in (ls.mirrors, ls.shown, ls.languages, ls.prefetch):
+            table.pop(uri, None)
+        ls.submit_update(uri, lambda e: e.close(uri))
+
+    @server.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
+    async def inline_completion(ls: GhostlineServer, params: types.InlineCompletionParams):
+        texts = await ls.suggest(params.text_document.uri, params.position)
+        if not texts:
+            return types.InlineCompletionList(items=[])
+        return types.InlineCompletionList(
+            items=[types.InlineCompletionItem(insert_text=t, range=_range_at(params.position)) for t in texts]
+        )
+
+    @server.feature(types.TEXT_DOCUMENT_COMPLETION, types.CompletionOptions(trigger_characters=[".", "(", " "]))
+    async def completion(ls: GhostlineServer, params: types.CompletionParams):
+        texts = await ls.suggest(params.text_document.uri, params.position) or []
+        items = [
+            types.CompletionItem(
+                label=t.split("\n", 1)[0].strip() or t.strip(),
+                kind=types.CompletionItemKind.Text,
+                detail="ghostline",
+                text_edit=types.TextEdit(range=_range_at(params.position), new_text=t),
+                sort_text=f"{i:02d}",
+            )
+            for i, t in enumerate(texts)
+        ]
+        return types.CompletionList(is_incomplete=True, items=items)
+
+    @server.feature(DID_ACCEPT)
+    def did_accept(ls: GhostlineServer, params):
+        ls.stats.count("accepted", ls.languages.get(_get(params, "uri")))
+        ls.accepted(params)
+
+    @server.feature(DID_REJECT)
+    def did_reject(ls: GhostlineServer, params):
+        ls.stats.count("rejected", ls.languages.get(_get(params, "uri")))
+        ls.shown.pop(_get(params, "uri"), None)
+
+    @server.feature(INSPECT)
+    async def inspect(ls: GhostlineServer, params):
+        """The engine's view of a document (after every queued update): for tests and bug reports."""
+        uri = _get(params, "uri")
+
+        def run(_stop):
+            doc = ls.engine.docs.get(uri) if ls.engine is not None else None
+            if doc is None:
+                return None
+            return {"text": doc.text, "tokens": len(doc.ids), "stale": doc.stale_count, "cached": doc.cache is not None,
+                    "errors": ls.errors, "cancelled_decodes": ls.worker.cancelled_decodes}
+
+        return await asyncio.wrap_future(ls.worker.submit("update", run, uri=uri).future)
+
+    return server
+
+
+def _get(params, key: str):
+    if isinstance(params, dict):
+        return params.get(key)
+    return getattr(params, key, None)
+
+
+class ClientLogHandler(logging.Handler):
+    """Mirror warnings and errors to the client's log (window/logMessage)."""
+
+    def __init__(self, server: GhostlineServer):
+        super().__init__(logging.INFO)
+        self.server = server
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.server.loop is None or not record.name.startswith("ghostline"):
+            return
+        kind = types.MessageType.Error if record.levelno >= logging.ERROR else (
+            types.MessageType.Warning if record.levelno >= logging.WARNING else types.MessageType.Log)
+        params = types.LogMessageParams(type=kind, message=self.format(record))
+        try:
+            self.server.loop.call_soon_threadsafe(self.server.window_log_message, params)
+        except RuntimeError:  # the loop is closed: the client is gone
+            pass
+
+
+def serve(args) -> int:
+    logging.getLogger("pygls").setLevel(max(logging.WARNING, logging.getLogger().level))
+    server = build_server(model=args.model)
+    logging.getLogger().addHandler(ClientLogHandler(server))
+    if args.tcp:
+        host, _, port = args.tcp.rpartition(":")
+        server.start_tcp(host or "127.0.0.1", int(port))
+    else:
+        server.start_io()
+    server.worker.stop(timeout=1.0)
+    return 0
+
+
+def add_serve_parser(sub) -> None:
+    s = sub.add_parser("serve", help="run the language server (stdio, or --tcp HOST:PORT)")
+    s.add_argument("--model", default=None, help="gemma3-270m (default), smollm2-135m, a .gguf or a HF folder")
+    s.add_argument("--tcp", default=None, metavar="HOST:PORT", help="listen on TCP instead of stdio")
+    s.set_defaults(func=serve)

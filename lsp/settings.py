@@ -1,0 +1,73 @@
+"""Server settings: a defaulted dataclass, parsed from `initializationOptions` or
+`workspace/didChangeConfiguration` (flat, or under the key "ghostline")."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+log = logging.getLogger("ghostline.settings")
+
+
+class SettingsError(ValueError):
+    pass
+
+
+@dataclass
+class Settings:
+    model: str | None = None  # gemma3-270m (default), smollm2-135m, a .gguf file or a HF folder
+    multiline: str = "auto"  # auto: multi-line at the start of a block, single-line elsewhere
+    max_tokens: int = 48  # per single-line suggestion
+    max_tokens_multiline: int = 96
+    debounce_ms: int = 25  # wait before decoding; grows while the user types fast (see Debounce)
+    time_cap_ms: int | None = 1500  # return what is there once a suggestion takes longer
+    drafts: int = 1  # suggestions per request
+    memory_budget_mb: float = 2048.0
+    idle_refresh_ms: int = 600  # re-encode stale tokens after this much quiet
+
+    def merged(self, raw) -> "Settings":
+        """These settings updated by a client's dict; unknown keys are warned about, bad values raise."""
+        if raw is None:
+            return self
+        if not isinstance(raw, dict):
+            raise SettingsError(f"settings must be an object, got {type(raw).__name__}")
+        if isinstance(raw.get("ghostline"), dict):
+            raw = raw["ghostline"]
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        values = {}
+        for key, value in raw.items():
+            name = key.replace("-", "_")
+            name = "".join("_" + c.lower() if c.isupper() else c for c in name)  # camelCase -> snake_case
+            if name not in fields:
+                log.warning("unknown setting %r ignored (known: %s)", key, ", ".join(fields))
+                continue
+            values[name] = _check(name, value)
+        return dataclasses.replace(self, **values)
+
+
+def _check(name: str, value):
+    ints = {"max_tokens": (1, 512), "max_tokens_multiline": (1, 1024), "debounce_ms": (0, 5000),
+            "drafts": (1, 8), "idle_refresh_ms": (50, 600000)}
+    if name in ints:
+        lo, hi = ints[name]
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise SettingsError(f"setting {name} must be an integer in {lo}..{hi}, got {value!r}")
+        return value
+    if name == "time_cap_ms":
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            raise SettingsError(f"setting time_cap_ms must be a positive number or null, got {value!r}")
+        return value
+    if name == "memory_budget_mb":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise SettingsError(f"setting memory_budget_mb must be a positive number, got {value!r}")
+        return float(value)
+    if name == "multiline":
+        if value not in ("auto", "always", "never"):
+            raise SettingsError(f"setting multiline must be auto, always or never, got {value!r}")
+        return value
+    if name == "model":
+        if value is not None and not isinstance(value, str):
+            raise SettingsError(f"setting model must be a string, got {value!r}")
+        return value
+    return value

@@ -1,0 +1,86 @@
+"""One engine thread: every model call runs here, never in an LSP handler.
+
+Jobs run in submission order, so document updates and completions see a consistent text. Each job
+gets a `should_stop()` polled between decoding steps; cancelling a job (cancel-previous, or
+`$/cancelRequest`) sets it. When the queue stays empty for a while, `idle` work runs (background
+refresh of stale caches) and yields as soon as a job arrives.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+log = logging.getLogger("ghostline.worker")
+
+
+@dataclass
+class Job:
+    kind: str  # "load" | "update" | "complete"
+    fn: Callable[[Callable[[], bool]], object]
+    uri: str | None = None
+    future: Future = field(default_factory=Future)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+        self.future.cancel()  # succeeds only while queued
+
+
+class EngineWorker:
+    def __init__(self, *, idle: Callable[[Callable[[], bool]], bool] | None = None, idle_after_s: float = 0.6):
+        self.idle, self.idle_after_s = idle, idle_after_s
+        self._q: queue.Queue[Job | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="ghostline-engine", daemon=True)
+        self.current: Job | None = None
+        self.cancelled_decodes = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.current is not None:
+            self.current.cancelled.set()
+        self._q.put(None)
+        self._thread.join(timeout)
+
+    def submit(self, kind: str, fn, *, uri: str | None = None) -> Job:
+        job = Job(kind, fn, uri)
+        self._q.put(job)
+        return job
+
+    def _run(self) -> None:
+        while True:
+            try:
+                job = self._q.get(timeout=self.idle_after_s)
+            except queue.Empty:
+                self._idle()
+                continue
+            if job is None:
+                return
+            if job.cancelled.is_set() or not job.future.set_running_or_notify_cancel():
+                if job.kind == "complete":
+                    self.cancelled_decodes += 1
+                continue
+            self.current = job
+            try:
+                job.future.set_result(job.fn(job.cancelled.is_set))
+            except BaseException as exc:  # the job's caller decides; the thread lives on
+                job.future.set_exception(exc)
+            finally:
+                if job.kind == "complete" and job.cancelled.is_set():
+                    self.cancelled_decodes += 1
+                self.current = None
+
+    def _idle(self) -> None:
+        if self.idle is None:
+            return
+        try:
+            while self._q.empty() and self.idle(lambda: not self._q.empty()):
+                pass
+        except Exception:  # background work must never take the worker down
+            log.exception("idle work failed")

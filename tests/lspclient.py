@@ -1,0 +1,90 @@
+"""A real LSP client (pygls) driving the real server over stdio, for the end-to-end tests."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from contextlib import asynccontextmanager
+
+from lsprotocol import types
+from pygls.lsp.client import LanguageClient
+
+SERVER = [sys.executable, "-m", "lsp.cli", "serve"]
+
+
+class Client(LanguageClient):
+    def __init__(self):
+        super().__init__("ghostline-test", "0")
+        self.statuses: list[dict] = []
+        self.logs: list[str] = []
+        self.stderr = bytearray()
+        self.ready = asyncio.Event()
+
+        @self.feature("ghostline/status")
+        def status(ls, params):
+            p = params if isinstance(params, dict) else {k: getattr(params, k) for k in ("state", "message")}
+            self.statuses.append(p)
+            if p["state"] in ("ready", "error"):
+                self.ready.set()
+
+        self.progress: list = []
+
+        @self.feature(types.WINDOW_WORK_DONE_PROGRESS_CREATE)
+        def progress_create(ls, params):
+            return None
+
+        @self.feature(types.PROGRESS)
+        def progress(ls, params):
+            self.progress.append(params.value)
+
+        @self.feature(types.WINDOW_LOG_MESSAGE)
+        def log(ls, params):
+            self.logs.append(params.message)
+
+    async def drain(self):
+        while chunk := await self._server.stderr.read(4096):
+            self.stderr += chunk
+
+    def open(self, uri: str, text: str, version: int = 1, language: str = "python"):
+        self.text_document_did_open(types.DidOpenTextDocumentParams(
+            text_document=types.TextDocumentItem(uri=uri, language_id=language, version=version, text=text)))
+
+    def change(self, uri: str, version: int, start: tuple[int, int], end: tuple[int, int], text: str):
+        rng = types.Range(start=types.Position(*start), end=types.Position(*end))
+        self.text_document_did_change(types.DidChangeTextDocumentParams(
+            text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=version),
+            content_changes=[types.TextDocumentContentChangePartial(range=rng, text=text)]))
+
+    async def inline(self, uri: str, line: int, character: int):
+        return await self.text_document_inline_completion_async(types.InlineCompletionParams(
+            text_document=types.TextDocumentIdentifier(uri=uri), position=types.Position(line, character),
+            context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Automatic)))
+
+    async def engine_text(self, uri: str) -> str:
+        res = await self.protocol.send_request_async("ghostline/inspect", {"uri": uri})
+        return res["text"] if isinstance(res, dict) else res.text
+
+
+@asynccontextmanager
+async def running_server(*, model: str = "smollm2-135m", options: dict | None = None, encodings=("utf-16",)):
+    client = Client()
+    await client.start_io(*SERVER, "--model", model)
+    drain = asyncio.create_task(client.drain())
+    caps = types.ClientCapabilities(
+        general=types.GeneralClientCapabilities(position_encodings=list(encodings)),
+        window=types.WindowClientCapabilities(work_done_progress=True))
+    result = await client.initialize_async(types.InitializeParams(
+        capabilities=caps, initialization_options={"debounce_ms": 0, **(options or {})}))
+    client.initialized(types.InitializedParams())
+    client.init_result = result
+    await asyncio.wait_for(client.ready.wait(), 120)
+    try:
+        yield client
+    finally:
+        try:
+            await asyncio.wait_for(client.shutdown_async(None), 10)
+            client.exit(None)
+        except Exception:
+            pass
+        await asyncio.wait_for(client.stop(), 15)
+        drain.cancel()

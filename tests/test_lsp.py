@@ -1,0 +1,122 @@
+"""End-to-end: the real server over stdio, driven by pygls' real client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from lsprotocol import types
+
+from tests.lspclient import SERVER, running_server
+
+PY = "def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n    return a * b\n\n\ndef sub(a, b):\n    "
+URI = "file:///tmp/ghostline-test/calc.py"
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 240))
+
+
+def test_open_edit_complete_and_settings():
+    async def go():
+        async with running_server(options={"no_such_setting": 1, "max_tokens": 16}) as c:
+            caps = c.init_result.capabilities
+            assert caps.inline_completion_provider is not None and caps.completion_provider is not None
+            assert caps.text_document_sync.change == types.TextDocumentSyncKind.Incremental
+            assert [s["state"] for s in c.statuses][-1] == "ready"
+            assert c.progress and "begin" in str(c.progress[0]) and "end" in str(c.progress[-1])
+            c.open(URI, PY)
+            c.change(URI, 2, (0, 4), (0, 7), "plus")  # def add -> def plus
+            res = await c.inline(URI, 9, 4)
+            assert res.items and res.items[0].insert_text.strip()
+            assert res.items[0].range.start == types.Position(9, 4)
+            comp = await c.text_document_completion_async(types.CompletionParams(
+                text_document=types.TextDocumentIdentifier(uri=URI), position=types.Position(9, 4)))
+            assert comp.is_incomplete and comp.items
+            assert await c.engine_text(URI) == PY.replace("def add", "def plus")
+            assert any("no_such_setting" in m for m in c.logs) or b"no_such_setting" in c.stderr
+    run(go())
+
+
+def test_utf16_and_utf8_positions_with_non_ascii():
+    text = 's = "h\u00e9llo \U0001F600 w"  # x\nt = 1\n'
+
+    async def go(encoding, col):
+        async with running_server(encodings=(encoding,)) as c:
+            assert c.init_result.capabilities.position_encoding == encoding
+            c.open(URI, text)
+            c.change(URI, 2, (0, col), (0, col + 1), "W")  # the "w" after the emoji
+            assert await c.engine_text(URI) == text.replace(" w\"", " W\"")
+            res = await c.inline(URI, 1, 5)
+            assert isinstance(res.items, (list, tuple))
+
+    run(go("utf-16", 14))  # the emoji is 2 UTF-16 units (1 code point)
+    run(go("utf-8", 17))  # é is 2 bytes, the emoji 4
+
+
+def test_cancel_coalescing_and_bad_input():
+    async def go():
+        async with running_server(options={"debounce_ms": 50}) as c:
+            c.open(URI, PY)
+            first = asyncio.ensure_future(c.inline(URI, 9, 4))
+            await asyncio.sleep(0.01)
+            second = await c.inline(URI, 9, 4)
+            assert not (await first).items  # superseded by the newer request
+            assert second.items
+            # $/cancelRequest of an in-flight request
+            fut = c.protocol.send_request("textDocument/inlineCompletion", types.InlineCompletionParams(
+                text_document=types.TextDocumentIdentifier(uri=URI), position=types.Position(5, 4),
+                context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Invoked)),
+                msg_id="to-cancel")  # a new position: the shown suggestion cannot answer it
+            n = len(c.statuses)
+            while not any(st["state"] == "busy" for st in c.statuses[n:]):  # decoding is under way
+                await asyncio.sleep(0.01)
+            c.protocol.notify("$/cancelRequest", types.CancelParams(id="to-cancel"))
+            with pytest.raises(Exception, match="cancel"):
+                await asyncio.wait_for(asyncio.wrap_future(fut), 30)
+            stats = await c.protocol.send_request_async("ghostline/inspect", {"uri": URI})
+            assert stats.cancelled_decodes >= 1
+            # bad input: unknown document, range past the end, version out of order, garbage frame
+            assert not (await c.inline("file:///nope.py", 0, 0)).items
+            c.change(URI, 3, (500, 0), (501, 0), "x")
+            c.change(URI, 2, (0, 0), (0, 0), "# old version\n")
+            c._server.stdin.write(b"Content-Length: 9\r\n\r\n{garbage}")
+            c._server.stdin.write(b"Content-Length: 30\r\n\r\n" + json.dumps({"jsonrpc": "2.0", "x": 1}).encode()[:30])
+            c.change(URI, 10, (0, 0), (0, 0), "import os\n")
+            text = await c.engine_text(URI)
+            assert text.startswith("import os\n") and "def sub(a, b):" in text
+            res = await c.inline(URI, 10, 4)
+            assert isinstance(res.items, (list, tuple))
+    run(go())
+
+
+def test_client_vanishing_mid_request_ends_the_server_cleanly(tmp_path):
+    proc = subprocess.Popen(SERVER + ["--model", "smollm2-135m"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=tmp_path)
+
+    def send(obj):
+        body = json.dumps(obj).encode()
+        proc.stdin.write(b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        proc.stdin.flush()
+
+    send({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"capabilities": {}, "initializationOptions": {"debounce_ms": 0}}})
+    send({"jsonrpc": "2.0", "method": "initialized", "params": {}})
+    send({"jsonrpc": "2.0", "method": "textDocument/didOpen", "params": {"textDocument": {
+        "uri": URI, "languageId": "python", "version": 1, "text": PY}}})
+    send({"jsonrpc": "2.0", "id": 2, "method": "textDocument/inlineCompletion", "params": {
+        "textDocument": {"uri": URI}, "position": {"line": 9, "character": 4}, "context": {"triggerKind": 1}}})
+    time.sleep(3)
+    proc.stdin.close()  # the editor is gone
+    proc.stdout.close()
+    try:
+        rc = proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    err = proc.stderr.read().decode()
+    assert rc == 0, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    assert list(tmp_path.iterdir()) == []  # never writes to the user's files
