@@ -59,33 +59,32 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["src_row", "dst", "n"])
     def _rope_shift_kernel(
-        k_ptr, v_ptr, cos_ptr, sin_ptr, tmpk_ptr, tmpv_ptr,
-        src, dst, n, n_heads, stride_l, stride_h, stride_s,
+        k_ptr, v_ptr, ks_ptr, vs_ptr, cos_ptr, sin_ptr,
+        src_row, dst, n, n_heads,
+        stride_l, stride_h, stride_s,
+        sstride_l, sstride_h, sstride_s,
         HALF: tl.constexpr, BLOCK_S: tl.constexpr,
     ):
-        """One program per (layer*head, block of rows): read moved rows from the staged copy, rotate, write."""
+        """One program per (layer * head, block of rows): load rows src_row.. of the source (k/v itself,
+        or a staged copy when the ranges overlap), rotate the keys by the layer's angles, store at dst.."""
         lh = tl.program_id(0)
-        layer = lh // n_heads
-        head = lh % n_heads
-        rows = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
-        cols = tl.arange(0, HALF)
+        layer = (lh // n_heads).to(tl.int64)
+        head = (lh % n_heads).to(tl.int64)
+        rows = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)  # [BLOCK_S]
+        cols = tl.arange(0, HALF)  # [HALF]
         mask = rows[:, None] < n
-        base = layer * stride_l + head * stride_h
-        tbase = lh * n * (2 * HALF)
-        t_off = tbase + rows[:, None] * (2 * HALF) + cols[None, :]
-        x1 = tl.load(tmpk_ptr + t_off, mask=mask, other=0.0)
-        x2 = tl.load(tmpk_ptr + t_off + HALF, mask=mask, other=0.0)
-        c = tl.load(cos_ptr + layer * 2 * HALF + cols)[None, :]
+        s_off = layer * sstride_l + head * sstride_h + (src_row + rows[:, None]).to(tl.int64) * sstride_s + cols[None, :]
+        d_off = layer * stride_l + head * stride_h + (dst + rows[:, None]).to(tl.int64) * stride_s + cols[None, :]
+        x1 = tl.load(ks_ptr + s_off, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_S, HALF]
+        x2 = tl.load(ks_ptr + s_off + HALF, mask=mask, other=0.0).to(tl.float32)
+        c = tl.load(cos_ptr + layer * 2 * HALF + cols)[None, :]  # [1, HALF], fp32
         s = tl.load(sin_ptr + layer * 2 * HALF + cols)[None, :]
-        out1 = x1 * c - x2 * s
-        out2 = x2 * c + x1 * s
-        d_off = base + (dst + rows[:, None]) * stride_s + cols[None, :]
-        tl.store(k_ptr + d_off, out1.to(k_ptr.dtype.element_ty), mask=mask)
-        tl.store(k_ptr + d_off + HALF, out2.to(k_ptr.dtype.element_ty), mask=mask)
-        v1 = tl.load(tmpv_ptr + t_off, mask=mask, other=0.0)
-        v2 = tl.load(tmpv_ptr + t_off + HALF, mask=mask, other=0.0)
+        v1 = tl.load(vs_ptr + s_off, mask=mask, other=0.0)
+        v2 = tl.load(vs_ptr + s_off + HALF, mask=mask, other=0.0)
+        tl.store(k_ptr + d_off, (x1 * c - x2 * s).to(k_ptr.dtype.element_ty), mask=mask)
+        tl.store(k_ptr + d_off + HALF, (x2 * c + x1 * s).to(k_ptr.dtype.element_ty), mask=mask)
         tl.store(v_ptr + d_off, v1, mask=mask)
         tl.store(v_ptr + d_off + HALF, v2, mask=mask)
 
@@ -93,20 +92,26 @@ if triton is not None:
 def rope_shift_triton(
     k: torch.Tensor, v: torch.Tensor, src: int, end: int, dst: int, inv_freq: torch.Tensor, *, block: int = 16
 ) -> None:
-    """Launcher: all layers and heads in one launch. The moved rows are staged first, so overlapping
-    source and destination ranges (any sign of delta) are safe."""
+    """Launcher: all layers and heads in one launch. Disjoint ranges are moved in place; overlapping
+    ones (either sign of delta) read from a staged copy of the moved rows, since programs run in no
+    particular order."""
     n = end - src
-    if n <= 0:
+    if n <= 0 or dst == src:  # nothing to move; delta 0 rotates by the identity
         return
-    L, KV, _, hd = k.shape
-    assert k.stride(-1) == 1 and v.stride() == k.stride(), "k and v must share a contiguous layout"
-    cos, sin = delta_cos_sin(dst - src, inv_freq, dtype=torch.float32)
+    L, KV, cap, hd = k.shape
+    assert hd % 2 == 0 and (hd // 2) & (hd // 2 - 1) == 0, "head_dim/2 must be a power of two"
+    assert k.stride(-1) == 1 and v.stride() == k.stride(), "k and v must share a layout with unit last stride"
+    assert 0 <= src and end <= cap and 0 <= dst and dst + n <= cap, "rows out of range"
+    cos, sin = delta_cos_sin(dst - src, inv_freq, dtype=torch.float32)  # [L, hd]
     cos, sin = cos.to(k.device).contiguous(), sin.to(k.device).contiguous()
-    tmpk = k[:, :, src:end].contiguous()  # [L, KV, n, hd] staged copy
-    tmpv = v[:, :, src:end].contiguous()
+    if abs(dst - src) >= n:
+        ks, vs, src_row = k, v, src
+    else:
+        ks, vs, src_row = k[:, :, src:end].contiguous(), v[:, :, src:end].contiguous(), 0  # [L, KV, n, hd]
     grid = (L * KV, triton.cdiv(n, block))
     _rope_shift_kernel[grid](
-        k, v, cos, sin, tmpk, tmpv, src, dst, n, KV, k.stride(0), k.stride(1), k.stride(2),
+        k, v, ks, vs, cos, sin, src_row, dst, n, KV,
+        k.stride(0), k.stride(1), k.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
         HALF=hd // 2, BLOCK_S=block,
     )
 

@@ -4,9 +4,15 @@ Each segment is `(K, V, start)`: keys/values [B|1, KV, S, hd] at contiguous posi
 Scores of all segments are normalised together, which equals merging per-segment results by
 log-sum-exp. Causal, optional sliding window (a key is seen when qpos - window < kpos <= qpos), GQA
 without repeating keys.
+
+Reference first (`segment_attention`, also the path for prefill chunks and CPU), then the Triton
+kernel for decode/verify steps (a split-K partial pass and a log-sum-exp combine) and its launcher;
+`attend` picks the kernel on CUDA for up to MAX_QUERY_TOKENS query tokens, the reference elsewhere.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -51,3 +57,229 @@ def segment_attention(
         out = part if out is None else out + part
         off += n
     return out.reshape(B, KV, G, T, hd).reshape(B, H, T, hd)
+
+
+try:  # Triton is optional at run time: the reference serves every device without it.
+    import triton
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+
+MAX_QUERY_TOKENS = 16  # `attend` uses the kernel for decode/verify steps up to this many tokens
+
+
+if triton is not None:
+
+    @triton.jit
+    def _tanh(x):
+        """tanh from core ops (Triton has no tl.tanh, and libdevice does not run in the interpreter):
+        an odd Taylor polynomial near 0, where (1 - e) / (1 + e) would cancel, that form elsewhere.
+        Within 3e-7 relative in fp32."""
+        a = tl.abs(x)
+        e = tl.exp(-2.0 * a)
+        x2 = a * a
+        poly = a * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
+        t = tl.where(a < 0.25, poly, (1.0 - e) / (1.0 + e))
+        return tl.where(x < 0, -t, t)
+
+    @triton.jit(do_not_specialize=["T", "n_rows", "start", "lo", "hi", "blocks_per_split", "split_off", "n_splits", "window"])
+    def _segment_partial_kernel(
+        q_ptr, k_ptr, v_ptr, qpos_ptr, m_ptr, l_ptr, acc_ptr,
+        T, n_rows, start, lo, hi, blocks_per_split, split_off, n_splits, scale, softcap, window,
+        sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
+        HD: tl.constexpr, G: tl.constexpr, H: tl.constexpr, ROWS_PER_B: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        """One program per (batch group * row block, kv head, split): the query rows that share kv head
+        `kvh` (all G heads x T tokens, and all batches when the keys are shared) against keys
+        lo + [split * blocks_per_split * BLOCK_N, ...) of one segment, online softmax in the log2
+        domain. Writes the split's row max m, sum l and unnormalised output acc, for the combine.
+        UPCAST feeds tl.dot fp32 copies of the operands (exact for bf16): the interpreter cannot
+        compute in bf16."""
+        pid_r, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        n_mblocks = tl.cdiv(n_rows, BLOCK_M)
+        bgrp, mblk = pid_r // n_mblocks, pid_r % n_mblocks
+        r = mblk * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] row within the group: (b_local, g, t)
+        row_ok = r < n_rows
+        b = bgrp * ROWS_PER_B + r // (G * T)
+        g = (r // T) % G
+        t = r % T
+        h = kvh * G + g
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HD
+        q_off = b.to(tl.int64) * sq_b + h * sq_h + t * sq_t
+        q = tl.load(q_ptr + q_off[:, None] + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        qp = tl.load(qpos_ptr + t, mask=row_ok, other=0)  # [BLOCK_M] query positions
+        k_base = k_ptr + bgrp.to(tl.int64) * sk_b + kvh.to(tl.int64) * sk_h
+        v_base = v_ptr + bgrp.to(tl.int64) * sv_b + kvh.to(tl.int64) * sv_h
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        first = lo + split * blocks_per_split * BLOCK_N
+        for i in range(blocks_per_split):
+            n = first + i * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] key rows of the segment
+            n_ok = n < hi
+            kv_mask = n_ok[:, None] & d_ok[None, :]
+            kt = tl.load(k_base + n.to(tl.int64)[:, None] * sk_s + d[None, :], mask=kv_mask, other=0.0)
+            if UPCAST:
+                kt = kt.to(tl.float32)
+            s = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale  # [BLOCK_M, BLOCK_N]
+            if HAS_SOFTCAP:
+                s = softcap * _tanh(s / softcap)
+            s = s * 1.4426950408889634  # log2(e): exp2 below
+            kpos = start + n
+            ok = n_ok[None, :] & row_ok[:, None] & (kpos[None, :] <= qp[:, None])
+            if HAS_WINDOW:
+                ok = ok & (kpos[None, :] > qp[:, None] - window)
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            vt = tl.load(v_base + n.to(tl.int64)[:, None] * sv_s + d[None, :], mask=kv_mask, other=0.0)
+            pv = p.to(vt.dtype)  # the same rounding as the reference's p @ V
+            if UPCAST:
+                pv, vt = pv.to(tl.float32), vt.to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(pv, vt, input_precision=PREC)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+        out_row = (b.to(tl.int64) * H + h) * T + t  # row of the flattened [B, H, T] output
+        ws = out_row * n_splits + split_off + split
+        tl.store(m_ptr + ws, m_i, mask=row_ok)
+        tl.store(l_ptr + ws, l_i, mask=row_ok)
+        tl.store(acc_ptr + ws[:, None] * HD + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+
+    @triton.jit
+    def _segment_combine_kernel(
+        m_ptr, l_ptr, acc_ptr, out_ptr, n_splits, H, T, so_b, so_h, so_t,
+        HD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """One program per output row (b, h, t): merge the splits' partial softmaxes by log-sum-exp."""
+        row = tl.program_id(0).to(tl.int64)
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HD
+        m_all = tl.full([BLOCK_S], float("-inf"), tl.float32)
+        for s0 in range(0, n_splits, BLOCK_S):
+            sp = s0 + tl.arange(0, BLOCK_S)
+            m_all = tl.maximum(m_all, tl.load(m_ptr + row * n_splits + sp, mask=sp < n_splits, other=float("-inf")))
+        m = tl.max(m_all, 0)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        l_sum = tl.zeros([BLOCK_S], tl.float32)
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        for s0 in range(0, n_splits, BLOCK_S):
+            sp = s0 + tl.arange(0, BLOCK_S)
+            sp_ok = sp < n_splits
+            w = tl.exp2(tl.load(m_ptr + row * n_splits + sp, mask=sp_ok, other=float("-inf")) - m_safe)  # [BLOCK_S]
+            l_sum += w * tl.load(l_ptr + row * n_splits + sp, mask=sp_ok, other=0.0)
+            a = tl.load(acc_ptr + (row * n_splits + sp)[:, None] * HD + d[None, :], mask=sp_ok[:, None] & d_ok[None, :], other=0.0)
+            acc += tl.sum(a * w[:, None], 0)
+        out = acc / tl.sum(l_sum, 0)
+        b, h, t = row // (H * T), (row // T) % H, row % T
+        tl.store(out_ptr + b * so_b + h * so_h + t * so_t + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+def _workspace(rows: int, n_splits: int, *, hd: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Partial results m, l [rows, n_splits] and acc [rows, n_splits, hd] (fp32); every entry is written."""
+    m = torch.empty(rows, n_splits, dtype=torch.float32, device=device)
+    return m, torch.empty_like(m), torch.empty(rows, n_splits, hd, dtype=torch.float32, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def _target_programs(device: torch.device) -> int:
+    """About how many programs keep the device busy: a few per SM on CUDA, a handful elsewhere."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def segment_attention_triton(
+    q: torch.Tensor,
+    segments: list[tuple[torch.Tensor, torch.Tensor, int]],
+    qpos: torch.Tensor,
+    *,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
+    out: torch.Tensor | None = None,
+    block_n: int | None = None,
+    max_rows: int = 64,
+    programs: int | None = None,
+) -> torch.Tensor:
+    """Launcher, same contract as `segment_attention`: q [B, H, T, hd] at qpos [T] -> [B, H, T, hd].
+
+    Per segment, one partial launch over (batch group * row block, kv head, split of keys), then one
+    combine. A segment with batch 1 is shared: all B batches' rows go to the same program, so its
+    keys are read once. `block_n`, `max_rows` (rows per program) and `programs` (target grid size)
+    are tuning knobs; `out` may be given to write in place.
+    """
+    B, H, T, hd = q.shape
+    KV = segments[0][0].shape[1]
+    G = H // KV
+    assert G * KV == H, "query heads must be a multiple of kv heads"
+    assert q.stride(-1) == 1, "q needs a unit last stride"
+    q_lo, q_hi = int(qpos.min()), int(qpos.max())
+    qpos_dev = qpos.to(device=q.device, dtype=torch.int32)
+    if out is None:
+        out = torch.empty(B, H, T, hd, dtype=q.dtype, device=q.device)
+    block_d = max(16, triton.next_power_of_2(hd))
+    block_n = block_n or (64 if block_d <= 128 else 32)
+    target = programs or _target_programs(q.device)
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"  # no TF32 rounding of fp32 inputs
+    upcast = isinstance(_segment_partial_kernel, InterpretedFunction)  # TRITON_INTERPRET=1 at import
+    plans = []
+    for K, V, start in segments:
+        assert K.stride(-1) == 1 and V.stride(-1) == 1, "segments need a unit last stride"
+        lo = max(0, q_lo - window + 1 - start) if window else 0
+        hi = min(K.shape[2], q_hi - start + 1)
+        if hi <= lo:
+            continue
+        shared = K.shape[0] == 1 and B > 1 and G * T * B <= max_rows
+        rows_per_b = B if shared else 1
+        n_rows = rows_per_b * G * T
+        block_m = max(16, triton.next_power_of_2(min(n_rows, max_rows)))
+        n_rb = (B // rows_per_b) * triton.cdiv(n_rows, block_m)
+        blocks = triton.cdiv(hi - lo, block_n)
+        n_split = max(1, min(blocks, target // (n_rb * KV)))
+        per_split = triton.cdiv(blocks, n_split)
+        n_split = triton.cdiv(blocks, per_split)
+        plans.append((K, V, start, lo, hi, rows_per_b, n_rows, block_m, n_rb, per_split, n_split))
+    n_splits = sum(p[-1] for p in plans)
+    m_ws, l_ws, acc_ws = _workspace(B * H * T, n_splits, hd=hd, device=q.device)
+    split_off = 0
+    for K, V, start, lo, hi, rows_per_b, n_rows, block_m, n_rb, per_split, n_split in plans:
+        kb = 0 if K.shape[0] == 1 else K.stride(0)
+        vb = 0 if V.shape[0] == 1 else V.stride(0)
+        _segment_partial_kernel[(n_rb, KV, n_split)](
+            q, K, V, qpos_dev, m_ws, l_ws, acc_ws,
+            T, n_rows, start, lo, hi, per_split, split_off, n_splits,
+            float(scale), float(softcap or 1.0), int(window or 0),
+            q.stride(0), q.stride(1), q.stride(2), kb, K.stride(1), K.stride(2), vb, V.stride(1), V.stride(2),
+            HD=hd, G=G, H=H, ROWS_PER_B=rows_per_b, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            HAS_WINDOW=bool(window), HAS_SOFTCAP=bool(softcap), PREC=prec, UPCAST=upcast,
+        )
+        split_off += n_split
+    _segment_combine_kernel[(B * H * T,)](
+        m_ws, l_ws, acc_ws, out, n_splits, H, T, out.stride(0), out.stride(1), out.stride(2),
+        HD=hd, BLOCK_S=16, BLOCK_D=block_d,
+    )
+    return out
+
+
+def attend(
+    q: torch.Tensor,
+    segments: list[tuple[torch.Tensor, torch.Tensor, int]],
+    qpos: torch.Tensor,
+    *,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """`segment_attention` through the Triton kernel on CUDA for decode/verify steps (T <= 16 query
+    tokens); the torch reference elsewhere (CPU, prefill chunks, no Triton)."""
+    if q.is_cuda and triton is not None and q.shape[2] <= MAX_QUERY_TOKENS:
+        return segment_attention_triton(q, segments, qpos, scale=scale, window=window, softcap=softcap)
+    return segment_attention(q, segments, qpos, scale=scale, window=window, softcap=softcap)
