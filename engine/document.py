@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from difflib import SequenceMatcher
 
+import numpy as np
+
 STRATEGIES = ("pie", "naive", "prefix", "full")
 
 
@@ -54,10 +56,26 @@ def token_hunks(old: list[int], new: list[int], *, multi: bool = False, merge_ga
 
 class Document:
     def __init__(self, uri: str, text: str, ids: list[int], offsets: list[tuple[int, int]]):
-        self.uri, self.text, self.ids, self.offsets = uri, text, ids, offsets
+        self.uri, self.text, self.offsets = uri, text, offsets
+        self.ids = ids
         self.cache = None  # engine.cache.KVCache once encoded; None when evicted
         self.stale = bytearray(len(ids))  # 1 where the cached K/V saw an older text
         self.last_used = 0.0
+
+    @property
+    def ids(self) -> list[int]:
+        return self._ids
+
+    @ids.setter
+    def ids(self, ids: list[int]) -> None:
+        self._ids, self._array = ids, None
+
+    @property
+    def array(self) -> np.ndarray:
+        """The ids as an int64 array (for n-gram search), made once per version of the text."""
+        if self._array is None:
+            self._array = np.asarray(self._ids, dtype=np.int64)
+        return self._array
 
     @property
     def stale_count(self) -> int:

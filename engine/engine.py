@@ -17,7 +17,9 @@ import torch
 
 from engine.cache import KVCache, ScratchCache
 from engine.decoding.greedy import greedy
-from engine.document import STRATEGIES, Document, Hunk, token_hunks
+from engine.decoding.speculative import DraftLength, SpecStats, speculative
+from engine.document import STRATEGIES, Document, token_hunks
+from engine.ngram import PromptLookup
 from engine.stops import StopRules
 from engine.text import apply_changes
 from engine.tokenizer import Tokenizer
@@ -36,6 +38,7 @@ class CompletionOptions:
     multiline: bool = False
     max_tokens: int = 48
     time_cap_ms: float | None = None  # stop once past this and something is worth showing
+    decoder: str = "greedy"  # greedy | lookup (speculative with prompt lookup, same output as greedy)
 
 
 @dataclass
@@ -177,8 +180,7 @@ class Engine:
         line_start = doc.text.rfind("\n", 0, offset) + 1
         rules = StopRules(opts.multiline, doc.text[line_start:offset], _next_line(doc.text, offset))
         first = doc.ids[P - 1]
-        scratch = ScratchCache(doc.cache, P - 1, opts.max_tokens + 1)
-        gen = greedy(self.model, scratch, first, max_new=opts.max_tokens, first_mask=self._mask(heal))
+        gen, scratch = self._decoder(doc, P, opts, self._mask(heal))
         prev = self.tok.decode([first])
         out = Completion("", ctx_tokens=P, heal=heal)
         try:
@@ -211,6 +213,23 @@ class Engine:
         yield out
 
     # internals -----------------------------------------------------------------------------------
+
+    def _decoder(self, doc: Document, P: int, opts: CompletionOptions, mask):
+        """The token generator for a request and the scratch cache it writes (rolled back by the caller)."""
+        first = doc.ids[P - 1]
+        if opts.decoder == "greedy":
+            scratch = ScratchCache(doc.cache, P - 1, opts.max_tokens + 1)
+            return greedy(self.model, scratch, first, max_new=opts.max_tokens, first_mask=mask), scratch
+        if opts.decoder == "lookup":
+            length = DraftLength()
+            scratch = ScratchCache(doc.cache, P - 1, opts.max_tokens + length.k_max + 2)
+            proposer = PromptLookup()
+            proposer.others = [d.array for d in self.docs.values() if d is not doc]
+            self.last_spec = SpecStats()
+            gen = speculative(self.model, scratch, first, context=doc.ids[: P - 1], proposer=proposer,
+                              max_new=opts.max_tokens, first_mask=mask, stats=self.last_spec, length=length)
+            return gen, scratch
+        raise ValueError(f"unknown decoder {opts.decoder!r} (greedy, lookup)")
 
     def _doc(self, uri: str) -> Document:
         doc = self.docs.get(uri)

@@ -78,6 +78,7 @@ class GhostlineServer(LanguageServer):
         self.worker = EngineWorker(idle=self._idle_refresh, idle_after_s=self.settings.idle_refresh_ms / 1e3)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.errors = 0
+        self.ready_message = ""
 
     # plumbing ------------------------------------------------------------------------------------
 
@@ -98,7 +99,12 @@ class GhostlineServer(LanguageServer):
         if state == self.state and state != "error":
             return
         self.state = state
-        model = str(getattr(getattr(self.engine, "loaded", None), "source", "") or self.model_name)
+        if state in ("ready", "error") and message:
+            self.ready_message = message
+        elif state == "ready":
+            message = self.ready_message
+        source = getattr(getattr(self.engine, "loaded", None), "source", None)
+        model = source.name if source is not None else self.model_name
         self.notify_threadsafe(STATUS, {"state": state, "message": message, "model": model})
 
     @property

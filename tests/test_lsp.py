@@ -11,7 +11,7 @@ import time
 import pytest
 from lsprotocol import types
 
-from tests.lspclient import SERVER, running_server
+from lsp.client import SERVER, running_server
 
 PY = "def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n    return a * b\n\n\ndef sub(a, b):\n    "
 URI = "file:///tmp/ghostline-test/calc.py"
@@ -23,7 +23,7 @@ def run(coro):
 
 def test_open_edit_complete_and_settings():
     async def go():
-        async with running_server(options={"no_such_setting": 1, "max_tokens": 16}) as c:
+        async with running_server(options={"no_such_setting": 1, "max_tokens": 16, "debounce_ms": 0}) as c:
             caps = c.init_result.capabilities
             assert caps.inline_completion_provider is not None and caps.completion_provider is not None
             assert caps.text_document_sync.change == types.TextDocumentSyncKind.Incremental
@@ -46,7 +46,7 @@ def test_utf16_and_utf8_positions_with_non_ascii():
     text = 's = "h\u00e9llo \U0001F600 w"  # x\nt = 1\n'
 
     async def go(encoding, col):
-        async with running_server(encodings=(encoding,)) as c:
+        async with running_server(encodings=(encoding,), options={"debounce_ms": 0}) as c:
             assert c.init_result.capabilities.position_encoding == encoding
             c.open(URI, text)
             c.change(URI, 2, (0, col), (0, col + 1), "W")  # the "w" after the emoji

@@ -1,4 +1,5 @@
-"""A real LSP client (pygls) driving the real server over stdio, for the end-to-end tests."""
+"""A headless LSP client (pygls) that drives the real server over stdio, as an editor does: used by
+the end-to-end tests and the latency benchmarks."""
 
 from __future__ import annotations
 
@@ -60,13 +61,29 @@ class Client(LanguageClient):
             text_document=types.TextDocumentIdentifier(uri=uri), position=types.Position(line, character),
             context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Automatic)))
 
+    async def inspect(self, uri: str):
+        """The engine's view of a document, once every update sent before has been applied."""
+        return await self.protocol.send_request_async("ghostline/inspect", {"uri": uri})
+
     async def engine_text(self, uri: str) -> str:
-        res = await self.protocol.send_request_async("ghostline/inspect", {"uri": uri})
+        res = await self.inspect(uri)
         return res["text"] if isinstance(res, dict) else res.text
+
+    def change_many(self, uri: str, version: int, changes: list[dict]):
+        """LSP-shaped change dicts (as in the task files) in one didChange."""
+        events = []
+        for ch in changes:
+            r = ch["range"]
+            rng = types.Range(start=types.Position(r["start"]["line"], r["start"]["character"]),
+                              end=types.Position(r["end"]["line"], r["end"]["character"]))
+            events.append(types.TextDocumentContentChangePartial(range=rng, text=ch["text"]))
+        self.text_document_did_change(types.DidChangeTextDocumentParams(
+            text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=version), content_changes=events))
 
 
 @asynccontextmanager
-async def running_server(*, model: str = "smollm2-135m", options: dict | None = None, encodings=("utf-16",)):
+async def running_server(*, model: str = "smollm2-135m", options: dict | None = None, encodings=("utf-16",),
+                         ready_timeout: float = 300):
     client = Client()
     await client.start_io(*SERVER, "--model", model)
     drain = asyncio.create_task(client.drain())
@@ -74,10 +91,10 @@ async def running_server(*, model: str = "smollm2-135m", options: dict | None = 
         general=types.GeneralClientCapabilities(position_encodings=list(encodings)),
         window=types.WindowClientCapabilities(work_done_progress=True))
     result = await client.initialize_async(types.InitializeParams(
-        capabilities=caps, initialization_options={"debounce_ms": 0, **(options or {})}))
+        capabilities=caps, initialization_options=options or {}))
     client.initialized(types.InitializedParams())
     client.init_result = result
-    await asyncio.wait_for(client.ready.wait(), 120)
+    await asyncio.wait_for(client.ready.wait(), ready_timeout)
     try:
         yield client
     finally:

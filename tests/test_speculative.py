@@ -1,0 +1,106 @@
+"""Speculative decoding equals greedy whatever the proposer says; rollback leaves no trace."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from engine.cache import KVCache, ScratchCache
+from engine.decoding.greedy import greedy
+from engine.decoding.speculative import SpecStats, speculative
+from engine.engine import CompletionOptions
+from engine.model import build
+from engine.ngram import PromptLookup, find_continuation
+from tests.conftest import tiny_hf
+
+
+class Random:
+    def __init__(self, vocab, seed):
+        self.rng, self.vocab = random.Random(seed), vocab
+
+    def propose(self, context, k):
+        return [self.rng.randrange(self.vocab) for _ in range(self.rng.randint(0, k))]
+
+
+class Wrong:
+    """Always wrong: proposes the token the model will not choose (the greedy token + 1)."""
+
+    def __init__(self, truth):
+        self.truth = truth
+
+    def propose(self, context, k):
+        done = len(context) - self.start
+        return [(t + 1) % 300 for t in self.truth[done : done + k]]
+
+
+class Oracle(Wrong):
+    def propose(self, context, k):
+        done = len(context) - self.start
+        return self.truth[done : done + k]
+
+
+def prefix_cache(model, ids):
+    a = model.args
+    c = KVCache(a.n_layers, a.n_kv_heads, a.head_dim)
+    c.reserve(len(ids))
+    c.length = len(ids)
+    with torch.no_grad():
+        model(torch.tensor([ids]), torch.arange(len(ids)), c)
+    return c
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "llama"])
+def test_any_proposer_gives_greedy_output(kind):
+    cfg, hf = tiny_hf(kind, 300)
+    model = build(cfg, hf.state_dict())
+    ids = torch.randint(2, 300, (40,)).tolist()
+    cache = prefix_cache(model, ids[:-1])
+    want = list(greedy(model, ScratchCache(cache, 39, 33), ids[-1], max_new=32))
+    proposers = [Random(300, s) for s in range(3)] + [Wrong(want), Oracle(want), PromptLookup(max_n=2, min_n=1)]
+    for proposer in proposers:
+        proposer.start = len(ids)
+        stats = SpecStats()
+        scratch = ScratchCache(cache, 39, 32 + 16)
+        got = list(speculative(model, scratch, ids[-1], context=ids[:-1], proposer=proposer, max_new=32, stats=stats))
+        assert got == want, type(proposer).__name__
+        if isinstance(proposer, Oracle):
+            assert stats.mean_accepted > 1.5 and stats.steps < 32
+        if type(proposer) is Wrong:
+            assert stats.accepted == 0
+
+
+def test_rollback_leaves_the_scratch_as_if_it_never_saw_rejected_tokens():
+    cfg, hf = tiny_hf("gemma3", 300)
+    model = build(cfg, hf.state_dict())
+    ids = torch.randint(2, 300, (30,)).tolist()
+    cache = prefix_cache(model, ids[:-1])
+    plain = ScratchCache(cache, 29, 40)
+    want = list(greedy(model, plain, ids[-1], max_new=12))
+    wrong = Wrong(want)
+    wrong.start = len(ids)
+    spec = ScratchCache(cache, 29, 40)
+    got = list(speculative(model, spec, ids[-1], context=ids[:-1], proposer=wrong, max_new=12))
+    assert got == want
+    n = 12  # rows: the first token and the 11 generated tokens fed back
+    assert spec.length == plain.length == n
+    assert torch.allclose(spec.k[:, :, :, :n], plain.k[:, :, :, :n], atol=1e-5)
+    assert torch.allclose(spec.v[:, :, :, :n], plain.v[:, :, :, :n], atol=1e-5)
+
+
+def test_find_continuation():
+    a = np.array([5, 1, 2, 3, 9, 1, 2, 3, 7, 1, 2])
+    assert find_continuation(a, np.array([1, 2]), 3, end=len(a)) == [3, 7, 1]  # latest earlier match
+    assert find_continuation(a, np.array([4, 4]), 3) == []
+
+
+def test_engine_lookup_decoder_equals_greedy(tiny_engine_factory):
+    eng = tiny_engine_factory("llama")
+    text = open(__file__.replace("test_speculative.py", "data/sessions_before.py")).read()[:1200]
+    eng.open("a", text)
+    for offset in (300, 800, 1200):
+        g = eng.complete("a", offset, CompletionOptions(multiline=True, max_tokens=24))
+        s = eng.complete("a", offset, CompletionOptions(multiline=True, max_tokens=24, decoder="lookup"))
+        assert s.tokens == g.tokens and s.text == g.text
