@@ -1,0 +1,53 @@
+"""Units of the LSP layer: settings parsing and position conversion."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.text import EditError
+from lsp.positions import Mirror, chars_to_column, column_to_chars
+from lsp.settings import Settings, SettingsError
+
+
+def test_settings_merge_flat_nested_and_camel_case(caplog):
+    s = Settings().merged({"ghostline": {"maxTokens": 20, "multiline": "never", "bogus": 1}})
+    assert (s.max_tokens, s.multiline) == (20, "never")
+    assert "bogus" in caplog.text
+    assert Settings().merged({"debounce_ms": 0}).debounce_ms == 0
+    assert Settings().merged(None) == Settings()
+
+
+@pytest.mark.parametrize("raw", [{"max_tokens": 0}, {"max_tokens": "5"}, {"multiline": "sometimes"},
+                                 {"time_cap_ms": -1}, {"memory_budget_mb": True}, {"drafts": 99}, [1, 2]])
+def test_bad_settings_are_rejected(raw):
+    with pytest.raises(SettingsError):
+        Settings().merged(raw)
+
+
+LINE = "a\u00e9\U0001F600b"  # a, é (2 UTF-8 bytes), emoji (4 bytes, 2 UTF-16 units), b
+
+
+@pytest.mark.parametrize("encoding, columns", [("utf-16", [0, 1, 2, 4, 5]), ("utf-8", [0, 1, 3, 7, 8]),
+                                               ("utf-32", [0, 1, 2, 3, 4])])
+def test_columns_round_trip(encoding, columns):
+    for chars, col in enumerate(columns):
+        assert column_to_chars(LINE, col, encoding) == chars
+        assert chars_to_column(LINE, chars, encoding) == col
+
+
+def test_columns_inside_a_character_or_past_the_end_are_errors():
+    with pytest.raises(EditError):
+        column_to_chars(LINE, 3, "utf-16")  # between the emoji's surrogates
+    with pytest.raises(EditError):
+        column_to_chars(LINE, 2, "utf-8")  # inside é
+    with pytest.raises(EditError):
+        column_to_chars(LINE, 9, "utf-8")
+
+
+def test_mirror_offsets_and_positions():
+    m = Mirror("x = 1\n" + LINE + "\n", 1)
+    assert m.offset(1, 4, "utf-16") == 6 + 3
+    assert m.position(6 + 3, "utf-16") == (1, 4)
+    assert m.offset(2, 0, "utf-16") == len(m.text)
+    with pytest.raises(EditError):
+        m.offset(5, 0, "utf-16")
