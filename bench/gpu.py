@@ -1,24 +1,32 @@
-"""One-call GPU session: check both Triton kernels against their references, then time the engine.
+"""One-call GPU session: check the Triton kernels against their references, then time the engine.
 
-    python -m bench.gpu            # on a CUDA machine: checks, then timings (about 2-4 minutes)
+    python -m bench.gpu            # on a CUDA machine: checks, then timings (about 3-5 minutes)
     python -m bench.gpu --smoke    # anywhere: tiny shapes, few iterations (CPU: kernels interpreted)
 
 Models (random weights, HF configs): Gemma 3 270M (18 layers, 1 KV head, 4 q heads, head_dim 256,
 sliding window 512 on 5 of every 6 layers) and a DeepSeek-Coder-1.3B-shaped Llama (24 layers, 16
-heads, 16 KV heads, head_dim 128). At each context length it times, with the torch references
-("torch") and the Triton kernels ("triton") patched into the engine:
-  shift    rope_shift of the suffix after a mid-file edit (delta = +20)
-  pie      the PIE update: shift + encoding the 20 new tokens
-  suggest  a 32-token greedy suggestion over a scratch area (cursor at the end of the document)
-and HF transformers (eager attention) for the same work: re-encoding the suffix from the edit over
-a cached prefix, and `generate` of 32 tokens over a cached context. Medians of CUDA-event timings.
-Prints progress, then a markdown table, then one JSON line (also written to --out or $OUT).
+heads, 16 KV heads, head_dim 128). At each context length it times three ways of doing the work:
+  eager    the engine's own forward (`engine.model`, attention through `attend`: the Triton kernel
+           for decode steps on CUDA) and `engine.decoding.greedy`
+  cuda     the engine's CUDA path (`engine.cuda.CudaRunner`): static shapes, fused kernels, one CUDA
+           graph per step shape (on the CPU with --smoke: the same steps, eager, kernels interpreted)
+  HF       transformers with eager attention
+the parts
+  shift    rope_shift of the suffix after a mid-file edit (delta = +20): torch reference (eager
+           column) against the Triton kernel (cuda column)
+  pie      the PIE update: splice (shift) + encoding the 20 new tokens over the prefix (HF: the
+           suffix re-encoded over a cached prefix, what an engine without PIE does)
+  suggest  a 32-token greedy suggestion over a scratch area, cursor at the end (HF: `generate`)
+  step     one decode step (cuda: one graph replay); verify: one verify step of 8 tokens
+and a floor: the bytes a part must read (weights, LM head, live KV rows) over the measured copy
+bandwidth. Medians of CUDA-event timings. A torch-profiler breakdown of the CUDA path's kernels
+goes to profile.txt. Prints progress, then one JSON line, then a markdown table last (also written
+to --out or $OUT: bench_gpu.md, bench_gpu.json, profile.txt).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics
@@ -26,7 +34,6 @@ import sys
 import time
 import traceback
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from unittest import mock
 
@@ -39,13 +46,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="bfloat16 (GPU default) or float32 (CPU default)")
     p.add_argument("--models", default="gemma3-270m,dscoder-1.3b")
-    p.add_argument("--contexts", default=None, help="comma-separated context lengths (default 2048,8192)")
+    p.add_argument("--contexts", default=None, help="comma-separated context lengths (default 8192,2048)")
     p.add_argument("--new-tokens", type=int, default=None, help="suggestion length (32; 8 with --smoke)")
     p.add_argument("--edit-tokens", type=int, default=20)
-    p.add_argument("--budget-s", type=float, default=480.0, help="skip remaining timings past this wall time")
+    p.add_argument("--verify-tokens", type=int, default=8)
+    p.add_argument("--budget-s", type=float, default=330.0, help="skip remaining timings past this wall time")
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--no-profile", action="store_true")
     p.add_argument("--checks-only", action="store_true")
-    p.add_argument("--out", default=os.environ.get("OUT"), help="folder for bench_gpu.json and bench_gpu.md")
+    p.add_argument("--out", default=os.environ.get("OUT"), help="folder for bench_gpu.json, bench_gpu.md, profile.txt")
     return p.parse_args(argv)
 
 
@@ -53,18 +62,25 @@ ARGS = parse_args() if __name__ == "__main__" else None
 if ARGS is not None and ARGS.device == "cpu":  # Triton runs CPU tensors only in its interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of a kernel module
 
-import engine.cache  # noqa: E402
 import engine.model  # noqa: E402
 import kernels.segment_attention  # noqa: E402
-from engine.cache import KVCache, ScratchCache  # noqa: E402
+from engine.cache import KVCache  # noqa: E402
+from engine.cuda import CudaRunner, StaticStep  # noqa: E402
+from engine.decoding.greedy import greedy  # noqa: E402
 from engine.model import build  # noqa: E402
+from kernels import fused  # noqa: E402
 from kernels.rope_shift import rope_shift_reference, rope_shift_triton  # noqa: E402
 from kernels.segment_attention import (  # noqa: E402
-    MAX_QUERY_TOKENS,
     segment_attention,
     segment_attention_triton,
+    static_attention_reference,
+    static_attention_triton,
+    static_plan,
 )
 from kernels.testing import exact_attention, three_way  # noqa: E402
+
+TARGETS_MS = {("gemma3-270m", 8192, "suggest"): 15.0, ("dscoder-1.3b", 8192, "suggest"): 25.0,
+              ("gemma3-270m", 8192, "pie"): 2.0, ("dscoder-1.3b", 8192, "pie"): 2.0}
 
 
 # models ------------------------------------------------------------------------------------------
@@ -97,72 +113,42 @@ def hf_config(name: str, *, smoke: bool):
 
 
 def make_models(name: str, *, smoke: bool, device: str, dtype: torch.dtype):
-    """A random-weight HF model (eager attention) and the engine's Transformer sharing its weights."""
+    """A random-weight HF model (eager attention) and the engine's Transformer sharing its weights
+    (`build` then `.to(device)`: the RoPE tables follow the weights)."""
     from transformers import AutoModelForCausalLM
 
     cfg = hf_config(name, smoke=smoke)
     torch.manual_seed(0)
     with torch.device(device):
         hf = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="eager").eval()
-    model = build(cfg, hf.state_dict(), dtype=dtype)
-    # The engine keeps RoPE tables on the CPU; the forward needs them beside the weights.
-    model.rope_freqs = model.rope_freqs.to(device)
-    model.args.inv_freq = model.args.inv_freq.to(device)
+    model = build(cfg, hf.state_dict(), dtype=dtype).to(device)
     return cfg, hf, model
 
 
 # engine paths ------------------------------------------------------------------------------------
 
 
-def kernel_attend(q, segments, qpos, *, scale, window=None, softcap=None):
-    """`kernels.segment_attention.attend` without its CUDA test, so --smoke runs the kernel on CPU."""
-    if q.shape[2] <= MAX_QUERY_TOKENS:
-        return segment_attention_triton(q, segments, qpos, scale=scale, window=window, softcap=softcap)
-    return segment_attention(q, segments, qpos, scale=scale, window=window, softcap=softcap)
-
-
-PATHS = {
-    "torch": (segment_attention, rope_shift_reference),
-    "triton": (kernel_attend, rope_shift_triton),
-}
-
-
-@contextmanager
-def engine_path(name: str):
-    """Patch the engine's attention and PIE shift to one implementation for the duration."""
-    saved = engine.model.segment_attention, engine.cache.rope_shift
-    engine.model.segment_attention, engine.cache.rope_shift = PATHS[name]
-    try:
-        yield
-    finally:
-        engine.model.segment_attention, engine.cache.rope_shift = saved
-
-
 @torch.no_grad()
 def encode(model, cache: KVCache, *, ids: torch.Tensor, start: int, chunk: int) -> None:
-    """ids [n] into rows start.. of the cache, in chunks (as `Engine._encode` does)."""
+    """ids [n] into rows start.. of the cache, in chunks (as `Engine._encode` does: host positions)."""
     end = start + ids.shape[0]
     cache.reserve(max(cache.length, end))
     cache.length = max(cache.length, end)
     for s in range(start, end, chunk):
         e = min(end, s + chunk)
-        pos = torch.arange(s, e, device=ids.device)
-        model(ids[None, s - start : e - start], pos, cache, return_hidden=True, last_only=True)
+        model(ids[None, s - start : e - start], torch.arange(s, e), cache, return_hidden=True, last_only=True)
 
 
-@torch.no_grad()
-def suggest(model, cache: KVCache, first: int, *, n: int) -> list[int]:
-    """`engine.decoding.greedy` over a scratch area at the end of the cache, with ids and positions
-    on the model's device (the engine's loop builds them on the CPU)."""
-    device = cache.k.device
-    scratch = ScratchCache(cache, cache.length - 1, n + 1)
-    tok, pos, out = first, cache.length - 1, []
-    for _ in range(n):
-        logits = model(torch.tensor([[tok]], device=device), torch.tensor([pos], device=device), scratch)[0, -1]
-        tok = int(logits.argmax())
-        pos += 1
-        out.append(tok)
-    return out
+def eager_suggest(model, cache: KVCache, first: int, *, n: int) -> list[int]:
+    """`engine.decoding.greedy` over a fresh scratch area at the end of the cache."""
+    from engine.cache import ScratchCache
+
+    return list(greedy(model, ScratchCache(cache, cache.length - 1, n + 1), first, max_new=n))
+
+
+def cuda_suggest(runner: CudaRunner, cache: KVCache, first: int, *, n: int) -> list[int]:
+    """The CUDA path: the runner's static decode step over its fixed scratch rows."""
+    return list(runner.greedy(runner.scratch(cache, cache.length - 1, n + 1), first, max_new=n))
 
 
 # timing ------------------------------------------------------------------------------------------
@@ -197,6 +183,18 @@ def timed(fn, *, iters: int, warmup: int, device: str, before=None, after=None) 
     return statistics.median(times)
 
 
+def copy_bandwidth(device: str) -> float | None:
+    """Device-to-device copy rate in bytes/s, counting bytes read plus written (METHOD.md's ceiling)."""
+    if not device.startswith("cuda"):
+        return None
+    n = 1 << 28  # 256 Mi floats: 1 GiB each way
+    a = torch.randn(n, device=device)
+    b = torch.empty_like(a)
+    ms = timed(lambda: b.copy_(a), iters=10, warmup=2, device=device)
+    del a, b
+    return 2 * n * 4 / (ms / 1e3)
+
+
 # checks ------------------------------------------------------------------------------------------
 
 
@@ -213,7 +211,13 @@ def check_cases(cfg, *, smoke: bool):
             dict(B=2, T=2, P=P, S=4, window=None, softcap=50.0)]
     if window:
         attn += [dict(B=1, T=1, P=P, S=3, window=window, softcap=None), dict(B=2, T=4, P=P, S=6, window=window, softcap=None)]
-    return dict(L=cfg.num_hidden_layers, KV=KV, G=G, hd=hd), rope, attn
+    # static attention: (T, prefix length, prefix capacity, scratch row0, scratch capacity, window, softcap, encode)
+    static = [(1, P, P + 300, 5, 64, None, None, False), (8, P - 7, P + 50, 9, 64, None, 30.0, False),
+              (32, 0, 0, P // 2, P + 100, None, None, True)]
+    if window:
+        static += [(1, P, P + 300, 5, 64, window, None, False), (8, P, P + 40, 3, 64, window, None, False),
+                   (32, 0, 0, P - 40, P + 100, window, None, True)]
+    return dict(L=cfg.num_hidden_layers, KV=KV, G=G, hd=hd, D=cfg.hidden_size, F=cfg.intermediate_size), rope, attn, static
 
 
 def nan_workspace(rows: int, n_splits: int, *, hd: int, device):
@@ -222,18 +226,28 @@ def nan_workspace(rows: int, n_splits: int, *, hd: int, device):
     return m, m.clone(), torch.full((rows, n_splits, hd), float("nan"), device=device)
 
 
+def _row(name, kernel, dtype, case, ok, err=float("nan"), ref_err=float("nan"), eps=float("nan")) -> dict:
+    return dict(model=name, kernel=kernel, dtype=str(dtype).removeprefix("torch."), case=case, ok=bool(ok),
+                err=err, ref_err=ref_err, eps=eps)
+
+
 def run_checks(cfg, name: str, *, smoke: bool, device: str, dtypes) -> list[dict]:
     """Each kernel against its reference on fresh random inputs, three-way against an fp64 oracle,
     with the destination / output poisoned with NaN first."""
-    shape, rope_cases, attn_cases = check_cases(cfg, smoke=smoke)
-    L, KV, G, hd = shape["L"], shape["KV"], shape["G"], shape["hd"]
-    inv_freq = engine.model.ModelArgs.from_hf(cfg).inv_freq.to(device)  # [L, hd/2]
+    shape, rope_cases, attn_cases, static_cases = check_cases(cfg, smoke=smoke)
+    L, KV, G, hd, D, Fd = (shape[k] for k in ("L", "KV", "G", "hd", "D", "F"))
+    H = KV * G
+    margs = engine.model.ModelArgs.from_hf(cfg)
+    inv_freq = margs.inv_freq.to(device)  # [L, hd/2]
     rows = []
     gen = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*shape_, dtype=torch.float32):
+        return torch.randn(*shape_, generator=gen, device=device).to(dtype)
+
     for dtype in dtypes:
         for cap, src, end, dst in rope_cases:
-            k0 = torch.randn(L, KV, cap, hd, generator=gen, device=device).to(dtype)
-            v0 = torch.randn(L, KV, cap, hd, generator=gen, device=device).to(dtype)
+            k0, v0 = rand(L, KV, cap, hd, dtype=dtype), rand(L, KV, cap, hd, dtype=dtype)
             n = end - src
             dst_only = torch.zeros(cap, dtype=torch.bool, device=device)
             dst_only[dst : dst + n] = True
@@ -244,93 +258,308 @@ def run_checks(cfg, name: str, *, smoke: bool, device: str, dtypes) -> list[dict
             rope_shift_reference(k_ref, v_ref, src, end, dst, inv_freq)
             rope_shift_reference(k_hi, v_hi, src, end, dst, inv_freq)
             ok, err, ref_err, eps = three_way(k, k_ref, exact=k_hi)
-            ok = ok and torch.equal(v, v_ref)
-            rows.append(dict(model=name, kernel="rope_shift", dtype=str(dtype).removeprefix("torch."),
-                             case=f"rows {src}:{end} -> {dst}", ok=ok, err=err, ref_err=ref_err, eps=eps))
+            rows.append(_row(name, "rope_shift", dtype, f"rows {src}:{end} -> {dst}", ok and torch.equal(v, v_ref), err, ref_err, eps))
         for c in attn_cases:
             B, T, P, S, window, softcap = c["B"], c["T"], c["P"], c["S"], c["window"], c["softcap"]
-            H = KV * G
-            q = torch.randn(B, T, H, hd, generator=gen, device=device).to(dtype).transpose(1, 2)  # [B, H, T, hd]
-            cache_k = torch.randn(KV, P + 64, hd, generator=gen, device=device).to(dtype)
-            cache_v = torch.randn(KV, P + 64, hd, generator=gen, device=device).to(dtype)
-            sk = torch.randn(B, KV, S + 8, hd, generator=gen, device=device).to(dtype)
-            sv = torch.randn(B, KV, S + 8, hd, generator=gen, device=device).to(dtype)
+            q = rand(B, T, H, hd, dtype=dtype).transpose(1, 2)  # [B, H, T, hd]
+            cache_k, cache_v = rand(KV, P + 64, hd, dtype=dtype), rand(KV, P + 64, hd, dtype=dtype)
+            sk, sv = rand(B, KV, S + 8, hd, dtype=dtype), rand(B, KV, S + 8, hd, dtype=dtype)
             segments = [(cache_k[None, :, :P], cache_v[None, :, :P], 0), (sk[:, :, :S], sv[:, :, :S], P)]
-            qpos = torch.arange(P + S - T, P + S, device=device)
+            qpos = torch.arange(P + S - T, P + S)  # host positions, as the model passes them
             kw = dict(scale=hd**-0.5, window=window, softcap=softcap)
             out = torch.full((B, H, T, hd), float("nan"), dtype=dtype, device=device)
             with mock.patch.object(kernels.segment_attention, "_workspace", nan_workspace):
                 segment_attention_triton(q, segments, qpos, **kw, out=out)
             ref = segment_attention(q, segments, qpos, **kw)
-            ok, err, ref_err, eps = three_way(out, ref, exact=exact_attention(q, segments, qpos, **kw))
-            rows.append(dict(model=name, kernel="segment_attention", dtype=str(dtype).removeprefix("torch."),
-                             case=f"B{B} T{T} P{P}+{S} w{window} cap{softcap}", ok=ok, err=err, ref_err=ref_err, eps=eps))
+            ok, err, ref_err, eps = three_way(out, ref, exact=exact_attention(q, segments, qpos.to(device), **kw))
+            rows.append(_row(name, "segment_attention", dtype, f"B{B} T{T} P{P}+{S} w{window} cap{softcap}", ok, err, ref_err, eps))
+        for T, P, cap_a, row0, cap_b, window, softcap, enc in static_cases:
+            q = rand(T, H, hd, dtype=dtype)
+            kb, vb = rand(KV, cap_b, hd, dtype=dtype), rand(KV, cap_b, hd, dtype=dtype)
+            seg_a = None if enc else (rand(KV, cap_a, hd, dtype=dtype), rand(KV, cap_a, hd, dtype=dtype))
+            pos_b0 = 0 if enc else P
+            meta = torch.tensor([P, pos_b0, row0, T], device=device)
+            kw = dict(scale=hd**-0.5, window=window, softcap=softcap)
+            plan = static_plan(T=T, G=G, KV=KV, hd=hd, cap_a=0 if enc else cap_a, cap_b=cap_b, device=device)
+            if smoke:  # several splits per segment even at toy sizes
+                plan.update(n_split_a=0 if enc else 3, n_split_b=2)
+            out = torch.full((T, H, hd), float("nan"), dtype=dtype, device=device)
+            with mock.patch.object(kernels.segment_attention, "_workspace", nan_workspace):
+                static_attention_triton(q, seg_a, (kb, vb), meta, **kw, plan=plan, out=out)
+            ref = static_attention_reference(q, seg_a, (kb, vb), meta, **kw)
+            segs = ([] if enc else [(seg_a[0][None, :, :P], seg_a[1][None, :, :P], 0)])
+            segs.append((kb[None, :, : row0 + T], vb[None, :, : row0 + T], pos_b0))
+            qpos = torch.arange(pos_b0 + row0, pos_b0 + row0 + T, device=device)
+            exact = exact_attention(q.transpose(0, 1)[None], segs, qpos, **kw)[0].transpose(0, 1)
+            ok, err, ref_err, eps = three_way(out, ref, exact=exact)
+            rows.append(_row(name, "static_attention", dtype, f"T{T} A{P}/{cap_a} B{row0}+{T}/{cap_b} w{window} cap{softcap}"
+                             + (" encode" if enc else ""), ok, err, ref_err, eps))
+        rows += fused_checks(name, margs, dtype=dtype, device=device, rand=rand, L=L, KV=KV, H=H, hd=hd, D=D, Fd=Fd)
+    return rows
+
+
+def fused_checks(name, margs, *, dtype, device, rand, L, KV, H, hd, D, Fd) -> list[dict]:
+    """The fused decode-step kernels against their references; the fp64 oracle is the reference on
+    float64 copies (the reference rounds where the eager forward does, so it is the one to match)."""
+    rows = []
+    gemma = margs.family == "gemma3"
+    offset, eps = (1.0 if gemma else 0.0), margs.norm_eps
+    T = 3
+    # residual + norm
+    x0, y = rand(T, D, dtype=dtype), rand(T, D, dtype=dtype)
+    wp, wn = (0.1 * rand(D)).to(dtype), (1.0 + 0.1 * rand(D)).to(dtype)
+    for post in ([None, wp] if gemma else [None]):
+        x_k, x_r, x_hi = x0.clone(), x0.clone(), x0.double()
+        h_k = fused.residual_norm_triton(x_k, y, post, wn, eps=eps, offset=offset)
+        h_r = fused.residual_norm_reference(x_r, y, post, wn, eps=eps, offset=offset)
+        h_hi = fused.residual_norm_reference(x_hi, y.double(), None if post is None else post.double(), wn.double(), eps=eps, offset=offset)
+        ok1, err, ref_err, e = three_way(h_k, h_r, exact=h_hi)
+        ok2 = three_way(x_k, x_r, exact=x_hi)[0]
+        rows.append(_row(name, "residual_norm", dtype, f"T{T} D{D} post={post is not None}", ok1 and ok2, err, ref_err, e))
+    # q/k norm + rope + cache write
+    cap, row0, valid = 40, 30, 2
+    qkv = rand(T, (H + 2 * KV) * hd, dtype=dtype)
+    qn, kn = ((0.1 * rand(hd)).to(dtype), (0.1 * rand(hd)).to(dtype)) if gemma else (None, None)
+    inv = margs.inv_freq[-1].float().contiguous().to(device)
+    meta = torch.tensor([100, 100, row0, valid], device=device)
+    dk0, dv0 = rand(KV, cap, hd, dtype=dtype), rand(KV, cap, hd, dtype=dtype)
+    dk, dv, rk, rv = dk0.clone(), dv0.clone(), dk0.clone(), dv0.clone()
+    hk, hv = dk0.double(), dv0.double()
+    kw = dict(n_heads=H, n_kv=KV, head_dim=hd, eps=eps)
+    q_k = fused.qk_rope_write_triton(qkv, meta, inv, qn, kn, dk, dv, **kw)
+    q_r = fused.qk_rope_write_reference(qkv, meta, inv, qn, kn, rk, rv, **kw)
+    q_hi = fused.qk_rope_write_reference(qkv.double(), meta, inv, None if qn is None else qn.double(),
+                                         None if kn is None else kn.double(), hk, hv, **kw)
+    ok1, err, ref_err, e = three_way(q_k, q_r, exact=q_hi)
+    ok2 = three_way(dk, rk, exact=hk)[0] and torch.equal(dv, rv)
+    untouched = torch.ones(cap, dtype=torch.bool, device=device)
+    untouched[row0 : row0 + valid] = False
+    ok3 = torch.equal(dk[:, untouched], dk0[:, untouched]) and torch.equal(dv[:, untouched], dv0[:, untouched])
+    rows.append(_row(name, "qk_rope_write", dtype, f"T{T} rows {row0}+{valid}/{cap} norm={gemma}", ok1 and ok2 and ok3, err, ref_err, e))
+    # activation * up
+    gu = rand(T, 2 * Fd, dtype=dtype)
+    act = margs.act
+    a_k = fused.act_mul_triton(gu, act=act)
+    a_r = fused.act_mul_reference(gu, act=act)
+    ok, err, ref_err, e = three_way(a_k, a_r, exact=fused.act_mul_reference(gu.double(), act=act))
+    rows.append(_row(name, "act_mul", dtype, f"T{T} F{Fd} {act}", ok, err, ref_err, e))
     return rows
 
 
 # timings -----------------------------------------------------------------------------------------
 
 
-def run_timings(name: str, cfg, *, hf, model, ctx: int, a: argparse.Namespace, dtype) -> dict:
+def model_bytes(model, ctx: int) -> dict:
+    """Bytes one decode step must read: layer weights, the LM head, and the live KV rows at ctx."""
+    a = model.args
+    el = model.embed_tokens.weight.element_size()
+    layers = sum(p.numel() for p in model.layers.parameters()) * el
+    head = model.lm_head.weight.numel() * el
+    kv = sum(min(ctx, w or ctx) for w in a.windows) * a.n_kv_heads * a.head_dim * 2 * el
+    return dict(layers=layers, head=head, kv=kv, kv_row=a.n_layers * a.n_kv_heads * a.head_dim * 2 * el)
+
+
+def run_timings(name: str, cfg, *, hf, model, runner, runner_ng, ctx: int, a: argparse.Namespace, dtype, bw,
+                profile_out) -> dict:
     """Times for one model at one context length; each part guarded so one failure keeps the rest."""
     device, smoke = a.device, a.smoke
-    iters = dict(shift=2 if smoke else 50, pie=2 if smoke else 20, suggest=1 if smoke else 5, hf=1 if smoke else 3)
+    cuda = device.startswith("cuda")
+    it = dict(shift=2 if smoke else 30, pie=2 if smoke else 20, suggest=1 if smoke else 10, eager=1 if smoke else 3,
+              step=3 if smoke else 50, hf=1 if smoke else 3)
     warm = 1
     chunk = 32 if smoke else 1024
-    E = a.edit_tokens
+    E, n = a.edit_tokens, a.new_tokens
     gen = torch.Generator(device=device).manual_seed(ctx)
     ids = torch.randint(0, cfg.vocab_size, (ctx,), generator=gen, device=device)
     new = torch.randint(0, cfg.vocab_size, (E,), generator=gen, device=device)
+    new_list = new.tolist()
     mid = ctx // 2
     res: dict = dict(model=name, ctx=ctx)
     margs = model.args
     cache = KVCache(margs.n_layers, margs.n_kv_heads, margs.head_dim, dtype=dtype, device=device)
     cache.reserve(ctx + E)
     t0 = time.perf_counter()
-    with engine_path("torch"):
-        encode(model, cache, ids=ids, start=0, chunk=chunk)
-    if device.startswith("cuda"):
+    encode(model, cache, ids=ids, start=0, chunk=chunk)
+    if cuda:
         torch.cuda.synchronize()
     res["prefill_ms"] = (time.perf_counter() - t0) * 1e3
     f = margs.inv_freq
+    by = model_bytes(model, ctx)
+    if bw:
+        shift_bytes = 2 * (ctx - mid) * by["kv_row"]  # read + write the moved rows
+        res["floor_shift"] = shift_bytes / bw * 1e3
+        res["floor_pie"] = (shift_bytes + by["layers"] + mid * by["kv_row"]) / bw * 1e3
+        res["floor_step"] = (by["layers"] + by["head"] + by["kv"]) / bw * 1e3
+        res["floor_suggest"] = n * res["floor_step"]
+    first = int(ids[-1])
     tokens = {}
-    for path in ("torch", "triton"):
-        _, shift = PATHS[path]
-        with engine_path(path):
-            try:
-                res[f"shift_{path}"] = timed(
-                    lambda: shift(cache.k, cache.v, mid, ctx, mid + E, f),
-                    after=lambda: shift(cache.k, cache.v, mid + E, ctx + E, mid, f),
-                    iters=iters["shift"], warmup=warm, device=device)
 
-                def pie():
-                    cache.splice(mid, mid, E, inv_freq=f)
-                    encode(model, cache, ids=new, start=mid, chunk=chunk)
-
-                res[f"pie_{path}"] = timed(pie, after=lambda: cache.splice(mid, mid + E, 0, inv_freq=f),
-                                           iters=iters["pie"], warmup=warm, device=device)
-                encode(model, cache, ids=ids[mid:], start=mid, chunk=chunk)  # undo the round trips' rounding drift
-                first = int(ids[-1])
-                res[f"suggest_{path}"] = timed(lambda: tokens.__setitem__(path, suggest(model, cache, first, n=a.new_tokens)),
-                                               iters=iters["suggest"], warmup=warm, device=device)
-            except Exception as exc:  # keep the session's other numbers
-                res[f"error_{path}"] = f"{type(exc).__name__}: {exc}"
-                traceback.print_exc()
-    if "torch" in tokens and "triton" in tokens:
-        res["suggest_same_tokens"] = sum(x == y for x, y in zip(tokens["torch"], tokens["triton"]))
-    if not a.skip_hf:
+    def part(key, fn):
         try:
-            res.update(hf_timings(hf, ids, new=new, mid=mid, a=a, iters=iters["hf"], warm=warm, engine_tokens=tokens.get("torch")))
-        except Exception as exc:
-            res["error_hf"] = f"{type(exc).__name__}: {exc}"
+            fn()
+        except Exception as exc:  # keep the session's other numbers
+            res[f"error_{key}"] = f"{type(exc).__name__}: {exc}"
             traceback.print_exc()
+
+    def undo():
+        cache.splice(mid, mid + E, 0, inv_freq=f)
+
+    def shifts():
+        res["shift_eager"] = timed(lambda: rope_shift_reference(cache.k, cache.v, mid, ctx, mid + E, f),
+                                   after=lambda: rope_shift_reference(cache.k, cache.v, mid + E, ctx + E, mid, f),
+                                   iters=it["shift"], warmup=warm, device=device)
+        res["shift_cuda"] = timed(lambda: rope_shift_triton(cache.k, cache.v, mid, ctx, mid + E, f),
+                                  after=lambda: rope_shift_triton(cache.k, cache.v, mid + E, ctx + E, mid, f),
+                                  iters=it["shift"], warmup=warm, device=device)
+
+    def pie_eager():
+        def go():
+            cache.splice(mid, mid, E, inv_freq=f)
+            encode(model, cache, ids=new, start=mid, chunk=chunk)
+        res["pie_eager"] = timed(go, after=undo, iters=it["pie"], warmup=warm, device=device)
+
+    def pie_nograph():
+        def go():
+            cache.splice(mid, mid, E, inv_freq=f)
+            runner_ng.encode(cache, new_list, mid)
+        res["pie_nograph"] = timed(go, after=undo, iters=it["pie"], warmup=warm, device=device)
+
+    def pie_cuda():
+        def go():
+            cache.splice(mid, mid, E, inv_freq=f)
+            runner.encode(cache, new_list, mid)
+        t1 = time.perf_counter()
+        go()
+        if cuda:
+            torch.cuda.synchronize()
+        res["pie_cuda_first_ms"] = (time.perf_counter() - t1) * 1e3  # includes the encode graph's capture
+        undo()
+        res["pie_cuda"] = timed(go, after=undo, iters=it["pie"], warmup=warm, device=device)
+
+    part("shift", shifts)
+    part("pie_eager", pie_eager)
+    if runner_ng is not None:
+        part("pie_nograph", pie_nograph)
+    part("pie_cuda", pie_cuda)
+    part("reencode", lambda: encode(model, cache, ids=ids[mid:], start=mid, chunk=chunk))  # undo the round trips' drift
+
+    def suggest_eager():
+        res["suggest_eager"] = timed(lambda: tokens.__setitem__("eager", eager_suggest(model, cache, first, n=n)),
+                                     iters=it["eager"], warmup=warm, device=device)
+
+    def suggest_nograph():
+        res["suggest_nograph"] = timed(lambda: tokens.__setitem__("nograph", cuda_suggest(runner_ng, cache, first, n=n)),
+                                       iters=it["eager"], warmup=warm, device=device)
+
+    def suggest_cuda():
+        t1 = time.perf_counter()
+        tokens["cuda"] = cuda_suggest(runner, cache, first, n=n)
+        res["suggest_cuda_first_ms"] = (time.perf_counter() - t1) * 1e3  # includes the decode graph's capture
+        res["suggest_cuda"] = timed(lambda: tokens.__setitem__("cuda", cuda_suggest(runner, cache, first, n=n)),
+                                    iters=it["suggest"], warmup=warm, device=device)
+
+    def steps():
+        scratch = runner.scratch(cache, cache.length - 1, n + 1)
+        seg_a, seg_b = runner._segments(scratch)
+        st = runner.step("decode", 1, seg_a, seg_b)
+        st.ids.fill_(first)
+        runner._set_meta(st, scratch.start, scratch.start, 0, 1)
+        res["step_cuda"] = timed(st.run, iters=it["step"], warmup=warm, device=device)
+        toks = [first] + tokens.get("cuda", [0] * n)[: a.verify_tokens - 1]
+        res["verify_cuda"] = timed(lambda: runner.verify(scratch, toks, scratch.start), iters=it["step"], warmup=warm, device=device)
+        res["verify_same"] = runner.verify(scratch, toks, scratch.start)[: len(toks) - 1] == toks[1:]
+
+    part("suggest_eager", suggest_eager)
+    if runner_ng is not None:
+        part("suggest_nograph", suggest_nograph)
+    part("suggest_cuda", suggest_cuda)
+    part("steps", steps)
+    if "eager" in tokens and "cuda" in tokens:
+        res["cuda_eager_same_tokens"] = sum(x == y for x, y in zip(tokens["eager"], tokens["cuda"]))
+    if "nograph" in tokens and "cuda" in tokens:
+        res["cuda_nograph_same_tokens"] = sum(x == y for x, y in zip(tokens["nograph"], tokens["cuda"]))
+    if profile_out is not None:
+        part("profile", lambda: profile_out.append(profile_cuda(runner, cache, first, n=n, name=name, ctx=ctx, res=res)))
+    if not a.skip_hf:
+        part("hf", lambda: res.update(hf_timings(hf, ids, new=new, mid=mid, a=a, iters=it["hf"], warm=warm,
+                                                 engine_tokens=tokens.get("cuda"))))
+    del cache
     return res
+
+
+def _category(kernel: str) -> str:
+    k = kernel.lower()
+    if "static_partial" in k or "segment_combine" in k or "segment_partial" in k:
+        return "attention"
+    if "residual_norm" in k or "qk_rope" in k or "act_mul" in k:
+        return "fused norm/rope/act"
+    if any(s in k for s in ("gemm", "gemv", "cutlass", "sm90", "xmma", "cublas", "splitk", "nvjet")):
+        return "matmul"
+    if "argmax" in k or "reduce" in k:
+        return "argmax"
+    if "memcpy" in k or "memset" in k:
+        return "copy"
+    return "other"
+
+
+def profile_cuda(runner, cache, first, *, n: int, name: str, ctx: int, res: dict, steps: int = 8) -> str:
+    """Where a decode step's time goes: device time per kernel and per category (torch profiler over
+    `steps` uncaptured runs of the same static step the graph replays: the same kernels, so their
+    sum is the step's busy time; the replayed step's time minus it is launch gaps and idling)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = runner.device.type == "cuda"
+    scratch = runner.scratch(cache, cache.length - 1, n + 1)
+    st = StaticStep(runner, "decode", 1, *runner._segments(scratch))  # uncaptured, its own buffers
+    st.ids.fill_(first)
+    runner._set_meta(st, scratch.start, scratch.start, 0, 1)
+    st.body()  # warm
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            st.body()
+        if cuda:
+            torch.cuda.synchronize()
+    tot: dict = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            k = tot.setdefault(e.name, [0.0, 0])
+            k[0] += e.time_range.elapsed_us() / steps
+            k[1] += 1 / steps
+    cats: dict = {}
+    for k, (us, cnt) in tot.items():
+        c = cats.setdefault(_category(k), [0.0, 0.0])
+        c[0] += us
+        c[1] += cnt
+    busy = sum(v[0] for v in tot.values())
+    launches = sum(v[1] for v in tot.values())
+    step_us = 1e3 * (res.get("step_cuda") or 0)
+    lines = [f"## {name} ctx {ctx}: one decode step (kernels of {steps} uncaptured runs, per step)",
+             f"kernel busy time {busy:.1f} us in {launches:.0f} launches; replayed graph step {step_us:.1f} us "
+             f"(gaps {step_us - busy:.1f} us, {(step_us - busy) / max(launches, 1):.2f} us per launch); "
+             f"per token in a {n}-token suggestion {1e3 * (res.get('suggest_cuda') or 0) / n:.1f} us; "
+             f"bandwidth floor {1e3 * (res.get('floor_step') or 0):.1f} us", "",
+             "| category | us per step | launches per step |", "|---|---:|---:|"]
+    for c, (us, cnt) in sorted(cats.items(), key=lambda kv: -kv[1][0]):
+        lines.append(f"| {c} | {us:.1f} | {cnt:.0f} |")
+    lines += ["", "| kernel | us per step | launches per step |", "|---|---:|---:|"]
+    for k, (us, cnt) in sorted(tot.items(), key=lambda kv: -kv[1][0])[:15]:
+        lines.append(f"| {k[:100]} | {us:.1f} | {cnt:.0f} |")
+    text = "\n".join(lines)
+    res["profile_busy_us_per_step"] = round(busy, 1)
+    res["profile_launches_per_step"] = round(launches, 1)
+    res["profile_categories_us"] = {c: round(v[0], 2) for c, v in cats.items()}
+    print(text, flush=True)
+    return text
 
 
 @torch.no_grad()
 def hf_timings(hf, ids, *, new, mid: int, a: argparse.Namespace, iters: int, warm: int, engine_tokens) -> dict:
     """HF eager: the suffix re-encoded over a cached prefix (what an engine without PIE does after
     the edit), and `generate` of new tokens over a cached context. Caches are copied untimed."""
+    import copy
+
     device, res, state = a.device, {}, {}
     prefix_cache = hf.model(ids[None, :mid], use_cache=True).past_key_values
     suffix = torch.cat([new, ids[mid:]])[None]  # [1, E + ctx - mid]
@@ -359,27 +588,43 @@ def hf_timings(hf, ids, *, new, mid: int, a: argparse.Namespace, iters: int, war
 
 
 def fmt(x) -> str:
-    return "-" if x is None else f"{x:.2f}"
+    return "-" if x is None else f"{x:.3f}" if x < 1 else f"{x:.2f}"
 
 
-def table(rows: list[dict], checks: list[dict], *, a: argparse.Namespace) -> str:
+def table(rows: list[dict], checks: list[dict], *, a: argparse.Namespace, device: str, bw) -> str:
     lines = [
-        "| model | ctx | part | torch ms | triton ms | HF eager ms | torch/triton | HF/triton |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
+        "| model | ctx | part | engine eager ms | CUDA path, no graph ms | CUDA path ms | HF eager ms | HF/CUDA | floor ms | target ms |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        for part in ("shift", "pie", "suggest"):
-            t, k, h = r.get(f"{part}_torch"), r.get(f"{part}_triton"), r.get(f"{part}_hf")
-            speed = f"{t / k:.2f}x" if t and k else "-"
-            vs_hf = f"{h / k:.2f}x" if h and k else "-"
-            lines.append(f"| {r['model']} | {r['ctx']} | {part} | {fmt(t)} | {fmt(k)} | {fmt(h)} | {speed} | {vs_hf} |")
+        for part in ("shift", "pie", "suggest", "step", "verify"):
+            e, c, h = r.get(f"{part}_eager"), r.get(f"{part}_cuda"), r.get(f"{part}_hf")
+            if e is None and c is None and h is None:
+                continue
+            vs_hf = f"{h / c:.1f}x" if h and c else "-"
+            floor = r.get(f"floor_{part}")
+            target = TARGETS_MS.get((r["model"], r["ctx"], part))
+            mark = "" if target is None or c is None else (" (met)" if c <= target else " (missed)")
+            label = f"verify {a.verify_tokens}" if part == "verify" else part
+            lines.append(f"| {r['model']} | {r['ctx']} | {label} | {fmt(e)} | {fmt(r.get(f'{part}_nograph'))} | {fmt(c)} | "
+                         f"{fmt(h)} | {vs_hf} | {fmt(floor)} | "
+                         f"{'-' if target is None else f'{target:g}'}{mark} |")
     bad = [c for c in checks if not c["ok"]]
     lines.append("")
+    lines.append(f"device: {device}; copy bandwidth {bw / 1e12:.2f} TB/s (read + write)" if bw else f"device: {device}")
     lines.append(f"checks: {len(checks) - len(bad)}/{len(checks)} ok" + "".join(
         f"\n  FAIL {c['model']} {c['kernel']} {c['dtype']} {c['case']}: err {c['err']:.3g} ref {c['ref_err']:.3g}" for c in bad))
-    lines.append(f"shift: rope_shift of the suffix by +{a.edit_tokens}; pie: shift + encode {a.edit_tokens} tokens "
-                 f"(HF: re-encode the suffix over a cached prefix); suggest: {a.new_tokens} greedy tokens "
-                 "(HF: generate over a cached context)")
+    for r in rows:
+        extra = [f"{k}={r[k]}" for k in ("cuda_eager_same_tokens", "cuda_nograph_same_tokens", "hf_same_tokens",
+                                          "verify_same") if k in r]
+        extra += [f"{k}={r[k]:.1f}" for k in ("suggest_cuda_first_ms", "pie_cuda_first_ms", "prefill_ms") if k in r]
+        extra += [f"{k}: {r[k]}" for k in r if k.startswith("error_")]
+        lines.append(f"{r['model']} {r['ctx']}: " + ", ".join(extra))
+    lines.append(f"shift: rope_shift of the suffix by +{a.edit_tokens} (eager column: torch reference; CUDA: Triton); "
+                 f"pie: shift + encode {a.edit_tokens} tokens (HF: re-encode the suffix over a cached prefix); "
+                 f"suggest: {a.new_tokens} greedy tokens (HF: generate over a cached context); step: one decode step; "
+                 f"verify: one verify step of {a.verify_tokens} tokens; floor: bytes to read / copy bandwidth; "
+                 "*_first_ms: first call, graph capture included; same_tokens: agreement of the CUDA path's tokens")
     return "\n".join(lines)
 
 
@@ -391,48 +636,76 @@ def main(a: argparse.Namespace) -> int:
     transformers.logging.set_verbosity_error()
     a.new_tokens = a.new_tokens or (8 if a.smoke else 32)
     device = a.device
-    dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    contexts = [int(c) for c in (a.contexts or ("48,96" if a.smoke else "2048,8192")).split(",")]
-    dev_name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu (triton interpreter)"
-    print(f"device {dev_name}, dtype {dtype}, contexts {contexts}, smoke {a.smoke}", flush=True)
-    checks, rows = [], []
+    cuda = device.startswith("cuda")
+    dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if cuda else torch.float32)
+    contexts = [int(c) for c in (a.contexts or ("64" if a.smoke else "8192,2048")).split(",")]
+    dev_name = torch.cuda.get_device_name(device) if cuda else "cpu (triton interpreter)"
+    versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
+    try:
+        import triton
+
+        versions += f", triton {triton.__version__}"
+    except ImportError:
+        pass
+    print(f"device {dev_name}, dtype {dtype}, contexts {contexts}, smoke {a.smoke}; {versions}", flush=True)
+    bw = copy_bandwidth(device)
+    if bw:
+        print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    out = Path(a.out) if a.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    checks, rows, profiles = [], [], []
     models = a.models.split(",")
+
+    def save():
+        md = table(rows, checks, a=a, device=dev_name, bw=bw)
+        summary = dict(device=dev_name, versions=versions, dtype=str(dtype), smoke=a.smoke, bandwidth=bw,
+                       wall_s=round(time.perf_counter() - t_start, 1), checks_ok=all(c["ok"] for c in checks),
+                       checks=checks, timings=rows)
+        if out:
+            (out / "bench_gpu.md").write_text(md + "\n")
+            (out / "bench_gpu.json").write_text(json.dumps(summary, indent=1) + "\n")
+            (out / "profile.txt").write_text("\n\n".join(profiles) + "\n")
+        return md, summary
+
     for name in models:
         cfg = hf_config(name, smoke=a.smoke)
         t0 = time.perf_counter()
         try:
             checks += run_checks(cfg, name, smoke=a.smoke, device=device, dtypes=(torch.float32, torch.bfloat16))
         except Exception as exc:
-            checks.append(dict(model=name, kernel="?", dtype="?", case=f"{type(exc).__name__}: {exc}", ok=False,
-                               err=float("nan"), ref_err=float("nan"), eps=float("nan")))
+            checks.append(_row(name, "?", "?", f"{type(exc).__name__}: {exc}", False))
             traceback.print_exc()
         ok = sum(c["ok"] for c in checks if c["model"] == name)
         print(f"checks {name}: {ok}/{sum(c['model'] == name for c in checks)} ok ({time.perf_counter() - t0:.1f} s)", flush=True)
+        for c in checks:
+            if c["model"] == name and not c["ok"]:
+                print(f"  FAIL {c}", flush=True)
+    save()
     for name in [] if a.checks_only else models:
         if time.perf_counter() - t_start > a.budget_s:
             print(f"budget spent: skipping {name}", flush=True)
             continue
         cfg, hf, model = make_models(name, smoke=a.smoke, device=device, dtype=dtype)
-        for ctx in contexts:
+        # the fused static steps run eagerly first (no graph), so a failed capture still leaves numbers
+        runner_ng = CudaRunner(model, graphs=False, kernels=True, verify_tokens=a.verify_tokens) if cuda else None
+        runner = CudaRunner(model, graphs=cuda, kernels=True, verify_tokens=a.verify_tokens)
+        for i, ctx in enumerate(contexts):
             if time.perf_counter() - t_start > a.budget_s:
                 print(f"budget spent: skipping {name} at {ctx}", flush=True)
                 continue
             t0 = time.perf_counter()
-            r = run_timings(name, cfg, hf=hf, model=model, ctx=ctx, a=a, dtype=dtype)
+            r = run_timings(name, cfg, hf=hf, model=model, runner=runner, runner_ng=runner_ng, ctx=ctx, a=a, dtype=dtype, bw=bw,
+                            profile_out=profiles if (i == 0 and not a.no_profile) else None)
             rows.append(r)
             print(f"{name} ctx {ctx} ({time.perf_counter() - t0:.1f} s): {json.dumps(r)}", flush=True)
-        del hf, model
-        if device.startswith("cuda"):
+            save()
+        del hf, model, runner, runner_ng
+        if cuda:
             torch.cuda.empty_cache()
-    md = table(rows, checks, a=a)
-    summary = dict(device=dev_name, dtype=str(dtype), smoke=a.smoke, wall_s=round(time.perf_counter() - t_start, 1),
-                   checks_ok=all(c["ok"] for c in checks), checks=checks, timings=rows)
-    if a.out:
-        Path(a.out).mkdir(parents=True, exist_ok=True)
-        (Path(a.out) / "bench_gpu.md").write_text(md + "\n")
-        (Path(a.out) / "bench_gpu.json").write_text(json.dumps(summary, indent=1) + "\n")
+    md, summary = save()
+    print(json.dumps({k: v for k, v in summary.items() if k != "checks"}))  # the checks are in bench_gpu.json
     print(md)
-    print(json.dumps(summary))
     return 0 if summary["checks_ok"] else 1
 
 

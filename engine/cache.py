@@ -87,13 +87,24 @@ class KVCache:
 
 
 class ScratchCache:
-    """Rows for generated tokens [L, B, KV, cap, hd] at positions start.., over prefix rows [0, start)."""
+    """Rows for generated tokens [L, B, KV, cap, hd] at positions start.., over prefix rows [0, start).
 
-    def __init__(self, prefix: KVCache, start: int, capacity: int, *, batch: int = 1):
+    `storage=(k, v)` reuses preallocated rows (at least `capacity` of them, kept whole so their
+    address and shape stay fixed: the CUDA-graph runner in `engine.cuda` keeps one such pair)."""
+
+    def __init__(self, prefix: KVCache, start: int, capacity: int, *, batch: int = 1,
+                 storage: tuple[torch.Tensor, torch.Tensor] | None = None):
         L, KV, hd = prefix.shape
         self.prefix, self.start, self.length = prefix, start, 0
-        self.k = torch.zeros(L, batch, KV, capacity, hd, dtype=prefix.dtype, device=prefix.device)
-        self.v = torch.zeros_like(self.k)
+        if storage is None:
+            self.k = torch.zeros(L, batch, KV, capacity, hd, dtype=prefix.dtype, device=prefix.device)
+            self.v = torch.zeros_like(self.k)
+        else:
+            self.k, self.v = storage
+            if self.k.shape[:3] != (L, batch, KV) or self.k.shape[4] != hd or self.k.shape[3] < capacity:
+                raise ValueError(f"scratch storage {tuple(self.k.shape)} cannot hold {capacity} rows of {(L, batch, KV, hd)}")
+            if self.v.shape != self.k.shape:
+                raise ValueError("scratch storage k and v differ in shape")
 
     @property
     def nbytes(self) -> int:

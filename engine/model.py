@@ -4,6 +4,13 @@ Module and parameter names mirror Hugging Face's, so a HF state dict loads as it
 `model.` prefix). The forward runs on any cache that implements `update(layer, k, v, pos)`
 (see `engine.cache`), can stop after any layer, and can take input embeddings instead of ids.
 
+Devices: the RoPE tables follow the weights (`model.to(device)`); ids and positions may be given on
+the host, and are best given there: ids are copied to the model's device, positions too (for the
+RoPE tables) while caches and attention read the host copy, so that a step on CUDA needs no device
+sync to learn where it writes. Attention goes through `kernels.segment_attention.attend` (the Triton
+kernel on CUDA for decode/verify steps, the torch reference elsewhere). The static-shape CUDA-graph
+decode path built on this model lives in `engine.cuda`.
+
 Shapes: B batch, T new tokens, S keys, H query heads, KV key/value heads, D model width, hd head dim.
 """
 
@@ -17,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.rope_shift import apply_rope, rope_cos_sin
-from kernels.segment_attention import segment_attention
+from kernels.segment_attention import attend
 
 LLAMA_TYPES = {"llama", "mistral", "qwen2", "smollm", "smollm3"}
 GEMMA_TYPES = {"gemma3_text", "gemma3"}
@@ -159,7 +166,7 @@ class Attention(nn.Module):
         cos, sin = cos_sin
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         segments = cache.update(self.layer, k, v, pos)
-        o = segment_attention(
+        o = attend(
             q, segments, pos, scale=a.attn_scale, window=a.windows[self.layer], softcap=a.attn_softcap
         )  # [B, H, T, hd]
         return self.o_proj(o.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim))
@@ -218,6 +225,19 @@ class Transformer(nn.Module):
         self.rope_freqs, group = torch.unique(inv_freq.float(), dim=0, return_inverse=True)  # [G, hd/2]
         self.rope_group = group.tolist()
 
+    def _apply(self, fn, recurse=True):
+        """`.to()`, `.cuda()`, ...: the RoPE tables (plain fp32 attributes, never cast) follow the weights."""
+        super()._apply(fn, recurse)
+        device = self.embed_tokens.weight.device
+        if device.type != "meta":
+            self.rope_freqs = self.rope_freqs.to(device)
+            self.args.inv_freq = self.args.inv_freq.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids [B, T] -> scaled input embeddings [B, T, D]."""
         x = self.embed_tokens(ids)
@@ -240,10 +260,15 @@ class Transformer(nn.Module):
 
         `exit_layer=l` stops after l layers and reads logits through the final norm and LM head;
         `last_only` computes logits for the last position only; `return_hidden` skips the head.
+        ids and pos may live on the host (see the module's notes on devices).
         """
+        device = self.embed_tokens.weight.device
+        if ids is not None and ids.device != device:
+            ids = ids.to(device, non_blocking=True)
         x = self.embed(ids) if embeds is None else embeds
         n = self.args.n_layers if exit_layer is None else exit_layer
-        tables = [rope_cos_sin(pos, f, dtype=x.dtype) for f in self.rope_freqs]
+        pos_dev = pos if pos.device == device else pos.to(device, non_blocking=True)
+        tables = [rope_cos_sin(pos_dev, f, dtype=x.dtype) for f in self.rope_freqs]
         for i in range(n):
             x = self.layers[i](x, pos, tables[self.rope_group[i]], cache)
         if last_only:

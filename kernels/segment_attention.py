@@ -8,6 +8,8 @@ without repeating keys.
 Reference first (`segment_attention`, also the path for prefill chunks and CPU), then the Triton
 kernel for decode/verify steps (a split-K partial pass and a log-sum-exp combine) and its launcher;
 `attend` picks the kernel on CUDA for up to MAX_QUERY_TOKENS query tokens, the reference elsewhere.
+Last, the static-shape variant for captured CUDA graphs (`static_attention`, used by `engine.cuda`):
+batch 1, a prefix segment and a scratch segment whose lengths and positions are read on the device.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ def segment_attention(
     KV = segments[0][0].shape[1]
     G = H // KV
     qg = q.reshape(B, KV, G * T, hd)  # head h = kv * G + g
-    qp = qpos.repeat(G)  # [G*T] position of each query row
-    q_lo, q_hi = int(qpos.min()), int(qpos.max())
+    q_lo, q_hi = int(qpos.min()), int(qpos.max())  # host positions: no device sync
+    qp = qpos.to(q.device, non_blocking=True).repeat(G)  # [G*T] position of each query row
     scores, values = [], []
     for K, V, start in segments:
         lo = max(0, q_lo - window + 1 - start) if window else 0
@@ -182,6 +184,102 @@ if triton is not None:
         tl.store(out_ptr + b * so_b + h * so_h + t * so_t + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
+    @triton.jit(do_not_specialize=["T", "n_rows", "cap_a", "cap_b", "n_split_a", "n_split_b", "window"])
+    def _static_partial_kernel(
+        q_ptr, ka_ptr, va_ptr, kb_ptr, vb_ptr, meta_ptr, m_ptr, l_ptr, acc_ptr,
+        T, n_rows, cap_a, cap_b, n_split_a, n_split_b, scale, softcap, window,
+        sq_t, sq_h, ska_h, ska_s, skb_h, skb_s,
+        HD: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        """The static-shape decode/verify attention (batch 1): one program per (row block, kv head,
+        split). Splits [0, n_split_a) cover segment A (rows [0, meta[0]) of a prefix cache at
+        positions 0..), the rest segment B (rows [0, meta[2] + T) of a scratch area, or of the
+        document cache itself when encoding, at positions meta[1]..). Lengths, positions and the
+        window's lower bound are read on the device, and each segment's live blocks are spread over
+        its splits at run time, so the grid and every argument stay fixed across steps (CUDA
+        graphs) while only the live rows are read. Keys and values of A and B share a layout."""
+        pid_r, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        len_a = tl.load(meta_ptr).to(tl.int32)
+        pos_b0 = tl.load(meta_ptr + 1).to(tl.int32)
+        row0 = tl.load(meta_ptr + 2).to(tl.int32)
+        q_lo = pos_b0 + row0  # position of query token 0; token t is at q_lo + t
+        r = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)  # rows (g, t)
+        row_ok = r < n_rows
+        g = r // T
+        t = r % T
+        h = kvh * G + g
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HD
+        q_off = t.to(tl.int64) * sq_t + h * sq_h
+        q = tl.load(q_ptr + q_off[:, None] + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        qp = q_lo + t
+        w_lo = q_lo - window + 1  # lowest position the first query sees (HAS_WINDOW only)
+        if split < n_split_a:
+            k_base = ka_ptr + kvh.to(tl.int64) * ska_h
+            v_base = va_ptr + kvh.to(tl.int64) * ska_h
+            s_s = ska_s
+            start = len_a * 0
+            lo = len_a * 0
+            if HAS_WINDOW:
+                lo = tl.maximum(w_lo, 0)
+            hi = tl.minimum(len_a, cap_a)
+            s_idx = split
+            n_split = n_split_a
+        else:
+            k_base = kb_ptr + kvh.to(tl.int64) * skb_h
+            v_base = vb_ptr + kvh.to(tl.int64) * skb_h
+            s_s = skb_s
+            start = pos_b0
+            lo = len_a * 0
+            if HAS_WINDOW:
+                lo = tl.maximum(w_lo - pos_b0, 0)
+            hi = tl.minimum(row0 + T, cap_b)
+            s_idx = split - n_split_a
+            n_split = n_split_b
+        blocks = tl.maximum(tl.cdiv(hi - lo, BLOCK_N), 0)
+        per = tl.cdiv(blocks, n_split)
+        b_first = s_idx * per
+        b_last = tl.minimum(b_first + per, blocks)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for i in range(b_first, b_last):
+            n = lo + i * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = n < hi
+            kv_mask = n_ok[:, None] & d_ok[None, :]
+            kt = tl.load(k_base + n.to(tl.int64)[:, None] * s_s + d[None, :], mask=kv_mask, other=0.0)
+            if UPCAST:
+                kt = kt.to(tl.float32)
+            s = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale
+            if HAS_SOFTCAP:
+                s = softcap * _tanh(s / softcap)
+            s = s * 1.4426950408889634
+            kpos = start + n
+            ok = n_ok[None, :] & row_ok[:, None] & (kpos[None, :] <= qp[:, None])
+            if HAS_WINDOW:
+                ok = ok & (kpos[None, :] > qp[:, None] - window)
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            vt = tl.load(v_base + n.to(tl.int64)[:, None] * s_s + d[None, :], mask=kv_mask, other=0.0)
+            pv = p.to(vt.dtype)
+            if UPCAST:
+                pv, vt = pv.to(tl.float32), vt.to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(pv, vt, input_precision=PREC)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+        n_splits = n_split_a + n_split_b
+        out_row = h * T + t  # row of the flattened [H, T] output
+        ws = out_row * n_splits + split
+        tl.store(m_ptr + ws, m_i, mask=row_ok)
+        tl.store(l_ptr + ws, l_i, mask=row_ok)
+        tl.store(acc_ptr + ws[:, None] * HD + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+
 def _workspace(rows: int, n_splits: int, *, hd: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Partial results m, l [rows, n_splits] and acc [rows, n_splits, hd] (fp32); every entry is written."""
     m = torch.empty(rows, n_splits, dtype=torch.float32, device=device)
@@ -221,8 +319,8 @@ def segment_attention_triton(
     G = H // KV
     assert G * KV == H, "query heads must be a multiple of kv heads"
     assert q.stride(-1) == 1, "q needs a unit last stride"
-    q_lo, q_hi = int(qpos.min()), int(qpos.max())
-    qpos_dev = qpos.to(device=q.device, dtype=torch.int32)
+    q_lo, q_hi = int(qpos.min()), int(qpos.max())  # free when qpos is on the host, as the model passes it
+    qpos_dev = qpos.to(device=q.device, dtype=torch.int32, non_blocking=True)
     if out is None:
         out = torch.empty(B, H, T, hd, dtype=q.dtype, device=q.device)
     block_d = max(16, triton.next_power_of_2(hd))
@@ -269,6 +367,82 @@ def segment_attention_triton(
     return out
 
 
+
+def static_attention_reference(q, seg_a, seg_b, meta, *, scale: float, window=None, softcap=None) -> torch.Tensor:
+    """The static step's attention through `segment_attention`: q [T, H, hd] over segment A (k, v
+    [KV, capA, hd], rows [0, meta[0]) at positions 0..; None for none) and segment B (rows
+    [0, meta[2] + T) at positions meta[1]..) -> [T, H, hd]. Reads `meta` on the host (not for capture)."""
+    T = q.shape[0]
+    len_a, pos_b0, row0 = (int(m) for m in meta[:3].tolist())
+    segments = []
+    if seg_a is not None and len_a > 0:
+        segments.append((seg_a[0][:, :len_a][None], seg_a[1][:, :len_a][None], 0))
+    hi = min(row0 + T, seg_b[0].shape[1])
+    segments.append((seg_b[0][:, :hi][None], seg_b[1][:, :hi][None], pos_b0))
+    qpos = torch.arange(pos_b0 + row0, pos_b0 + row0 + T, device=q.device)
+    out = segment_attention(q.transpose(0, 1)[None], segments, qpos, scale=scale, window=window, softcap=softcap)
+    return out[0].transpose(0, 1)
+
+
+def static_plan(*, T: int, G: int, KV: int, hd: int, cap_a: int, cap_b: int, device) -> dict:
+    """Fixed launch shapes for `static_attention_triton`: rows per program, key block, and each
+    segment's number of splits (from its capacity; live blocks are spread over them at run time)."""
+    n_rows = G * T
+    block_d = max(16, triton.next_power_of_2(hd))
+    block_n = 64 if block_d <= 128 else 32
+    block_m = max(16, triton.next_power_of_2(min(n_rows, 64)))
+    n_rb = triton.cdiv(n_rows, block_m)
+    target = max(1, 2 * _target_programs(torch.device(device)) // 4 // (n_rb * KV))  # ~2 programs per SM
+    min_keys = 4 * block_n  # a split reads at least this many keys when the segment is full
+
+    def splits(cap: int) -> int:
+        return 0 if cap <= 0 else max(1, min(triton.cdiv(cap, min_keys), target))
+
+    return dict(n_rows=n_rows, block_d=block_d, block_n=block_n, block_m=block_m, n_rb=n_rb,
+                n_split_a=splits(cap_a), n_split_b=splits(cap_b))
+
+
+def static_attention_triton(q, seg_a, seg_b, meta, *, scale: float, window=None, softcap=None, plan=None,
+                            out: torch.Tensor | None = None) -> torch.Tensor:
+    """Launcher of the static-shape attention: same contract as `static_attention_reference`, two
+    launches (partial over both segments, combine), every shape fixed by the capacities."""
+    T, H, hd = q.shape
+    kb, vb = seg_b
+    KV = kb.shape[0]
+    G = H // KV
+    assert G * KV == H and q.stride(-1) == 1 and kb.stride(-1) == 1 and vb.stride() == kb.stride()
+    ka, va = seg_a if seg_a is not None else seg_b
+    assert ka.stride() == va.stride() and ka.stride(-1) == 1
+    cap_a = ka.shape[1] if seg_a is not None else 0
+    p = plan or static_plan(T=T, G=G, KV=KV, hd=hd, cap_a=cap_a, cap_b=kb.shape[1], device=q.device)
+    n_splits = p["n_split_a"] + p["n_split_b"]
+    m_ws, l_ws, acc_ws = _workspace(H * T, n_splits, hd=hd, device=q.device)
+    if out is None:
+        out = torch.empty(T, H, hd, dtype=q.dtype, device=q.device)
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    upcast = isinstance(_static_partial_kernel, InterpretedFunction)
+    _static_partial_kernel[(p["n_rb"], KV, n_splits)](
+        q, ka, va, kb, vb, meta, m_ws, l_ws, acc_ws,
+        T, p["n_rows"], cap_a, kb.shape[1], p["n_split_a"], p["n_split_b"],
+        float(scale), float(softcap or 1.0), int(window or 0),
+        q.stride(0), q.stride(1), ka.stride(0), ka.stride(1), kb.stride(0), kb.stride(1),
+        HD=hd, G=G, BLOCK_M=p["block_m"], BLOCK_N=p["block_n"], BLOCK_D=p["block_d"],
+        HAS_WINDOW=bool(window), HAS_SOFTCAP=bool(softcap), PREC=prec, UPCAST=upcast,
+    )
+    _segment_combine_kernel[(H * T,)](
+        m_ws, l_ws, acc_ws, out, n_splits, H, T, 0, out.stride(1), out.stride(0),
+        HD=hd, BLOCK_S=16, BLOCK_D=p["block_d"],
+    )
+    return out
+
+
+def static_attention(q, seg_a, seg_b, meta, *, scale: float, window=None, softcap=None, plan=None,
+                     kernel: bool | None = None) -> torch.Tensor:
+    """The static-shape attention: the kernel on CUDA (or when `kernel` is True), the reference elsewhere."""
+    if (q.is_cuda if kernel is None else kernel) and triton is not None:
+        return static_attention_triton(q, seg_a, seg_b, meta, scale=scale, window=window, softcap=softcap, plan=plan)
+    return static_attention_reference(q, seg_a, seg_b, meta, scale=scale, window=window, softcap=softcap)
+
 def attend(
     q: torch.Tensor,
     segments: list[tuple[torch.Tensor, torch.Tensor, int]],
@@ -279,7 +453,8 @@ def attend(
     softcap: float | None = None,
 ) -> torch.Tensor:
     """`segment_attention` through the Triton kernel on CUDA for decode/verify steps (T <= 16 query
-    tokens); the torch reference elsewhere (CPU, prefill chunks, no Triton)."""
+    tokens); the torch reference elsewhere (CPU, prefill chunks, no Triton). Pass qpos on the host
+    (the model does): its bounds are then read without a device sync."""
     if q.is_cuda and triton is not None and q.shape[2] <= MAX_QUERY_TOKENS:
         return segment_attention_triton(q, segments, qpos, scale=scale, window=window, softcap=softcap)
     return segment_attention(q, segments, qpos, scale=scale, window=window, softcap=softcap)

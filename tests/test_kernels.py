@@ -156,3 +156,154 @@ def test_attend_uses_reference_on_cpu():
     segs = [(torch.randn(1, 1, 5, 16), torch.randn(1, 1, 5, 16), 0)]
     qpos = torch.tensor([4])
     assert torch.equal(sa.attend(q, segs, qpos, scale=0.25), sa.segment_attention(q, segs, qpos, scale=0.25))
+
+
+# static-shape attention (engine.cuda's decode/verify/encode steps) ---------------------------------
+
+STATIC_CASES = [  # KV x G heads, T tokens, segment A: P live rows of cap_a; segment B: rows row0..row0+T of cap_b
+    dict(KV=1, G=4, T=1, hd=64, P=70, cap_a=90, row0=5, cap_b=16, window=None, softcap=None, splits=(3, 2)),  # decode
+    dict(KV=1, G=4, T=1, hd=64, P=70, cap_a=90, row0=5, cap_b=16, window=24, softcap=None, splits=(4, 1)),  # window
+    dict(KV=2, G=2, T=6, hd=32, P=45, cap_a=64, row0=3, cap_b=16, window=16, softcap=5.0, splits=(2, 2)),  # verify
+    dict(KV=2, G=2, T=2, hd=24, P=33, cap_a=40, row0=0, cap_b=8, window=None, softcap=None, splits=(5, 1)),  # odd hd
+    dict(KV=2, G=1, T=8, hd=32, P=0, cap_a=0, row0=30, cap_b=60, window=None, softcap=None, splits=(0, 3)),  # encode
+    dict(KV=1, G=2, T=8, hd=32, P=0, cap_a=0, row0=50, cap_b=55, window=12, softcap=None, splits=(0, 4)),  # past cap
+]
+
+
+def _static_id(c: dict) -> str:
+    return f"kv{c['KV']}x{c['G']}-T{c['T']}-A{c['P']}-B{c['row0']}-w{c['window']}-cap{c['softcap']}"
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", STATIC_CASES, ids=[_static_id(c) for c in STATIC_CASES])
+def test_static_attention(case, dtype, monkeypatch):
+    c = case
+    KV, G, T, hd, P, row0 = c["KV"], c["G"], c["T"], c["hd"], c["P"], c["row0"]
+    H, enc = KV * G, c["cap_a"] == 0
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    L = 2  # layer views of [L, KV, cap, hd] caches, as the engine passes them
+    kb_all, vb_all = rand(L, KV, c["cap_b"], hd), rand(L, KV, c["cap_b"], hd)
+    seg_b = (kb_all[1], vb_all[1])
+    seg_a = None if enc else (rand(L, KV, c["cap_a"], hd)[1], rand(L, KV, c["cap_a"], hd)[1])
+    pos_b0 = 0 if enc else P
+    meta = torch.tensor([P, pos_b0, row0, T])
+    q = rand(T, H, hd)
+    kw = dict(scale=hd**-0.5, window=c["window"], softcap=c["softcap"])
+
+    def nan_workspace(rows, n_splits, *, hd, device):
+        m = torch.full((rows, n_splits), float("nan"), device=device)
+        return m, m.clone(), torch.full((rows, n_splits, hd), float("nan"), device=device)
+
+    monkeypatch.setattr(sa, "_workspace", nan_workspace)
+    plan = sa.static_plan(T=T, G=G, KV=KV, hd=hd, cap_a=c["cap_a"], cap_b=c["cap_b"], device="cpu")
+    plan.update(n_split_a=c["splits"][0], n_split_b=c["splits"][1], block_n=16)
+    out = torch.full((T, H, hd), float("nan"), dtype=dtype)
+    assert sa.static_attention_triton(q, seg_a, seg_b, meta, **kw, plan=plan, out=out) is out
+    ref = sa.static_attention_reference(q, seg_a, seg_b, meta, **kw)
+    hi = min(row0 + T, c["cap_b"])
+    segs = [] if enc else [(seg_a[0][None, :, :P], seg_a[1][None, :, :P], 0)]
+    segs.append((seg_b[0][None, :, :hi], seg_b[1][None, :, :hi], pos_b0))
+    qpos = torch.arange(pos_b0 + row0, pos_b0 + row0 + T)
+    exact = exact_attention(q.transpose(0, 1)[None], segs, qpos, **kw)[0].transpose(0, 1)
+    assert_three_way(out, ref, exact=exact)
+
+
+# fused decode-step ops ------------------------------------------------------------------------------
+
+import kernels.fused as fu  # noqa: E402
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("offset,post,with_y", [(1.0, True, True), (1.0, False, True), (0.0, False, True), (0.0, False, False)])
+def test_residual_norm(offset, post, with_y, dtype):
+    gen = torch.Generator().manual_seed(7)
+    T, D = 3, 80  # not a power of two
+    x0 = torch.randn(T, D, generator=gen).to(dtype)
+    y = torch.randn(T, D, generator=gen).to(dtype) if with_y else None
+    wp = (0.1 * torch.randn(D, generator=gen)).to(dtype) if post else None
+    wn = (1 + 0.1 * torch.randn(D, generator=gen)).to(dtype)
+    x_k, x_r, x_hi = x0.clone(), x0.clone(), x0.double()
+    h_k = fu.residual_norm_triton(x_k, y, wp, wn, eps=1e-6, offset=offset)
+    h_r = fu.residual_norm_reference(x_r, y, wp, wn, eps=1e-6, offset=offset)
+    h_hi = fu.residual_norm_reference(x_hi, None if y is None else y.double(), None if wp is None else wp.double(),
+                                      wn.double(), eps=1e-6, offset=offset)
+    assert_three_way(h_k, h_r, exact=h_hi)
+    # the residual: one rounding of x + norm(y), whose normalisation may differ by an ulp in order
+    _, err, ref_err, eps = three_way(x_k, x_r, exact=x_hi)
+    assert err <= 2 * ref_err + 2 * eps, f"residual error {err:.3g} > 2 * {ref_err:.3g} + 2 * {eps:.3g}"
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("norm,row0,valid", [(True, 3, 4), (False, 10, 2), (True, 12, 4)])  # the last runs past cap
+def test_qk_rope_write(norm, row0, valid, dtype):
+    gen = torch.Generator().manual_seed(row0)
+    T, H, KV, hd, cap = 4, 4, 2, 32, 14
+    qkv = torch.randn(T, (H + 2 * KV) * hd, generator=gen).to(dtype)
+    qn = (0.1 * torch.randn(hd, generator=gen)).to(dtype) if norm else None
+    kn = (0.1 * torch.randn(hd, generator=gen)).to(dtype) if norm else None
+    inv = 1.0 / 10000 ** (torch.arange(0, hd, 2).float() / hd)
+    meta = torch.tensor([50, 50, row0, valid])
+    dk0, dv0 = torch.randn(KV, cap, hd, generator=gen).to(dtype), torch.randn(KV, cap, hd, generator=gen).to(dtype)
+    dk, dv, rk, rv, hk, hv = dk0.clone(), dv0.clone(), dk0.clone(), dv0.clone(), dk0.double(), dv0.double()
+    kw = dict(n_heads=H, n_kv=KV, head_dim=hd, eps=1e-6)
+    q_k = fu.qk_rope_write_triton(qkv, meta, inv, qn, kn, dk, dv, **kw)
+    q_r = fu.qk_rope_write_reference(qkv, meta, inv, qn, kn, rk, rv, **kw)
+    q_hi = fu.qk_rope_write_reference(qkv.double(), meta, inv, None if qn is None else qn.double(),
+                                      None if kn is None else kn.double(), hk, hv, **kw)
+    assert_three_way(q_k, q_r, exact=q_hi)
+    assert_three_way(dk, rk, exact=hk)
+    assert torch.equal(dv, rv)
+    written = torch.zeros(cap, dtype=torch.bool)
+    written[row0 : min(row0 + valid, cap)] = True
+    assert not torch.equal(dk[:, written], dk0[:, written]) and torch.equal(dk[:, ~written], dk0[:, ~written])
+    assert torch.equal(dv[:, ~written], dv0[:, ~written])
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("act", ["gelu_tanh", "silu"])
+def test_act_mul(act, dtype):
+    gu = torch.randn(3, 2 * 200, generator=torch.Generator().manual_seed(3)).to(dtype) * 3
+    out = fu.act_mul_triton(gu, act=act, block=64)
+    assert_three_way(out, fu.act_mul_reference(gu, act=act), exact=fu.act_mul_reference(gu.double(), act=act))
+
+
+@interpreted
+@pytest.mark.parametrize("kind", ["gemma3", "llama"])
+def test_static_steps_with_kernels_equal_greedy(kind):
+    """engine.cuda's steps with every Triton kernel (interpreted) give greedy's tokens and encode
+    the model's rows."""
+    from engine.cache import KVCache, ScratchCache
+    from engine.cuda import CudaRunner
+    from engine.decoding.greedy import greedy
+    from engine.model import build
+    from tests.conftest import tiny_hf
+
+    cfg, hf = tiny_hf(kind, 300)
+    model = build(cfg, hf.state_dict())
+    ids = torch.randint(2, 300, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    a = model.args
+    cache = KVCache(a.n_layers, a.n_kv_heads, a.head_dim)
+    cache.reserve(40)
+    cache.length = 40
+    with torch.no_grad():
+        model(torch.tensor([ids]), torch.arange(40), cache)
+    P = 30
+    want = list(greedy(model, ScratchCache(cache, P, 19), ids[P], max_new=18))  # past the tiny Gemma's window
+    r = CudaRunner(model, scratch_rows=24, verify_tokens=4, encode_buckets=(8,), kernels=True)
+    assert r.kernels and not r.graphs
+    assert list(r.greedy(r.scratch(cache, P, 19), ids[P], max_new=18)) == want
+    assert r.verify(r.scratch(cache, P, 19), [ids[P]] + want[:3], P)[:3] == want[:3]
+    new = [5, 6, 7, 8, 9]
+    got, ref = cache.clone(), cache.clone()
+    r.encode(got, new, 12)
+    with torch.no_grad():
+        model(torch.tensor([new]), torch.arange(12, 17), ref)
+    assert torch.allclose(got.k[:, :, :17], ref.k[:, :, :17], atol=1e-5) and torch.equal(got.k[:, :, 17:40], cache.k[:, :, 17:40])

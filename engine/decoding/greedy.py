@@ -16,12 +16,18 @@ def greedy(
     """Yield up to `max_new` greedy tokens after the context. `first` is the last context token: it
     is fed at position `cache.start` (the scratch's first row), so its logits give the first new
     token. `first_mask` [V] restricts the first token (token healing). Stop by closing the generator."""
+    device = model.embed_tokens.weight.device
     tok, pos = first, cache.start
+    if first_mask is not None:
+        first_mask = first_mask.to(device, non_blocking=True)
     for step in range(max_new):
-        logits = model(torch.tensor([[tok]]), torch.tensor([pos]), cache)[0, -1]  # [V]
+        # ids on the model's device (a fill, no copy); the position stays a host tensor, so the cache
+        # and the attention read where to write without a device sync (the model copies it for RoPE).
+        ids = torch.full((1, 1), tok, dtype=torch.long, device=device)
+        logits = model(ids, torch.tensor([pos]), cache)[0, -1]  # [V]
         if step == 0 and first_mask is not None:
             logits = logits.masked_fill(~first_mask, float("-inf"))
-        tok = int(logits.argmax())
+        tok = int(logits.argmax())  # the one sync per token: the caller streams it
         pos += 1
         yield tok
 
@@ -30,9 +36,10 @@ def greedy(
 def reference_greedy(model, ids: list[int], max_new: int, *, stop_ids=()) -> list[int]:
     """The naive generator: re-encode the whole sequence for every new token. Slow and obviously right."""
     a = model.args
+    w = model.embed_tokens.weight
     seq, out = list(ids), []
     for _ in range(max_new):
-        cache = KVCache(a.n_layers, a.n_kv_heads, a.head_dim, dtype=model.embed_tokens.weight.dtype)
+        cache = KVCache(a.n_layers, a.n_kv_heads, a.head_dim, dtype=w.dtype, device=w.device)
         cache.reserve(len(seq))
         cache.length = len(seq)
         logits = model(torch.tensor([seq]), torch.arange(len(seq)), cache, last_only=True)[0, -1]
