@@ -359,8 +359,8 @@ def model_bytes(model, ctx: int) -> dict:
     return dict(layers=layers, head=head, kv=kv, kv_row=a.n_layers * a.n_kv_heads * a.head_dim * 2 * el)
 
 
-def run_timings(name: str, cfg, *, hf, model, runner, runner_ng, ctx: int, a: argparse.Namespace, dtype, bw,
-                profile_out) -> dict:
+def run_timings(name: str, cfg, *, hf, model, runner, runner_ng, runner_gemv, ctx: int, a: argparse.Namespace,
+                dtype, bw, profile_out) -> dict:
     """Times for one model at one context length; each part guarded so one failure keeps the rest."""
     device, smoke = a.device, a.smoke
     cuda = device.startswith("cuda")
@@ -458,6 +458,18 @@ def run_timings(name: str, cfg, *, hf, model, runner, runner_ng, ctx: int, a: ar
         res["suggest_cuda"] = timed(lambda: tokens.__setitem__("cuda", cuda_suggest(runner, cache, first, n=n)),
                                     iters=it["suggest"], warmup=warm, device=device)
 
+    def suggest_gemv():
+        t1 = time.perf_counter()
+        tokens["gemv"] = cuda_suggest(runner_gemv, cache, first, n=n)
+        res["suggest_gemv_first_ms"] = (time.perf_counter() - t1) * 1e3
+        res["suggest_gemv"] = timed(lambda: tokens.__setitem__("gemv", cuda_suggest(runner_gemv, cache, first, n=n)),
+                                    iters=it["suggest"], warmup=warm, device=device)
+        scratch = runner_gemv.scratch(cache, cache.length - 1, n + 1)
+        st = runner_gemv.step("decode", 1, *runner_gemv._segments(scratch))
+        st.ids.fill_(first)
+        runner_gemv._set_meta(st, scratch.start, scratch.start, 0, 1)
+        res["step_gemv"] = timed(st.run, iters=it["step"], warmup=warm, device=device)
+
     def steps():
         scratch = runner.scratch(cache, cache.length - 1, n + 1)
         seg_a, seg_b = runner._segments(scratch)
@@ -474,12 +486,19 @@ def run_timings(name: str, cfg, *, hf, model, runner, runner_ng, ctx: int, a: ar
         part("suggest_nograph", suggest_nograph)
     part("suggest_cuda", suggest_cuda)
     part("steps", steps)
+    if runner_gemv is not None:
+        part("suggest_gemv", suggest_gemv)
     if "eager" in tokens and "cuda" in tokens:
         res["cuda_eager_same_tokens"] = sum(x == y for x, y in zip(tokens["eager"], tokens["cuda"]))
     if "nograph" in tokens and "cuda" in tokens:
         res["cuda_nograph_same_tokens"] = sum(x == y for x, y in zip(tokens["nograph"], tokens["cuda"]))
+    if "gemv" in tokens and "cuda" in tokens:
+        res["gemv_cuda_same_tokens"] = sum(x == y for x, y in zip(tokens["gemv"], tokens["cuda"]))
     if profile_out is not None:
         part("profile", lambda: profile_out.append(profile_cuda(runner, cache, first, n=n, name=name, ctx=ctx, res=res)))
+        if runner_gemv is not None:
+            part("profile_gemv", lambda: profile_out.append(
+                profile_cuda(runner_gemv, cache, first, n=n, name=name + " (Triton GEMV)", ctx=ctx, res=res, key="gemv")))
     if not a.skip_hf:
         part("hf", lambda: res.update(hf_timings(hf, ids, new=new, mid=mid, a=a, iters=it["hf"], warm=warm,
                                                  engine_tokens=tokens.get("cuda"))))
@@ -502,7 +521,7 @@ def _category(kernel: str) -> str:
     return "other"
 
 
-def profile_cuda(runner, cache, first, *, n: int, name: str, ctx: int, res: dict, steps: int = 8) -> str:
+def profile_cuda(runner, cache, first, *, n: int, name: str, ctx: int, res: dict, steps: int = 8, key: str = "cuda") -> str:
     """Where a decode step's time goes: device time per kernel and per category (torch profiler over
     `steps` uncaptured runs of the same static step the graph replays: the same kernels, so their
     sum is the step's busy time; the replayed step's time minus it is launch gaps and idling)."""
@@ -534,11 +553,11 @@ def profile_cuda(runner, cache, first, *, n: int, name: str, ctx: int, res: dict
         c[1] += cnt
     busy = sum(v[0] for v in tot.values())
     launches = sum(v[1] for v in tot.values())
-    step_us = 1e3 * (res.get("step_cuda") or 0)
+    step_us = 1e3 * (res.get(f"step_{key}") or 0)
     lines = [f"## {name} ctx {ctx}: one decode step (kernels of {steps} uncaptured runs, per step)",
              f"kernel busy time {busy:.1f} us in {launches:.0f} launches; replayed graph step {step_us:.1f} us "
              f"(gaps {step_us - busy:.1f} us, {(step_us - busy) / max(launches, 1):.2f} us per launch); "
-             f"per token in a {n}-token suggestion {1e3 * (res.get('suggest_cuda') or 0) / n:.1f} us; "
+             f"per token in a {n}-token suggestion {1e3 * (res.get(f'suggest_{key}') or 0) / n:.1f} us; "
              f"bandwidth floor {1e3 * (res.get('floor_step') or 0):.1f} us", "",
              "| category | us per step | launches per step |", "|---|---:|---:|"]
     for c, (us, cnt) in sorted(cats.items(), key=lambda kv: -kv[1][0]):
@@ -547,9 +566,9 @@ def profile_cuda(runner, cache, first, *, n: int, name: str, ctx: int, res: dict
     for k, (us, cnt) in sorted(tot.items(), key=lambda kv: -kv[1][0])[:15]:
         lines.append(f"| {k[:100]} | {us:.1f} | {cnt:.0f} |")
     text = "\n".join(lines)
-    res["profile_busy_us_per_step"] = round(busy, 1)
-    res["profile_launches_per_step"] = round(launches, 1)
-    res["profile_categories_us"] = {c: round(v[0], 2) for c, v in cats.items()}
+    res[f"profile_{key}_busy_us_per_step"] = round(busy, 1)
+    res[f"profile_{key}_launches_per_step"] = round(launches, 1)
+    res[f"profile_{key}_categories_us"] = {c: round(v[0], 2) for c, v in cats.items()}
     print(text, flush=True)
     return text
 
@@ -593,21 +612,24 @@ def fmt(x) -> str:
 
 def table(rows: list[dict], checks: list[dict], *, a: argparse.Namespace, device: str, bw) -> str:
     lines = [
-        "| model | ctx | part | engine eager ms | CUDA path, no graph ms | CUDA path ms | HF eager ms | HF/CUDA | floor ms | target ms |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | ctx | part | engine eager ms | CUDA path, no graph ms | CUDA path ms | CUDA path + Triton GEMV ms "
+        "| HF eager ms | HF/CUDA best | floor ms | target ms |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         for part in ("shift", "pie", "suggest", "step", "verify"):
-            e, c, h = r.get(f"{part}_eager"), r.get(f"{part}_cuda"), r.get(f"{part}_hf")
+            e, c, h, g = r.get(f"{part}_eager"), r.get(f"{part}_cuda"), r.get(f"{part}_hf"), r.get(f"{part}_gemv")
             if e is None and c is None and h is None:
                 continue
+            c_graph = c
+            c = min(x for x in (c, g) if x is not None) if (c or g) else None
             vs_hf = f"{h / c:.1f}x" if h and c else "-"
             floor = r.get(f"floor_{part}")
             target = TARGETS_MS.get((r["model"], r["ctx"], part))
             mark = "" if target is None or c is None else (" (met)" if c <= target else " (missed)")
             label = f"verify {a.verify_tokens}" if part == "verify" else part
-            lines.append(f"| {r['model']} | {r['ctx']} | {label} | {fmt(e)} | {fmt(r.get(f'{part}_nograph'))} | {fmt(c)} | "
-                         f"{fmt(h)} | {vs_hf} | {fmt(floor)} | "
+            lines.append(f"| {r['model']} | {r['ctx']} | {label} | {fmt(e)} | {fmt(r.get(f'{part}_nograph'))} | {fmt(c_graph)} | "
+                         f"{fmt(g)} | {fmt(h)} | {vs_hf} | {fmt(floor)} | "
                          f"{'-' if target is None else f'{target:g}'}{mark} |")
     bad = [c for c in checks if not c["ok"]]
     lines.append("")
@@ -615,9 +637,10 @@ def table(rows: list[dict], checks: list[dict], *, a: argparse.Namespace, device
     lines.append(f"checks: {len(checks) - len(bad)}/{len(checks)} ok" + "".join(
         f"\n  FAIL {c['model']} {c['kernel']} {c['dtype']} {c['case']}: err {c['err']:.3g} ref {c['ref_err']:.3g}" for c in bad))
     for r in rows:
-        extra = [f"{k}={r[k]}" for k in ("cuda_eager_same_tokens", "cuda_nograph_same_tokens", "hf_same_tokens",
-                                          "verify_same") if k in r]
-        extra += [f"{k}={r[k]:.1f}" for k in ("suggest_cuda_first_ms", "pie_cuda_first_ms", "prefill_ms") if k in r]
+        extra = [f"{k}={r[k]}" for k in ("cuda_eager_same_tokens", "cuda_nograph_same_tokens", "gemv_cuda_same_tokens",
+                                          "hf_same_tokens", "verify_same") if k in r]
+        extra += [f"{k}={r[k]:.1f}" for k in ("suggest_cuda_first_ms", "suggest_gemv_first_ms", "pie_cuda_first_ms",
+                                              "prefill_ms") if k in r]
         extra += [f"{k}: {r[k]}" for k in r if k.startswith("error_")]
         lines.append(f"{r['model']} {r['ctx']}: " + ", ".join(extra))
     lines.append(f"shift: rope_shift of the suffix by +{a.edit_tokens} (eager column: torch reference; CUDA: Triton); "
@@ -690,17 +713,19 @@ def main(a: argparse.Namespace) -> int:
         # the fused static steps run eagerly first (no graph), so a failed capture still leaves numbers
         runner_ng = CudaRunner(model, graphs=False, kernels=True, verify_tokens=a.verify_tokens) if cuda else None
         runner = CudaRunner(model, graphs=cuda, kernels=True, verify_tokens=a.verify_tokens)
+        runner_gemv = CudaRunner(model, graphs=cuda, kernels=True, gemv=True, verify_tokens=a.verify_tokens)
         for i, ctx in enumerate(contexts):
             if time.perf_counter() - t_start > a.budget_s:
                 print(f"budget spent: skipping {name} at {ctx}", flush=True)
                 continue
             t0 = time.perf_counter()
-            r = run_timings(name, cfg, hf=hf, model=model, runner=runner, runner_ng=runner_ng, ctx=ctx, a=a, dtype=dtype, bw=bw,
+            r = run_timings(name, cfg, hf=hf, model=model, runner=runner, runner_ng=runner_ng, runner_gemv=runner_gemv,
+                            ctx=ctx, a=a, dtype=dtype, bw=bw,
                             profile_out=profiles if (i == 0 and not a.no_profile) else None)
             rows.append(r)
             print(f"{name} ctx {ctx} ({time.perf_counter() - t0:.1f} s): {json.dumps(r)}", flush=True)
             save()
-        del hf, model, runner, runner_ng
+        del hf, model, runner, runner_ng, runner_gemv
         if cuda:
             torch.cuda.empty_cache()
     md, summary = save()

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.cache import KVCache, ScratchCache
-from kernels.fused import act_mul, qk_rope_write, residual_norm
+from kernels.fused import act_mul, gemv_triton, qk_rope_write, residual_norm
 from kernels.segment_attention import static_attention, static_plan
 from kernels.segment_attention import triton as _triton
 
@@ -140,18 +140,23 @@ class StaticStep:
         kb, vb = self.seg_b
         x = m.embed(self.ids)[0]  # [T, D], a fresh tensor: updated in place below
         layers = r.layers
+        gemv = kern and r.gemv and T == 1
+        linear = gemv_triton if gemv else F.linear
         h = residual_norm(x, None, None, layers[0].in_norm, eps=eps, offset=offset, kernel=kern)
         for i, w in enumerate(layers):
-            qkv = F.linear(h, w.wqkv, w.bqkv)
+            qkv = linear(h, w.wqkv, w.bqkv)
             q = qk_rope_write(qkv, self.meta, w.inv_freq, w.q_norm, w.k_norm, kb[i], vb[i],
                               n_heads=H, n_kv=KV, head_dim=hd, eps=eps, kernel=kern)
             seg_a = (self.seg_a[0][i], self.seg_a[1][i]) if self.seg_a is not None else None
             o = static_attention(q, seg_a, (kb[i], vb[i]), self.meta, scale=a.attn_scale, window=w.window,
                                  softcap=a.attn_softcap, plan=self.plan, kernel=kern)
-            att = F.linear(o.reshape(T, H * hd), w.wo)
+            att = linear(o.reshape(T, H * hd), w.wo)
             h = residual_norm(x, att, w.post_attn if gemma else None, w.pre_ff if gemma else w.post_attn,
                               eps=eps, offset=offset, kernel=kern)
-            d = F.linear(act_mul(F.linear(h, w.wgu), act=a.act, kernel=kern), w.wdown)
+            if gemv:  # the activation is read on the fly by the down projection
+                d = gemv_triton(gemv_triton(h, w.wgu), w.wdown, act=a.act)
+            else:
+                d = F.linear(act_mul(F.linear(h, w.wgu), act=a.act, kernel=kern), w.wdown)
             nxt = layers[i + 1].in_norm if i + 1 < len(layers) else m.norm.weight
             h = residual_norm(x, d, w.post_ff if gemma else None, nxt, eps=eps, offset=offset, kernel=kern)
         if self.mode == "encode":
@@ -196,11 +201,13 @@ class CudaRunner:
     `graphs` (default: model on CUDA) captures each step shape in a CUDA graph; `kernels` (default:
     model on CUDA) runs the Triton kernels instead of the torch references. `scratch_rows` is the
     fixed scratch capacity; `verify_tokens` the fixed T of a verify step (k + 1, drafts padded);
-    `encode_buckets` the T of encode steps (an edit of m tokens runs in the smallest that holds it)."""
+    `encode_buckets` the T of encode steps (an edit of m tokens runs in the smallest that holds it);
+    `gemv` runs the decode step's matrix-vector products through `kernels.fused.gemv_triton`
+    (with the activation fused into the down projection) instead of cuBLAS."""
 
     def __init__(self, model, *, scratch_rows: int = 256, verify_tokens: int = 8,
                  encode_buckets=(8, 16, 32, 64), graphs: bool | None = None, kernels: bool | None = None,
-                 max_graphs: int = 8):
+                 gemv: bool = False, max_graphs: int = 8):
         self.model = model
         w = model.embed_tokens.weight
         self.device, self.dtype = w.device, w.dtype
@@ -209,6 +216,7 @@ class CudaRunner:
         self.kernels = (on_cuda if kernels is None else kernels) and HAVE_TRITON
         if self.graphs and not (on_cuda and self.kernels):
             raise ValueError("CUDA graphs need the model on a CUDA device and Triton (the references read meta on the host)")
+        self.gemv = gemv
         self.layers = fuse_weights(model)
         a = model.args
         self.scratch_rows, self.verify_tokens = scratch_rows, verify_tokens

@@ -5,6 +5,7 @@ the matrix products of a layer, one launch each instead of ten.
 - `qk_rope_write`: split a fused q|k|v projection, QK-norm (Gemma), RoPE at device-side positions,
   write the new k/v rows into a cache at a device-side row, return q.
 - `act_mul`: act(gate) * up from a fused gate|up projection (SiLU or tanh-GELU).
+- `gemv_triton`: the one-token matrix-vector products, optionally reading act(gate) * up on the fly.
 
 Each op rounds where the eager forward (`engine.model`) rounds, so in bf16 the fused step follows
 the eager one closely (in fp32 the roundings are no-ops). Positions and rows come from a small
@@ -78,7 +79,7 @@ try:  # Triton is optional at run time: the references serve every device withou
     import triton
     import triton.language as tl
 
-    from kernels.segment_attention import _tanh
+    from kernels.segment_attention import _target_programs, _tanh
 except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = None
 
@@ -195,6 +196,38 @@ if triton is not None:
         tl.store(out_ptr + t * s_out + f, _rnd(a * u, DT).to(DT), mask=ok)
 
 
+    @triton.jit  # K specialised (divisible by 16 in practice): the masked loads of W stay 16-byte wide
+    def _gemv_kernel(
+        x_ptr, w_ptr, b_ptr, y_ptr, N, K, s_wn,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    ):
+        """y [N] = x [K] @ W[N, K]^T (+ b) for one token, fp32 accumulation; one program per BLOCK_N
+        outputs, streaming its rows of W in [BLOCK_N, BLOCK_K] tiles. ACT (1 tanh-GELU, 2 SiLU)
+        reads x as a gate|up row [2K] and feeds act(gate) * up, rounded as `act_mul` rounds."""
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < N
+        DT = y_ptr.dtype.element_ty
+        acc = tl.zeros([BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < K
+            if ACT == 0:
+                xk = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+            else:
+                g = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+                u = tl.load(x_ptr + K + k, mask=k_ok, other=0.0).to(tl.float32)
+                if ACT == 1:
+                    a = 0.5 * g * (1.0 + _tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))
+                else:
+                    a = g / (1.0 + tl.exp(-g))
+                xk = _rnd(_rnd(a, DT) * u, DT)
+            w = tl.load(w_ptr + n.to(tl.int64)[:, None] * s_wn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            acc += tl.sum(w.to(tl.float32) * xk[None, :], 1)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + n, _rnd(acc, DT).to(DT), mask=n_ok)
+
+
 # launchers ----------------------------------------------------------------------------------------
 
 
@@ -233,6 +266,35 @@ def act_mul_triton(gu: torch.Tensor, *, act: str, out: torch.Tensor | None = Non
     o = out if out is not None else torch.empty(T, f, dtype=gu.dtype, device=gu.device)
     _act_mul_kernel[(T, triton.cdiv(f, block))](gu, o, f, gu.stride(0), o.stride(0), BLOCK=block, GELU=act == "gelu_tanh")
     return o
+
+
+def gemv_plan(N: int, K: int, *, programs: int = 264, tile: int = 8192) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K): enough programs to cover the device (~2 per SM), tiles of ~`tile` weights."""
+    block_n = 1
+    while block_n < 64 and N // (2 * block_n) >= programs:
+        block_n *= 2
+    block_k = max(64, min(triton.next_power_of_2(K), tile // block_n))
+    return block_n, block_k
+
+
+def gemv_triton(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *, act: str | None = None,
+                out: torch.Tensor | None = None, plan: tuple[int, int] | None = None) -> torch.Tensor:
+    """x [1, K] (or a gate|up row [1, 2K] with `act`) @ w [N, K]^T (+ b) -> [1, N]: the decode step's
+    matrix-vector products (cuBLAS spends several microseconds on each small one)."""
+    N, K = w.shape
+    assert x.shape[0] == 1 and x.stride(-1) == 1 and w.stride(-1) == 1
+    assert x.shape[-1] == (2 * K if act else K)
+    y = out if out is not None else torch.empty(1, N, dtype=x.dtype, device=x.device)
+    if plan is None:
+        programs = _target_programs(x.device) // 2  # ~2 per SM on CUDA (cached), a few elsewhere
+        plan = gemv_plan(N, K, programs=programs)
+    block_n, block_k = plan
+    ACT = {None: 0, "gelu_tanh": 1, "silu": 2}[act]
+    _gemv_kernel[(triton.cdiv(N, block_n),)](
+        x, w, b if b is not None else w, y, N, K, w.stride(0),
+        BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=b is not None, ACT=ACT, num_warps=4,
+    )
+    return y
 
 
 # dispatch -----------------------------------------------------------------------------------------

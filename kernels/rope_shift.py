@@ -89,12 +89,50 @@ if triton is not None:
         tl.store(v_ptr + d_off + HALF, v2, mask=mask)
 
 
+    @triton.jit(do_not_specialize=["src", "dst", "n", "n_blocks"])
+    def _rope_shift_seq_kernel(
+        k_ptr, v_ptr, cos_ptr, sin_ptr, src, dst, n, n_heads, n_blocks,
+        stride_l, stride_h, stride_s,
+        HALF: tl.constexpr, HC: tl.constexpr, BLOCK_S: tl.constexpr, DOWN: tl.constexpr,
+    ):
+        """Overlapping ranges in place, without a staged copy: one program per (layer * head, chunk of
+        HC dims of each half) walks the rows in the safe order (from the end when moving up, DOWN,
+        from the start when moving down) and, per block, loads every row before a barrier and stores
+        after it. A block's destination then never holds rows a later block still has to read."""
+        lh = tl.program_id(0)
+        layer = (lh // n_heads).to(tl.int64)
+        head = (lh % n_heads).to(tl.int64)
+        cols = tl.program_id(1) * HC + tl.arange(0, HC)  # [HC] dims of the first half
+        c = tl.load(cos_ptr + layer * 2 * HALF + cols)[None, :]  # [1, HC], fp32
+        s = tl.load(sin_ptr + layer * 2 * HALF + cols)[None, :]
+        base = layer * stride_l + head * stride_h
+        for i in range(n_blocks):
+            if DOWN:
+                blk = n_blocks - 1 - i
+            else:
+                blk = i
+            rows = blk * BLOCK_S + tl.arange(0, BLOCK_S)
+            mask = rows[:, None] < n
+            s_off = base + (src + rows[:, None]).to(tl.int64) * stride_s + cols[None, :]
+            d_off = base + (dst + rows[:, None]).to(tl.int64) * stride_s + cols[None, :]
+            x1 = tl.load(k_ptr + s_off, mask=mask, other=0.0).to(tl.float32)
+            x2 = tl.load(k_ptr + s_off + HALF, mask=mask, other=0.0).to(tl.float32)
+            v1 = tl.load(v_ptr + s_off, mask=mask, other=0.0)
+            v2 = tl.load(v_ptr + s_off + HALF, mask=mask, other=0.0)
+            tl.debug_barrier()  # every row of the block is read before any is overwritten
+            tl.store(k_ptr + d_off, (x1 * c - x2 * s).to(k_ptr.dtype.element_ty), mask=mask)
+            tl.store(k_ptr + d_off + HALF, (x2 * c + x1 * s).to(k_ptr.dtype.element_ty), mask=mask)
+            tl.store(v_ptr + d_off, v1, mask=mask)
+            tl.store(v_ptr + d_off + HALF, v2, mask=mask)
+            tl.debug_barrier()
+
 def rope_shift_triton(
-    k: torch.Tensor, v: torch.Tensor, src: int, end: int, dst: int, inv_freq: torch.Tensor, *, block: int = 16
+    k: torch.Tensor, v: torch.Tensor, src: int, end: int, dst: int, inv_freq: torch.Tensor, *, block: int = 16,
+    sequential: bool = True, programs: int = 264, seq_rows: int | None = None,
 ) -> None:
-    """Launcher: all layers and heads in one launch. Disjoint ranges are moved in place; overlapping
-    ones (either sign of delta) read from a staged copy of the moved rows, since programs run in no
-    particular order."""
+    """Launcher: all layers and heads in one launch. Disjoint ranges are moved in place by
+    independent programs; overlapping ones (either sign of delta) by programs that each walk their
+    rows in the safe order (`sequential`), or else read from a staged copy of the moved rows."""
     n = end - src
     if n <= 0 or dst == src:  # nothing to move; delta 0 rotates by the identity
         return
@@ -104,6 +142,17 @@ def rope_shift_triton(
     assert 0 <= src and end <= cap and 0 <= dst and dst + n <= cap, "rows out of range"
     cos, sin = delta_cos_sin(dst - src, inv_freq, dtype=torch.float32)  # [L, hd]
     cos, sin = cos.to(k.device).contiguous(), sin.to(k.device).contiguous()
+    if abs(dst - src) < n and sequential:
+        half = hd // 2
+        hc = half  # dims per program: narrower until the grid has a few programs per SM
+        while hc > 16 and L * KV * (half // hc) < programs:
+            hc //= 2
+        rows = seq_rows or max(16, 4096 // hc)
+        _rope_shift_seq_kernel[(L * KV, half // hc)](
+            k, v, cos, sin, src, dst, n, KV, triton.cdiv(n, rows), k.stride(0), k.stride(1), k.stride(2),
+            HALF=half, HC=hc, BLOCK_S=rows, DOWN=dst > src, num_stages=1,
+        )
+        return
     if abs(dst - src) >= n:
         ks, vs, src_row = k, v, src
     else:

@@ -280,6 +280,36 @@ if triton is not None:
         tl.store(l_ptr + ws, l_i, mask=row_ok)
         tl.store(acc_ptr + ws[:, None] * HD + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
 
+    @triton.jit
+    def _static_combine_kernel(
+        m_ptr, l_ptr, acc_ptr, out_ptr, n_splits, so_h, so_t, T,
+        HD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DC: tl.constexpr,
+    ):
+        """Merge the splits' partial softmaxes (log-sum-exp) for one output row (h, t) and one chunk
+        of BLOCK_DC dims: the static path's many splits are read in wide tiles by several programs
+        per row, not in a long serial loop by one."""
+        row = tl.program_id(0).to(tl.int64)
+        d = tl.program_id(1) * BLOCK_DC + tl.arange(0, BLOCK_DC)
+        d_ok = d < HD
+        m = tl.full([BLOCK_S], float("-inf"), tl.float32)
+        for s0 in range(0, n_splits, BLOCK_S):
+            sp = s0 + tl.arange(0, BLOCK_S)
+            m = tl.maximum(m, tl.load(m_ptr + row * n_splits + sp, mask=sp < n_splits, other=float("-inf")))
+        m_max = tl.max(m, 0)
+        m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+        l_sum = tl.zeros([BLOCK_S], tl.float32)
+        acc = tl.zeros([BLOCK_DC], tl.float32)
+        for s0 in range(0, n_splits, BLOCK_S):
+            sp = s0 + tl.arange(0, BLOCK_S)
+            sp_ok = sp < n_splits
+            w = tl.exp2(tl.load(m_ptr + row * n_splits + sp, mask=sp_ok, other=float("-inf")) - m_safe)
+            l_sum += w * tl.load(l_ptr + row * n_splits + sp, mask=sp_ok, other=0.0)
+            a = tl.load(acc_ptr + (row * n_splits + sp)[:, None] * HD + d[None, :], mask=sp_ok[:, None] & d_ok[None, :], other=0.0)
+            acc += tl.sum(a * w[:, None], 0)
+        out = acc / tl.sum(l_sum, 0)
+        h, t = row // T, row % T
+        tl.store(out_ptr + h * so_h + t * so_t + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+
 def _workspace(rows: int, n_splits: int, *, hd: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Partial results m, l [rows, n_splits] and acc [rows, n_splits, hd] (fp32); every entry is written."""
     m = torch.empty(rows, n_splits, dtype=torch.float32, device=device)
@@ -429,9 +459,11 @@ def static_attention_triton(q, seg_a, seg_b, meta, *, scale: float, window=None,
         HD=hd, G=G, BLOCK_M=p["block_m"], BLOCK_N=p["block_n"], BLOCK_D=p["block_d"],
         HAS_WINDOW=bool(window), HAS_SOFTCAP=bool(softcap), PREC=prec, UPCAST=upcast,
     )
-    _segment_combine_kernel[(H * T,)](
-        m_ws, l_ws, acc_ws, out, n_splits, H, T, 0, out.stride(1), out.stride(0),
-        HD=hd, BLOCK_S=16, BLOCK_D=p["block_d"],
+    block_s = min(128, max(16, triton.next_power_of_2(n_splits)))
+    block_dc = min(p["block_d"], max(16, 8192 // block_s))  # a [BLOCK_S, BLOCK_DC] fp32 tile of at most 32 KB
+    _static_combine_kernel[(H * T, triton.cdiv(hd, block_dc))](
+        m_ws, l_ws, acc_ws, out, n_splits, out.stride(1), out.stride(0), T,
+        HD=hd, BLOCK_S=block_s, BLOCK_DC=block_dc,
     )
     return out
 

@@ -68,9 +68,10 @@ ROPE_CASES = [  # (cap, src, end, dst)
 
 
 @interpreted
+@pytest.mark.parametrize("mode", ["sequential", "staged"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", ROPE_CASES, ids=[f"{s}-{e}->{d}" for _, s, e, d in ROPE_CASES])
-def test_rope_shift(case, dtype):
+def test_rope_shift(case, dtype, mode):
     cap, src, end, dst = case
     gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
     L, KV, hd = 3, 2, 32
@@ -84,7 +85,8 @@ def test_rope_shift(case, dtype):
     k0[:, :, poison], v0[:, :, poison] = float("nan"), float("nan")
 
     k, v = k0.clone(), v0.clone()
-    rs.rope_shift_triton(k, v, src, end, dst, inv_freq, block=8)
+    # overlapping ranges: walked in order by each program (blocks of 4 rows here), or staged
+    rs.rope_shift_triton(k, v, src, end, dst, inv_freq, block=8, sequential=mode == "sequential", seq_rows=4)
     k_ref, v_ref = k0.clone(), v0.clone()
     rs.rope_shift_reference(k_ref, v_ref, src, end, dst, inv_freq)
     k_hi, v_hi = k0.double(), v0.double()
@@ -276,6 +278,25 @@ def test_act_mul(act, dtype):
 
 
 @interpreted
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("act,bias", [(None, False), (None, True), ("gelu_tanh", False), ("silu", False)])
+def test_gemv(act, bias, dtype):
+    gen = torch.Generator().manual_seed(11)
+    N, K = 37, 80  # neither a multiple of the tile
+    w = torch.randn(N, K, generator=gen).to(dtype)
+    b = torch.randn(N, generator=gen).to(dtype) if bias else None
+    x = torch.randn(1, 2 * K if act else K, generator=gen).to(dtype)
+    out = torch.full((1, N), float("nan"), dtype=dtype)
+    assert fu.gemv_triton(x, w, b, act=act, out=out, plan=(4, 32)) is out
+
+    def ref(x, w, b):
+        return torch.nn.functional.linear(fu.act_mul_reference(x, act=act) if act else x, w, b)
+
+    exact = ref(x.double(), w.double(), None if b is None else b.double())
+    assert_three_way(out, ref(x, w, b), exact=exact)
+
+
+@interpreted
 @pytest.mark.parametrize("kind", ["gemma3", "llama"])
 def test_static_steps_with_kernels_equal_greedy(kind):
     """engine.cuda's steps with every Triton kernel (interpreted) give greedy's tokens and encode
@@ -300,6 +321,8 @@ def test_static_steps_with_kernels_equal_greedy(kind):
     r = CudaRunner(model, scratch_rows=24, verify_tokens=4, encode_buckets=(8,), kernels=True)
     assert r.kernels and not r.graphs
     assert list(r.greedy(r.scratch(cache, P, 19), ids[P], max_new=18)) == want
+    g = CudaRunner(model, scratch_rows=24, kernels=True, gemv=True)  # decode products through gemv_triton
+    assert list(g.greedy(g.scratch(cache, P, 19), ids[P], max_new=6)) == want[:6]
     assert r.verify(r.scratch(cache, P, 19), [ids[P]] + want[:3], P)[:3] == want[:3]
     new = [5, 6, 7, 8, 9]
     got, ref = cache.clone(), cache.clone()
