@@ -508,7 +508,7 @@ def run_timings(name: str, cfg, *, hf, model, runner, runner_ng, runner_gemv, ct
 
 def _category(kernel: str) -> str:
     k = kernel.lower()
-    if "static_partial" in k or "segment_combine" in k or "segment_partial" in k:
+    if any(s in k for s in ("static_partial", "static_combine", "segment_combine", "segment_partial")):
         return "attention"
     if "residual_norm" in k or "qk_rope" in k or "act_mul" in k:
         return "fused norm/rope/act"
@@ -711,8 +711,8 @@ def main(a: argparse.Namespace) -> int:
             continue
         cfg, hf, model = make_models(name, smoke=a.smoke, device=device, dtype=dtype)
         # the fused static steps run eagerly first (no graph), so a failed capture still leaves numbers
-        runner_ng = CudaRunner(model, graphs=False, kernels=True, verify_tokens=a.verify_tokens) if cuda else None
-        runner = CudaRunner(model, graphs=cuda, kernels=True, verify_tokens=a.verify_tokens)
+        runner_ng = CudaRunner(model, graphs=False, kernels=True, gemv=False, verify_tokens=a.verify_tokens) if cuda else None
+        runner = CudaRunner(model, graphs=cuda, kernels=True, gemv=False, verify_tokens=a.verify_tokens)  # cuBLAS
         runner_gemv = CudaRunner(model, graphs=cuda, kernels=True, gemv=True, verify_tokens=a.verify_tokens)
         for i, ctx in enumerate(contexts):
             if time.perf_counter() - t_start > a.budget_s:

@@ -45,6 +45,9 @@ from kernels.segment_attention import static_attention, static_plan
 from kernels.segment_attention import triton as _triton
 
 HAVE_TRITON = _triton is not None
+# "auto" GEMV: H200, bench/gpu.py: the Triton kernel beat cuBLAS on Gemma 3 270M's products (at most
+# 2.6M weights each: 3.7 us against 4.4 us a launch) and lost on the 1.3B Llama's (4.2M to 22.5M).
+GEMV_MAX_ELEMENTS = 3_000_000
 
 
 @dataclass
@@ -140,8 +143,11 @@ class StaticStep:
         kb, vb = self.seg_b
         x = m.embed(self.ids)[0]  # [T, D], a fresh tensor: updated in place below
         layers = r.layers
-        gemv = kern and r.gemv and T == 1
-        linear = gemv_triton if gemv else F.linear
+        use_gemv = r.gemv_for if (kern and T == 1) else (lambda w: False)
+
+        def linear(x, w, b=None):
+            return gemv_triton(x, w, b) if use_gemv(w) else F.linear(x, w, b)
+
         h = residual_norm(x, None, None, layers[0].in_norm, eps=eps, offset=offset, kernel=kern)
         for i, w in enumerate(layers):
             qkv = linear(h, w.wqkv, w.bqkv)
@@ -153,8 +159,8 @@ class StaticStep:
             att = linear(o.reshape(T, H * hd), w.wo)
             h = residual_norm(x, att, w.post_attn if gemma else None, w.pre_ff if gemma else w.post_attn,
                               eps=eps, offset=offset, kernel=kern)
-            if gemv:  # the activation is read on the fly by the down projection
-                d = gemv_triton(gemv_triton(h, w.wgu), w.wdown, act=a.act)
+            if use_gemv(w.wdown):  # the activation is read on the fly by the down projection
+                d = gemv_triton(linear(h, w.wgu), w.wdown, act=a.act)
             else:
                 d = F.linear(act_mul(F.linear(h, w.wgu), act=a.act, kernel=kern), w.wdown)
             nxt = layers[i + 1].in_norm if i + 1 < len(layers) else m.norm.weight
@@ -203,11 +209,13 @@ class CudaRunner:
     fixed scratch capacity; `verify_tokens` the fixed T of a verify step (k + 1, drafts padded);
     `encode_buckets` the T of encode steps (an edit of m tokens runs in the smallest that holds it);
     `gemv` runs the decode step's matrix-vector products through `kernels.fused.gemv_triton`
-    (with the activation fused into the down projection) instead of cuBLAS."""
+    (with the activation fused into the down projection) instead of cuBLAS: True, False, or "auto"
+    (the default: matrices of at most GEMV_MAX_ELEMENTS weights, where the Triton kernel measured
+    faster on an H200; cuBLAS for larger ones, where it measured faster; see bench/RESULTS.md)."""
 
     def __init__(self, model, *, scratch_rows: int = 256, verify_tokens: int = 8,
                  encode_buckets=(8, 16, 32, 64), graphs: bool | None = None, kernels: bool | None = None,
-                 gemv: bool = False, max_graphs: int = 8):
+                 gemv: bool | str = "auto", max_graphs: int = 8):
         self.model = model
         w = model.embed_tokens.weight
         self.device, self.dtype = w.device, w.dtype
@@ -216,6 +224,8 @@ class CudaRunner:
         self.kernels = (on_cuda if kernels is None else kernels) and HAVE_TRITON
         if self.graphs and not (on_cuda and self.kernels):
             raise ValueError("CUDA graphs need the model on a CUDA device and Triton (the references read meta on the host)")
+        if gemv not in (True, False, "auto"):
+            raise ValueError("gemv must be True, False or 'auto'")
         self.gemv = gemv
         self.layers = fuse_weights(model)
         a = model.args
@@ -230,6 +240,12 @@ class CudaRunner:
         self._tokens = torch.zeros(max(1024, scratch_rows), dtype=torch.long, pin_memory=on_cuda)  # D2H target
 
     # helpers -------------------------------------------------------------------------------------
+
+    def gemv_for(self, w: torch.Tensor) -> bool:
+        """Whether a one-token product with weights w goes through the Triton GEMV (else cuBLAS)."""
+        if self.gemv == "auto":
+            return w.numel() <= GEMV_MAX_ELEMENTS
+        return bool(self.gemv)
 
     def scratch(self, prefix: KVCache, start: int, capacity: int) -> ScratchCache:
         """A ScratchCache over `prefix` at `start` that writes the runner's fixed scratch rows."""
