@@ -18,8 +18,10 @@ import torch
 from engine.cache import KVCache, ScratchCache
 from engine.decoding.greedy import greedy
 from engine.decoding.speculative import DraftLength, SpecStats, speculative
+from engine.decoding.superposed import SuperposedParams
 from engine.document import STRATEGIES, Document, token_hunks
-from engine.ngram import PromptLookup
+from engine.drafts import stream_drafts
+from engine.ngram import NgramIndex, PromptLookup
 from engine.stops import StopRules
 from engine.text import apply_changes
 from engine.tokenizer import Tokenizer
@@ -39,6 +41,8 @@ class CompletionOptions:
     max_tokens: int = 48
     time_cap_ms: float | None = None  # stop once past this and something is worth showing
     decoder: str = "greedy"  # greedy | lookup (speculative with prompt lookup, same output as greedy)
+    drafts: int = 1  # > 1: k drafts (decoder superposed, the default, or beam | nucleus), see engine.drafts
+    superposed: SuperposedParams | None = None  # None: the defaults
 
 
 @dataclass
@@ -60,6 +64,7 @@ class Completion:
     heal: str = ""
     ms: float = 0.0
     first_token_ms: float = 0.0
+    drafts: list[str] = field(default_factory=list)  # with CompletionOptions.drafts > 1: best first
 
 
 class Cancelled(Exception):
@@ -72,6 +77,7 @@ class Engine:
         self.options = options or EngineOptions()
         self.docs: dict[str, Document] = {}
         self._masks: dict[str, torch.Tensor] = {}
+        self.ngrams = NgramIndex()  # n-gram tables of the open documents (superposed decoding)
         self._clock = 0
 
     @classmethod
@@ -90,12 +96,14 @@ class Engine:
         ids, offsets = self.tok.encode(text)
         doc = Document(uri, text, ids, offsets)
         self.docs[uri] = doc
+        self.ngrams.open(uri, ids)
         self._touch(doc)
         n = self._encode_all(doc, should_stop)
         return UpdateStats("open", encoded=n, ms=(time.perf_counter() - t0) * 1e3)
 
     def close(self, uri: str) -> None:
         self.docs.pop(uri, None)
+        self.ngrams.close(uri)
 
     def text(self, uri: str) -> str:
         return self._doc(uri).text
@@ -113,6 +121,7 @@ class Engine:
         hunks = token_hunks(doc.ids, ids, multi=len(changes) > 1)
         old_len = len(doc.ids)
         doc.text, doc.ids, doc.offsets = new_text, ids, offsets
+        self.ngrams.update(uri, ids)
         stats = UpdateStats(strategy, hunks=len(hunks), delta=len(ids) - old_len)
         self._touch(doc)
         if doc.cache is None or not hunks:
@@ -179,6 +188,9 @@ class Engine:
         heal = doc.text[doc.offsets[P - 1][1] : offset]  # text between the last kept token and the cursor
         line_start = doc.text.rfind("\n", 0, offset) + 1
         rules = StopRules(opts.multiline, doc.text[line_start:offset], _next_line(doc.text, offset))
+        if opts.drafts > 1:
+            yield from stream_drafts(self, doc, P, offset, heal, rules, opts, t0=t0, should_stop=should_stop)
+            return
         first = doc.ids[P - 1]
         gen, scratch = self._decoder(doc, P, opts, self._mask(heal))
         prev = self.tok.decode([first])

@@ -1,0 +1,103 @@
+"""k drafts at a cursor (`CompletionOptions.drafts > 1`): the engine's side of the draft decoders.
+
+The decoders (`superposed`, and the baselines `beam`, `nucleus`) speak ids; this module gives them
+the engine's stop rules as `finish(ids)` (decode the draft, apply `StopRules`, EOS), the n-gram
+index for superposed decoding, and turns the final drafts into texts: best first, without empty
+drafts, duplicates (after trailing blanks) and drafts that only repeat the lines below the cursor.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+from engine.cache import ScratchCache
+from engine.decoding.beam import beam_search
+from engine.decoding.nucleus import nucleus
+from engine.decoding.superposed import SuperposedParams, superposed
+
+METHODS = ("superposed", "beam", "nucleus")  # CompletionOptions.decoder; any other name: superposed
+
+
+def stream_drafts(engine, doc, P: int, offset: int, heal: str, rules, opts, *, t0: float, should_stop=None) -> Iterator:
+    """Like `Engine.stream`, for k drafts: yields Completions whose `text` is the best draft so far;
+    the last one carries `drafts`. Called by `Engine.stream` once the context P is known."""
+    from engine.engine import Completion
+
+    tok, k, first = engine.tok, opts.drafts, doc.ids[P - 1]
+    prev = tok.decode([first])
+
+    def shown(ids: list[int]) -> tuple[str, str | None] | None:
+        raw = tok.decode([first] + ids)[len(prev) :]
+        return None if raw.endswith("\ufffd") else rules.apply(raw[len(heal) :])
+
+    def finish(ids: list[int]) -> tuple[str, str] | None:
+        if ids[-1] in tok.eos_ids:
+            return (shown(ids[:-1]) or ("", None))[0], "eos"
+        s = shown(ids)
+        return s if s is not None and s[1] is not None else None
+
+    line_end = doc.text.find("\n", offset)
+    line_end = len(doc.text) if line_end < 0 else line_end
+    rest = (P, min(len(doc.ids), doc.token_at(line_end) + 1))  # the cursor's line from the cursor on
+
+    def ngram(tails, cands):
+        with engine.ngrams.without(doc.uri, *rest):  # the text a draft goes before is no evidence
+            return engine.ngrams.prob(tails, cands, uri=doc.uri)
+
+    mask, method = engine._mask(heal), opts.decoder if opts.decoder in METHODS else "superposed"
+    params = opts.superposed or SuperposedParams()
+    batch = k if method == "beam" else 2 if method == "superposed" and params.anchor else 1
+    scratch = ScratchCache(doc.cache, P - 1, opts.max_tokens + 1, batch=batch)
+    common = dict(k=k, max_new=opts.max_tokens, finish=finish, first_mask=mask)
+    if method == "superposed":
+        gen = superposed(engine.model, scratch, first, context=doc.ids[max(0, P - 6) : P - 1], ngram=ngram,
+                         params=params, **common)
+    elif method == "beam":
+        gen = beam_search(engine.model, scratch, first, **common)
+    else:
+        gen = nucleus(engine.model, scratch, first, **common)
+    out, drafts = Completion("", ctx_tokens=P, heal=heal), []
+    try:
+        for drafts in gen:
+            if not drafts:
+                continue
+            if not out.first_token_ms:
+                out.first_token_ms = (time.perf_counter() - t0) * 1e3
+            out.tokens = drafts[0].ids
+            out.text = drafts[0].text if drafts[0].finished else (shown(drafts[0].ids) or (out.text,))[0]
+            out.ms = (time.perf_counter() - t0) * 1e3
+            if opts.time_cap_ms is not None and out.ms > opts.time_cap_ms and out.text.strip():
+                out.stop_reason = "time_cap"
+                break
+            if should_stop is not None and should_stop():
+                out.stop_reason = "cancelled"
+                break
+            yield out
+    finally:
+        gen.close()
+        scratch.trim(0)
+    texts = [d.text if d.finished else (shown(d.ids) or ("",))[0] for d in drafts]
+    out.drafts = keep(texts, doc.text[line_end + 1 :])
+    out.text = out.drafts[0] if out.drafts else ""
+    best = next((d for d, t in zip(drafts, texts) if out.drafts and t == out.drafts[0]), None)
+    out.tokens = best.ids if best is not None else []
+    out.stop_reason = out.stop_reason or (best.reason if best is not None and best.reason else "max_tokens")
+    out.ms = (time.perf_counter() - t0) * 1e3
+    yield out
+
+
+def keep(texts: list[str], below: str) -> list[str]:
+    """Texts worth showing, in order: non-blank, new (ignoring trailing blanks), and not only a
+    repeat of the lines that follow the cursor's line (`below`)."""
+    below_lines = [line.strip() for line in below.split("\n") if line.strip()]
+    out, seen = [], set()
+    for text in texts:
+        lines = [line.strip() for line in text.split("\n") if line.strip()]
+        key = text.rstrip()
+        if not lines or key in seen or lines == below_lines[: len(lines)]:
+            continue
+        seen.add(key)
+        out.append(text)
+    return out
+
