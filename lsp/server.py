@@ -138,13 +138,13 @@ class GhostlineServer(LanguageServer):
             self.engine = future.result()
             loaded = self.engine.loaded
             msg = f"{loaded.source.name} ready in {loaded.seconds:.1f}s ({'cached' if loaded.from_cache else 'first start'})"
-            log.info(msg)
-            self.set_status("ready", msg)
+            state = "ready"
         except Exception as exc:  # a bad model path: say so, keep serving (without completions)
-            log.error("model failed to load: %s", exc)
-            self.set_status("error", f"model failed to load: {exc}")
-        if token is not None:
-            self.loop.call_soon_threadsafe(self.work_done_progress.end, token, types.WorkDoneProgressEnd(message=self.state))
+            msg, state = f"model failed to load: {exc}", "error"
+        (log.info if state == "ready" else log.error)(msg)
+        if token is not None:  # end the progress before the status, so a client sees them in that order
+            self.loop.call_soon_threadsafe(self.work_done_progress.end, token, types.WorkDoneProgressEnd(message=state))
+        self.set_status(state, msg)
 
     def submit_update(self, uri: str, fn) -> None:
         def run(_stop):

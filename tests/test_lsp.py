@@ -85,7 +85,8 @@ def test_cancel_coalescing_and_bad_input():
             c.change(URI, 3, (500, 0), (501, 0), "x")
             c.change(URI, 2, (0, 0), (0, 0), "# old version\n")
             c._server.stdin.write(b"Content-Length: 9\r\n\r\n{garbage}")
-            c._server.stdin.write(b"Content-Length: 30\r\n\r\n" + json.dumps({"jsonrpc": "2.0", "x": 1}).encode()[:30])
+            not_rpc = json.dumps({"jsonrpc": "2.0", "x": 1}).encode()  # valid JSON, not a JSON-RPC message
+            c._server.stdin.write(b"Content-Length: %d\r\n\r\n" % len(not_rpc) + not_rpc)
             c.change(URI, 10, (0, 0), (0, 0), "import os\n")
             text = await c.engine_text(URI)
             assert text.startswith("import os\n") and "def sub(a, b):" in text
