@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 import time
 
@@ -32,10 +33,22 @@ def fork(engine: Engine, src: str, dst: str) -> None:
     engine.docs[dst] = doc
 
 
-def run(engine: Engine, tasks: list[dict], modes: tuple[str, ...], *, max_tokens: int = 48, log=print) -> list[dict]:
+def run(engine: Engine, tasks: list[dict], modes: tuple[str, ...], *, max_tokens: int = 48, log=print,
+        out: str | None = None) -> list[dict]:
+    """Run the tasks; with `out`, each task's rows are appended to that JSONL file as it finishes and
+    tasks already there are skipped (so a long run can be resumed), and the summary covers the file."""
     rows = {m: [] for m in modes}
+    done = set()
+    if out and os.path.exists(out):
+        for line in open(out):
+            saved = json.loads(line)
+            done.add(saved["id"])
+            for m in modes:
+                rows[m].append(saved[m])
     opts = CompletionOptions(multiline=False, max_tokens=max_tokens)
     for n, task in enumerate(tasks, 1):
+        if task["id"] in done:
+            continue
         t0 = time.perf_counter()
         engine.open("before", task["before"])
         open_ms = (time.perf_counter() - t0) * 1e3
@@ -52,6 +65,9 @@ def run(engine: Engine, tasks: list[dict], modes: tuple[str, ...], *, max_tokens
             parts.append(f"{mode} {rows[mode][-1]['em']:.0f}/{rows[mode][-1]['es']:.0f} {up.ms:.0f}ms")
             engine.close(mode)
         engine.close("before")
+        if out:
+            with open(out, "a") as f:
+                f.write(json.dumps({"id": task["id"], **{m: rows[m][-1] for m in modes}}) + "\n")
         log(f"[{n}/{len(tasks)}] {task['id']} tokens={len(engine.tok.encode(task['after'])[0])} open={open_ms:.0f}ms | "
             + " | ".join(parts), flush=True)
     return [summary(m, rows[m]) for m in modes]
@@ -85,13 +101,14 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int)
     p.add_argument("--model", default=None)
     p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--out", help="JSONL of per-task rows: appended as tasks finish; a rerun resumes from it")
     args = p.parse_args(argv)
     tasks = read_tasks(args.tasks, args.limit)
     engine = Engine.load(args.model)
     print(f"model {engine.loaded.source.name} loaded in {engine.loaded.seconds:.1f}s "
           f"({'cached' if engine.loaded.from_cache else 'first start'}); {len(tasks)} tasks", flush=True)
     modes = MODES if args.mode == "all" else (args.mode,)
-    results = run(engine, tasks, modes, max_tokens=args.max_tokens)
+    results = run(engine, tasks, modes, max_tokens=args.max_tokens, out=args.out)
     if args.mode == "all":
         print(table(results))
         print(json.dumps(results))
