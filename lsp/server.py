@@ -205,6 +205,7 @@ class GhostlineServer(LanguageServer):
             multiline=multiline,
             max_tokens=self.settings.max_tokens_multiline if multiline else self.settings.max_tokens,
             time_cap_ms=self.settings.time_cap_ms,
+            drafts=self.settings.drafts,
         )
 
     def type_through(self, uri: str, mirror: Mirror, offset: int) -> str | None:
@@ -267,7 +268,7 @@ class GhostlineServer(LanguageServer):
         tail = mirror.text[max(0, offset - 200) : offset]
         self.shown[uri] = Shown(offset, out.text, tail)
         self.stats.count("shown", self.languages.get(uri))
-        return [out.text]
+        return [t for t in (out.drafts or [out.text]) if t.strip()]
 
 
     def after_change(self, uri: str, mirror: Mirror) -> None:

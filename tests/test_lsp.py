@@ -38,6 +38,10 @@ def test_open_edit_complete_and_settings():
                 text_document=types.TextDocumentIdentifier(uri=URI), position=types.Position(9, 4)))
             assert comp.is_incomplete and comp.items
             assert await c.engine_text(URI) == PY.replace("def add", "def plus")
+            c.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings={"ghostline": {"drafts": 3}}))
+            many = await c.inline(URI, 5, 4)
+            texts = [i.insert_text for i in many.items]
+            assert 1 < len(texts) <= 3 and len(set(texts)) == len(texts)
             assert any("no_such_setting" in m for m in c.logs) or b"no_such_setting" in c.stderr
     run(go())
 
