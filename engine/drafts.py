@@ -19,7 +19,7 @@ from engine.decoding.superposed import SuperposedParams, superposed
 METHODS = ("superposed", "beam", "nucleus")  # CompletionOptions.decoder; any other name: superposed
 
 
-def stream_drafts(engine, doc, P: int, offset: int, heal: str, rules, opts, *, t0: float, should_stop=None) -> Iterator:
+def stream_drafts(engine, doc, *, P: int, offset: int, heal: str, rules, opts, t0: float, should_stop=None) -> Iterator:
     """Like `Engine.stream`, for k drafts: yields Completions whose `text` is the best draft so far;
     the last one carries `drafts`. Called by `Engine.stream` once the context P is known."""
     from engine.engine import Completion

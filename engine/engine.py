@@ -189,7 +189,8 @@ class Engine:
         line_start = doc.text.rfind("\n", 0, offset) + 1
         rules = StopRules(opts.multiline, doc.text[line_start:offset], _next_line(doc.text, offset))
         if opts.drafts > 1:
-            yield from stream_drafts(self, doc, P, offset, heal, rules, opts, t0=t0, should_stop=should_stop)
+            yield from stream_drafts(self, doc, P=P, offset=offset, heal=heal, rules=rules, opts=opts, t0=t0,
+                                     should_stop=should_stop)
             return
         first = doc.ids[P - 1]
         gen, scratch = self._decoder(doc, P, opts, self._mask(heal))

@@ -34,10 +34,10 @@ def beam_search(
         logp = torch.log_softmax(logits[: len(alive)], dim=-1)
         vals, idx = logp.topk(2 * k, dim=-1)  # [A, 2k]
         scores = torch.tensor([d.score for d in alive], dtype=torch.float64)[:, None] + vals.double().cpu()
-        new = select(alive, idx.tolist(), scores, k, done, finish)
+        new = select(alive, idx.tolist(), scores, k=k, done=done, finish=finish)
         alive = [d for _, d in new]
-        yield ranked(done, alive, k)
-        if settled(done, alive, k):
+        yield ranked(done, alive, k=k)
+        if settled(done, alive, k=k):
             return
         parents = torch.tensor([a for a, _ in new] + [new[0][0]] * (k - len(new)), device=dev)
         n = pos - cache.start

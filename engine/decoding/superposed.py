@@ -123,12 +123,13 @@ def superposed(
             if end is not None:
                 lead.text, lead.reason = end
             scores[0, 0] = -math.inf
-        alive = [d for _, d in select(parents, [cands[r] for r in prow], scores, width, done, finish)] if width else []
-        final = (lead is None or lead.finished) and settled(done, alive, width)
+        new = select(parents, [cands[r] for r in prow], scores, k=width, done=done, finish=finish) if width else []
+        alive = [d for _, d in new]
+        final = (lead is None or lead.finished) and settled(done, alive, k=width)
         if final or step == max_new - 1:
-            yield _answer(model, cache, first, lead, ranked(done, alive, width), rescore=p.rerank)
+            yield _answer(model, cache, first, lead=lead, rest=ranked(done, alive, k=width), rescore=p.rerank)
             return
-        yield ([lead] if lead is not None else []) + ranked(done, alive, width)
+        yield ([lead] if lead is not None else []) + ranked(done, alive, k=width)
         xs = []
         if rows == 2:  # row 0: the lead's own token (a finished lead idles on its last one)
             xs.append(model.embed(torch.tensor([[lead.ids[-1]]], device=dev))[0, 0])
@@ -141,17 +142,17 @@ def superposed(
         x = torch.stack(xs)[:, None]  # [rows, 1, D]
 
 
-def _answer(model, cache, first: int, lead: Draft | None, rest: list[Draft], *, rescore: bool) -> list[Draft]:
+def _answer(model, cache, first: int, *, lead: Draft | None, rest: list[Draft], rescore: bool) -> list[Draft]:
     """The final drafts: the lead first (when anchored), the rest best first, re-scored if asked."""
     if lead is not None:
         rest = [d for d in rest if d.text is None or d.text != lead.text]
     if rescore:
-        rest = rerank(model, cache, first, rest)
+        rest = rerank(model, cache, first, drafts=rest)
     return ([lead] if lead is not None else []) + rest
 
 
 @torch.no_grad()
-def rerank(model, cache: ScratchCache, first: int, drafts: list[Draft]) -> list[Draft]:
+def rerank(model, cache: ScratchCache, first: int, *, drafts: list[Draft]) -> list[Draft]:
     """The drafts re-scored by their true log-probability (each fed its own ids: one forward of
     [k, 1 + longest] on a batch-k scratch over the same prefix), best first. Superposed scores are
     approximate: every draft but the heaviest saw a mixed input, not its own tokens."""
@@ -171,7 +172,9 @@ def rerank(model, cache: ScratchCache, first: int, drafts: list[Draft]) -> list[
     return sorted(drafts, key=lambda d: -d.score)
 
 
-def select(alive: list[Draft], cands: list[list[int]], scores: torch.Tensor, k: int, done: dict, finish) -> list[tuple[int, Draft]]:
+def select(
+    alive: list[Draft], cands: list[list[int]], scores: torch.Tensor, *, k: int, done: dict, finish
+) -> list[tuple[int, Draft]]:
     """The best k alive extensions as (parent index, draft), best first; extensions that `finish`
     ends go to `done` (the best per text). cands [A][C] ids, scores [A, C]. Shared with beam search."""
     C = scores.shape[1]
@@ -199,11 +202,11 @@ def select(alive: list[Draft], cands: list[list[int]], scores: torch.Tensor, k: 
     return new
 
 
-def ranked(done: dict, alive: list[Draft], k: int) -> list[Draft]:
+def ranked(done: dict, alive: list[Draft], *, k: int) -> list[Draft]:
     return sorted(list(done.values()) + alive, key=lambda d: -d.score)[:k]
 
 
-def settled(done: dict, alive: list[Draft], k: int) -> bool:
+def settled(done: dict, alive: list[Draft], *, k: int) -> bool:
     """No draft left alive, or k finished ones all beat the best alive one (scores only fall)."""
     if k == 0:
         return True
