@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -90,10 +91,17 @@ class GhostlineServer(LanguageServer):
             return "utf-16"
         return str(getattr(enc, "value", enc) or "utf-16")
 
-    def notify_threadsafe(self, method: str, params) -> None:
-        if self.loop is None:
+    def soon(self, fn, *args) -> None:
+        """Run fn(*args) on the protocol's event loop (from the worker thread); a no-op once the client is gone."""
+        if self.loop is None or self.loop.is_closed():
             return
-        self.loop.call_soon_threadsafe(self.protocol.notify, method, params)
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # closed between the check and the call
+            pass
+
+    def notify_threadsafe(self, method: str, params) -> None:
+        self.soon(self.protocol.notify, method, params)
 
     def set_status(self, state: str, message: str = "") -> None:
         if state == self.state and state != "error":
@@ -122,9 +130,7 @@ class GhostlineServer(LanguageServer):
         def say(message: str) -> None:
             log.info("load: %s", message)
             if progress:
-                self.loop.call_soon_threadsafe(
-                    self.work_done_progress.report, token, types.WorkDoneProgressReport(message=message)
-                )
+                self.soon(self.work_done_progress.report, token, types.WorkDoneProgressReport(message=message))
 
         def load(_stop):
             opts = EngineOptions(memory_budget_mb=self.settings.memory_budget_mb)
@@ -143,7 +149,7 @@ class GhostlineServer(LanguageServer):
             msg, state = f"model failed to load: {exc}", "error"
         (log.info if state == "ready" else log.error)(msg)
         if token is not None:  # end the progress before the status, so a client sees them in that order
-            self.loop.call_soon_threadsafe(self.work_done_progress.end, token, types.WorkDoneProgressEnd(message=state))
+            self.soon(self.work_done_progress.end, token, types.WorkDoneProgressEnd(message=state))
         self.set_status(state, msg)
 
     def submit_update(self, uri: str, fn) -> None:
@@ -465,10 +471,7 @@ class ClientLogHandler(logging.Handler):
         kind = types.MessageType.Error if record.levelno >= logging.ERROR else (
             types.MessageType.Warning if record.levelno >= logging.WARNING else types.MessageType.Log)
         params = types.LogMessageParams(type=kind, message=self.format(record))
-        try:
-            self.server.loop.call_soon_threadsafe(self.server.window_log_message, params)
-        except RuntimeError:  # the loop is closed: the client is gone
-            pass
+        self.server.soon(self.server.window_log_message, params)
 
 
 def serve(args) -> int:
@@ -480,7 +483,10 @@ def serve(args) -> int:
         server.start_tcp(host or "127.0.0.1", int(port))
     else:
         server.start_io()
-    server.worker.stop(timeout=1.0)
+    server.worker.stop(timeout=30.0)  # the client is gone: let a model load or a decode step finish
+    if server.worker.alive:
+        log.warning("engine worker still busy at exit; leaving without waiting")
+        os._exit(0)  # a daemon thread inside torch must not meet interpreter teardown
     return 0
 
 

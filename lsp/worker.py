@@ -42,11 +42,16 @@ class EngineWorker:
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def stop(self, timeout: float = 5.0) -> None:
         if self.current is not None:
             self.current.cancelled.set()
         self._q.put(None)
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     def submit(self, kind: str, fn, *, uri: str | None = None) -> Job:
         job = Job(kind, fn, uri)
