@@ -182,6 +182,8 @@ class Engine:
         if doc.cache is None:
             self._encode_all(doc, should_stop)
         P = doc.token_at(offset)  # tokens [0, P) lie wholly before the cursor
+        if P > 1 and _in_word(doc.text, offset) and doc.offsets[P - 1][1] == offset:
+            P -= 1  # a word typed up to the cursor: let the model re-choose its last token (token healing)
         if P == 0:
             yield Completion("", stop_reason="no_context")
             return
@@ -303,6 +305,11 @@ class Engine:
 
     def memory_bytes(self) -> int:
         return sum(d.cache.nbytes for d in self.docs.values() if d.cache is not None)
+
+
+def _in_word(text: str, offset: int) -> bool:
+    """The cursor sits right after a word character (a name being typed)."""
+    return offset > 0 and (text[offset - 1].isalnum() or text[offset - 1] == "_")
 
 
 def _next_line(text: str, offset: int) -> str:

@@ -48,7 +48,7 @@ def test_smollm_greedy_equals_hf_generate(smol):
 @pytest.mark.slow
 def test_engine_complete_matches_plain_greedy_at_cursor(smol):
     eng = Engine(smol.model, smol.tokenizer)
-    text = "def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n    return"
+    text = "def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n    return a *"
     eng.open("m", text)
     out = eng.complete("m", len(text), CompletionOptions(multiline=True, max_tokens=12))
     ids, _ = smol.tokenizer.encode(text)
@@ -66,6 +66,17 @@ def test_token_healing_constrains_the_first_token(tiny_engine_factory):
     assert out.heal and "zer".endswith(out.heal)
     assert eng.tok.strings[out.tokens[0]].startswith(out.heal)
     assert out.ctx_tokens < len(eng.tok.encode(text[:cursor])[0]) + 1
+
+
+def test_a_word_typed_up_to_the_cursor_is_healed(tiny_engine_factory):
+    eng = tiny_engine_factory("llama")
+    text = "class Session(object):\n    pass\n\nx = Sess"
+    eng.open("w", text)
+    out = eng.complete("w", len(text), CompletionOptions(max_tokens=3))
+    assert out.heal and "Sess".endswith(out.heal)  # the last token is re-chosen, not continued
+    assert eng.tok.strings[out.tokens[0]].startswith(out.heal)
+    at_indent = eng.complete("w", text.index("pass"), CompletionOptions(max_tokens=2))
+    assert at_indent.heal.strip() == ""  # after indentation no word is backed off
 
 
 def test_cancel_between_steps_and_time_cap(tiny_engine_factory):
