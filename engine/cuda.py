@@ -354,7 +354,7 @@ class CudaRunner:
                     first_mask: torch.Tensor | None = None, stats=None, length=None) -> Iterator[int]:
         """`engine.decoding.speculative` on static verify steps (drafts of at most verify_tokens - 1):
         the same tokens as `greedy` whatever the proposer says."""
-        from engine.decoding.speculative import DraftLength, SpecStats
+        from engine.decoding.speculative import DraftLength, SpecStats, accept
 
         stats = stats if stats is not None else SpecStats()
         length = length or DraftLength(k_max=self.verify_tokens - 1)
@@ -369,16 +369,9 @@ class CudaRunner:
             if produced == 0 and mask is not None:
                 logits = self._last_verify.logits[0].masked_fill(~mask, float("-inf"))
                 choice[0] = int(logits.argmax())
-            n = 0
-            while n < len(draft) and draft[n] == choice[n]:
-                n += 1
+            new = accept(draft, choice, stats=stats, length=length)
+            n = len(new) - 1
             cache.trim(pos - cache.start + 1 + n)
-            stats.steps += 1
-            stats.proposed += len(draft)
-            stats.accepted += n
-            stats.history.append(n)
-            length.update(len(draft), n)
-            new = draft[:n] + [choice[n]]
             pos += 1 + n
             seq = np.concatenate([seq, np.asarray(new, dtype=np.int64)])
             for t in new:

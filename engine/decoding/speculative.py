@@ -52,6 +52,19 @@ class DraftLength:
             self.k = max(self.k_min, accepted + 1)
 
 
+def accept(draft: list[int], choice: list[int], *, stats: SpecStats, length: DraftLength) -> list[int]:
+    """The verifier's rule: the accepted draft prefix plus the bonus token; records the step."""
+    n = 0
+    while n < len(draft) and draft[n] == choice[n]:
+        n += 1
+    stats.steps += 1
+    stats.proposed += len(draft)
+    stats.accepted += n
+    stats.history.append(n)
+    length.update(len(draft), n)
+    return draft[:n] + [choice[n]]
+
+
 @torch.no_grad()
 def speculative(
     model,
@@ -79,16 +92,9 @@ def speculative(
         if produced == 0 and first_mask is not None:
             logits[0] = logits[0].masked_fill(~first_mask, float("-inf"))
         choice = logits.argmax(-1).tolist()
-        n = 0
-        while n < len(draft) and draft[n] == choice[n]:
-            n += 1
+        new = accept(draft, choice, stats=stats, length=length)
+        n = len(new) - 1
         cache.trim(pos - cache.start + 1 + n)  # keep rows of tok + accepted draft; roll back the rest
-        stats.steps += 1
-        stats.proposed += len(draft)
-        stats.accepted += n
-        stats.history.append(n)
-        length.update(len(draft), n)
-        new = draft[:n] + [choice[n]]
         pos += 1 + n
         seq = np.concatenate([seq, np.asarray(new, dtype=np.int64)])
         for t in new:
