@@ -58,10 +58,10 @@ def run(engine: Engine, tasks: list[dict], modes: tuple[str, ...], *, max_tokens
             fork(engine, "before", mode)
             up = engine.edit(mode, task["changes"], strategy=mode)
             assert engine.text(mode) == task["after"], "edit did not reproduce `after`"
-            out = engine.complete(mode, offset, opts)
-            pred = first_line(out.text)
+            got = engine.complete(mode, offset, opts)
+            pred = first_line(got.text)
             rows[mode].append({"em": em(pred, task["target"]), "es": es(pred, task["target"]), "update_ms": up.ms,
-                               "complete_ms": out.ms, "ctx": out.ctx_tokens, "encoded": up.encoded, "stale": up.stale})
+                               "complete_ms": got.ms, "ctx": got.ctx_tokens, "encoded": up.encoded, "stale": up.stale})
             parts.append(f"{mode} {rows[mode][-1]['em']:.0f}/{rows[mode][-1]['es']:.0f} {up.ms:.0f}ms")
             engine.close(mode)
         engine.close("before")
