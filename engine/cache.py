@@ -123,3 +123,40 @@ class ScratchCache:
         self.length = max(self.length, end)
         pk, pv = self.prefix.k[layer, :, : self.start], self.prefix.v[layer, :, : self.start]
         return [(pk[None], pv[None], 0), (self.k[layer, :, :, :end], self.v[layer, :, :, :end], self.start)]
+
+
+class ForkCache:
+    """B rows of look-ahead over a `ScratchCache`'s current state: they attend to its prefix view and
+    its rows (shared, never copied) plus their own rows [L, B, KV, cap, hd] from `start` on. Used for
+    AdaDec's rollouts; dropped after use, so the scratch itself is never touched."""
+
+    def __init__(self, base: ScratchCache, capacity: int, *, batch: int):
+        L, B0, KV, _, hd = base.k.shape
+        if B0 != 1:
+            raise ValueError("a fork needs a batch-1 scratch to fork from")
+        self.base, self.start, self.length = base, base.start + base.length, 0
+        self.k = torch.zeros(L, batch, KV, capacity, hd, dtype=base.k.dtype, device=base.k.device)
+        self.v = torch.zeros_like(self.k)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> list[Segment]:
+        i = int(pos[0]) - self.start
+        end = i + k.shape[2]
+        if end > self.k.shape[3]:
+            raise IndexError(f"fork area full ({self.k.shape[3]} rows)")
+        self.k[layer, :, :, i:end] = k
+        self.v[layer, :, :, i:end] = v
+        self.length = max(self.length, end)
+        b = self.base
+        pk, pv = b.prefix.k[layer, :, : b.start], b.prefix.v[layer, :, : b.start]
+        return [(pk[None], pv[None], 0), (b.k[layer, :, :, : b.length], b.v[layer, :, :, : b.length], b.start),
+                (self.k[layer, :, :, :end], self.v[layer, :, :, :end], self.start)]
+
+    def adopt(self, row: int, i: int) -> None:
+        """Append the fork's row `row`, entry i (position start + i), to the base scratch: a token the
+        look-ahead already ran through the model is committed without running it again."""
+        b = self.base
+        if b.start + b.length != self.start + i:
+            raise ValueError("the base scratch must end right before the adopted entry")
+        b.k[:, 0, :, b.length] = self.k[:, row, :, i]
+        b.v[:, 0, :, b.length] = self.v[:, row, :, i]
+        b.length += 1

@@ -15,6 +15,7 @@ from engine.cache import ScratchCache
 from engine.decoding.beam import beam_search
 from engine.decoding.nucleus import nucleus
 from engine.decoding.superposed import SuperposedParams, superposed
+from engine.stops import Shown
 
 METHODS = ("superposed", "beam", "nucleus")  # CompletionOptions.decoder; any other name: superposed
 
@@ -24,18 +25,9 @@ def stream_drafts(engine, doc, *, P: int, offset: int, heal: str, rules, opts, t
     the last one carries `drafts`. Called by `Engine.stream` once the context P is known."""
     from engine.engine import Completion
 
-    tok, k, first = engine.tok, opts.drafts, doc.ids[P - 1]
-    prev = tok.decode([first])
-
-    def shown(ids: list[int]) -> tuple[str, str | None] | None:
-        raw = tok.decode([first] + ids)[len(prev) :]
-        return None if raw.endswith("\ufffd") else rules.apply(raw[len(heal) :])
-
-    def finish(ids: list[int]) -> tuple[str, str] | None:
-        if ids[-1] in tok.eos_ids:
-            return (shown(ids[:-1]) or ("", None))[0], "eos"
-        s = shown(ids)
-        return s if s is not None and s[1] is not None else None
+    k, first = opts.drafts, doc.ids[P - 1]
+    view = Shown(engine.tok, first, heal, rules)
+    shown, finish = view.text, view.finish
 
     line_end = doc.text.find("\n", offset)
     line_end = len(doc.text) if line_end < 0 else line_end

@@ -9,6 +9,8 @@ the LSP layer (or the daemon) calls it from one worker thread.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -16,16 +18,20 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.cache import KVCache, ScratchCache
+from engine.calibration import load_json, load_vocab
+from engine.decoding.adadec import AdaDecParams, AdaDecStats, adadec
 from engine.decoding.greedy import greedy
 from engine.decoding.speculative import DraftLength, SpecStats, speculative
 from engine.decoding.superposed import SuperposedParams
 from engine.document import STRATEGIES, Document, token_hunks
 from engine.drafts import stream_drafts
 from engine.ngram import NgramIndex, PromptLookup
-from engine.stops import StopRules
+from engine.quant import quantize
+from engine.stops import Shown, StopRules
 from engine.text import apply_changes
 from engine.tokenizer import Tokenizer
 
+log = logging.getLogger("ghostline.engine")
 
 @dataclass
 class EngineOptions:
@@ -33,6 +39,18 @@ class EngineOptions:
     encode_chunk: int = 256  # tokens per forward when encoding (bounds memory, allows cancelling)
     refresh_stale_share: float = 0.25  # refresh a document once this share of its tokens is stale
     refresh_stale_min: int = 64  # ... and at least this many
+    precision: str = "fp32"  # fp32 (the reference) | int8 (int8 layer weights, bf16 activations; CPU)
+    head: str = "full"  # full | code (the LM head over the code vocabulary + the documents' tokens)
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {', '.join(HEADS)}, not {self.head!r}")
+
+
+PRECISIONS = ("fp32", "int8")
+HEADS = ("full", "code")
 
 
 @dataclass
@@ -40,7 +58,8 @@ class CompletionOptions:
     multiline: bool = False
     max_tokens: int = 48
     time_cap_ms: float | None = None  # stop once past this and something is worth showing
-    decoder: str = "greedy"  # greedy | lookup (speculative with prompt lookup, same output as greedy)
+    decoder: str = "greedy"  # greedy | lookup (speculative with prompt lookup, same output as greedy) | adadec
+    adadec: AdaDecParams | None = None  # None: the model's calibrated threshold (engine.calibration)
     drafts: int = 1  # > 1: k drafts (decoder superposed, the default, or beam | nucleus), see engine.drafts
     superposed: SuperposedParams | None = None  # None: the defaults
 
@@ -72,12 +91,22 @@ class Cancelled(Exception):
 
 
 class Engine:
-    def __init__(self, model, tokenizer: Tokenizer, options: EngineOptions | None = None):
+    def __init__(self, model, tokenizer: Tokenizer, options: EngineOptions | None = None, *,
+                 vocab_rows=None):
+        """`options.precision`/`options.head` other than fp32/full turn `model` into the fast one in
+        place (engine.quant); `head="code"` needs `vocab_rows` (engine.vocab), as `load` finds them."""
         self.model, self.tok = model, tokenizer
         self.options = options or EngineOptions()
+        if self.options.head == "code" and vocab_rows is None:
+            raise ValueError("head='code' needs the code vocabulary (vocab_rows)")
+        if self.options.precision != "fp32" or self.options.head != "full":
+            rows = None if self.options.head == "full" else torch.as_tensor(vocab_rows, dtype=torch.long)
+            quantize(model, linear=self.options.precision == "int8", rows=rows,
+                     int8_head=self.options.precision == "int8")
         self.docs: dict[str, Document] = {}
         self._masks: dict[str, torch.Tensor] = {}
         self.ngrams = NgramIndex()  # n-gram tables of the open documents (superposed decoding)
+        self.adadec = AdaDecParams()  # threshold inf (greedy) until `load` finds the model's calibration
         self._clock = 0
 
     @classmethod
@@ -85,7 +114,18 @@ class Engine:
         from engine.loader import load
 
         loaded = load(spec, progress=progress)
-        engine = cls(loaded.model, loaded.tokenizer, options)
+        options = options or EngineOptions()
+        rows = None
+        if options.head == "code":
+            rows = load_vocab(loaded.source.stem)
+            if rows is None:
+                log.warning("no code vocabulary for %s (run `ghostline calibrate`): using the full head",
+                            loaded.source.stem)
+                options = dataclasses.replace(options, head="full")
+        engine = cls(loaded.model, loaded.tokenizer, options, vocab_rows=rows)
+        fitted = load_json(loaded.source.stem, "adadec.json")
+        if fitted is not None:
+            engine.adadec = AdaDecParams(threshold=fitted["threshold"])
         engine.loaded = loaded
         return engine
 
@@ -96,6 +136,7 @@ class Engine:
         ids, offsets = self.tok.encode(text)
         doc = Document(uri, text, ids, offsets)
         self.docs[uri] = doc
+        self._include(ids)
         self.ngrams.open(uri, ids)
         self._touch(doc)
         n = self._encode_all(doc, should_stop)
@@ -122,6 +163,7 @@ class Engine:
         old_len = len(doc.ids)
         doc.text, doc.ids, doc.offsets = new_text, ids, offsets
         self.ngrams.update(uri, ids)
+        self._include(ids)
         stats = UpdateStats(strategy, hunks=len(hunks), delta=len(ids) - old_len)
         self._touch(doc)
         if doc.cache is None or not hunks:
@@ -195,7 +237,8 @@ class Engine:
                                      should_stop=should_stop)
             return
         first = doc.ids[P - 1]
-        gen, scratch = self._decoder(doc, P, opts, self._mask(heal))
+        finish = Shown(self.tok, first, heal, rules).finish
+        gen, scratch = self._decoder(doc, P, opts, self._mask(heal), finish=lambda ids: finish(ids) is not None)
         prev = self.tok.decode([first])
         out = Completion("", ctx_tokens=P, heal=heal)
         try:
@@ -229,12 +272,18 @@ class Engine:
 
     # internals -----------------------------------------------------------------------------------
 
-    def _decoder(self, doc: Document, P: int, opts: CompletionOptions, mask):
+    def _decoder(self, doc: Document, P: int, opts: CompletionOptions, mask, *, finish=None):
         """The token generator for a request and the scratch cache it writes (rolled back by the caller)."""
         first = doc.ids[P - 1]
         if opts.decoder == "greedy":
             scratch = ScratchCache(doc.cache, P - 1, opts.max_tokens + 1)
             return greedy(self.model, scratch, first, max_new=opts.max_tokens, first_mask=mask), scratch
+        if opts.decoder == "adadec":
+            scratch = ScratchCache(doc.cache, P - 1, opts.max_tokens + 1)
+            self.last_adadec = AdaDecStats()
+            gen = adadec(self.model, scratch, first, max_new=opts.max_tokens, params=opts.adadec or self.adadec,
+                         finish=finish, first_mask=mask, stats=self.last_adadec)
+            return gen, scratch
         if opts.decoder == "lookup":
             length = DraftLength()
             scratch = ScratchCache(doc.cache, P - 1, opts.max_tokens + length.k_max + 2)
@@ -244,7 +293,13 @@ class Engine:
             gen = speculative(self.model, scratch, first, context=doc.ids[: P - 1], proposer=proposer,
                               max_new=opts.max_tokens, first_mask=mask, stats=self.last_spec, length=length)
             return gen, scratch
-        raise ValueError(f"unknown decoder {opts.decoder!r} (greedy, lookup)")
+        raise ValueError(f"unknown decoder {opts.decoder!r} (greedy, lookup, adadec)")
+
+    def _include(self, ids: list[int]) -> None:
+        """A shortlist head learns the document's tokens, so what the context uses stays choosable."""
+        include = getattr(self.model.lm_head, "include", None)
+        if include is not None:
+            include(torch.tensor(ids, dtype=torch.long))
 
     def _doc(self, uri: str) -> Document:
         doc = self.docs.get(uri)

@@ -283,6 +283,10 @@ class Transformer(nn.Module):
         if self.args.final_softcap:
             c = self.args.final_softcap
             logits = torch.tanh(logits / c) * c
+        rows = getattr(self.lm_head, "rows", None)
+        if rows is not None:  # a shortlist head (engine.quant): tokens outside it cannot be chosen
+            full = logits.new_full((*logits.shape[:-1], self.args.vocab_size), float("-inf"))
+            logits = full.index_copy_(-1, rows, logits)
         return logits
 
 

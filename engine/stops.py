@@ -37,3 +37,25 @@ class StopRules:
             if complete and self.below and line.strip() == self.below:
                 return "\n".join(lines[:i]).rstrip(), "repeat_below"
         return text, None
+
+
+class Shown:
+    """Token ids of a suggestion -> the text it shows, and whether it has ended. Decoders speak ids;
+    this is where their ids meet the stop rules. `first` is the last context token (decoded with the
+    ids so that leading spaces survive) and `heal` the text between it and the cursor."""
+
+    def __init__(self, tokenizer, first: int, heal: str, rules: StopRules):
+        self.tok, self.first, self.heal, self.rules = tokenizer, first, heal, rules
+        self.prev = tokenizer.decode([first])
+
+    def text(self, ids: list[int]) -> tuple[str, str | None] | None:
+        """(text cut by the rules, stop reason or None); None while a character is split across tokens."""
+        raw = self.tok.decode([self.first] + ids)[len(self.prev) :]
+        return None if raw.endswith("\ufffd") else self.rules.apply(raw[len(self.heal) :])
+
+    def finish(self, ids: list[int]) -> tuple[str, str] | None:
+        """(final text, reason) once the ids end the suggestion (a stop rule or EOS), else None."""
+        if ids and ids[-1] in self.tok.eos_ids:
+            return (self.text(ids[:-1]) or ("", None))[0], "eos"
+        s = self.text(ids)
+        return s if s is not None and s[1] is not None else None

@@ -1,0 +1,114 @@
+"""Per-model calibration artifacts, one file each in the model's calibration folder: the user's cache
+(`ghostline calibrate` writes there) wins over the copies committed for the embedded models in
+`engine/data/<model>/` (made by the command recorded beside them in `engine/data/README.md`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine import vocab
+from engine.loader import cache_dir
+
+PACKAGED = Path(__file__).parent / "data"
+
+
+def user_folder(model: str) -> Path:
+    return cache_dir() / "calibration" / model
+
+
+def find(model: str, name: str) -> Path | None:
+    """The artifact `name` for `model` (a model file's stem), or None when it was never calibrated."""
+    for folder in (user_folder(model), PACKAGED / model):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def load_json(model: str, name: str) -> dict | None:
+    path = find(model, name)
+    return None if path is None else json.loads(path.read_text())
+
+
+def load_vocab(model: str) -> np.ndarray | None:
+    path = find(model, "vocab.npy")
+    return None if path is None else np.load(path)
+
+
+def calibrate_vocab(tokenizer, model: str, roots: Iterable[Path], *, exclude: Iterable[str] = (),
+                    out: Path | None = None, progress: Callable[[str], None] = print) -> Path:
+    """Count ids over the code under `roots`, write `vocab.npy` (and how it was made) for `model`."""
+    t0 = time.perf_counter()
+    roots, exclude = [Path(r) for r in roots], list(exclude)
+    files = vocab.corpus_files(roots, exclude=exclude)
+    progress(f"vocabulary: {len(files)} files under {', '.join(map(str, roots))}")
+    counts = vocab.count_ids(tokenizer, files, progress=progress)
+    ids = vocab.code_vocab(tokenizer, counts)
+    folder = out or user_folder(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "vocab.npy", ids)
+    meta = {"files": len(files), "tokens": sum(counts.values()), "seen": len(counts), "rows": len(ids),
+            "vocab_size": tokenizer.vocab_size, "roots": [str(r) for r in roots], "exclude": exclude,
+            "seconds": round(time.perf_counter() - t0, 1)}
+    (folder / "vocab.json").write_text(json.dumps(meta, indent=1) + "\n")
+    progress(f"vocabulary: {len(ids)} of {tokenizer.vocab_size} tokens kept -> {folder / 'vocab.npy'}")
+    return folder / "vocab.npy"
+
+
+@torch.no_grad()
+def collect_entropies(model, tokenizer, files: list[Path], *, tokens_per_file: int = 1024, budget: int = 60_000,
+                      progress: Callable[[str], None] = print) -> tuple[np.ndarray, np.ndarray]:
+    """Teacher-forced pass over real code: per position, the next-token entropy (nats) and whether the
+    greedy token is the true next token. At most `tokens_per_file` from each file, `budget` in all."""
+    from engine.cache import KVCache
+    from engine.decoding.adadec import entropy
+
+    a, hs, right, seen = model.args, [], [], 0
+    for path in files:
+        try:
+            ids = tokenizer.encode(path.read_text(encoding="utf-8"))[0][:tokens_per_file]
+        except (OSError, UnicodeDecodeError):
+            continue
+        if len(ids) < 32:
+            continue
+        cache = KVCache(a.n_layers, a.n_kv_heads, a.head_dim)
+        cache.reserve(len(ids))
+        cache.length = len(ids)
+        hidden = torch.cat([model(torch.tensor([ids[s : s + 256]]), torch.arange(s, min(len(ids), s + 256)), cache,
+                                  return_hidden=True)[0] for s in range(0, len(ids), 256)])  # [T, D]
+        for s in range(0, len(ids) - 1, 128):
+            logp = torch.log_softmax(model.head(hidden[s : min(s + 128, len(ids) - 1)]).float(), -1)
+            target = torch.tensor(ids[s + 1 : s + 1 + len(logp)])
+            hs += [entropy(row) for row in logp]
+            right += (logp.argmax(-1) == target).tolist()
+        seen += len(ids)
+        progress(f"entropies: {seen} tokens from {path.name}")
+        if seen >= budget:
+            break
+    return np.array(hs), np.array(right)
+
+
+def calibrate_adadec(model, tokenizer, name: str, roots: Iterable[Path], *, exclude: Iterable[str] = (),
+                     out: Path | None = None, budget: int = 60_000, progress: Callable[[str], None] = print) -> Path:
+    """Fit AdaDec's entropy threshold on teacher-forced code under `roots`; write `adadec.json`."""
+    t0 = time.perf_counter()
+    files = vocab.corpus_files([Path(r) for r in roots], exclude=list(exclude), per_suffix=200)
+    files = [f for f in files if f.suffix in {".py", ".js", ".ts", ".c", ".h", ".lua", ".go", ".rs", ".java"}]
+    files.sort(key=lambda p: hashlib.sha256(str(p).encode()).hexdigest())  # languages interleaved
+    h, right = collect_entropies(model, tokenizer, files, budget=budget, progress=progress)
+    from engine.decoding.adadec import fit_threshold
+
+    fit = fit_threshold(h, right)
+    fit["seconds"] = round(time.perf_counter() - t0, 1)
+    folder = out or user_folder(name)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adadec.json").write_text(json.dumps(fit, indent=1) + "\n")
+    progress(f"adadec: threshold {fit['threshold']:.3f} nats (pauses {fit['paused_share']:.1%} of held-out steps) "
+             f"-> {folder / 'adadec.json'}")
+    return folder / "adadec.json"

@@ -1,0 +1,125 @@
+"""Fast weights for CPU decoding: int8 weight-only linear layers and a shortlist LM head.
+
+A decode step on a CPU is bound by reading weights: Gemma 3 270M in fp32 reads 1.08 GB a step, 63% of
+it the 262,144-row head. Two cuts, each measured against the fp32 reference in bench/RESULTS.md:
+
+- `Int8Linear`: each weight row stored as int8 with one bf16 scale (4x fewer bytes than fp32), run by
+  `torch.ops.aten._weight_int8pack_mm` with bf16 activations (the fp32-activation path of that op and
+  the plain bf16 matvec are both slow on this CPU). The residual stream, norms, RoPE, attention and the
+  KV cache stay fp32.
+- `ShortlistHead`: the LM head over the tokens that occur in real code (`engine.vocab`) plus every token
+  of the open documents. Logits outside it are -inf, so every decoder still sees a full-vocabulary
+  distribution and the model's `head()` keeps its shape.
+
+The fp32 model stays the reference: `quantize` turns a copy-free fp32 model into the fast one in place.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 [N, K] -> int8 rows [N, K] and bf16 scales [N] with weight ~= q * scale (symmetric)."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(1) / 127).clamp_min(1e-12).to(torch.bfloat16)  # round the scale first ...
+    q = torch.round(w / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)  # ... so q fits it
+    return q.contiguous(), scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The fp32 weights an int8 layer stands for (the reference for tests)."""
+    return q.float() * scale.float()[:, None]
+
+
+def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ (q * scale)^T -> [..., N] in x's dtype; activations rounded to bf16 on the way in."""
+    flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+    if flat.device.type == "cpu":
+        y = torch.ops.aten._weight_int8pack_mm(flat, q, scale)
+    else:  # no fused kernel assumed off the CPU: same numbers, slower
+        y = F.linear(flat, q.to(torch.bfloat16) * scale[:, None])
+    return y.to(x.dtype).view(*x.shape[:-1], q.shape[0])
+
+
+class Int8Linear(nn.Module):
+    """A drop-in for `nn.Linear` (weights [out, in], optional fp32 bias) with int8 rows."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        q, scale = quantize_rows(weight)
+        self.register_buffer("qweight", q)  # [N, K] int8
+        self.register_buffer("scale", scale)  # [N] bf16
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+        self.out_features, self.in_features = q.shape
+
+    @classmethod
+    def from_linear(cls, layer: nn.Linear) -> "Int8Linear":
+        return cls(layer.weight, layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = int8_matmul(x, self.qweight, self.scale)
+        return y if self.bias is None else y + self.bias
+
+
+class ShortlistHead(nn.Module):
+    """An LM head restricted to `rows` of the full head weight [V, D], int8 or fp32.
+
+    `forward` gives logits for the shortlist only, [..., R], in the order of `rows`; the model's
+    `head()` scatters them into a full [..., V] row of -inf. `include(ids)` adds tokens (those of a
+    newly opened document) so that a token the context already uses can always be chosen.
+    """
+
+    def __init__(self, weight: torch.Tensor, rows: torch.Tensor, *, int8: bool = True):
+        super().__init__()
+        self.source, self.int8 = weight, int8  # the full head (tied embeddings: shared, not copied)
+        self.member = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
+        self.rows = torch.empty(0, dtype=torch.long, device=weight.device)
+        self.qweight = self.scale = self.weight = None
+        self.include(rows)
+
+    @property
+    def size(self) -> int:
+        return len(self.rows)
+
+    def include(self, ids: torch.Tensor) -> int:
+        """Add the tokens of `ids` not yet in the shortlist; returns how many were added."""
+        ids = ids.to(self.member.device, torch.long).flatten()
+        new = torch.unique(ids[~self.member[ids]])
+        if len(new) == 0:
+            return 0
+        self.member[new] = True
+        self.rows = torch.cat([self.rows, new])
+        w = self.source.detach()[new].float()
+        if self.int8:
+            q, s = quantize_rows(w)
+            self.qweight = q if self.qweight is None else torch.cat([self.qweight, q])
+            self.scale = s if self.scale is None else torch.cat([self.scale, s])
+        else:
+            self.weight = w if self.weight is None else torch.cat([self.weight, w])
+        return len(new)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int8:
+            return int8_matmul(x, self.qweight, self.scale)
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+LINEARS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
+           ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
+
+
+def quantize(model, *, linear: bool = True, rows: torch.Tensor | None = None, int8_head: bool = True):
+    """Make a fp32 model fast in place: int8 layer matrices (`linear`) and a shortlist head over
+    `rows` (None keeps the full head). Embeddings, norms and the attention stay fp32."""
+    if linear:
+        for block in model.layers:
+            for part, name in LINEARS:
+                owner = getattr(block, part)
+                setattr(owner, name, Int8Linear.from_linear(getattr(owner, name)))
+    if rows is not None:
+        model.lm_head = ShortlistHead(model.embed_tokens.weight if model.args.tie_embeddings
+                                      else model.lm_head.weight, rows, int8=int8_head)
+    return model
