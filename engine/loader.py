@@ -17,19 +17,13 @@ from pathlib import Path
 import torch
 
 from engine.model import Transformer, UnsupportedModel, build, ModelArgs
+from engine.paths import cache_dir
 from engine.tokenizer import Tokenizer
 
 log = logging.getLogger("ghostline.loader")
 
 DEFAULT_MODEL = "gemma3-270m"
 ALIASES = {"gemma3-270m": "embedded Gemma 3 270M base (Q4_K_M GGUF)", "smollm2-135m": "SmolLM2-135M-Instruct (Q4_1 GGUF)"}
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("GHOSTLINE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ghostline"
-    )
-    return Path(base)
 
 
 def _sha256(path: Path) -> str:

@@ -1,4 +1,5 @@
-"""The `ghostline` command: serve (LSP), complete (a quick demo), info (load a model and report)."""
+"""The `ghostline` command: serve (LSP), engine (the shared engine daemon), complete (a quick demo), info
+(load a model and report), stats."""
 
 from __future__ import annotations
 
@@ -50,6 +51,38 @@ def _stats(args) -> int:
     return 0
 
 
+def _engine(args) -> int:
+    from lsp.daemon import run
+
+    return run(args)
+
+
+def _listen(value: str) -> str:
+    host, _, port = value.rpartition(":")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return value
+
+
+def _engine_parser(sub) -> None:
+    """`ghostline engine` (lsp.daemon), declared here so that `ghostline serve` never imports the model."""
+    e = sub.add_parser("engine", help="run the engine daemon that language servers share (Unix socket, or TCP + token)")
+    e.add_argument("--model", default=None, help="gemma3-270m (default), smollm2-135m, a .gguf or a HF folder")
+    e.add_argument("--socket", default=None, help="Unix socket path (default: per model, in the runtime folder)")
+    e.add_argument("--listen", default=None, metavar="HOST:PORT", type=_listen,
+                   help="serve TCP instead (a team server): clients need the token ($GHOSTLINE_TOKEN, --token-file, or generated)")
+    e.add_argument("--token-file", default=None)
+    e.add_argument("--memory-budget-mb", type=float, default=None,
+                   help="all clients' KV caches together, least recently used evicted (default 2048)")
+    e.add_argument("--max-docs", type=int, default=None, help="open documents per client (default 256)")
+    e.add_argument("--max-queued", type=int, default=None, help="waiting requests per client (default 32)")
+    e.add_argument("--max-frame-mb", type=float, default=None, help="largest frame (default 16)")
+    e.add_argument("--idle-exit", type=float, default=None, metavar="SECONDS",
+                   help="exit after this long without clients (servers start daemons with 300)")
+    e.add_argument("--stop", action="store_true", help="stop the running daemons of this user and exit")
+    e.set_defaults(func=_engine)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="ghostline", description="Code completion with a per-document KV cache kept current by PIE.")
     p.add_argument("--log-level", default="INFO")
@@ -71,6 +104,7 @@ def main(argv=None) -> int:
     from lsp.server import add_serve_parser
 
     add_serve_parser(sub)
+    _engine_parser(sub)
 
     st = sub.add_parser("stats", help="print local acceptance rates of shown suggestions")
     st.set_defaults(func=_stats)

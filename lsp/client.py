@@ -83,9 +83,11 @@ class Client(LanguageClient):
 
 @asynccontextmanager
 async def running_server(*, model: str = "smollm2-135m", options: dict | None = None, encodings=("utf-16",),
-                         ready_timeout: float = 300):
+                         ready_timeout: float = 300, engine: str = "in-process", env: dict | None = None):
+    """A started, initialised server whose model is ready. `engine` as the `--engine` flag (in-process
+    by default, so tests and benchmarks of one server measure one process); `env` for the server."""
     client = Client()
-    await client.start_io(*SERVER, "--model", model)
+    await client.start_io(*SERVER, "--model", model, "--engine", engine, env=env)
     drain = asyncio.create_task(client.drain())
     caps = types.ClientCapabilities(
         general=types.GeneralClientCapabilities(position_encodings=list(encodings)),

@@ -2,11 +2,13 @@
 
 Handlers only translate: positions to code-point offsets, changes to engine edits, results to
 items. The model runs on the engine worker thread (`lsp.worker`); the server keeps each document's
-text (`Mirror`) so it can always resync the engine.
+text (`Mirror`) so it can always resync the engine. The engine is in-process or, by default, the
+shared engine daemon (`lsp.remote.RemoteEngine`, same calls): the `engine` setting chooses.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import concurrent.futures
 import logging
@@ -14,16 +16,20 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from lsprotocol import types
 from pygls.lsp.server import LanguageServer
 
-from engine.engine import CompletionOptions, Engine, EngineOptions
 from engine.text import Change, EditError
 from lsp.positions import Mirror
-from lsp.settings import Settings, SettingsError
+from lsp.remote import RemoteEngine, RemoteOptions, RequestOptions, parse_target
+from lsp.settings import Settings, SettingsError, check_setting
 from lsp.stats import Stats
 from lsp.worker import EngineWorker
+
+if TYPE_CHECKING:
+    from engine.engine import CompletionOptions, Engine
 
 log = logging.getLogger("ghostline.server")
 VERSION = "0.1.0"
@@ -62,11 +68,11 @@ class Debounce:
 
 
 class GhostlineServer(LanguageServer):
-    def __init__(self, *, model: str | None = None, settings: Settings | None = None):
+    def __init__(self, *, model: str | None = None, settings: Settings | None = None, engine: str | None = None):
         super().__init__("ghostline", VERSION)
-        self.model_flag = model
+        self.model_flag, self.engine_flag = model, engine
         self.settings = settings or Settings()
-        self.engine: Engine | None = None
+        self.engine: Engine | RemoteEngine | None = None
         self.state = ""
         self.mirrors: dict[str, Mirror] = {}
         self.languages: dict[str, str] = {}
@@ -119,6 +125,16 @@ class GhostlineServer(LanguageServer):
     def model_name(self) -> str:
         return self.model_flag or self.settings.model or "gemma3-270m"
 
+    @property
+    def engine_mode(self) -> str:
+        return self.engine_flag or self.settings.engine
+
+    def engine_token(self) -> str | None:
+        if self.settings.engine_token_file:
+            with open(self.settings.engine_token_file, encoding="utf-8") as f:
+                return f.read().strip()
+        return os.environ.get("GHOSTLINE_TOKEN")
+
     def start_engine(self) -> None:
         token = str(uuid.uuid4())
         progress = self.client_capabilities.window and self.client_capabilities.window.work_done_progress
@@ -132,9 +148,15 @@ class GhostlineServer(LanguageServer):
             if progress:
                 self.soon(self.work_done_progress.report, token, types.WorkDoneProgressReport(message=message))
 
-        def load(_stop):
-            opts = EngineOptions(memory_budget_mb=self.settings.memory_budget_mb)
-            return Engine.load(self.model_name, options=opts, progress=say)
+        def load(stop):
+            if self.engine_mode == "in-process":  # torch is imported here only: a daemon's server never loads it
+                from engine.engine import Engine, EngineOptions
+
+                opts = EngineOptions(memory_budget_mb=self.settings.memory_budget_mb)
+                return Engine.load(self.model_name, options=opts, progress=say)
+            return RemoteEngine.connect(parse_target(self.engine_mode), model=self.model_name, token=self.engine_token(),
+                                        status=self.set_status, should_stop=stop, progress=say,
+                                        options=RemoteOptions(memory_budget_mb=self.settings.memory_budget_mb))
 
         job = self.worker.submit("load", load)
         job.future.add_done_callback(lambda f: self._loaded(f, token if progress else None))
@@ -143,14 +165,20 @@ class GhostlineServer(LanguageServer):
         try:
             self.engine = future.result()
             loaded = self.engine.loaded
-            msg = f"{loaded.source.name} ready in {loaded.seconds:.1f}s ({'cached' if loaded.from_cache else 'first start'})"
+            where = f" via {self.engine.where}" if isinstance(self.engine, RemoteEngine) else ""
+            msg = f"{loaded.source.name} ready in {loaded.seconds:.1f}s ({'cached' if loaded.from_cache else 'first start'}){where}"
             state = "ready"
-        except Exception as exc:  # a bad model path: say so, keep serving (without completions)
-            msg, state = f"model failed to load: {exc}", "error"
+        except Exception as exc:  # a bad model path, no daemon: say so, keep serving (without completions)
+            msg, state = f"engine failed to start: {exc}", "error"
         (log.info if state == "ready" else log.error)(msg)
         if token is not None:  # end the progress before the status, so a client sees them in that order
             self.soon(self.work_done_progress.end, token, types.WorkDoneProgressEnd(message=state))
         self.set_status(state, msg)
+
+    def leave_engine(self) -> None:
+        """The editor is gone: leave the engine daemon (it frees our documents), and never start another."""
+        if isinstance(self.engine, RemoteEngine):
+            self.engine.disconnect()
 
     def submit_update(self, uri: str, fn) -> None:
         def run(_stop):
@@ -207,12 +235,20 @@ class GhostlineServer(LanguageServer):
             elif not before.strip():
                 prev = mirror.text[:line_start].rstrip().rsplit("\n", 1)[-1]
                 multiline = prev.rstrip().endswith(":")  # first line of a block body
-        return CompletionOptions(
+        return self.completion_options(
             multiline=multiline,
             max_tokens=self.settings.max_tokens_multiline if multiline else self.settings.max_tokens,
             time_cap_ms=self.settings.time_cap_ms,
             drafts=self.settings.drafts,
         )
+
+    def completion_options(self, **values):
+        """`CompletionOptions` for an in-process engine, the same fields for the daemon (no torch)."""
+        if isinstance(self.engine, RemoteEngine):
+            return RequestOptions(**values)
+        from engine.engine import CompletionOptions
+
+        return CompletionOptions(**values)
 
     def type_through(self, uri: str, mirror: Mirror, offset: int) -> str | None:
         """The rest of the shown suggestion if the user typed its beginning (no new decode)."""
@@ -321,8 +357,8 @@ def _range_at(position: types.Position) -> types.Range:
     return types.Range(start=position, end=position)
 
 
-def build_server(*, model: str | None = None) -> GhostlineServer:
-    server = GhostlineServer(model=model)
+def build_server(*, model: str | None = None, engine: str | None = None) -> GhostlineServer:
+    server = GhostlineServer(model=model, engine=engine)
 
     @server.feature(types.INITIALIZE)
     def initialize(ls: GhostlineServer, params: types.InitializeParams):
@@ -340,10 +376,12 @@ def build_server(*, model: str | None = None) -> GhostlineServer:
 
     @server.feature(types.SHUTDOWN)
     def shutdown(ls: GhostlineServer, params):
+        ls.leave_engine()
         ls.worker.stop()
 
     @server.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
     def did_change_configuration(ls: GhostlineServer, params: types.DidChangeConfigurationParams):
+        engine = ls.engine_mode
         try:
             ls.settings = ls.settings.merged(params.settings)
         except SettingsError as exc:
@@ -351,6 +389,8 @@ def build_server(*, model: str | None = None) -> GhostlineServer:
             ls.window_show_message(types.ShowMessageParams(type=types.MessageType.Error, message=f"Ghostline: {exc}"))
             return
         ls.debounce.base_ms = ls.settings.debounce_ms
+        if ls.engine_mode != engine:
+            log.warning("engine setting %s takes effect when the server restarts", ls.settings.engine)
         if ls.engine is not None:
             ls.engine.options.memory_budget_mb = ls.settings.memory_budget_mb
 
@@ -441,11 +481,17 @@ def build_server(*, model: str | None = None) -> GhostlineServer:
         uri = _get(params, "uri")
 
         def run(_stop):
-            doc = ls.engine.docs.get(uri) if ls.engine is not None else None
+            if ls.engine is None:
+                return None
+            if isinstance(ls.engine, RemoteEngine):
+                doc = ls.engine.describe(uri)
+            else:
+                from lsp.daemon import describe
+
+                doc = describe(ls.engine, uri)
             if doc is None:
                 return None
-            return {"text": doc.text, "tokens": len(doc.ids), "stale": doc.stale_count, "cached": doc.cache is not None,
-                    "errors": ls.errors, "cancelled_decodes": ls.worker.cancelled_decodes}
+            return {**doc, "errors": ls.errors, "cancelled_decodes": ls.worker.cancelled_decodes}
 
         return await asyncio.wrap_future(ls.worker.submit("update", run, uri=uri).future)
 
@@ -476,13 +522,14 @@ class ClientLogHandler(logging.Handler):
 
 def serve(args) -> int:
     logging.getLogger("pygls").setLevel(max(logging.WARNING, logging.getLogger().level))
-    server = build_server(model=args.model)
+    server = build_server(model=args.model, engine=args.engine)
     logging.getLogger().addHandler(ClientLogHandler(server))
     if args.tcp:
         host, _, port = args.tcp.rpartition(":")
         server.start_tcp(host or "127.0.0.1", int(port))
     else:
         server.start_io()
+    server.leave_engine()
     server.worker.stop(timeout=30.0)  # the client is gone: let a model load or a decode step finish
     if server.worker.alive:
         log.warning("engine worker still busy at exit; leaving without waiting")
@@ -490,8 +537,17 @@ def serve(args) -> int:
     return 0
 
 
+def engine_choice(value: str) -> str:
+    try:
+        return check_setting("engine", value)
+    except SettingsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_serve_parser(sub) -> None:
     s = sub.add_parser("serve", help="run the language server (stdio, or --tcp HOST:PORT)")
     s.add_argument("--model", default=None, help="gemma3-270m (default), smollm2-135m, a .gguf or a HF folder")
     s.add_argument("--tcp", default=None, metavar="HOST:PORT", help="listen on TCP instead of stdio")
+    s.add_argument("--engine", default=None, type=engine_choice, metavar="daemon|in-process|tcp://HOST:PORT",
+                   help="where the engine runs (wins over the `engine` setting; default: the shared local daemon)")
     s.set_defaults(func=serve)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from dataclasses import dataclass
 
 log = logging.getLogger("ghostline.settings")
@@ -25,6 +26,10 @@ class Settings:
     drafts: int = 1  # suggestions per request
     memory_budget_mb: float = 2048.0
     idle_refresh_ms: int = 600  # re-encode stale tokens after this much quiet
+    # where the engine runs: "daemon" (the shared local daemon, started if none runs), "in-process"
+    # (this server loads its own model), or "tcp://HOST:PORT" (a team server; token below or $GHOSTLINE_TOKEN)
+    engine: str = "daemon"
+    engine_token_file: str | None = None
 
     def merged(self, raw) -> "Settings":
         """These settings updated by a client's dict; unknown keys are warned about, bad values raise."""
@@ -42,11 +47,11 @@ class Settings:
             if name not in fields:
                 log.warning("unknown setting %r ignored (known: %s)", key, ", ".join(fields))
                 continue
-            values[name] = _check(name, value)
+            values[name] = check_setting(name, value)
         return dataclasses.replace(self, **values)
 
 
-def _check(name: str, value):
+def check_setting(name: str, value):
     ints = {"max_tokens": (1, 512), "max_tokens_multiline": (1, 1024), "debounce_ms": (0, 5000),
             "drafts": (1, 8), "idle_refresh_ms": (50, 600000)}
     if name in ints:
@@ -66,8 +71,13 @@ def _check(name: str, value):
         if value not in ("auto", "always", "never"):
             raise SettingsError(f"setting multiline must be auto, always or never, got {value!r}")
         return value
-    if name == "model":
+    if name in ("model", "engine_token_file"):
         if value is not None and not isinstance(value, str):
-            raise SettingsError(f"setting model must be a string, got {value!r}")
+            raise SettingsError(f"setting {name} must be a string, got {value!r}")
+        return value
+    if name == "engine":
+        m = re.fullmatch(r"tcp://([^\s/]*):(\d{1,5})", value) if isinstance(value, str) else None
+        if value not in ("daemon", "in-process") and (m is None or not 0 < int(m.group(2)) < 65536):
+            raise SettingsError(f"setting engine must be daemon, in-process or tcp://HOST:PORT, got {value!r}")
         return value
     return value

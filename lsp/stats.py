@@ -7,7 +7,7 @@ import os
 import threading
 from pathlib import Path
 
-from engine.loader import cache_dir
+from engine.paths import cache_dir
 
 
 def stats_path() -> Path:

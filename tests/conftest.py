@@ -3,6 +3,9 @@ configs with a real tokenizer (SmolLM2's), which keep most engine tests fast."""
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
@@ -10,6 +13,20 @@ from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
 from engine.engine import Engine, EngineOptions
 from engine.loader import load
 from engine.model import build
+
+
+@pytest.fixture(scope="session", autouse=True)
+def runtime_dir(tmp_path_factory):
+    """Engine daemons that servers under test start live in this session's own folder and end with it."""
+    from lsp.daemon import stop_daemons
+
+    path = tmp_path_factory.mktemp("run")
+    os.environ["GHOSTLINE_RUNTIME_DIR"] = str(path)
+    yield path
+    if any(path.glob("engine-*.log")):  # servers started daemons; one still exiting may start another
+        deadline = time.monotonic() + 5
+        while stop_daemons(path) or time.monotonic() < deadline:
+            time.sleep(0.5)
 
 
 @pytest.fixture(scope="session")
