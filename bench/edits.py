@@ -21,7 +21,7 @@ import sys
 import time
 
 from bench.tasks import cursor_offset, em, es, first_line, mean, pct, read_tasks
-from engine.engine import CompletionOptions, Engine
+from engine.engine import CompletionOptions, Engine, EngineOptions
 
 MODES = ("full", "prefix", "pie", "naive")
 
@@ -101,11 +101,13 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int)
     p.add_argument("--model", default=None)
     p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--precision", choices=("fp32", "int8"), default="fp32", help="layer weights (fp32: the reference)")
+    p.add_argument("--head", choices=("full", "code"), default="full", help="LM head (full: the reference)")
     p.add_argument("--out", help="JSONL of per-task rows: appended as tasks finish; a rerun resumes from it")
     args = p.parse_args(argv)
     tasks = read_tasks(args.tasks, args.limit)
-    engine = Engine.load(args.model)
-    print(f"model {engine.loaded.source.name} loaded in {engine.loaded.seconds:.1f}s "
+    engine = Engine.load(args.model, options=EngineOptions(precision=args.precision, head=args.head))
+    print(f"{args.precision}/{args.head} model {engine.loaded.source.name} loaded in {engine.loaded.seconds:.1f}s "
           f"({'cached' if engine.loaded.from_cache else 'first start'}); {len(tasks)} tasks", flush=True)
     modes = MODES if args.mode == "all" else (args.mode,)
     results = run(engine, tasks, modes, max_tokens=args.max_tokens, out=args.out)

@@ -17,6 +17,7 @@ from engine import vocab
 from engine.loader import cache_dir
 
 PACKAGED = Path(__file__).parent / "data"
+STEPS = ("vocab", "adadec")
 
 
 def user_folder(model: str) -> Path:

@@ -10,12 +10,12 @@ import time
 
 
 def _complete(args) -> int:
-    from engine.engine import CompletionOptions, Engine
+    from engine.engine import CompletionOptions, Engine, EngineOptions
     from engine.text import offset_of
 
     text = open(args.file, encoding="utf-8", errors="strict").read()
     t0 = time.perf_counter()
-    engine = Engine.load(args.model)
+    engine = Engine.load(args.model, options=EngineOptions(precision=args.precision, head=args.head))
     load_s = time.perf_counter() - t0
     uri = "file://" + args.file
     opened = engine.open(uri, text)
@@ -40,6 +40,31 @@ def _info(args) -> int:
         f"{loaded.source}\n  family {a.family}, {a.n_layers} layers, width {a.dim}, vocab {a.vocab_size}\n"
         f"  loaded in {loaded.seconds:.1f}s ({'cached safetensors' if loaded.from_cache else 'first start: de-quantised'})"
     )
+    return 0
+
+
+def _calibrate(args) -> int:
+    from pathlib import Path
+
+    from engine.calibration import STEPS, calibrate_adadec, calibrate_vocab
+    from engine.loader import load
+    from engine.vocab import default_roots
+
+    steps = [s for s in args.steps.split(",") if s]
+    if unknown := set(steps) - set(STEPS):
+        raise ValueError(f"unknown calibration steps {sorted(unknown)} (of {', '.join(STEPS)})")
+    roots = [Path(c) for c in args.corpus] or default_roots()
+    missing = [str(r) for r in roots if not r.is_dir()]
+    if missing:
+        raise FileNotFoundError(f"corpus folder not found: {', '.join(missing)}")
+    loaded = load(args.model)
+    out = Path(args.out) if args.out else None
+    say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    if "vocab" in steps:
+        calibrate_vocab(loaded.tokenizer, loaded.source.stem, roots, exclude=args.exclude, out=out, progress=say)
+    if "adadec" in steps:
+        calibrate_adadec(loaded.model, loaded.tokenizer, loaded.source.stem, roots, exclude=args.exclude, out=out,
+                         budget=args.tokens, progress=say)
     return 0
 
 
@@ -74,6 +99,9 @@ def _engine_parser(sub) -> None:
     e.add_argument("--token-file", default=None)
     e.add_argument("--memory-budget-mb", type=float, default=None,
                    help="all clients' KV caches together, least recently used evicted (default 2048)")
+    e.add_argument("--precision", choices=("fp32", "int8"), default="fp32", help="layer weights (default fp32)")
+    e.add_argument("--head", choices=("code", "full"), default="code",
+                   help="LM head over the code vocabulary (default) or the full vocabulary")
     e.add_argument("--max-docs", type=int, default=None, help="open documents per client (default 256)")
     e.add_argument("--max-queued", type=int, default=None, help="waiting requests per client (default 32)")
     e.add_argument("--max-frame-mb", type=float, default=None, help="largest frame (default 16)")
@@ -95,6 +123,8 @@ def main(argv=None) -> int:
     c.add_argument("--model", default=None, help="gemma3-270m (default), smollm2-135m, a .gguf or a HF folder")
     c.add_argument("--multiline", action="store_true")
     c.add_argument("--max-tokens", type=int, default=48)
+    c.add_argument("--precision", choices=("fp32", "int8"), default="fp32")
+    c.add_argument("--head", choices=("code", "full"), default="code")
     c.set_defaults(func=_complete)
 
     i = sub.add_parser("info", help="load a model and report its shape and load time")
@@ -105,6 +135,15 @@ def main(argv=None) -> int:
 
     add_serve_parser(sub)
     _engine_parser(sub)
+
+    cal = sub.add_parser("calibrate", help="fit the per-model artifacts (code vocabulary, AdaDec threshold) on real code")
+    cal.add_argument("--model", default=None)
+    cal.add_argument("--corpus", nargs="*", default=[], help="folders of code (default: the stdlib and installed packages)")
+    cal.add_argument("--exclude", nargs="*", default=[], help="skip paths containing any of these words")
+    cal.add_argument("--steps", default="vocab,adadec", help="comma-separated: vocab, adadec")
+    cal.add_argument("--tokens", type=int, default=60_000, help="teacher-forced tokens for the AdaDec fit")
+    cal.add_argument("--out", help="folder for the artifacts (default: the model's folder in the cache)")
+    cal.set_defaults(func=_calibrate)
 
     st = sub.add_parser("stats", help="print local acceptance rates of shown suggestions")
     st.set_defaults(func=_stats)

@@ -700,7 +700,8 @@ def run(args) -> int:
     options = DaemonOptions(**{k: v for k, v in given.items() if v is not None},
                             token=_token(args) if args.listen else None)
     budget = {"memory_budget_mb": args.memory_budget_mb} if args.memory_budget_mb else {}
-    engine = Engine.load(args.model, options=EngineOptions(**budget), progress=lambda m: log.info("load: %s", m))
+    engine = Engine.load(args.model, options=EngineOptions(**budget, precision=args.precision, head=args.head),
+                         progress=lambda m: log.info("load: %s", m))
     daemon = Daemon(engine, options)
 
     async def main():

@@ -51,6 +51,8 @@ class RemoteOptions:
     spawn_timeout_s: float = 300.0  # a first start de-quantises the model (about a minute for Gemma)
     idle_exit_s: float = 300.0  # a daemon we start exits this long after its last client leaves
     memory_budget_mb: float = 2048.0  # for a daemon we start (the `memory_budget_mb` setting)
+    precision: str = "fp32"  # for a daemon we start (the `precision` and `head` settings)
+    head: str = "code"
     max_retry_s: float = 30.0  # longest wait between attempts to reach an unavailable daemon
 
 
@@ -276,7 +278,8 @@ def spawn(model: str | None, path: Path, opts: RemoteOptions) -> subprocess.Pope
     root = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     cmd = [sys.executable, "-m", "lsp.cli", "engine", "--socket", str(path), "--idle-exit", str(opts.idle_exit_s),
-           "--memory-budget-mb", str(opts.memory_budget_mb)] + (["--model", model] if model else [])
+           "--memory-budget-mb", str(opts.memory_budget_mb), "--precision", opts.precision, "--head", opts.head] \
+        + (["--model", model] if model else [])
     with os.fdopen(os.open(path.with_suffix(".log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as out:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=path.parent,
                                 env=env, start_new_session=True)

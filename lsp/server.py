@@ -152,11 +152,14 @@ class GhostlineServer(LanguageServer):
             if self.engine_mode == "in-process":  # torch is imported here only: a daemon's server never loads it
                 from engine.engine import Engine, EngineOptions
 
-                opts = EngineOptions(memory_budget_mb=self.settings.memory_budget_mb)
+                opts = EngineOptions(memory_budget_mb=self.settings.memory_budget_mb,
+                                     precision=self.settings.precision, head=self.settings.head)
                 return Engine.load(self.model_name, options=opts, progress=say)
             return RemoteEngine.connect(parse_target(self.engine_mode), model=self.model_name, token=self.engine_token(),
                                         status=self.set_status, should_stop=stop, progress=say,
-                                        options=RemoteOptions(memory_budget_mb=self.settings.memory_budget_mb))
+                                        options=RemoteOptions(memory_budget_mb=self.settings.memory_budget_mb,
+                                                              precision=self.settings.precision,
+                                                              head=self.settings.head))
 
         job = self.worker.submit("load", load)
         job.future.add_done_callback(lambda f: self._loaded(f, token if progress else None))

@@ -15,10 +15,13 @@ def test_settings_merge_flat_nested_and_camel_case(caplog):
     assert "bogus" in caplog.text
     assert Settings().merged({"debounce_ms": 0}).debounce_ms == 0
     assert Settings().merged(None) == Settings()
+    fast = Settings().merged({"precision": "int8", "head": "full"})
+    assert (fast.precision, fast.head) == ("int8", "full") and (Settings().precision, Settings().head) == ("fp32", "code")
 
 
 @pytest.mark.parametrize("raw", [{"max_tokens": 0}, {"max_tokens": "5"}, {"multiline": "sometimes"},
-                                 {"time_cap_ms": -1}, {"memory_budget_mb": True}, {"drafts": 99}, [1, 2]])
+                                 {"time_cap_ms": -1}, {"memory_budget_mb": True}, {"drafts": 99}, [1, 2],
+                                 {"precision": "fp8"}, {"head": "tiny"}])
 def test_bad_settings_are_rejected(raw):
     with pytest.raises(SettingsError):
         Settings().merged(raw)
