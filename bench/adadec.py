@@ -31,7 +31,7 @@ import numpy as np
 
 from bench.tasks import cursor_offset, em, es, first_line, mean, pct, read_tasks
 from engine.decoding.adadec import AdaDecParams
-from engine.engine import CompletionOptions, Engine
+from engine.engine import CompletionOptions, Engine, EngineOptions
 from engine.stops import StopRules
 
 METHODS = ("greedy", "adadec", "beam")
@@ -117,6 +117,9 @@ def run_humaneval(engine: Engine, problems: list[dict], methods, *, max_tokens: 
     """pass@1 per method (greedy-style decoders: one program per problem)."""
     ok = {m: [] for m in methods}
     ms = {m: [] for m in methods}
+    check = problems[0]
+    if not passes(check["prompt"] + check["canonical_solution"] + "\n\n" + check["test"] + f"\ncheck({check['entry_point']})\n"):
+        raise RuntimeError("the sandbox fails a canonical HumanEval solution: the harness is broken, not the model")
     for n, prob in enumerate(problems, 1):
         text = prob["prompt"] + "    "  # the cursor at the body's indentation: the block rule ends the body
         engine.open(URI, text)
@@ -166,11 +169,13 @@ def main(argv=None) -> int:
     p.add_argument("--humaneval", action="store_true", help="also run HumanEval pass@1")
     p.add_argument("--he-limit", type=int)
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--precision", choices=("fp32", "int8"), default="fp32")
+    p.add_argument("--head", choices=("code", "full"), default="code")
     args = p.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     if unknown := set(methods) - set(METHODS):
         p.error(f"unknown methods {sorted(unknown)}")
-    engine = Engine.load(args.model)
+    engine = Engine.load(args.model, options=EngineOptions(precision=args.precision, head=args.head))
     threshold = args.threshold if args.threshold is not None else engine.adadec.threshold
     engine.adadec = AdaDecParams(threshold=threshold, width=args.width, depth=args.depth)
     print(f"model {engine.loaded.source.name}; AdaDec threshold {threshold:.3f} nats, B={args.width}, "
