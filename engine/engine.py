@@ -160,12 +160,14 @@ class Engine:
         new_text = apply_changes(doc.text, changes)
         ids, offsets = self.tok.encode(new_text)
         hunks = token_hunks(doc.ids, ids, multi=len(changes) > 1)
-        old_len = len(doc.ids)
+        old_len, old_ids = len(doc.ids), doc.ids
         doc.text, doc.ids, doc.offsets = new_text, ids, offsets
         self.ngrams.update(uri, ids)
         self._include(ids)
         stats = UpdateStats(strategy, hunks=len(hunks), delta=len(ids) - old_len)
         self._touch(doc)
+        if doc.cache is not None and hunks and doc.cache.length < old_len:
+            self._encode(doc, doc.cache.length, old_len, None, ids=old_ids)  # a stopped encode: finish it first
         if doc.cache is None or not hunks:
             doc.stale = doc.stale[: len(ids)] + bytearray(max(0, len(ids) - len(doc.stale)))
         elif strategy == "full":
@@ -223,6 +225,8 @@ class Engine:
         self._touch(doc)
         if doc.cache is None:
             self._encode_all(doc, should_stop)
+        elif doc.cache.length < len(doc.ids):  # an encode stopped part-way: encode the rest
+            self._encode(doc, doc.cache.length, len(doc.ids), should_stop)
         P = doc.token_at(offset)  # tokens [0, P) lie wholly before the cursor
         if P > 1 and _in_word(doc.text, offset) and doc.offsets[P - 1][1] == offset:
             P -= 1  # a word typed up to the cursor: let the model re-choose its last token (token healing)
@@ -332,9 +336,11 @@ class Engine:
         return n
 
     @torch.no_grad()
-    def _encode(self, doc: Document, start: int, end: int, should_stop) -> int:
-        """Run ids[start:end] through the model into rows start..end (rows before are its context)."""
-        cache, chunk = doc.cache, self.options.encode_chunk
+    def _encode(self, doc: Document, start: int, end: int, should_stop, *, ids: list[int] | None = None) -> int:
+        """Run ids[start:end] (the document's by default) through the model into rows start..end (rows
+        before are its context); each chunk done is fresh. Stopped, the cache keeps the rows done and
+        ends there (`length`), so the next encode resumes instead of starting over."""
+        cache, chunk, ids = doc.cache, self.options.encode_chunk, doc.ids if ids is None else ids
         cache.reserve(max(cache.length, end))
         cache.length = max(cache.length, end)
         for s in range(start, end, chunk):
@@ -343,7 +349,8 @@ class Engine:
                 cache.trim(s)  # rows past s are not valid yet: mark them stale, keep the prefix
                 doc.stale[s:] = b"\x01" * (len(doc.stale) - s)
                 raise Cancelled(f"encoding {doc.uri} stopped at token {s} of {end}")
-            self.model(torch.tensor([doc.ids[s:e]]), torch.arange(s, e), cache, return_hidden=True, last_only=True)
+            self.model(torch.tensor([ids[s:e]]), torch.arange(s, e), cache, return_hidden=True, last_only=True)
+            doc.stale[s:e] = bytes(e - s)  # `stale` is laid out like `ids` (during an edit: the old ones)
         return end - start
 
     def _evict(self, *, keep: Document) -> None:

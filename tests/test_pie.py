@@ -169,3 +169,43 @@ def test_random_edits_keep_text_ids_and_cache_consistent(tiny_engine_factory, ed
     assert doc.text == text
     assert doc.ids == eng.tok.encode(text)[0]
     assert doc.cache.length == len(doc.ids) == len(doc.stale)
+
+
+def test_a_stopped_encode_resumes_and_nothing_reads_missing_rows(tiny_engine_factory):
+    """An open stopped after two chunks keeps those rows (fresh); refresh encodes only the rest; an
+    edit or a completion on a part-encoded document first encodes the rest, so both equal the same
+    steps on a document encoded in one go."""
+    from engine.engine import Cancelled, CompletionOptions
+
+    text = SAMPLE[:1200]
+    ref = tiny_engine_factory("llama", encode_chunk=64)
+    ref.open("d", text)
+    eng = tiny_engine_factory("llama", encode_chunk=64)
+    calls = iter(range(100))
+    with pytest.raises(Cancelled):
+        eng.open("d", text, should_stop=lambda: next(calls) >= 2)
+    doc = eng.docs["d"]
+    assert doc.cache.length == 128 and doc.first_stale == 128 and doc.stale_count == len(doc.ids) - 128
+    calls = iter(range(100))
+    with pytest.raises(Cancelled):
+        eng.refresh("d", should_stop=lambda: next(calls) >= 1)  # one more chunk, then stopped again
+    assert doc.cache.length == 192 and doc.first_stale == 192
+    assert eng.refresh("d").encoded == len(doc.ids) - 192
+    torch.testing.assert_close(doc.cache.state[0], ref.docs["d"].cache.state[0], rtol=0, atol=1e-5)
+
+    calls = iter(range(100))
+    with pytest.raises(Cancelled):
+        eng.open("d", text, should_stop=lambda: next(calls) >= 1)
+    change = [{"range": {"start": {"line": 3, "character": 0}, "end": {"line": 3, "character": 0}}, "text": "x = 1\n"}]
+    eng.edit("d", change)
+    ref.edit("d", change)
+    assert eng.docs["d"].cache.length == len(eng.docs["d"].ids)
+    torch.testing.assert_close(eng.docs["d"].cache.state[0], ref.docs["d"].cache.state[0], rtol=0, atol=1e-5)
+
+    calls = iter(range(100))
+    with pytest.raises(Cancelled):
+        eng.open("d", text, should_stop=lambda: next(calls) >= 1)
+    opts = CompletionOptions(max_tokens=6)
+    ref.open("d", text)
+    assert eng.complete("d", 900, opts).tokens == ref.complete("d", 900, opts).tokens
+    assert eng.docs["d"].cache.length == len(eng.docs["d"].ids)
