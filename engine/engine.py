@@ -241,9 +241,8 @@ class Engine:
                                      should_stop=should_stop)
             return
         first = doc.ids[P - 1]
-        finish = Shown(self.tok, first, heal, rules).finish
-        gen, scratch = self._decoder(doc, P, opts, self._mask(heal), finish=lambda ids: finish(ids) is not None)
-        prev = self.tok.decode([first])
+        view = Shown(self.tok, first, heal, rules)
+        gen, scratch = self._decoder(doc, P, opts, self._mask(heal), finish=lambda ids: view.finish(ids) is not None)
         out = Completion("", ctx_tokens=P, heal=heal)
         try:
             for tok in gen:
@@ -253,10 +252,10 @@ class Engine:
                     out.stop_reason = "eos"
                     break
                 out.tokens.append(tok)
-                raw = self.tok.decode([first] + out.tokens)[len(prev) :]
-                if raw.endswith("\ufffd"):  # a character split across tokens: wait for the rest
+                shown = view.text(out.tokens)
+                if shown is None:  # a character split across tokens: wait for the rest
                     continue
-                out.text, reason = rules.apply(raw[len(heal) :])
+                out.text, reason = shown
                 out.ms = (time.perf_counter() - t0) * 1e3
                 if reason is None and opts.time_cap_ms is not None and out.ms > opts.time_cap_ms and out.text.strip():
                     reason = "time_cap"
