@@ -11,6 +11,11 @@ Two sets:
              difference and how many problems flip each way.
 
     python -m bench.adadec --tasks ../shared/data/edits-requests.jsonl [--limit N] [--humaneval [--he-limit N]]
+    python -m bench.adadec --tasks FILE --shard 0/4 --out rows0.jsonl   # one of 4 processes; resumable
+    python -m bench.adadec --summarize rows0.jsonl rows1.jsonl ...      # the tables and JSON from rows
+
+With --out, each task's rows (and each HumanEval problem's, ids "HumanEval/N") are appended to the
+file as they finish; a rerun skips what is there.
 
 Per method: em, es, block_em, block_es, paused_share, ms; one line per task, markdown tables, and last
 one JSON line keyed by method (with `humaneval` results beside when run).
@@ -29,7 +34,7 @@ import time
 
 import numpy as np
 
-from bench.tasks import cursor_offset, em, es, first_line, mean, pct, read_tasks
+from bench.tasks import append_row, cursor_offset, em, es, first_line, mean, pct, read_tasks, saved_rows, shard
 from engine.decoding.adadec import AdaDecParams
 from engine.engine import CompletionOptions, Engine, EngineOptions
 from engine.stops import StopRules
@@ -58,23 +63,28 @@ def block_score(pred: str, ref: str) -> tuple[float, float]:
     return em(norm(pred), norm(ref)), es(norm(pred), norm(ref))
 
 
-def run_tasks(engine: Engine, tasks: list[dict], methods, *, max_tokens: int, width: int, log=print) -> dict:
-    rows = {m: [] for m in methods}
+def run_tasks(engine: Engine, tasks: list[dict], methods, *, max_tokens: int, width: int, log=print,
+              out: str | None = None) -> dict:
+    saved = {i: r for i, r in saved_rows(out).items() if not i.startswith("HumanEval/")}
+    rows = {m: [r[m] for r in saved.values()] for m in methods}
     for n, task in enumerate(tasks, 1):
+        if task["id"] in saved:
+            continue
         engine.open(URI, task["before"])
         engine.edit(URI, task["changes"])
         offset = cursor_offset(task)
         ref = author_block(task["after"], offset)
         parts = []
         for m in methods:
-            out = engine.complete(URI, offset, options(m, max_tokens=max_tokens, width=width))
+            got = engine.complete(URI, offset, options(m, max_tokens=max_tokens, width=width))
             st = getattr(engine, "last_adadec", None) if m == "adadec" else None
-            b_em, b_es = block_score(out.text, ref)
-            rows[m].append({"em": em(first_line(out.text), task["target"]), "es": es(first_line(out.text), task["target"]),
-                            "block_em": b_em, "block_es": b_es, "ms": out.ms,
+            b_em, b_es = block_score(got.text, ref)
+            rows[m].append({"em": em(first_line(got.text), task["target"]), "es": es(first_line(got.text), task["target"]),
+                            "block_em": b_em, "block_es": b_es, "ms": got.ms,
                             "steps": st.steps if st else 0, "paused": st.paused if st else 0})
-            parts.append(f"{m} {rows[m][-1]['em']:.0f}/{b_es:.0f} {out.ms:.0f}ms")
+            parts.append(f"{m} {rows[m][-1]['em']:.0f}/{b_es:.0f} {got.ms:.0f}ms")
         engine.close(URI)
+        append_row(out, {"id": task["id"], **{m: rows[m][-1] for m in methods}})
         log(f"[{n}/{len(tasks)}] {task['id']} | " + " | ".join(parts), flush=True)
     return {m: summary(r) for m, r in rows.items()}
 
@@ -113,26 +123,36 @@ def passes(program: str, *, timeout_s: float = 10.0) -> bool:
         return r.returncode == 0
 
 
-def run_humaneval(engine: Engine, problems: list[dict], methods, *, max_tokens: int, width: int, log=print) -> dict:
+def run_humaneval(engine: Engine, problems: list[dict], methods, *, max_tokens: int, width: int, log=print,
+                  out: str | None = None) -> dict:
     """pass@1 per method (greedy-style decoders: one program per problem)."""
-    ok = {m: [] for m in methods}
-    ms = {m: [] for m in methods}
-    check = problems[0]
+    saved = {i: r for i, r in saved_rows(out).items() if i.startswith("HumanEval/")}
+    ok = {m: [r[m]["pass"] for r in saved.values()] for m in methods}
+    ms = {m: [r[m]["ms"] for r in saved.values()] for m in methods}
+    check = humaneval_problems(1)[0]
     if not passes(check["prompt"] + check["canonical_solution"] + "\n\n" + check["test"] + f"\ncheck({check['entry_point']})\n"):
         raise RuntimeError("the sandbox fails a canonical HumanEval solution: the harness is broken, not the model")
     for n, prob in enumerate(problems, 1):
+        if prob["task_id"] in saved:
+            continue
         text = prob["prompt"] + "    "  # the cursor at the body's indentation: the block rule ends the body
         engine.open(URI, text)
         parts = []
         for m in methods:
-            out = engine.complete(URI, len(text), options(m, max_tokens=max_tokens, width=width))
-            program = text + out.text + "\n\n" + prob["test"] + f"\ncheck({prob['entry_point']})\n"
+            got = engine.complete(URI, len(text), options(m, max_tokens=max_tokens, width=width))
+            program = text + got.text + "\n\n" + prob["test"] + f"\ncheck({prob['entry_point']})\n"
             ok[m].append(passes(program))
-            ms[m].append(out.ms)
-            parts.append(f"{m} {'pass' if ok[m][-1] else 'fail'} {out.ms:.0f}ms")
+            ms[m].append(got.ms)
+            parts.append(f"{m} {'pass' if ok[m][-1] else 'fail'} {got.ms:.0f}ms")
         engine.close(URI)
+        append_row(out, {"id": prob["task_id"], **{m: {"pass": ok[m][-1], "ms": ms[m][-1]} for m in methods}})
         log(f"[he {n}/{len(problems)}] {prob['task_id']} | " + " | ".join(parts), flush=True)
-    res = {m: {"pass_at_1": round(100 * mean(ok[m]), 2), "ms": round(mean(ms[m]), 1), "problems": len(problems)}
+    return humaneval_summary(ok, ms)
+
+
+def humaneval_summary(ok: dict[str, list[bool]], ms: dict[str, list[float]]) -> dict:
+    methods = list(ok)
+    res = {m: {"pass_at_1": round(100 * mean(ok[m]), 2), "ms": round(mean(ms[m]), 1), "problems": len(ok[m])}
            for m in methods}
     if "greedy" in ok:
         base = np.array(ok["greedy"], dtype=float)
@@ -157,44 +177,80 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tasks", required=True)
-    p.add_argument("--limit", type=int)
-    p.add_argument("--model", default=None)
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--width", type=int, default=3, help="AdaDec candidates and beam width (B)")
-    p.add_argument("--depth", type=int, default=5, help="AdaDec look-ahead tokens (L)")
-    p.add_argument("--threshold", type=float, help="override the calibrated entropy threshold (nats)")
-    p.add_argument("--humaneval", action="store_true", help="also run HumanEval pass@1")
-    p.add_argument("--he-limit", type=int)
-    p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--precision", choices=("fp32", "int8"), default="fp32")
-    p.add_argument("--head", choices=("code", "full"), default="code")
-    args = p.parse_args(argv)
-    methods = [m for m in args.methods.split(",") if m]
-    if unknown := set(methods) - set(METHODS):
-        p.error(f"unknown methods {sorted(unknown)}")
-    engine = Engine.load(args.model, options=EngineOptions(precision=args.precision, head=args.head))
-    threshold = args.threshold if args.threshold is not None else engine.adadec.threshold
-    engine.adadec = AdaDecParams(threshold=threshold, width=args.width, depth=args.depth)
-    print(f"model {engine.loaded.source.name}; AdaDec threshold {threshold:.3f} nats, B={args.width}, "
-          f"L={args.depth}", flush=True)
-    t0 = time.perf_counter()
-    results = run_tasks(engine, read_tasks(args.tasks, args.limit), methods, max_tokens=args.max_tokens, width=args.width)
-    print(table(results))
-    if args.humaneval:
-        he = run_humaneval(engine, humaneval_problems(args.he_limit), methods, max_tokens=args.max_tokens * 2,
-                           width=args.width)
+def summarize(paths: list[str]) -> tuple[dict, dict]:
+    """Task and HumanEval summaries over rows files written by `--out` (for example one per shard)."""
+    saved = {}
+    for path in paths:
+        saved.update(saved_rows(path))
+    tasks = [r for i, r in saved.items() if not i.startswith("HumanEval/")]
+    probs = [r for i, r in saved.items() if i.startswith("HumanEval/")]
+    methods = [m for m in METHODS if all(m in r for r in saved.values())]
+    results = {m: summary([r[m] for r in tasks]) for m in methods} if tasks else {}
+    he = humaneval_summary({m: [r[m]["pass"] for r in probs] for m in methods},
+                           {m: [r[m]["ms"] for r in probs] for m in methods}) if probs else {}
+    return results, he
+
+
+def report(results: dict, he: dict) -> None:
+    if results:
+        print(table(results))
+    if he:
         print("| method | HumanEval pass@1 | delta vs greedy (95% CI) | flips +/- | ms |\n|---|---|---|---|---|")
         for m, r in he.items():
             ci = f"{r['delta_vs_greedy']:+.1f} ({r['delta_ci95'][0]:+.1f}, {r['delta_ci95'][1]:+.1f})" if "delta_ci95" in r else "-"
             flips = f"{r.get('flips_to_pass', '-')}/{r.get('flips_to_fail', '-')}"
             print(f"| {m} | {r['pass_at_1']:.1f} | {ci} | {flips} | {r['ms']:.0f} |")
-        for m in methods:
-            results[m]["humaneval"] = he[m]
+    out = {m: dict(r) for m, r in results.items()}
+    for m, r in he.items():
+        out.setdefault(m, {})["humaneval"] = r
+    print(json.dumps(out))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tasks", help="edit-then-complete tasks (JSONL); omit to run HumanEval alone")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--model", default=None)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--width", type=int, default=3, help="AdaDec candidates and beam width (B)")
+    p.add_argument("--depth", type=int, default=None, help="AdaDec look-ahead tokens (L; default: the engine's)")
+    p.add_argument("--threshold", type=float, help="override the calibrated entropy threshold (nats)")
+    p.add_argument("--margin", type=float, default=None, help="pause only when p1 - p2 < margin (default: the engine's)")
+    p.add_argument("--humaneval", action="store_true", help="also run HumanEval pass@1")
+    p.add_argument("--he-limit", type=int)
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--precision", choices=("fp32", "int8"), default="fp32")
+    p.add_argument("--head", choices=("code", "full"), default="code")
+    p.add_argument("--shard", help="i/n: every n-th task and problem from the i-th (0-based), to split a run")
+    p.add_argument("--out", help="JSONL of per-task rows: appended as tasks finish; a rerun resumes from it")
+    p.add_argument("--summarize", nargs="+", metavar="ROWS", help="no run: the tables and JSON of these rows files")
+    args = p.parse_args(argv)
+    if args.summarize:
+        report(*summarize(args.summarize))
+        return 0
+    if not args.tasks and not args.humaneval:
+        p.error("give --tasks, --humaneval or both (or --summarize)")
+    methods = [m for m in args.methods.split(",") if m]
+    if unknown := set(methods) - set(METHODS):
+        p.error(f"unknown methods {sorted(unknown)}")
+    engine = Engine.load(args.model, options=EngineOptions(precision=args.precision, head=args.head))
+    d = engine.adadec
+    engine.adadec = AdaDecParams(threshold=d.threshold if args.threshold is None else args.threshold, width=args.width,
+                                 depth=d.depth if args.depth is None else args.depth,
+                                 margin=d.margin if args.margin is None else args.margin)
+    a = engine.adadec
+    print(f"model {engine.loaded.source.name}; AdaDec threshold {a.threshold:.3f} nats, B={a.width}, L={a.depth}, "
+          f"margin {a.margin}", flush=True)
+    t0 = time.perf_counter()
+    results, he = {}, {}
+    if args.tasks:
+        tasks = shard(read_tasks(args.tasks, args.limit), args.shard)
+        results = run_tasks(engine, tasks, methods, max_tokens=args.max_tokens, width=args.width, out=args.out)
+    if args.humaneval:
+        problems = shard(humaneval_problems(args.he_limit), args.shard)
+        he = run_humaneval(engine, problems, methods, max_tokens=args.max_tokens * 2, width=args.width, out=args.out)
     print(f"total {time.perf_counter() - t0:.0f}s", flush=True)
-    print(json.dumps(results))
+    report(results, he)
     return 0
 
 

@@ -9,6 +9,8 @@
   beam               beam search with k beams
 
     python -m bench.drafts --tasks ../shared/data/edits-requests.jsonl --k 3 [--limit N] [--model M]
+    python -m bench.drafts --tasks FILE --shard 0/4 --out rows0.jsonl   # one of 4 processes; resumable
+    python -m bench.drafts --summarize rows0.jsonl rows1.jsonl ...       # the table and JSON from rows
 
 Per method: em/es of the top draft's first line, best_of_k_em/es (any draft's first line), distinct
 drafts per request, ms per request. One line per task, a markdown table, and last one JSON line
@@ -25,9 +27,9 @@ import time
 import torch
 
 from bench.plot import scatter_png
-from bench.tasks import cursor_offset, em, es, first_line, mean, pct, read_tasks
+from bench.tasks import append_row, cursor_offset, em, es, first_line, mean, pct, read_tasks, saved_rows, shard
 from engine.decoding.superposed import SuperposedParams
-from engine.engine import CompletionOptions, Engine
+from engine.engine import CompletionOptions, Engine, EngineOptions
 
 METHODS = ("greedy", "superposed", "superposed_rerank", "superposed_anchor", "nucleus", "beam")
 URI = "file:///task.py"
@@ -70,20 +72,36 @@ def summary(rows: list[dict]) -> dict:
     return out
 
 
-def run(engine: Engine, tasks: list[dict], methods, *, k: int, max_tokens: int = 48, log=print) -> dict:
-    rows = {m: [] for m in methods}
+def run(engine: Engine, tasks: list[dict], methods, *, k: int, max_tokens: int = 48, log=print,
+        out: str | None = None) -> dict:
+    """Run the tasks; with `out`, each task's rows are appended to that JSONL file as it finishes and
+    tasks already there are skipped (a long run resumes), and the summary covers the file."""
+    saved = saved_rows(out)
+    rows = {m: [r[m] for r in saved.values()] for m in methods}
     for n, task in enumerate(tasks, 1):
+        if task["id"] in saved:
+            continue
         offset = prepare(engine, task)
         parts = []
         for m in methods:
             torch.manual_seed(n)  # nucleus samples are reproducible per task
-            out = engine.complete(URI, offset, options(m, k=k, max_tokens=max_tokens))
-            r = score(out, task["target"])
+            got = engine.complete(URI, offset, options(m, k=k, max_tokens=max_tokens))
+            r = score(got, task["target"])
             rows[m].append(r)
             parts.append(f"{m} {r['em']:.0f}/{r['best_of_k_em']:.0f} d{r['distinct']} {r['ms']:.0f}ms")
         engine.close(URI)
+        append_row(out, {"id": task["id"], **{m: rows[m][-1] for m in methods}})
         log(f"[{n}/{len(tasks)}] {task['id']} | " + " | ".join(parts), flush=True)
     return {m: summary(rows[m]) for m in methods}
+
+
+def summarize(paths: list[str]) -> dict:
+    """The summary over rows files written by `--out` (for example one per shard)."""
+    saved = {}
+    for path in paths:
+        saved.update(saved_rows(path))
+    methods = [m for m in METHODS if all(m in r for r in saved.values())]
+    return {m: summary([r[m] for r in saved.values()]) for m in methods}
 
 
 def table(results: dict) -> str:
@@ -104,28 +122,41 @@ def warm(engine: Engine) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tasks", required=True)
+    p.add_argument("--tasks")
     p.add_argument("--k", type=int, default=3)
     p.add_argument("--limit", type=int)
     p.add_argument("--model", default=None)
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
     p.add_argument("--plot", help="write a PNG: best-of-k EM against ms per request, one point per method")
+    p.add_argument("--precision", choices=("fp32", "int8"), default="fp32")
+    p.add_argument("--head", choices=("code", "full"), default="code", help="LM head (code: the server's default)")
+    p.add_argument("--shard", help="i/n: run every n-th task from the i-th (0-based), to split a run over processes")
+    p.add_argument("--out", help="JSONL of per-task rows: appended as tasks finish; a rerun resumes from it")
+    p.add_argument("--summarize", nargs="+", metavar="ROWS", help="no run: the table and JSON of these rows files")
     args = p.parse_args(argv)
+    if args.summarize:
+        return report(summarize(args.summarize), plot=args.plot, k=args.k)
+    if not args.tasks:
+        p.error("--tasks is required (or --summarize)")
     methods = [m for m in args.methods.split(",") if m]
     if unknown := set(methods) - set(METHODS):
         p.error(f"unknown methods {sorted(unknown)}")
-    tasks = read_tasks(args.tasks, args.limit)
+    tasks = shard(read_tasks(args.tasks, args.limit), args.shard)
     t0 = time.perf_counter()
-    engine = Engine.load(args.model)
+    engine = Engine.load(args.model, options=EngineOptions(precision=args.precision, head=args.head))
     warm(engine)
     print(f"model {engine.loaded.source.name} ready in {time.perf_counter() - t0:.1f}s; {len(tasks)} tasks; k={args.k}",
           flush=True)
-    results = run(engine, tasks, methods, k=args.k, max_tokens=args.max_tokens)
+    results = run(engine, tasks, methods, k=args.k, max_tokens=args.max_tokens, out=args.out)
+    return report(results, plot=args.plot, k=args.k)
+
+
+def report(results: dict, *, plot: str | None, k: int) -> int:
     print(table(results))
-    if args.plot:
+    if plot:
         points = {m: (r["ms_per_request"], r["best_of_k_em"]) for m, r in results.items()}
-        scatter_png(points, args.plot, xlabel="ms per request", ylabel=f"best-of-{args.k} EM %")
+        scatter_png(points, plot, xlabel="ms per request", ylabel=f"best-of-{k} EM %")
     print(json.dumps(results))
     return 0
 

@@ -43,3 +43,27 @@ def pct(values: list[float], q: float) -> float:
 
 def mean(values: list[float]) -> float:
     return float(statistics.fmean(values)) if values else float("nan")
+
+
+def shard(tasks: list[dict], spec: str | None) -> list[dict]:
+    """`spec` "i/n" keeps every n-th task from the i-th (0-based), so n processes split a task file."""
+    if not spec:
+        return tasks
+    i, n = (int(x) for x in spec.split("/"))
+    if not 0 <= i < n:
+        raise ValueError(f"shard {spec!r}: need 0 <= i < n")
+    return tasks[i::n]
+
+
+def saved_rows(path: str | Path | None) -> dict[str, dict]:
+    """Rows already written to a JSONL results file, by task id (a rerun skips those tasks)."""
+    if not path or not Path(path).exists():
+        return {}
+    rows = (json.loads(line) for line in Path(path).read_text().splitlines() if line.strip())
+    return {r["id"]: r for r in rows}
+
+
+def append_row(path: str | Path | None, row: dict) -> None:
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")

@@ -125,7 +125,7 @@ class Engine:
         engine = cls(loaded.model, loaded.tokenizer, options, vocab_rows=rows)
         fitted = load_json(loaded.source.stem, "adadec.json")
         if fitted is not None:
-            engine.adadec = AdaDecParams(threshold=fitted["threshold"])
+            engine.adadec = AdaDecParams(threshold=fitted["threshold"], **fitted.get("decode", {}))
         engine.loaded = loaded
         return engine
 

@@ -3,7 +3,9 @@
 Terms, as used below:
 - entropy: H = -sum p log p of a step's next-token distribution, in nats.
 - paused step: a step whose H exceeds the model's threshold (learned by `fit_threshold` on
-  teacher-forced code, see engine.calibration); every other step takes the greedy token.
+  teacher-forced code, see engine.calibration) and, optionally, whose top two probabilities are closer
+  than `margin` (our addition: a high-entropy step with a clear favourite is not worth a look-ahead);
+  every other step takes the greedy token.
 - candidates: the top `width` tokens of a paused step.
 - rollout: a candidate followed by up to `depth` greedy tokens, ending early where `finish` says the
   suggestion ends. All candidates roll out together, one batch-`width` forward per token, on a
@@ -35,6 +37,7 @@ class AdaDecParams:
     threshold: float = math.inf  # nats; inf never pauses (plain greedy)
     width: int = 3  # candidates per pause (B)
     depth: int = 5  # greedy look-ahead tokens per candidate (L)
+    margin: float = 1.0  # pause only when p(top 1) - p(top 2) < margin; 1.0: entropy alone decides
 
 
 @dataclass
@@ -49,6 +52,16 @@ def entropy(logp: torch.Tensor) -> float:
     """Entropy in nats of a log-probability row [V] (-inf entries contribute nothing)."""
     p = logp.exp()
     return float(-(p * torch.nan_to_num(logp, neginf=0.0)).sum())
+
+
+def pauses(logp: torch.Tensor, params: AdaDecParams) -> bool:
+    """Whether a step with next-token log-probabilities `logp` [V] pauses."""
+    if entropy(logp) <= params.threshold:
+        return False
+    if params.margin >= 1.0:
+        return True
+    top = logp.topk(2).values.exp()
+    return float(top[0] - top[1]) < params.margin
 
 
 @dataclass
@@ -119,7 +132,7 @@ def adadec(model, cache: ScratchCache, first: int, *, max_new: int, params: AdaD
     for _ in range(max_new):
         logp = torch.log_softmax(logits.float(), dim=-1)
         stats.steps += 1
-        if entropy(logp) > params.threshold:
+        if pauses(logp, params):
             stats.paused += 1
             ahead = look_ahead(model, cache, logp, pos, done, params=params, finish=finish, stats=stats)
             tok = ahead.seqs[ahead.best][0]
@@ -157,7 +170,7 @@ def reference_adadec(model, ids: list[int], max_new: int, *, params: AdaDecParam
     while len(out) < max_new:
         logp = next_logp(ids + out)
         tok = int(logp.argmax())
-        if entropy(logp) > params.threshold:
+        if pauses(logp, params):
             vals, cands = logp.topk(min(params.width, int(torch.isfinite(logp).sum())))
             scores = []
             for v, c in zip(vals.tolist(), cands.tolist()):
