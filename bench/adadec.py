@@ -177,6 +177,28 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def entropy_data(engine: Engine, *, budget: int, width: int, log=print) -> dict:
+    """Why AdaDec helps or not: teacher-forced over held-out real code (the calibration corpus's held-out
+    files, never ../shared/data), how often the true token is the greedy one, or at least in the top
+    `width`, at steps that pause and at steps that do not."""
+    from engine import calibration, vocab
+
+    files = vocab.corpus_files(vocab.default_roots(), exclude=[], per_suffix=200, holdout=True)
+    files = [f for f in files if f.suffix == ".py"]
+    ranks: list[int] = []
+    h, _ = calibration.collect_entropies(engine.model, engine.tok, files, budget=budget, ranks=ranks,
+                                        progress=lambda msg: None)
+    r = np.array(ranks)
+    paused = h > engine.adadec.threshold
+    out = {"positions": int(len(h)), "threshold": engine.adadec.threshold, "paused_share": round(float(paused.mean()), 4)}
+    for name, sel in (("paused", paused), ("not_paused", ~paused)):
+        out[name] = {"greedy_right": round(float((r[sel] == 0).mean()), 4),
+                     f"in_top_{width}_not_first": round(float(((r[sel] > 0) & (r[sel] < width)).mean()), 4),
+                     f"outside_top_{width}": round(float((r[sel] >= width).mean()), 4)}
+    log(json.dumps(out))
+    return out
+
+
 def summarize(paths: list[str]) -> tuple[dict, dict]:
     """Task and HumanEval summaries over rows files written by `--out` (for example one per shard)."""
     saved = {}
@@ -224,12 +246,14 @@ def main(argv=None) -> int:
     p.add_argument("--shard", help="i/n: every n-th task and problem from the i-th (0-based), to split a run")
     p.add_argument("--out", help="JSONL of per-task rows: appended as tasks finish; a rerun resumes from it")
     p.add_argument("--summarize", nargs="+", metavar="ROWS", help="no run: the tables and JSON of these rows files")
+    p.add_argument("--entropy-data", type=int, metavar="TOKENS",
+                   help="no decoding: rank of the true token at paused and other steps over this many held-out tokens")
     args = p.parse_args(argv)
     if args.summarize:
         report(*summarize(args.summarize))
         return 0
-    if not args.tasks and not args.humaneval:
-        p.error("give --tasks, --humaneval or both (or --summarize)")
+    if not args.tasks and not args.humaneval and not args.entropy_data:
+        p.error("give --tasks, --humaneval or both (or --summarize, --entropy-data)")
     methods = [m for m in args.methods.split(",") if m]
     if unknown := set(methods) - set(METHODS):
         p.error(f"unknown methods {sorted(unknown)}")
@@ -241,6 +265,9 @@ def main(argv=None) -> int:
     a = engine.adadec
     print(f"model {engine.loaded.source.name}; AdaDec threshold {a.threshold:.3f} nats, B={a.width}, L={a.depth}, "
           f"margin {a.margin}", flush=True)
+    if args.entropy_data:
+        entropy_data(engine, budget=args.entropy_data, width=a.width)
+        return 0
     t0 = time.perf_counter()
     results, he = {}, {}
     if args.tasks:

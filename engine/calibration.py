@@ -64,9 +64,10 @@ def calibrate_vocab(tokenizer, model: str, roots: Iterable[Path], *, exclude: It
 
 @torch.no_grad()
 def collect_entropies(model, tokenizer, files: list[Path], *, tokens_per_file: int = 1024, budget: int = 60_000,
-                      progress: Callable[[str], None] = print) -> tuple[np.ndarray, np.ndarray]:
+                      progress: Callable[[str], None] = print, ranks: list | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Teacher-forced pass over real code: per position, the next-token entropy (nats) and whether the
-    greedy token is the true next token. At most `tokens_per_file` from each file, `budget` in all."""
+    greedy token is the true next token. At most `tokens_per_file` from each file, `budget` in all.
+    With `ranks`, each position's rank of the true token (0: the greedy token) is appended to it."""
     from engine.cache import KVCache
     from engine.decoding.adadec import entropy
 
@@ -88,6 +89,8 @@ def collect_entropies(model, tokenizer, files: list[Path], *, tokens_per_file: i
             target = torch.tensor(ids[s + 1 : s + 1 + len(logp)])
             hs += [entropy(row) for row in logp]
             right += (logp.argmax(-1) == target).tolist()
+            if ranks is not None:
+                ranks += (logp > logp.gather(-1, target[:, None])).sum(-1).tolist()
         seen += len(ids)
         progress(f"entropies: {seen} tokens from {path.name}")
         if seen >= budget:

@@ -77,12 +77,32 @@ class ShortlistHead(nn.Module):
         self.source, self.int8 = weight, int8  # the full head (tied embeddings: shared, not copied)
         self.member = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
         self.rows = torch.empty(0, dtype=torch.long, device=weight.device)
-        self.qweight = self.scale = self.weight = None
+        self._bufs: dict[str, torch.Tensor] = {}  # row storage with spare capacity: `include` appends in place
         self.include(rows)
 
     @property
     def size(self) -> int:
         return len(self.rows)
+
+    def _rows_of(self, name: str) -> torch.Tensor | None:
+        buf = self._bufs.get(name)
+        return None if buf is None else buf[: len(self.rows)]
+
+    qweight = property(lambda self: self._rows_of("qweight"))  # int8 [R, D]
+    scale = property(lambda self: self._rows_of("scale"))  # [R]
+    weight = property(lambda self: self._rows_of("weight"))  # fp32 [R, D]
+
+    def _append(self, name: str, values: torch.Tensor, n: int) -> None:
+        """Write `values` at rows n.. of a buffer, growing it by a quarter when full (an editor opening
+        files adds a few new tokens at a time; copying the whole head for each would cost ~15 ms)."""
+        buf = self._bufs.get(name)
+        need = n + len(values)
+        if buf is None or len(buf) < need:
+            grown = values.new_empty((max(need, need + need // 4), *values.shape[1:]))
+            if buf is not None:
+                grown[:n] = buf[:n]
+            self._bufs[name] = buf = grown
+        buf[n:need] = values
 
     def include(self, ids: torch.Tensor) -> int:
         """Add the tokens of `ids` not yet in the shortlist; returns how many were added."""
@@ -90,15 +110,16 @@ class ShortlistHead(nn.Module):
         new = torch.unique(ids[~self.member[ids]])
         if len(new) == 0:
             return 0
-        self.member[new] = True
-        self.rows = torch.cat([self.rows, new])
+        n = len(self.rows)
         w = self.source.detach()[new].float()
         if self.int8:
             q, s = quantize_rows(w)
-            self.qweight = q if self.qweight is None else torch.cat([self.qweight, q])
-            self.scale = s if self.scale is None else torch.cat([self.scale, s])
+            self._append("qweight", q, n)
+            self._append("scale", s, n)
         else:
-            self.weight = w if self.weight is None else torch.cat([self.weight, w])
+            self._append("weight", w, n)
+        self.member[new] = True
+        self.rows = torch.cat([self.rows, new])
         return len(new)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -579,7 +579,7 @@ def _completion_options(raw) -> CompletionOptions:
     opts = CompletionOptions()
     checks = {"multiline": lambda v: isinstance(v, bool), "max_tokens": lambda v: _is_int(v) and 1 <= v <= 1024,
               "time_cap_ms": lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0),
-              "decoder": lambda v: v in ("greedy", "lookup"), "drafts": lambda v: _is_int(v) and 1 <= v <= 8}
+              "decoder": lambda v: v in ("greedy", "lookup", "adadec"), "drafts": lambda v: _is_int(v) and 1 <= v <= 8}
     for key, value in raw.items():
         if key not in checks or not checks[key](value):
             raise RequestError("bad_request", f"bad completion option {str(key)[:40]}={str(value)[:40]}")

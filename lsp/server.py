@@ -243,6 +243,7 @@ class GhostlineServer(LanguageServer):
             max_tokens=self.settings.max_tokens_multiline if multiline else self.settings.max_tokens,
             time_cap_ms=self.settings.time_cap_ms,
             drafts=self.settings.drafts,
+            decoder=self.settings.decoder_multiline if multiline else self.settings.decoder,
         )
 
     def completion_options(self, **values):

@@ -24,6 +24,8 @@ class Settings:
     debounce_ms: int = 25  # wait before decoding; grows while the user types fast (see Debounce)
     time_cap_ms: int | None = 1500  # return what is there once a suggestion takes longer
     drafts: int = 1  # suggestions per request
+    decoder: str = "greedy"  # one-line suggestions: greedy | lookup (prompt-lookup speculation, same text)
+    decoder_multiline: str = "greedy"  # multi-line: greedy | lookup | adadec (pause and re-rank, issue 6)
     memory_budget_mb: float = 2048.0
     precision: str = "fp32"  # fp32 | int8 (int8 layer weights: ~3x faster steps, 96.6% argmax agreement)
     head: str = "code"  # code (LM head over the code vocabulary + the documents' tokens) | full
@@ -71,6 +73,11 @@ def check_setting(name: str, value):
         return float(value)
     if name in ("precision", "head"):
         allowed = {"precision": ("fp32", "int8"), "head": ("code", "full")}[name]
+        if value not in allowed:
+            raise SettingsError(f"setting {name} must be one of {', '.join(allowed)}, got {value!r}")
+        return value
+    if name in ("decoder", "decoder_multiline"):
+        allowed = ("greedy", "lookup") + (("adadec",) if name == "decoder_multiline" else ())
         if value not in allowed:
             raise SettingsError(f"setting {name} must be one of {', '.join(allowed)}, got {value!r}")
         return value

@@ -17,11 +17,14 @@ def test_settings_merge_flat_nested_and_camel_case(caplog):
     assert Settings().merged(None) == Settings()
     fast = Settings().merged({"precision": "int8", "head": "full"})
     assert (fast.precision, fast.head) == ("int8", "full") and (Settings().precision, Settings().head) == ("fp32", "code")
+    dec = Settings().merged({"decoder": "lookup", "decoderMultiline": "adadec"})
+    assert (dec.decoder, dec.decoder_multiline) == ("lookup", "adadec")
 
 
 @pytest.mark.parametrize("raw", [{"max_tokens": 0}, {"max_tokens": "5"}, {"multiline": "sometimes"},
                                  {"time_cap_ms": -1}, {"memory_budget_mb": True}, {"drafts": 99}, [1, 2],
-                                 {"precision": "fp8"}, {"head": "tiny"}])
+                                 {"precision": "fp8"}, {"head": "tiny"}, {"decoder": "adadec"},
+                                 {"decoder_multiline": "beam"}])
 def test_bad_settings_are_rejected(raw):
     with pytest.raises(SettingsError):
         Settings().merged(raw)
@@ -54,3 +57,14 @@ def test_mirror_offsets_and_positions():
     assert m.offset(2, 0, "utf-16") == len(m.text)
     with pytest.raises(EditError):
         m.offset(5, 0, "utf-16")
+
+
+def test_decoder_settings_pick_the_decoder_by_suggestion_kind():
+    from lsp.positions import Mirror
+    from lsp.server import GhostlineServer
+
+    server = GhostlineServer(settings=Settings().merged({"decoder": "lookup", "decoder_multiline": "adadec"}))
+    text = "def f(x):\n    \n    y = x\n"
+    block, mid = server.options_for(Mirror(text, 1), 14), server.options_for(Mirror(text, 1), len(text) - 3)
+    assert (block.multiline, block.decoder) == (True, "adadec")
+    assert (mid.multiline, mid.decoder) == (False, "lookup")
