@@ -238,6 +238,8 @@ def main(argv=None) -> int:
     p.add_argument("--depth", type=int, default=None, help="AdaDec look-ahead tokens (L; default: the engine's)")
     p.add_argument("--threshold", type=float, help="override the calibrated entropy threshold (nats)")
     p.add_argument("--margin", type=float, default=None, help="pause only when p1 - p2 < margin (default: the engine's)")
+    p.add_argument("--follow", action="store_true", default=None,
+                   help="commit the winner's rollout without pausing inside it (bounds the cost; our addition)")
     p.add_argument("--humaneval", action="store_true", help="also run HumanEval pass@1")
     p.add_argument("--he-limit", type=int)
     p.add_argument("--methods", default=",".join(METHODS))
@@ -261,10 +263,11 @@ def main(argv=None) -> int:
     d = engine.adadec
     engine.adadec = AdaDecParams(threshold=d.threshold if args.threshold is None else args.threshold, width=args.width,
                                  depth=d.depth if args.depth is None else args.depth,
-                                 margin=d.margin if args.margin is None else args.margin)
+                                 margin=d.margin if args.margin is None else args.margin,
+                                 follow=d.follow if args.follow is None else args.follow)
     a = engine.adadec
     print(f"model {engine.loaded.source.name}; AdaDec threshold {a.threshold:.3f} nats, B={a.width}, L={a.depth}, "
-          f"margin {a.margin}", flush=True)
+          f"margin {a.margin}, follow {a.follow}", flush=True)
     if args.entropy_data:
         entropy_data(engine, budget=args.entropy_data, width=a.width)
         return 0

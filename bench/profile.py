@@ -12,6 +12,7 @@ functions that do them:
             (token healing, stop rules, sampling, Python)
 
     python -m bench.profile --tasks ../shared/data/edits-requests.jsonl [--limit N] [--precision int8] [--head full]
+        [--decoder lookup]
 
 Prints a line per task, a markdown table (per part: mean and p50 ms per request, share of the total),
 and last one JSON line: {"edit": {...}, "complete": {...}, "steps_p50": ..., "step_ms": {...}}.
@@ -28,7 +29,7 @@ import time
 from collections import defaultdict
 
 import kernels.segment_attention
-from bench.tasks import cursor_offset, mean, pct, read_tasks
+from bench.tasks import cursor_offset, em, first_line, mean, pct, read_tasks
 from engine import engine as engine_mod
 from engine.cache import KVCache
 from engine.engine import CompletionOptions, Engine, EngineOptions
@@ -45,6 +46,7 @@ class Timers:
     def __init__(self):
         self.phase: str | None = None
         self.ms: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
 
     def wrap(self, fn, part: str):
         @functools.wraps(fn)
@@ -56,6 +58,7 @@ class Timers:
                 return fn(*args, **kwargs)
             finally:
                 self.ms[f"{self.phase}.{part}"] += (time.perf_counter() - t0) * 1e3
+                self.calls[f"{self.phase}.{part}"] += 1
 
         return timed
 
@@ -72,14 +75,15 @@ def instrument(engine: Engine, timers: Timers) -> None:
     kernels.segment_attention.segment_attention = timers.wrap(kernels.segment_attention.segment_attention, "attention")
 
 
-def run(engine: Engine, tasks: list[dict], *, max_tokens: int, log=print) -> dict:
+def run(engine: Engine, tasks: list[dict], *, max_tokens: int, decoder: str = "greedy", log=print) -> dict:
     timers = Timers()
     instrument(engine, timers)
-    opts = CompletionOptions(max_tokens=max_tokens)
+    opts = CompletionOptions(max_tokens=max_tokens, decoder=decoder)
     rows = []
     for n, task in enumerate(tasks, 1):
         engine.open(URI, task["before"])
         timers.ms.clear()
+        timers.calls.clear()
         timers.phase = "edit"
         t0 = time.perf_counter()
         up = engine.edit(URI, task["changes"])
@@ -90,7 +94,9 @@ def run(engine: Engine, tasks: list[dict], *, max_tokens: int, log=print) -> dic
         timers.phase = None
         engine.close(URI)
         ms = dict(timers.ms)
-        row = {"edit": (t1 - t0) * 1e3, "complete": (t2 - t1) * 1e3, "steps": len(got.tokens), "encoded": up.encoded}
+        row = {"edit": (t1 - t0) * 1e3, "complete": (t2 - t1) * 1e3, "steps": len(got.tokens), "encoded": up.encoded,
+               "forwards": timers.calls["complete.model"],
+               "text": got.text, "em": em(first_line(got.text), task["target"])}
         for p in EDIT_PARTS:
             row[f"edit.{p}"] = ms.get(f"edit.{p}", 0.0)
         row["edit.rest"] = row["edit"] - sum(row[f"edit.{p}"] for p in EDIT_PARTS)
@@ -101,7 +107,8 @@ def run(engine: Engine, tasks: list[dict], *, max_tokens: int, log=print) -> dic
         row["complete.rest"] = row["complete"] - model_ms
         rows.append(row)
         log(f"[{n}/{len(tasks)}] {task['id']} edit {row['edit']:.0f} ms (encode {row['edit.encode']:.0f}, "
-            f"{up.encoded} tokens) complete {row['complete']:.0f} ms ({row['steps']} tokens: layers "
+            f"{up.encoded} tokens) complete {row['complete']:.0f} ms ({row['steps']} tokens, {row['forwards']} "
+            f"forwards: layers "
             f"{row['complete.layers']:.0f}, head {row['complete.head']:.0f}, rest {row['complete.rest']:.0f})", flush=True)
     return summary(rows)
 
@@ -109,16 +116,18 @@ def run(engine: Engine, tasks: list[dict], *, max_tokens: int, log=print) -> dic
 def summary(rows: list[dict]) -> dict:
     col = lambda k: [r[k] for r in rows]  # noqa: E731
     total = mean(col("edit")) + mean(col("complete"))
-    out = {"tasks": len(rows), "total_ms_mean": round(total, 1)}
+    out = {"tasks": len(rows), "total_ms_mean": round(total, 1), "em": round(mean(col("em")), 2),
+           "total_ms_p50": round(pct([r["edit"] + r["complete"] for r in rows], 50), 1)}
     for phase, parts in (("edit", EDIT_PARTS), ("complete", COMPLETE_PARTS)):
         out[phase] = {"ms_mean": round(mean(col(phase)), 1), "ms_p50": round(pct(col(phase), 50), 1)}
         for p in parts + ("rest",):
             k = f"{phase}.{p}"
             out[phase][p] = {"ms_mean": round(mean(col(k)), 1), "ms_p50": round(pct(col(k), 50), 1),
                              "share": round(mean(col(k)) / total, 4) if total else 0.0}
-    steps = sum(col("steps"))
+    forwards = sum(col("forwards"))
     out["steps_p50"] = pct(col("steps"), 50)
-    out["step_ms"] = {k: round(sum(col(f"complete.{k}")) / steps, 2) if steps else 0.0 for k in ("layers", "head")}
+    out["tokens_per_forward"] = round(sum(col("steps")) / forwards, 3) if forwards else 0.0
+    out["step_ms"] = {k: round(sum(col(f"complete.{k}")) / forwards, 2) if forwards else 0.0 for k in ("layers", "head")}
     return out
 
 
@@ -141,15 +150,17 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--precision", choices=("fp32", "int8"), default="fp32")
     p.add_argument("--head", choices=("code", "full"), default="code", help="LM head (code: the server's default)")
+    p.add_argument("--decoder", choices=("greedy", "lookup"), default="greedy")
     args = p.parse_args(argv)
     engine = Engine.load(args.model, options=EngineOptions(precision=args.precision, head=args.head))
     engine.open(URI, "def f(x):\n    return x\n")
     engine.complete(URI, 10)  # first-call costs (token-text table, allocations) out of the timings
     engine.close(URI)
-    s = run(engine, read_tasks(args.tasks, args.limit), max_tokens=args.max_tokens)
+    s = run(engine, read_tasks(args.tasks, args.limit), max_tokens=args.max_tokens, decoder=args.decoder)
     print(table(s))
-    print(f"decode step: layers {s['step_ms']['layers']:.1f} ms + head {s['step_ms']['head']:.1f} ms; "
-          f"{s['steps_p50']:.0f} tokens per suggestion (p50)")
+    print(f"a forward of the completion: layers {s['step_ms']['layers']:.1f} ms + head {s['step_ms']['head']:.1f} ms; "
+          f"{s['steps_p50']:.0f} tokens per suggestion (p50), {s['tokens_per_forward']:.2f} tokens per forward; "
+          f"EM {s['em']:.1f}")
     print(json.dumps(s))
     return 0
 

@@ -225,7 +225,8 @@ class NgramIndex:
 
     def _tables(self, uri: str | None) -> list[NgramTable]:
         lang = _language(uri) if uri is not None else None
-        uris = [u for u in self.docs if lang is None or _language(u) == lang]
+        scope = _scope(uri) if uri is not None else None
+        uris = [u for u in self.docs if lang is None or (_language(u) == lang and _scope(u) == scope)]
         if uri in self.docs:  # the querying document first: it is the one kept past the bound
             uris.remove(uri)
             uris.append(uri)
@@ -251,6 +252,12 @@ def _common_ends(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
     diff = np.flatnonzero(a[len(a) - m :][::-1] != b[len(b) - m :][::-1]) if m else np.zeros(0)
     s = int(diff[0]) if len(diff) else m
     return p, s
+
+
+def _scope(uri: str) -> str:
+    """A document named "scope|uri" (the engine daemon names each client's documents so) draws
+    n-gram evidence only from documents of the same scope: one client's text never steers another's."""
+    return uri.split("|", 1)[0] if "|" in uri else ""
 
 
 def _language(uri: str) -> str:

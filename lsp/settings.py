@@ -23,7 +23,7 @@ class Settings:
     max_tokens_multiline: int = 96
     debounce_ms: int = 25  # wait before decoding; grows while the user types fast (see Debounce)
     time_cap_ms: int | None = 1500  # return what is there once a suggestion takes longer
-    drafts: int = 1  # suggestions per request
+    drafts: int = 3  # suggestions per request (superposed decoding: about the cost of one)
     decoder: str = "greedy"  # one-line suggestions: greedy | lookup (prompt-lookup speculation, same text)
     decoder_multiline: str = "greedy"  # multi-line: greedy | lookup | adadec (pause and re-rank, issue 6)
     memory_budget_mb: float = 2048.0

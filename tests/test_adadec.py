@@ -43,9 +43,11 @@ def test_infinite_threshold_is_greedy(tiny):
     assert stats.paused == 0 and stats.forwards == 16
 
 
+@pytest.mark.parametrize("follow", [False, True])
 @pytest.mark.parametrize("threshold", [0.0, "median"])
-def test_fast_adadec_equals_the_reencoding_reference(tiny, threshold):
-    """Pausing at every step (threshold 0) or about half of them; a stop rule ends rollouts early."""
+def test_fast_adadec_equals_the_reencoding_reference(tiny, threshold, follow):
+    """Pausing at every step (threshold 0) or about half of them; a stop rule ends rollouts early;
+    with `follow`, the winner's rollout is committed whole."""
     model, ids = tiny
     if threshold == "median":
         hs = []
@@ -53,7 +55,7 @@ def test_fast_adadec_equals_the_reencoding_reference(tiny, threshold):
             logp = torch.log_softmax(model(torch.tensor([ids[:i]]), torch.arange(i), _cache(model, i), last_only=True)[0, -1], -1)
             hs.append(entropy(logp))
         threshold = float(np.median(hs))
-    params = AdaDecParams(threshold=threshold, width=3, depth=3)
+    params = AdaDecParams(threshold=threshold, width=3, depth=3, follow=follow)
     finish = lambda seq: seq[-1] % 7 == 0  # noqa: E731 - a stand-in stop rule on ids
     stats = AdaDecStats()
     got = list(adadec(model, prefilled(model, ids, 16), ids[-1], max_new=8, params=params, finish=finish, stats=stats))

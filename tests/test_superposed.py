@@ -97,6 +97,17 @@ def test_ngram_probabilities():
     assert index.prob([[7, 1, 2]], [3, 4, 5], uri="a.py")[0] == pytest.approx(p)
 
 
+def test_ngram_evidence_stays_within_a_clients_scope():
+    """The engine daemon names documents "c<client>|uri": one client's text never steers another's drafts."""
+    index = NgramIndex()
+    index.open("c1|a.py", [1, 2, 3])
+    index.open("c2|b.py", [1, 2, 4, 1, 2, 4])
+    assert index.prob([[1, 2]], [3, 4], uri="c1|a.py")[0][1] == 0.0
+    assert index.prob([[1, 2]], [3, 4], uri="c2|b.py")[0][0] == 0.0
+    index.open("c1|c.py", [1, 2, 4])
+    assert index.prob([[1, 2]], [3, 4], uri="c1|a.py")[0][1] > 0.0
+
+
 edits = st.lists(st.tuples(st.floats(0, 1), st.integers(0, 8), st.lists(st.integers(0, 5), max_size=8)), max_size=12)
 
 

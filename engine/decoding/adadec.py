@@ -14,6 +14,11 @@ Terms, as used below:
   committed and the rollouts are dropped, except that the winner's entries, which are exactly what
   the greedy decode after it would compute, are adopted while the decode follows it: a pause costs the
   other rows of a batched forward, not a second run of the winner.
+- follow (our addition, off by default): the winner's rollout tokens are committed as they are, with
+  no new pause inside them (they were the look-ahead the candidate was judged by). A pause then costs
+  at most `depth` batch-`width` forwards for up to `depth` + 1 tokens, which bounds AdaDec's cost by
+  the ratio of a batch-`width` forward to a batch-1 one; without it, a pause inside an adopted run
+  throws the rest of the run away.
 
 `reference_adadec` is the same rule on a plain re-encode per token; the fast path is tested against it.
 """
@@ -38,6 +43,7 @@ class AdaDecParams:
     width: int = 3  # candidates per pause (B)
     depth: int = 5  # greedy look-ahead tokens per candidate (L)
     margin: float = 1.0  # pause only when p(top 1) - p(top 2) < margin; 1.0: entropy alone decides
+    follow: bool = False  # commit the winner's rollout without pausing inside it (see the module docstring)
 
 
 @dataclass
@@ -132,7 +138,8 @@ def adadec(model, cache: ScratchCache, first: int, *, max_new: int, params: AdaD
     for _ in range(max_new):
         logp = torch.log_softmax(logits.float(), dim=-1)
         stats.steps += 1
-        if pauses(logp, params):
+        inside = params.follow and ahead is not None and ahead.next < len(ahead.seqs[ahead.best])
+        if not inside and pauses(logp, params):
             stats.paused += 1
             ahead = look_ahead(model, cache, logp, pos, done, params=params, finish=finish, stats=stats)
             tok = ahead.seqs[ahead.best][0]
@@ -172,7 +179,7 @@ def reference_adadec(model, ids: list[int], max_new: int, *, params: AdaDecParam
         tok = int(logp.argmax())
         if pauses(logp, params):
             vals, cands = logp.topk(min(params.width, int(torch.isfinite(logp).sum())))
-            scores = []
+            scores, seqs = [], []
             for v, c in zip(vals.tolist(), cands.tolist()):
                 seq, total, n = [c], v, 1
                 for _ in range(params.depth):
@@ -183,7 +190,12 @@ def reference_adadec(model, ids: list[int], max_new: int, *, params: AdaDecParam
                     total += float(lp.max())
                     n += 1
                 scores.append(total / n)
-            tok = cands.tolist()[max(range(len(scores)), key=lambda r: (scores[r], -r))]
+                seqs.append(seq)
+            best = max(range(len(scores)), key=lambda r: (scores[r], -r))
+            if params.follow:
+                out += seqs[best][: max_new - len(out)]
+                continue
+            tok = cands.tolist()[best]
         out.append(tok)
     return out
 

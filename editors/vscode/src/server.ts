@@ -40,7 +40,7 @@ export function serverSettings(get: <T>(key: string, fallback: T) => T): ServerS
     max_tokens: get('maxTokens', 48),
     debounce_ms: get('debounceMs', 25),
     time_cap_ms: get<number | null>('timeCapMs', 1500),
-    drafts: get('drafts', 1),
+    drafts: get('drafts', 3),
     memory_budget_mb: get('memoryBudgetMb', 2048),
   };
 }
