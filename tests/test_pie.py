@@ -209,3 +209,22 @@ def test_a_stopped_encode_resumes_and_nothing_reads_missing_rows(tiny_engine_fac
     ref.open("d", text)
     assert eng.complete("d", 900, opts).tokens == ref.complete("d", 900, opts).tokens
     assert eng.docs["d"].cache.length == len(eng.docs["d"].ids)
+
+
+SHIFTS = [(48, 5, 20, 30), (48, 30, 44, 2), (48, 10, 30, 17), (48, 12, 40, 5), (48, 20, 47, 21), (48, 5, 45, 4),
+          (48, 7, 7, 3)]  # (capacity, src, end, dst): disjoint, overlapping both ways, +-1, nothing to move
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", SHIFTS, ids=[f"{s}-{e}->{d}" for _, s, e, d in SHIFTS])
+def test_cpu_rope_shift_is_the_reference_bit_for_bit(case, dtype):
+    from kernels.rope_shift import rope_shift_cpu, rope_shift_reference
+
+    cap, src, end, dst = case
+    gen = torch.Generator().manual_seed(cap + src + end + dst)
+    k0, v0 = (torch.randn(3, 2, cap, 32, generator=gen).to(dtype) for _ in range(2))  # [L, KV, cap, hd]
+    inv_freq = 1.0 / torch.tensor([10000.0, 500.0, 1e6])[:, None] ** (torch.arange(0, 32, 2).float() / 32)
+    k, v, k_ref, v_ref = k0.clone(), v0.clone(), k0.clone(), v0.clone()
+    rope_shift_cpu(k, v, src, end, dst, inv_freq)
+    rope_shift_reference(k_ref, v_ref, src, end, dst, inv_freq)
+    assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
