@@ -34,7 +34,7 @@ def segment_attention(
     G = H // KV
     qg = q.reshape(B, KV, G * T, hd)  # head h = kv * G + g
     q_lo, q_hi = int(qpos.min()), int(qpos.max())  # host positions: no device sync
-    qp = qpos.to(q.device, non_blocking=True).repeat(G)  # [G*T] position of each query row
+    qp = qpos.to(q.device, non_blocking=True).repeat(G) if q_lo != q_hi else None  # [G*T] each query row's position
     scores, values = [], []
     for K, V, start in segments:
         lo = max(0, q_lo - window + 1 - start) if window else 0
@@ -45,11 +45,14 @@ def segment_attention(
         s = torch.matmul(qg, Ks.transpose(-1, -2)) * scale  # [B, KV, G*T, S]
         if softcap:
             s = torch.tanh(s / softcap) * softcap
-        kpos = torch.arange(start + lo, start + hi, device=q.device)
-        allowed = kpos[None, :] <= qp[:, None]
-        if window:
-            allowed &= kpos[None, :] > qp[:, None] - window
-        scores.append(s.masked_fill(~allowed, float("-inf")))
+        if q_lo == q_hi:  # one query position (a decode step): lo..hi already holds exactly the keys it sees
+            scores.append(s)
+        else:
+            kpos = torch.arange(start + lo, start + hi, device=q.device)
+            allowed = kpos[None, :] <= qp[:, None]
+            if window:
+                allowed &= kpos[None, :] > qp[:, None] - window
+            scores.append(s.masked_fill(~allowed, float("-inf")))
         values.append(Vs)
     p = torch.softmax(torch.cat(scores, dim=-1).float(), dim=-1).to(q.dtype)
     out, off = None, 0
