@@ -9,7 +9,8 @@ M.defaults = {
   cmd = { "ghostline", "serve" },
   filetypes = { "python", "lua", "javascript", "typescript", "go", "rust", "c", "cpp", "java" },
   root_markers = { ".git", "pyproject.toml", "package.json", "go.mod", "Cargo.toml" },
-  -- Sent as initializationOptions: model, multiline, max_tokens, debounce_ms, time_cap_ms, drafts, memory_budget_mb.
+  -- Sent as initializationOptions (README: Settings): model, multiline, max_tokens, debounce_ms, time_cap_ms,
+  -- drafts, decoder, decoder_multiline, precision, head, memory_budget_mb, engine.
   settings = {},
   -- Insert-mode keys; each falls through to its normal meaning when no suggestion is shown. false disables one.
   keymaps = {
