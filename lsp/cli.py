@@ -99,7 +99,7 @@ def _engine_parser(sub) -> None:
     e.add_argument("--token-file", default=None)
     e.add_argument("--memory-budget-mb", type=float, default=None,
                    help="all clients' KV caches together, least recently used evicted (default 2048)")
-    e.add_argument("--precision", choices=("fp32", "int8"), default="fp32", help="layer weights (default fp32)")
+    e.add_argument("--precision", choices=("fp32", "int8"), default="int8", help="layer weights (default int8)")
     e.add_argument("--head", choices=("code", "full"), default="code",
                    help="LM head over the code vocabulary (default) or the full vocabulary")
     e.add_argument("--max-docs", type=int, default=None, help="open documents per client (default 256)")

@@ -51,7 +51,7 @@ class RemoteOptions:
     spawn_timeout_s: float = 300.0  # a first start de-quantises the model (about a minute for Gemma)
     idle_exit_s: float = 300.0  # a daemon we start exits this long after its last client leaves
     memory_budget_mb: float = 2048.0  # for a daemon we start (the `memory_budget_mb` setting)
-    precision: str = "fp32"  # for a daemon we start (the `precision` and `head` settings)
+    precision: str = "int8"  # for a daemon we start (the `precision` and `head` settings)
     head: str = "code"
     max_retry_s: float = 30.0  # longest wait between attempts to reach an unavailable daemon
 

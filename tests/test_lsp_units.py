@@ -15,8 +15,8 @@ def test_settings_merge_flat_nested_and_camel_case(caplog):
     assert "bogus" in caplog.text
     assert Settings().merged({"debounce_ms": 0}).debounce_ms == 0
     assert Settings().merged(None) == Settings()
-    fast = Settings().merged({"precision": "int8", "head": "full"})
-    assert (fast.precision, fast.head) == ("int8", "full") and (Settings().precision, Settings().head) == ("fp32", "code")
+    fast = Settings().merged({"precision": "fp32", "head": "full"})
+    assert (fast.precision, fast.head) == ("fp32", "full") and (Settings().precision, Settings().head) == ("int8", "code")
     dec = Settings().merged({"decoder": "lookup", "decoderMultiline": "adadec"})
     assert (dec.decoder, dec.decoder_multiline) == ("lookup", "adadec")
 
