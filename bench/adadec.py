@@ -201,9 +201,7 @@ def entropy_data(engine: Engine, *, budget: int, width: int, log=print) -> dict:
 
 def summarize(paths: list[str]) -> tuple[dict, dict]:
     """Task and HumanEval summaries over rows files written by `--out` (for example one per shard)."""
-    saved = {}
-    for path in paths:
-        saved.update(saved_rows(path))
+    saved = saved_rows(*paths)
     tasks = [r for i, r in saved.items() if not i.startswith("HumanEval/")]
     probs = [r for i, r in saved.items() if i.startswith("HumanEval/")]
     methods = [m for m in METHODS if all(m in r for r in saved.values())]

@@ -97,9 +97,7 @@ def run(engine: Engine, tasks: list[dict], methods, *, k: int, max_tokens: int =
 
 def summarize(paths: list[str]) -> dict:
     """The summary over rows files written by `--out` (for example one per shard)."""
-    saved = {}
-    for path in paths:
-        saved.update(saved_rows(path))
+    saved = saved_rows(*paths)
     methods = [m for m in METHODS if all(m in r for r in saved.values())]
     return {m: summary([r[m] for r in saved.values()]) for m in methods}
 

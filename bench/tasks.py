@@ -55,12 +55,15 @@ def shard(tasks: list[dict], spec: str | None) -> list[dict]:
     return tasks[i::n]
 
 
-def saved_rows(path: str | Path | None) -> dict[str, dict]:
-    """Rows already written to a JSONL results file, by task id (a rerun skips those tasks)."""
-    if not path or not Path(path).exists():
-        return {}
-    rows = (json.loads(line) for line in Path(path).read_text().splitlines() if line.strip())
-    return {r["id"]: r for r in rows}
+def saved_rows(*paths: str | Path | None) -> dict[str, dict]:
+    """Rows already written to JSONL results files (missing ones count as empty), by task id: a rerun
+    skips those tasks, and `--summarize` merges the files of several shards."""
+    out: dict[str, dict] = {}
+    for path in paths:
+        if path and Path(path).exists():
+            rows = (json.loads(line) for line in Path(path).read_text().splitlines() if line.strip())
+            out.update((r["id"], r) for r in rows)
+    return out
 
 
 def append_row(path: str | Path | None, row: dict) -> None:
