@@ -4,9 +4,11 @@ speculative decoder, with a check that every output equals greedy's.
 
     python -m bench.spec --tasks ../shared/data/edits-requests.jsonl [--limit N]
 
-Methods: `greedy`, `ngram` (prompt lookup in the document and the other open documents). The
-self-speculation proposer (early layers + exit head) needs the exit heads of the early-exit work
-and is not in this benchmark yet.
+Methods: `greedy`, `ngram` (prompt lookup in the document and the other open documents), `self`
+(the model's first layers + an exit head draft, engine.decoding.speculative.EarlyLayers: the depth
+chosen by measured acceptance, no drafting where it does not pay), `both` (prompt lookup where it
+finds a match, early layers elsewhere). `--precision`/`--head` as the server's (default int8/code).
+With --out, rows are appended per task (resumable; `--shard i/n`), `--summarize` reports from rows.
 """
 
 from __future__ import annotations
@@ -15,53 +17,84 @@ import argparse
 import json
 import sys
 
-from bench.tasks import cursor_offset, mean, read_tasks
-from engine.engine import CompletionOptions, Engine
+from bench.tasks import append_row, cursor_offset, mean, read_tasks, saved_rows, shard
+from engine.engine import CompletionOptions, Engine, EngineOptions
 
-DECODERS = {"greedy": "greedy", "ngram": "lookup"}
+DECODERS = {"greedy": "greedy", "ngram": "lookup", "self": "self", "both": "lookup+self"}
+
+
+def run_task(engine: Engine, task: dict, *, max_tokens: int) -> dict:
+    engine.open("doc", task["before"])
+    engine.edit("doc", task["changes"])
+    offset = cursor_offset(task)
+    row = {"id": task["id"]}
+    for method, decoder in DECODERS.items():
+        out = engine.complete("doc", offset, CompletionOptions(multiline=True, max_tokens=max_tokens, decoder=decoder))
+        r = {"ms": out.ms, "tokens": out.tokens}
+        if decoder != "greedy":
+            st = engine.last_spec
+            r |= {"steps": st.steps, "accepted": st.accepted, "proposed": st.proposed}
+        if decoder in ("self", "lookup+self"):
+            r["layer"] = engine.last_early.layer
+        row[method] = r
+    engine.close("doc")
+    return row
+
+
+def summarize(rows: list[dict]) -> dict:
+    result = {}
+    for method in DECODERS:
+        rs = [r[method] for r in rows]
+        tokens, secs = sum(len(r["tokens"]) for r in rs), sum(r["ms"] for r in rs) / 1e3
+        steps = sum(r.get("steps", 0) for r in rs)
+        result[method] = {
+            "tokens_per_s": round(tokens / secs, 2) if secs else 0.0,
+            "mean_accepted": round(sum(r.get("accepted", 0) for r in rs) / steps, 3) if steps else 0.0,
+            "ms": round(mean([r["ms"] for r in rs]), 1),
+            "identical": all(r[method]["tokens"] == r["greedy"]["tokens"] for r in rows),
+        }
+    g = result["greedy"]["tokens_per_s"]
+    print(f"{len(rows)} tasks")
+    print("| method | tokens/s | vs greedy | mean accepted per verify step | ms per suggestion | identical to greedy |")
+    print("|---|---|---|---|---|---|")
+    for method, r in result.items():
+        print(f"| {method} | {r['tokens_per_s']} | {r['tokens_per_s'] / g:.2f}x | {r['mean_accepted']} | {r['ms']} | "
+              f"{r['identical']} |")
+    return result
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tasks", required=True)
+    p.add_argument("--tasks")
     p.add_argument("--limit", type=int)
     p.add_argument("--model", default=None)
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--precision", default="int8", choices=("fp32", "int8"))
+    p.add_argument("--head", default="code", choices=("full", "code"))
+    p.add_argument("--shard", help="i/n: every n-th task from the i-th")
+    p.add_argument("--out", help="append each task's row to this JSONL file (a rerun skips what is there)")
+    p.add_argument("--summarize", nargs="+", help="rows files to report on, without running")
     args = p.parse_args(argv)
-    engine = Engine.load(args.model)
-    tasks = read_tasks(args.tasks, args.limit)
-    rows = {m: {"ms": [], "tokens": [], "accepted": [], "outputs": []} for m in DECODERS}
-    for n, task in enumerate(tasks, 1):
-        engine.open("doc", task["before"])
-        engine.edit("doc", task["changes"])
-        offset = cursor_offset(task)
-        parts = []
-        for method, decoder in DECODERS.items():
-            out = engine.complete("doc", offset, CompletionOptions(
-                multiline=True, max_tokens=args.max_tokens, decoder=decoder))
-            r = rows[method]
-            r["ms"].append(out.ms)
-            r["tokens"].append(len(out.tokens))
-            r["outputs"].append(out.tokens)
-            if decoder == "lookup":
-                r["accepted"].append(engine.last_spec.mean_accepted)
-            parts.append(f"{method} {len(out.tokens)} tok {out.ms:.0f}ms")
-        same = rows["ngram"]["outputs"][-1] == rows["greedy"]["outputs"][-1]
-        print(f"[{n}/{len(tasks)}] {task['id']} " + " | ".join(parts) + f" | identical={same}", flush=True)
-        engine.close("doc")
-    result = {}
-    for method, r in rows.items():
-        result[method] = {
-            "tokens_per_s": round(sum(r["tokens"]) / (sum(r["ms"]) / 1e3), 2),
-            "mean_accepted": round(mean(r["accepted"]), 3) if r["accepted"] else 0.0,
-            "ms": round(mean(r["ms"]), 1),
-            "identical": all(o == g for o, g in zip(r["outputs"], rows["greedy"]["outputs"])),
-        }
-    print("| method | tokens/s | mean accepted per verify step | ms per suggestion | identical to greedy |")
-    print("|---|---|---|---|---|")
-    for method, r in result.items():
-        print(f"| {method} | {r['tokens_per_s']} | {r['mean_accepted']} | {r['ms']} | {r['identical']} |")
-    print(json.dumps(result))
+    if args.summarize:
+        rows = list(saved_rows(*args.summarize).values())
+    else:
+        if not args.tasks:
+            p.error("--tasks is required unless --summarize")
+        engine = Engine.load(args.model, options=EngineOptions(precision=args.precision, head=args.head))
+        saved = saved_rows(args.out)
+        rows = list(saved.values())
+        tasks = shard(read_tasks(args.tasks, args.limit), args.shard)
+        for n, task in enumerate(tasks, 1):
+            if task["id"] in saved:
+                continue
+            row = run_task(engine, task, max_tokens=args.max_tokens)
+            rows.append(row)
+            append_row(args.out, row)
+            same = all(row[m]["tokens"] == row["greedy"]["tokens"] for m in DECODERS)
+            print(f"[{n}/{len(tasks)}] {task['id']} " + " | ".join(
+                f"{m} {len(row[m]['tokens'])} tok {row[m]['ms']:.0f}ms" for m in DECODERS) + f" | identical={same}",
+                flush=True)
+    print(json.dumps(summarize(rows)))
     return 0
 
 

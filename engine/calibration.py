@@ -17,7 +17,7 @@ from engine import vocab
 from engine.loader import cache_dir
 
 PACKAGED = Path(__file__).parent / "data"
-STEPS = ("vocab", "adadec")
+STEPS = ("vocab", "adadec", "exits")
 
 
 def user_folder(model: str) -> Path:
@@ -62,6 +62,14 @@ def calibrate_vocab(tokenizer, model: str, roots: Iterable[Path], *, exclude: It
     return folder / "vocab.npy"
 
 
+def code_files(roots: Iterable[Path], *, exclude: Iterable[str] = ()) -> list[Path]:
+    """Source files under `roots` for the teacher-forced fits, languages interleaved (a stable order)."""
+    files = vocab.corpus_files([Path(r) for r in roots], exclude=list(exclude), per_suffix=200)
+    files = [f for f in files if f.suffix in {".py", ".js", ".ts", ".c", ".h", ".lua", ".go", ".rs", ".java"}]
+    files.sort(key=lambda p: hashlib.sha256(str(p).encode()).hexdigest())
+    return files
+
+
 @torch.no_grad()
 def collect_entropies(model, tokenizer, files: list[Path], *, tokens_per_file: int = 1024, budget: int = 60_000,
                       progress: Callable[[str], None] = print, ranks: list | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -102,10 +110,8 @@ def calibrate_adadec(model, tokenizer, name: str, roots: Iterable[Path], *, excl
                      out: Path | None = None, budget: int = 60_000, progress: Callable[[str], None] = print) -> Path:
     """Fit AdaDec's entropy threshold on teacher-forced code under `roots`; write `adadec.json`."""
     t0 = time.perf_counter()
-    files = vocab.corpus_files([Path(r) for r in roots], exclude=list(exclude), per_suffix=200)
-    files = [f for f in files if f.suffix in {".py", ".js", ".ts", ".c", ".h", ".lua", ".go", ".rs", ".java"}]
-    files.sort(key=lambda p: hashlib.sha256(str(p).encode()).hexdigest())  # languages interleaved
-    h, right = collect_entropies(model, tokenizer, files, budget=budget, progress=progress)
+    h, right = collect_entropies(model, tokenizer, code_files(roots, exclude=exclude), budget=budget,
+                                 progress=progress)
     from engine.decoding.adadec import fit_threshold
 
     fit = fit_threshold(h, right)
@@ -116,3 +122,24 @@ def calibrate_adadec(model, tokenizer, name: str, roots: Iterable[Path], *, excl
     progress(f"adadec: threshold {fit['threshold']:.3f} nats (pauses {fit['paused_share']:.1%} of held-out steps) "
              f"-> {folder / 'adadec.json'}")
     return folder / "adadec.json"
+
+
+def calibrate_exits(model, tokenizer, name: str, roots: Iterable[Path], *, exclude: Iterable[str] = (),
+                    out: Path | None = None, budget: int = 24_000, progress: Callable[[str], None] = print) -> Path:
+    """Fit the exit heads, the early-exit controller and its thresholds (engine.exits) on teacher-forced
+    code under `roots`; write `exits.npz` + `exits.json`. Needs the code vocabulary (for speed)."""
+    from engine.exits import RowHead, collect, default_layers, fit
+
+    t0 = time.perf_counter()
+    rows = np.load(out / "vocab.npy") if out is not None and (out / "vocab.npy").is_file() else load_vocab(name)
+    if rows is None:
+        raise FileNotFoundError(f"no code vocabulary for {name}: run the `vocab` step first")
+    states = collect(model, tokenizer, code_files(roots, exclude=exclude), budget=budget, progress=progress)
+    layers = default_layers(model.args.n_layers)
+    exits = fit(states, RowHead(model, torch.as_tensor(rows, dtype=torch.long)), layers=layers,
+                report_layers=layers, progress=progress)
+    exits.meta |= {"seconds": round(time.perf_counter() - t0, 1), "roots": [str(r) for r in roots],
+                   "exclude": list(exclude)}
+    path = exits.save(out or user_folder(name))
+    progress(f"exits: {len(layers)} exit heads at layers {layers} -> {path}")
+    return path

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -18,13 +19,15 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.cache import KVCache, ScratchCache
-from engine.calibration import load_json, load_vocab
+from engine.calibration import find, load_json, load_vocab
 from engine.decoding.adadec import AdaDecParams, AdaDecStats, adadec
+from engine.decoding.early_exit import ExitStats, early_exit
 from engine.decoding.greedy import greedy
-from engine.decoding.speculative import DraftLength, SpecStats, speculative
+from engine.decoding.speculative import Chain, DraftLength, EarlyLayers, SpecStats, speculative
 from engine.decoding.superposed import SuperposedParams
 from engine.document import STRATEGIES, Document, token_hunks
 from engine.drafts import stream_drafts
+from engine.exits import EXITS_FILE, Exits
 from engine.ngram import NgramIndex, PromptLookup
 from engine.quant import quantize
 from engine.stops import Shown, StopRules
@@ -50,6 +53,7 @@ class EngineOptions:
 
 
 PRECISIONS = ("fp32", "int8")
+SPECULATIVE = ("lookup", "self", "lookup+self")  # decoders that verify drafts (same output as greedy)
 HEADS = ("full", "code")
 
 
@@ -58,10 +62,14 @@ class CompletionOptions:
     multiline: bool = False
     max_tokens: int = 48
     time_cap_ms: float | None = None  # stop once past this and something is worth showing
-    decoder: str = "greedy"  # greedy | lookup (speculative with prompt lookup, same output as greedy) | adadec
+    decoder: str = "greedy"  # greedy | adadec | lookup, self, lookup+self (speculative: same output as greedy)
     adadec: AdaDecParams | None = None  # None: the model's calibrated threshold (engine.calibration)
     drafts: int = 1  # > 1: k drafts (decoder superposed, the default, or beam | nucleus), see engine.drafts
     superposed: SuperposedParams | None = None  # None: the defaults
+    halt: bool = False  # end the suggestion before a token the controller expects to be wrong (engine.exits)
+    halt_threshold: float | None = None  # P(stop) cut-off; None: the model's calibrated one
+    exit: bool = False  # read confident tokens from an early layer's exit head (greedy decoder only)
+    exit_threshold: float | None = None  # P(exit) cut-off; None: the model's calibrated one
 
 
 @dataclass
@@ -107,6 +115,8 @@ class Engine:
         self._masks: dict[str, torch.Tensor] = {}
         self.ngrams = NgramIndex()  # n-gram tables of the open documents (superposed decoding)
         self.adadec = AdaDecParams()  # threshold inf (greedy) until `load` finds the model's calibration
+        self.exits: Exits | None = None  # exit heads + controller, when the model was calibrated for them
+        self.trace_exits = False  # benchmarks: record every step's P(stop) in `last_exit.p_stop`
         self._clock = 0
 
     @classmethod
@@ -126,6 +136,8 @@ class Engine:
         fitted = load_json(loaded.source.stem, "adadec.json")
         if fitted is not None:
             engine.adadec = AdaDecParams(threshold=fitted["threshold"], **fitted.get("decode", {}))
+        if (path := find(loaded.source.stem, EXITS_FILE)) is not None:
+            engine.exits = Exits.load(path)
         engine.loaded = loaded
         return engine
 
@@ -266,7 +278,7 @@ class Engine:
                     break
                 yield out
             else:
-                out.stop_reason = "max_tokens"
+                out.stop_reason = "halt" if getattr(self._last_stats, "halted", False) else "max_tokens"
         finally:
             gen.close()
             scratch.trim(0)
@@ -278,6 +290,14 @@ class Engine:
     def _decoder(self, doc: Document, P: int, opts: CompletionOptions, mask, *, finish=None):
         """The token generator for a request and the scratch cache it writes (rolled back by the caller)."""
         first = doc.ids[P - 1]
+        exits = self._exits(opts)
+        self._last_stats = None
+        if opts.decoder == "greedy" and exits is not None:
+            scratch = ScratchCache(doc.cache, P - 1, opts.max_tokens + 1)
+            self.last_exit = self._last_stats = ExitStats(p_stop=[] if self.trace_exits else None)
+            gen = early_exit(self.model, scratch, first, exits=exits, max_new=opts.max_tokens, first_mask=mask,
+                             stats=self.last_exit)
+            return gen, scratch
         if opts.decoder == "greedy":
             scratch = ScratchCache(doc.cache, P - 1, opts.max_tokens + 1)
             return greedy(self.model, scratch, first, max_new=opts.max_tokens, first_mask=mask), scratch
@@ -287,16 +307,60 @@ class Engine:
             gen = adadec(self.model, scratch, first, max_new=opts.max_tokens, params=opts.adadec or self.adadec,
                          finish=finish, first_mask=mask, stats=self.last_adadec)
             return gen, scratch
-        if opts.decoder == "lookup":
+        if opts.decoder in SPECULATIVE:
             length = DraftLength()
             scratch = ScratchCache(doc.cache, P - 1, opts.max_tokens + length.k_max + 2)
-            proposer = PromptLookup()
-            proposer.others = [d.array for d in self.docs.values() if d is not doc]
-            self.last_spec = SpecStats()
+            lookup = PromptLookup()
+            lookup.others = [d.array for d in self.docs.values() if d is not doc]
+            proposer = lookup
+            if opts.decoder != "lookup":
+                if self.exits is None:
+                    raise ValueError(f"decoder {opts.decoder!r} needs the model's exit heads: run `ghostline calibrate --steps exits`")
+                early = EarlyLayers(self.model, scratch, self.exits, head_cost=self.head_cost())
+                self.last_early = early
+                proposer = early if opts.decoder == "self" else Chain(lookup, early)
+            self.last_spec = self._last_stats = SpecStats()
+            halt = None if exits is None else (lambda rows: exits.p_stop(rows) >= exits.halt_threshold)
             gen = speculative(self.model, scratch, first, context=doc.ids[: P - 1], proposer=proposer,
-                              max_new=opts.max_tokens, first_mask=mask, stats=self.last_spec, length=length)
+                              max_new=opts.max_tokens, first_mask=mask, stats=self.last_spec, length=length,
+                              halt=halt)
             return gen, scratch
-        raise ValueError(f"unknown decoder {opts.decoder!r} (greedy, lookup, adadec)")
+        raise ValueError(f"unknown decoder {opts.decoder!r} (greedy, adadec, {', '.join(SPECULATIVE)})")
+
+    def head_cost(self) -> float:
+        """The LM head's cost in decoder layers (for self-speculation's choice of depth), timed once."""
+        if getattr(self, "_head_cost", None) is None:
+            from engine.cache import KVCache
+
+            a, m = self.model.args, self.model
+            x = m.embed(torch.tensor([[1]]))
+            cache = KVCache(a.n_layers, a.n_kv_heads, a.head_dim, dtype=x.dtype)
+            cache.reserve(1)
+            cache.length = 1
+            tables = m.rope_tables(torch.tensor([0]), x.dtype)
+            with torch.no_grad():
+                t = [time.perf_counter()]
+                for _ in range(5):
+                    m.layers[0](x, torch.tensor([0]), tables[m.rope_group[0]], cache)
+                t.append(time.perf_counter())
+                for _ in range(5):
+                    m.head(x)
+                t.append(time.perf_counter())
+            self._head_cost = (t[2] - t[1]) / max(t[1] - t[0], 1e-9)
+        return self._head_cost
+
+    def _exits(self, opts: CompletionOptions) -> Exits | None:
+        """The exit heads with the request's thresholds (inf for what is off), or None for neither."""
+        if not (opts.halt or opts.exit):
+            return None
+        if self.exits is None:
+            raise ValueError("halt/exit need the model's exit heads: run `ghostline calibrate --steps exits`")
+        e = self.exits
+        halt = (e.halt_threshold if opts.halt_threshold is None else opts.halt_threshold) if opts.halt else math.inf
+        exit = (e.exit_threshold if opts.exit_threshold is None else opts.exit_threshold) if opts.exit else math.inf
+        if opts.decoder != "greedy":
+            exit = math.inf  # exits change tokens; the other decoders' outputs are defined at full depth
+        return e.with_thresholds(exit=exit, halt=halt)
 
     def _include(self, ids: list[int]) -> None:
         """A shortlist head learns the document's tokens, so what the context uses stays choosable."""

@@ -156,15 +156,22 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(a.head_dim, a.norm_eps, offset=1.0)
             self.k_norm = RMSNorm(a.head_dim, a.norm_eps, offset=1.0)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, cos_sin, cache) -> torch.Tensor:
+    def kv(self, x: torch.Tensor, cos_sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (normed, rotated) and values [B, KV, T, hd] of the normed input x [B, T, D]."""
         a, (B, T, _) = self.a, x.shape
-        q = self.q_proj(x).view(B, T, a.n_heads, a.head_dim).transpose(1, 2)  # [B, H, T, hd]
         k = self.k_proj(x).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)  # [B, KV, T, hd]
         v = self.v_proj(x).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
         if a.family == "gemma3":
-            q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = cos_sin
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            k = self.k_norm(k)
+        return apply_rope(k, *cos_sin), v
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, cos_sin, cache) -> torch.Tensor:
+        a, (B, T, _) = self.a, x.shape
+        q = self.q_proj(x).view(B, T, a.n_heads, a.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        if a.family == "gemma3":
+            q = self.q_norm(q)
+        q = apply_rope(q, *cos_sin)
+        k, v = self.kv(x, cos_sin)
         segments = cache.update(self.layer, k, v, pos)
         o = attend(
             q, segments, pos, scale=a.attn_scale, window=a.windows[self.layer], softcap=a.attn_softcap
@@ -255,11 +262,13 @@ class Transformer(nn.Module):
         exit_layer: int | None = None,
         last_only: bool = False,
         return_hidden: bool = False,
+        states: list | None = None,
     ) -> torch.Tensor:
         """ids [B, T] (or embeds [B, T, D]) at positions pos [T] -> logits [B, T, V].
 
         `exit_layer=l` stops after l layers and reads logits through the final norm and LM head;
-        `last_only` computes logits for the last position only; `return_hidden` skips the head.
+        `last_only` computes logits for the last position only; `return_hidden` skips the head;
+        `states` (a list) receives the hidden state after each layer (early-exit calibration).
         ids and pos may live on the host (see the module's notes on devices).
         """
         device = self.embed_tokens.weight.device
@@ -267,15 +276,32 @@ class Transformer(nn.Module):
             ids = ids.to(device, non_blocking=True)
         x = self.embed(ids) if embeds is None else embeds
         n = self.args.n_layers if exit_layer is None else exit_layer
-        pos_dev = pos if pos.device == device else pos.to(device, non_blocking=True)
-        tables = [rope_cos_sin(pos_dev, f, dtype=x.dtype) for f in self.rope_freqs]
+        tables = self.rope_tables(pos, x.dtype)
         for i in range(n):
             x = self.layers[i](x, pos, tables[self.rope_group[i]], cache)
+            if states is not None:
+                states.append(x)
         if last_only:
             x = x[:, -1:]
         if return_hidden:
             return x
         return self.head(x)
+
+    def rope_tables(self, pos: torch.Tensor, dtype) -> list:
+        """(cos, sin) per RoPE group for positions pos [T]; layer i uses `tables[self.rope_group[i]]`."""
+        device = self.embed_tokens.weight.device
+        pos_dev = pos if pos.device == device else pos.to(device, non_blocking=True)
+        return [rope_cos_sin(pos_dev, f, dtype=dtype) for f in self.rope_freqs]
+
+    def copy_state(self, x: torch.Tensor, pos: torch.Tensor, cache, *, start: int, tables=None) -> None:
+        """SEC's state copying: after an exit at layer `start`, write the keys and values of layers
+        start.. for positions pos from the exit hidden state x [B, T, D] (each layer's input norm,
+        projections and RoPE), so later tokens attend to a full-depth cache."""
+        tables = tables or self.rope_tables(pos, x.dtype)
+        for i in range(start, self.args.n_layers):
+            layer = self.layers[i]
+            k, v = layer.self_attn.kv(layer.input_layernorm(x), tables[self.rope_group[i]])
+            cache.update(i, k, v, pos)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head (+ soft-capping): hidden [..., D] -> logits [..., V]."""

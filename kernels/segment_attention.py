@@ -489,7 +489,14 @@ def attend(
 ) -> torch.Tensor:
     """`segment_attention` through the Triton kernel on CUDA for decode/verify steps (T <= 16 query
     tokens); the torch reference elsewhere (CPU, prefill chunks, no Triton). Pass qpos on the host
-    (the model does): its bounds are then read without a device sync."""
-    if q.is_cuda and triton is not None and q.shape[2] <= MAX_QUERY_TOKENS:
+    (the model does): its bounds are then read without a device sync. On the CPU a verify step
+    (1 < T <= 16) attends one query position at a time, each exactly as a decode step would (the
+    same keys, the same shapes), so that speculative decoding's output equals greedy's bit for bit
+    where the matrix products are row-independent (the int8 path)."""
+    T = q.shape[2]
+    if q.is_cuda and triton is not None and T <= MAX_QUERY_TOKENS:
         return segment_attention_triton(q, segments, qpos, scale=scale, window=window, softcap=softcap)
+    if not q.is_cuda and 1 < T <= MAX_QUERY_TOKENS:
+        return torch.cat([segment_attention(q[:, :, t : t + 1], segments, qpos[t : t + 1], scale=scale, window=window,
+                                            softcap=softcap) for t in range(T)], dim=2)
     return segment_attention(q, segments, qpos, scale=scale, window=window, softcap=softcap)

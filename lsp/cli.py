@@ -46,7 +46,7 @@ def _info(args) -> int:
 def _calibrate(args) -> int:
     from pathlib import Path
 
-    from engine.calibration import STEPS, calibrate_adadec, calibrate_vocab
+    from engine.calibration import STEPS, calibrate_adadec, calibrate_exits, calibrate_vocab
     from engine.loader import load
     from engine.vocab import default_roots
 
@@ -65,6 +65,9 @@ def _calibrate(args) -> int:
     if "adadec" in steps:
         calibrate_adadec(loaded.model, loaded.tokenizer, loaded.source.stem, roots, exclude=args.exclude, out=out,
                          budget=args.tokens, progress=say)
+    if "exits" in steps:
+        calibrate_exits(loaded.model, loaded.tokenizer, loaded.source.stem, roots, exclude=args.exclude, out=out,
+                        budget=min(args.tokens, 24_000), progress=say)
     return 0
 
 
@@ -136,12 +139,12 @@ def main(argv=None) -> int:
     add_serve_parser(sub)
     _engine_parser(sub)
 
-    cal = sub.add_parser("calibrate", help="fit the per-model artifacts (code vocabulary, AdaDec threshold) on real code")
+    cal = sub.add_parser("calibrate", help="fit the per-model artifacts (code vocabulary, AdaDec threshold, exit heads) on real code")
     cal.add_argument("--model", default=None)
     cal.add_argument("--corpus", nargs="*", default=[], help="folders of code (default: the stdlib and installed packages)")
     cal.add_argument("--exclude", nargs="*", default=[], help="skip paths containing any of these words")
-    cal.add_argument("--steps", default="vocab,adadec", help="comma-separated: vocab, adadec")
-    cal.add_argument("--tokens", type=int, default=60_000, help="teacher-forced tokens for the AdaDec fit")
+    cal.add_argument("--steps", default="vocab,adadec,exits", help="comma-separated: vocab, adadec, exits")
+    cal.add_argument("--tokens", type=int, default=60_000, help="teacher-forced tokens for the AdaDec fit (the exits fit takes at most 24,000)")
     cal.add_argument("--out", help="folder for the artifacts (default: the model's folder in the cache)")
     cal.set_defaults(func=_calibrate)
 

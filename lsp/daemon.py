@@ -579,12 +579,18 @@ def _completion_options(raw) -> CompletionOptions:
     opts = CompletionOptions()
     checks = {"multiline": lambda v: isinstance(v, bool), "max_tokens": lambda v: _is_int(v) and 1 <= v <= 1024,
               "time_cap_ms": lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0),
-              "decoder": lambda v: v in ("greedy", "lookup", "adadec"), "drafts": lambda v: _is_int(v) and 1 <= v <= 8}
+              "decoder": lambda v: v in ("greedy", "lookup", "self", "lookup+self", "adadec"), "drafts": lambda v: _is_int(v) and 1 <= v <= 8,
+              "halt": lambda v: isinstance(v, bool), "exit": lambda v: isinstance(v, bool),
+              "halt_threshold": _unit_or_none, "exit_threshold": _unit_or_none}
     for key, value in raw.items():
         if key not in checks or not checks[key](value):
             raise RequestError("bad_request", f"bad completion option {str(key)[:40]}={str(value)[:40]}")
         setattr(opts, key, value)
     return opts
+
+
+def _unit_or_none(v) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1)
 
 
 def _is_int(v) -> bool:

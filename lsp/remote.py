@@ -65,6 +65,10 @@ class RequestOptions:
     time_cap_ms: float | None = None
     decoder: str = "greedy"
     drafts: int = 1
+    halt: bool = False
+    halt_threshold: float | None = None
+    exit: bool = False
+    exit_threshold: float | None = None
 
 
 @dataclass

@@ -244,6 +244,10 @@ class GhostlineServer(LanguageServer):
             time_cap_ms=self.settings.time_cap_ms,
             drafts=self.settings.drafts,
             decoder=self.settings.decoder_multiline if multiline else self.settings.decoder,
+            halt=self.settings.halt,
+            halt_threshold=self.settings.halt_threshold,
+            exit=self.settings.exit,
+            exit_threshold=self.settings.exit_threshold,
         )
 
     def completion_options(self, **values):

@@ -24,8 +24,12 @@ class Settings:
     debounce_ms: int = 25  # wait before decoding; grows while the user types fast (see Debounce)
     time_cap_ms: int | None = 1500  # return what is there once a suggestion takes longer
     drafts: int = 3  # suggestions per request (superposed decoding: about the cost of one)
-    decoder: str = "greedy"  # one-line suggestions: greedy | lookup (prompt-lookup speculation, same text)
-    decoder_multiline: str = "greedy"  # multi-line: greedy | lookup | adadec (pause and re-rank, issue 6)
+    decoder: str = "greedy"  # one-line: greedy | lookup, self, lookup+self (speculation: the same text, faster)
+    decoder_multiline: str = "greedy"  # multi-line: those or adadec (pause and re-rank, issue 6)
+    halt: bool = False  # end a suggestion before a token the early-exit controller expects to be wrong (issue 5)
+    halt_threshold: float | None = None  # P(stop) cut-off in 0..1; null: the model's calibrated one
+    exit: bool = False  # read confident tokens from an early layer (greedy decoder, drafts 1; issue 5)
+    exit_threshold: float | None = None  # P(exit) cut-off in 0..1; null: the model's calibrated one
     memory_budget_mb: float = 2048.0
     precision: str = "int8"  # int8 layer weights (2x faster completions, EM as fp32's on 200 tasks) | fp32
     head: str = "code"  # code (LM head over the code vocabulary + the documents' tokens) | full
@@ -77,10 +81,18 @@ def check_setting(name: str, value):
             raise SettingsError(f"setting {name} must be one of {', '.join(allowed)}, got {value!r}")
         return value
     if name in ("decoder", "decoder_multiline"):
-        allowed = ("greedy", "lookup") + (("adadec",) if name == "decoder_multiline" else ())
+        allowed = ("greedy", "lookup", "self", "lookup+self") + (("adadec",) if name == "decoder_multiline" else ())
         if value not in allowed:
             raise SettingsError(f"setting {name} must be one of {', '.join(allowed)}, got {value!r}")
         return value
+    if name in ("halt", "exit"):
+        if not isinstance(value, bool):
+            raise SettingsError(f"setting {name} must be true or false, got {value!r}")
+        return value
+    if name in ("halt_threshold", "exit_threshold"):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1):
+            raise SettingsError(f"setting {name} must be a number in 0..1 or null, got {value!r}")
+        return None if value is None else float(value)
     if name == "multiline":
         if value not in ("auto", "always", "never"):
             raise SettingsError(f"setting multiline must be auto, always or never, got {value!r}")

@@ -104,3 +104,53 @@ def test_engine_lookup_decoder_equals_greedy(tiny_engine_factory):
         g = eng.complete("a", offset, CompletionOptions(multiline=True, max_tokens=24))
         s = eng.complete("a", offset, CompletionOptions(multiline=True, max_tokens=24, decoder="lookup"))
         assert s.tokens == g.tokens and s.text == g.text
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "llama"])
+def test_self_speculation_gives_greedy_output_and_falls_back(kind):
+    from engine.decoding.speculative import Chain, EarlyLayers
+    from tests.test_exits import random_exits
+
+    cfg, hf = tiny_hf(kind, 300)
+    model = build(cfg, hf.state_dict())
+    ids = torch.randint(2, 300, (40,)).tolist()
+    cache = prefix_cache(model, ids[:-1])
+    want = list(greedy(model, ScratchCache(cache, 39, 33), ids[-1], max_new=32))
+    exits = random_exits(model, [1])
+    for confident in (-1.0, 0.5):  # always draft / draft while the controller is sure
+        scratch = ScratchCache(cache, 39, 32 + 16)
+        early = EarlyLayers(model, scratch, exits, confident=confident)
+        early.layer = 0  # force drafting from layer 1 whatever the cost model says
+        early.choose = lambda: 0
+        stats = SpecStats()
+        for proposer in (early, Chain(PromptLookup(max_n=2, min_n=1), early)):
+            scratch.trim(0)
+            got = list(speculative(model, scratch, ids[-1], context=ids[:-1], proposer=proposer, max_new=32,
+                                   stats=stats))
+            assert got == want
+        if confident < 0:
+            assert stats.proposed > 0
+    # the goodput rule: a shallow exit with high acceptance pays; near-zero acceptance falls back
+    early = EarlyLayers(model, ScratchCache(cache, 39, 8), exits, head_cost=0.1)
+    early.alpha = {0: 0.99}
+    assert early.choose() == 0
+    early.alpha = {0: 0.01}
+    early.layer = early.choose()
+    assert early.layer is None and early.propose(np.array(ids), 4) == []
+
+
+def test_verify_step_attention_equals_decode_steps_bit_for_bit():
+    """On the CPU a verify forward's attention is the decode steps' one, row for row (int8 speculation
+    relies on it to stay identical to greedy)."""
+    from kernels.segment_attention import attend
+
+    g = torch.Generator().manual_seed(0)
+    K, V = torch.randn(1, 1, 50, 32, generator=g), torch.randn(1, 1, 50, 32, generator=g)
+    q = torch.randn(1, 4, 5, 32, generator=g)
+    segs = [(K[:, :, :45], V[:, :, :45], 0), (K[:, :, 45:], V[:, :, 45:], 45)]
+    qpos = torch.arange(45, 50)
+    both = attend(q, segs, qpos, scale=0.2, window=16)
+    for t in range(5):
+        seg_t = [(K[:, :, :45], V[:, :, :45], 0), (K[:, :, 45 : 46 + t], V[:, :, 45 : 46 + t], 45)]
+        one = attend(q[:, :, t : t + 1], seg_t, qpos[t : t + 1], scale=0.2, window=16)
+        assert torch.equal(both[:, :, t : t + 1], one)

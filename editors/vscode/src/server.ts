@@ -22,6 +22,13 @@ export interface ServerSettings {
   debounce_ms: number;
   time_cap_ms: number | null;
   drafts: number;
+  decoder: string;
+  decoder_multiline: string;
+  precision: 'int8' | 'fp32';
+  halt: boolean;
+  halt_threshold: number | null;
+  exit: boolean;
+  exit_threshold: number | null;
   memory_budget_mb: number;
 }
 
@@ -41,6 +48,13 @@ export function serverSettings(get: <T>(key: string, fallback: T) => T): ServerS
     debounce_ms: get('debounceMs', 25),
     time_cap_ms: get<number | null>('timeCapMs', 1500),
     drafts: get('drafts', 3),
+    decoder: get('decoder', 'greedy'),
+    decoder_multiline: get('decoderMultiline', 'greedy'),
+    precision: get<'int8' | 'fp32'>('precision', 'int8'),
+    halt: get('halt', false),
+    halt_threshold: get<number | null>('haltThreshold', null),
+    exit: get('exit', false),
+    exit_threshold: get<number | null>('exitThreshold', null),
     memory_budget_mb: get('memoryBudgetMb', 2048),
   };
 }

@@ -10,7 +10,8 @@ M.defaults = {
   filetypes = { "python", "lua", "javascript", "typescript", "go", "rust", "c", "cpp", "java" },
   root_markers = { ".git", "pyproject.toml", "package.json", "go.mod", "Cargo.toml" },
   -- Sent as initializationOptions (README: Settings): model, multiline, max_tokens, debounce_ms, time_cap_ms,
-  -- drafts, decoder, decoder_multiline, precision, head, memory_budget_mb, engine.
+  -- drafts, decoder, decoder_multiline, precision, head, halt, halt_threshold, exit, exit_threshold,
+  -- memory_budget_mb, engine.
   settings = {},
   -- Insert-mode keys; each falls through to its normal meaning when no suggestion is shown. false disables one.
   keymaps = {

@@ -1,0 +1,150 @@
+"""Early exit and halting: thresholds that never fire give greedy; state copying fills a full-depth
+cache; halting composes with speculative decoding; the fits recover what they should."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from engine.cache import ScratchCache
+from engine.decoding.early_exit import ExitStats, early_exit
+from engine.decoding.greedy import greedy
+from engine.decoding.speculative import SpecStats, speculative
+from engine.engine import CompletionOptions
+from engine.exits import Exits, default_layers, logistic, lowest_threshold, ridge
+from engine.model import build
+from engine.ngram import PromptLookup
+from tests.conftest import tiny_hf
+from tests.test_speculative import prefix_cache
+
+
+def random_exits(model, layers, *, exit=math.inf, halt=math.inf, seed=0) -> Exits:
+    g = torch.Generator().manual_seed(seed)
+    D, C = model.args.dim, len(layers)
+    return Exits(layers, torch.eye(D).repeat(C, 1, 1) + 0.1 * torch.randn(C, D, D, generator=g),
+                 torch.zeros(C, D), torch.randn(C, D + 1, generator=g), torch.randn(4, generator=g),
+                 exit_threshold=exit, halt_threshold=halt)
+
+
+@pytest.fixture(scope="module", params=["gemma3", "llama"])
+def setup(request):
+    cfg, hf = tiny_hf(request.param, 300)
+    model = build(cfg, hf.state_dict())
+    ids = torch.randint(2, 300, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    return model, ids, prefix_cache(model, ids[:-1])
+
+
+def test_thresholds_that_never_fire_give_greedy(setup):
+    model, ids, cache = setup
+    want = list(greedy(model, ScratchCache(cache, 39, 33), ids[-1], max_new=32))
+    exits = random_exits(model, [1])
+    stats = ExitStats()
+    got = list(early_exit(model, ScratchCache(cache, 39, 33), ids[-1], exits=exits, max_new=32, stats=stats))
+    assert got == want
+    assert stats.exited == 0 and not stats.halted and stats.layers == 32 * model.args.n_layers
+
+
+def test_state_copying_fills_the_cache_like_a_full_depth_step(setup):
+    model, ids, cache = setup
+    full, early = ScratchCache(cache, 39, 9), ScratchCache(cache, 39, 9)
+    list(greedy(model, full, ids[-1], max_new=8))
+    exits = random_exits(model, [1], exit=-math.inf)  # always exit after layer 1
+    stats = ExitStats()
+    toks = list(early_exit(model, early, ids[-1], exits=exits, max_new=8, stats=stats))
+    assert len(toks) == 8 and stats.exited == 8 and stats.layers == 8
+    assert early.length == full.length == 8 and early.k.shape == full.k.shape
+    for layer in range(model.args.n_layers):
+        assert early.k[layer, :, :, :8].abs().sum(-1).min() > 0  # every layer's row written
+    # the skipped layers' keys are the ones computed from the exit state: redo the first step by hand
+    check = ScratchCache(cache, 39, 2)
+    pos = torch.tensor([39])
+    x = model(torch.tensor([[ids[-1]]]), pos, check, exit_layer=1, return_hidden=True)
+    model.copy_state(x, pos, check, start=1)
+    assert torch.equal(check.k[:, :, :, :1], early.k[:, :, :, :1])
+    assert torch.equal(check.v[:, :, :, :1], early.v[:, :, :, :1])
+    # layer 1's input is the exit state itself (equal to full depth); deeper layers' inputs differ
+    assert torch.equal(check.k[1, :, :, :1], full.k[1, :, :, :1])
+    if model.args.n_layers > 2:
+        assert not torch.equal(check.k[2:, :, :, :1], full.k[2:, :, :, :1])
+
+
+def test_halt_ends_before_the_flagged_token_and_composes_with_speculation(setup):
+    model, ids, cache = setup
+    stats = ExitStats()
+    assert list(early_exit(model, ScratchCache(cache, 39, 9), ids[-1], max_new=8, stats=stats,
+                           exits=random_exits(model, [1], halt=-math.inf))) == []
+    assert stats.halted
+    # a threshold between the steps' P(stop): greedy and speculative (any proposer) halt at the same token
+    exits = random_exits(model, [1])
+    want = list(greedy(model, ScratchCache(cache, 39, 33), ids[-1], max_new=32))
+    probs = []
+    scratch = ScratchCache(cache, 39, 33)
+    tok, pos = ids[-1], 39
+    for t in want:
+        probs.append(float(exits.p_stop(model(torch.tensor([[tok]]), torch.tensor([pos]), scratch)[0, -1])))
+        tok, pos = t, pos + 1
+    exits = exits.with_thresholds(halt=float(np.quantile(probs, 0.8)))
+    cut = next(i for i, p in enumerate(probs) if p >= exits.halt_threshold)
+    halted = list(early_exit(model, ScratchCache(cache, 39, 33), ids[-1], exits=exits, max_new=32))
+    assert halted == want[:cut]
+    for proposer in (PromptLookup(max_n=2, min_n=1), OracleAll(want)):
+        spec_stats = SpecStats()
+        got = list(speculative(model, ScratchCache(cache, 39, 50), ids[-1], context=ids[:-1], proposer=proposer,
+                               max_new=32, stats=spec_stats,
+                               halt=lambda rows: exits.p_stop(rows) >= exits.halt_threshold))
+        assert got == halted and spec_stats.halted
+
+
+class OracleAll:
+    """Proposes the whole greedy continuation: the halt must cut inside an accepted draft."""
+
+    def __init__(self, truth):
+        self.truth, self.start = truth, 40
+
+    def propose(self, context, k):
+        done = len(context) - self.start
+        return self.truth[done : done + k]
+
+
+def test_fits():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 16, generator=g)
+    a_true, b_true = torch.randn(16, 8, generator=g), torch.randn(8, generator=g)
+    a, b = ridge(x, x @ a_true + b_true, lam=1e-8)
+    assert torch.allclose(a, a_true, atol=1e-3) and torch.allclose(b, b_true, atol=1e-3)
+    y = (x[:, 0] * 3 - x[:, 1] + 0.5 > 0).float()
+    w = logistic(x, y, l2=0.0)
+    assert ((x @ w[:-1] + w[-1] > 0).float() == y).float().mean() > 0.98  # separable: near perfect
+    prob, good = np.array([0.9, 0.8, 0.7, 0.6, 0.5]), np.array([1, 1, 1, 0, 0])
+    assert lowest_threshold(prob, good, target=1.0, min_count=1) == 0.7
+    assert lowest_threshold(prob, good, target=1.0, min_count=4) == math.inf
+    assert default_layers(18) == [12, 14, 16, 17]
+
+
+def test_save_load_roundtrip(tmp_path, setup):
+    model = setup[0]
+    e = random_exits(model, [1], exit=0.9, halt=0.7)
+    e.meta = {"tokens": 5}
+    back = Exits.load(e.save(tmp_path))
+    assert back.layers == [1] and back.exit_threshold == 0.9 and back.halt_threshold == 0.7
+    assert torch.allclose(back.maps, e.maps, atol=1e-2) and torch.equal(back.stop_w, e.stop_w)
+    assert back.meta == {"tokens": 5}
+
+
+def test_engine_halt_and_exit_options(tiny_engine_factory):
+    eng = tiny_engine_factory("llama")
+    eng.open("a", "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return")
+    end = len(eng.text("a"))
+    with pytest.raises(ValueError, match="calibrate"):
+        eng.complete("a", end, CompletionOptions(halt=True))
+    plain = eng.complete("a", end, CompletionOptions(multiline=True, max_tokens=12))
+    eng.exits = random_exits(eng.model, [1])
+    same = eng.complete("a", end, CompletionOptions(multiline=True, max_tokens=12, halt=True, exit=True))
+    assert same.tokens == plain.tokens and same.stop_reason == plain.stop_reason
+    stopped = eng.complete("a", end, CompletionOptions(halt=True, halt_threshold=-math.inf))
+    assert stopped.text == "" and stopped.stop_reason == "halt"
+    looked = eng.complete("a", end, CompletionOptions(halt=True, halt_threshold=-math.inf, decoder="lookup"))
+    assert looked.text == "" and looked.stop_reason == "halt"
