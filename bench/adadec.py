@@ -202,9 +202,13 @@ def entropy_data(engine: Engine, *, budget: int, width: int, log=print) -> dict:
 def summarize(paths: list[str]) -> tuple[dict, dict]:
     """Task and HumanEval summaries over rows files written by `--out` (for example one per shard)."""
     saved = saved_rows(*paths)
-    tasks = [r for i, r in saved.items() if not i.startswith("HumanEval/")]
-    probs = [r for i, r in saved.items() if i.startswith("HumanEval/")]
-    methods = [m for m in METHODS if all(m in r for r in saved.values())]
+    methods = [m for m in METHODS if any(m in r for r in saved.values())]
+    paired = {i: r for i, r in saved.items() if all(m in r for m in methods)}  # rows every method ran on
+    if len(paired) < len(saved):
+        print(f"{len(saved) - len(paired)} rows lack a method and are left out: "
+              f"{', '.join(sorted(set(saved) - set(paired))[:5])}")
+    tasks = [r for i, r in paired.items() if not i.startswith("HumanEval/")]
+    probs = [r for i, r in paired.items() if i.startswith("HumanEval/")]
     results = {m: summary([r[m] for r in tasks]) for m in methods} if tasks else {}
     he = humaneval_summary({m: [r[m]["pass"] for r in probs] for m in methods},
                            {m: [r[m]["ms"] for r in probs] for m in methods}) if probs else {}

@@ -27,7 +27,7 @@ import sys
 
 import numpy as np
 
-from bench.tasks import append_row, cursor_offset, em, es, first_line, mean, read_tasks, saved_rows, shard
+from bench.tasks import add_run_args, cursor_offset, em, es, first_line, mean, run_rows, saved_rows
 from engine.engine import CompletionOptions, Engine, EngineOptions
 
 METHODS = {"greedy": {}, "halt": {"halt": True}, "exit": {"exit": True}, "both": {"halt": True, "exit": True}}
@@ -165,23 +165,15 @@ def report(rows: list[dict], *, default_halt: float | None, plot: str | None) ->
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tasks")
-    p.add_argument("--limit", type=int)
-    p.add_argument("--model", default=None)
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--shard", help="i/n: every n-th task from the i-th")
-    p.add_argument("--out", help="append each task's row to this JSONL file (a rerun skips what is there)")
-    p.add_argument("--summarize", nargs="+", help="rows files to report on, without running")
+    add_run_args(p)
     p.add_argument("--plot", help="PNG of shown precision against chars shown across halt thresholds")
     p.add_argument("--exit-threshold", type=float, help="override the calibrated P(exit) cut-off")
     p.add_argument("--exit-sweep", default="", help="comma-separated P(exit) cut-offs run as extra methods exit@T")
-    p.add_argument("--precision", default="int8", choices=("fp32", "int8"))
-    p.add_argument("--head", default="code", choices=("full", "code"))
     p.add_argument("--halt-threshold", type=float, help="override the calibrated P(stop) cut-off")
     args = p.parse_args(argv)
+    engine = None
     if args.summarize:
         rows = list(saved_rows(*args.summarize).values())
-        engine = None
     else:
         if not args.tasks:
             p.error("--tasks is required unless --summarize")
@@ -189,18 +181,10 @@ def main(argv=None) -> int:
         if engine.exits is None:
             p.error("the model has no exit heads: run `ghostline calibrate --steps exits`")
         engine.exits = engine.exits.with_thresholds(exit=args.exit_threshold, halt=args.halt_threshold)
-        saved = saved_rows(args.out)
-        rows = list(saved.values())
-        tasks = shard(read_tasks(args.tasks, args.limit), args.shard)
-        for n, task in enumerate(tasks, 1):
-            if task["id"] in saved:
-                continue
-            row = run_task(engine, task, max_tokens=args.max_tokens,
-                           sweep=[float(t) for t in args.exit_sweep.split(",") if t])
-            rows.append(row)
-            append_row(args.out, row)
-            print(f"[{n}/{len(tasks)}] {task['id']} | " + " | ".join(
-                f"{m} {row[m]['tokens']}t {row[m]['reason']} {row[m]['ms']:.0f}ms" for m in METHODS), flush=True)
+        sweep = [float(t) for t in args.exit_sweep.split(",") if t]
+        rows = run_rows(args, lambda task: run_task(engine, task, max_tokens=args.max_tokens, sweep=sweep),
+                        lambda row: " | ".join(f"{m} {row[m]['tokens']}t {row[m]['reason']} {row[m]['ms']:.0f}ms"
+                                               for m in METHODS))
     default = None
     if engine is not None:
         default = engine.exits.halt_threshold

@@ -17,7 +17,7 @@ import argparse
 import json
 import sys
 
-from bench.tasks import append_row, cursor_offset, mean, read_tasks, saved_rows, shard
+from bench.tasks import add_run_args, cursor_offset, mean, run_rows, saved_rows
 from engine.engine import CompletionOptions, Engine, EngineOptions
 
 DECODERS = {"greedy": "greedy", "ngram": "lookup", "self": "self", "both": "lookup+self"}
@@ -65,15 +65,7 @@ def summarize(rows: list[dict]) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tasks")
-    p.add_argument("--limit", type=int)
-    p.add_argument("--model", default=None)
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--precision", default="int8", choices=("fp32", "int8"))
-    p.add_argument("--head", default="code", choices=("full", "code"))
-    p.add_argument("--shard", help="i/n: every n-th task from the i-th")
-    p.add_argument("--out", help="append each task's row to this JSONL file (a rerun skips what is there)")
-    p.add_argument("--summarize", nargs="+", help="rows files to report on, without running")
+    add_run_args(p)
     args = p.parse_args(argv)
     if args.summarize:
         rows = list(saved_rows(*args.summarize).values())
@@ -81,19 +73,9 @@ def main(argv=None) -> int:
         if not args.tasks:
             p.error("--tasks is required unless --summarize")
         engine = Engine.load(args.model, options=EngineOptions(precision=args.precision, head=args.head))
-        saved = saved_rows(args.out)
-        rows = list(saved.values())
-        tasks = shard(read_tasks(args.tasks, args.limit), args.shard)
-        for n, task in enumerate(tasks, 1):
-            if task["id"] in saved:
-                continue
-            row = run_task(engine, task, max_tokens=args.max_tokens)
-            rows.append(row)
-            append_row(args.out, row)
-            same = all(row[m]["tokens"] == row["greedy"]["tokens"] for m in DECODERS)
-            print(f"[{n}/{len(tasks)}] {task['id']} " + " | ".join(
-                f"{m} {len(row[m]['tokens'])} tok {row[m]['ms']:.0f}ms" for m in DECODERS) + f" | identical={same}",
-                flush=True)
+        rows = run_rows(args, lambda task: run_task(engine, task, max_tokens=args.max_tokens), lambda row: " | ".join(
+            f"{m} {len(row[m]['tokens'])} tok {row[m]['ms']:.0f}ms" for m in DECODERS) + " | identical="
+            + str(all(row[m]["tokens"] == row["greedy"]["tokens"] for m in DECODERS)))
     print(json.dumps(summarize(rows)))
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import statistics
 from pathlib import Path
@@ -57,12 +58,15 @@ def shard(tasks: list[dict], spec: str | None) -> list[dict]:
 
 def saved_rows(*paths: str | Path | None) -> dict[str, dict]:
     """Rows already written to JSONL results files (missing ones count as empty), by task id: a rerun
-    skips those tasks, and `--summarize` merges the files of several shards."""
+    skips those tasks, and `--summarize` merges the files of several shards. `.gz` files are read too."""
     out: dict[str, dict] = {}
     for path in paths:
         if path and Path(path).exists():
-            rows = (json.loads(line) for line in Path(path).read_text().splitlines() if line.strip())
-            out.update((r["id"], r) for r in rows)
+            raw = Path(path).read_bytes()
+            text = (gzip.decompress(raw) if str(path).endswith(".gz") else raw).decode()
+            rows = (json.loads(line) for line in text.splitlines() if line.strip())
+            for r in rows:  # the same id in a later file adds its methods (and replaces those it repeats)
+                out[r["id"]] = {**out.get(r["id"], {}), **r}
     return out
 
 
@@ -70,3 +74,31 @@ def append_row(path: str | Path | None, row: dict) -> None:
     if path:
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+def add_run_args(p, *, max_tokens: int = 64) -> None:
+    """The arguments of a per-task benchmark with resumable rows (bench.exit, bench.spec)."""
+    p.add_argument("--tasks")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--model", default=None)
+    p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--precision", default="int8", choices=("fp32", "int8"), help="as the server's (default int8)")
+    p.add_argument("--head", default="code", choices=("full", "code"))
+    p.add_argument("--shard", help="i/n: every n-th task from the i-th")
+    p.add_argument("--out", help="append each task's row to this JSONL file (a rerun skips what is there)")
+    p.add_argument("--summarize", nargs="+", help="rows files to report on, without running")
+
+
+def run_rows(args, run_task, describe) -> list[dict]:
+    """Rows of `args.out` plus `run_task(task)` for each task not there yet (appended as they finish)."""
+    saved = saved_rows(args.out)
+    rows = list(saved.values())
+    tasks = shard(read_tasks(args.tasks, args.limit), args.shard)
+    for n, task in enumerate(tasks, 1):
+        if task["id"] in saved:
+            continue
+        row = run_task(task)
+        rows.append(row)
+        append_row(args.out, row)
+        print(f"[{n}/{len(tasks)}] {task['id']} | {describe(row)}", flush=True)
+    return rows

@@ -70,16 +70,12 @@ def code_files(roots: Iterable[Path], *, exclude: Iterable[str] = ()) -> list[Pa
     return files
 
 
-@torch.no_grad()
-def collect_entropies(model, tokenizer, files: list[Path], *, tokens_per_file: int = 1024, budget: int = 60_000,
-                      progress: Callable[[str], None] = print, ranks: list | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Teacher-forced pass over real code: per position, the next-token entropy (nats) and whether the
-    greedy token is the true next token. At most `tokens_per_file` from each file, `budget` in all.
-    With `ranks`, each position's rank of the true token (0: the greedy token) is appended to it."""
+def teacher_forced(model, tokenizer, files: list[Path], *, tokens_per_file: int):
+    """(path, ids, cache) for each readable file of at least 32 tokens: its first `tokens_per_file`
+    ids and an empty cache sized for them, for a teacher-forced pass."""
     from engine.cache import KVCache
-    from engine.decoding.adadec import entropy
 
-    a, hs, right, seen = model.args, [], [], 0
+    a = model.args
     for path in files:
         try:
             ids = tokenizer.encode(path.read_text(encoding="utf-8"))[0][:tokens_per_file]
@@ -90,6 +86,19 @@ def collect_entropies(model, tokenizer, files: list[Path], *, tokens_per_file: i
         cache = KVCache(a.n_layers, a.n_kv_heads, a.head_dim)
         cache.reserve(len(ids))
         cache.length = len(ids)
+        yield path, ids, cache
+
+
+@torch.no_grad()
+def collect_entropies(model, tokenizer, files: list[Path], *, tokens_per_file: int = 1024, budget: int = 60_000,
+                      progress: Callable[[str], None] = print, ranks: list | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Teacher-forced pass over real code: per position, the next-token entropy (nats) and whether the
+    greedy token is the true next token. At most `tokens_per_file` from each file, `budget` in all.
+    With `ranks`, each position's rank of the true token (0: the greedy token) is appended to it."""
+    from engine.decoding.adadec import entropy
+
+    hs, right, seen = [], [], 0
+    for path, ids, cache in teacher_forced(model, tokenizer, files, tokens_per_file=tokens_per_file):
         hidden = torch.cat([model(torch.tensor([ids[s : s + 256]]), torch.arange(s, min(len(ids), s + 256)), cache,
                                   return_hidden=True)[0] for s in range(0, len(ids), 256)])  # [T, D]
         for s in range(0, len(ids) - 1, 128):

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from engine.cache import ScratchCache
 from engine.decoding.beam import beam_search
 from engine.decoding.nucleus import nucleus
-from engine.decoding.superposed import SuperposedParams, superposed
+from engine.decoding.superposed import SuperposedParams, halt_cuts, superposed
 from engine.stops import Shown
 
 METHODS = ("superposed", "beam", "nucleus")  # CompletionOptions.decoder; any other name: superposed
@@ -69,12 +69,21 @@ def stream_drafts(engine, doc, *, P: int, offset: int, heal: str, rules, opts, t
     finally:
         gen.close()
         scratch.trim(0)
+    exits = engine._exits(opts)
+    if exits is not None and drafts and exits.halt_threshold < float("inf"):  # cut each draft where it would halt
+        cuts = halt_cuts(engine.model, doc.cache, P - 1, first, drafts=[d.ids for d in drafts],
+                         rule=lambda logits: exits.p_stop(logits) >= exits.halt_threshold)
+        for d, cut in zip(drafts, cuts):
+            if cut < len(d.ids):
+                d.ids, d.text, d.reason = d.ids[:cut], None, "halt"
     texts = [d.text if d.finished else (shown(d.ids) or ("",))[0] for d in drafts]
     out.drafts = keep(texts, doc.text[line_end + 1 :])
     out.text = out.drafts[0] if out.drafts else ""
     best = next((d for d, t in zip(drafts, texts) if out.drafts and t == out.drafts[0]), None)
     out.tokens = best.ids if best is not None else []
-    out.stop_reason = out.stop_reason or (best.reason if best is not None and best.reason else "max_tokens")
+    halted = drafts and all(d.reason == "halt" for d in drafts)
+    out.stop_reason = out.stop_reason or (best.reason if best is not None and best.reason else
+                                          "halt" if halted else "max_tokens")
     out.ms = (time.perf_counter() - t0) * 1e3
     yield out
 

@@ -160,19 +160,10 @@ class States:
 def collect(model, tokenizer, files: list[Path], *, tokens_per_file: int = 768, budget: int = 24_000,
             progress=print) -> States:
     """Run the files through the model (teacher forcing) and keep every layer's normalised hidden."""
-    from engine.cache import KVCache
+    from engine.calibration import teacher_forced
 
-    a, hs, ts, fs, seen = model.args, [], [], [], 0
-    for n, path in enumerate(files):
-        try:
-            ids = tokenizer.encode(path.read_text(encoding="utf-8"))[0][:tokens_per_file]
-        except (OSError, UnicodeDecodeError):
-            continue
-        if len(ids) < 32:
-            continue
-        cache = KVCache(a.n_layers, a.n_kv_heads, a.head_dim)
-        cache.reserve(len(ids))
-        cache.length = len(ids)
+    hs, ts, fs, seen = [], [], [], 0
+    for n, (path, ids, cache) in enumerate(teacher_forced(model, tokenizer, files, tokens_per_file=tokens_per_file)):
         for s in range(0, len(ids) - 1, 256):
             e = min(len(ids), s + 256)
             states: list[torch.Tensor] = []

@@ -13,6 +13,7 @@ from engine.cache import ScratchCache
 from engine.decoding.early_exit import ExitStats, early_exit
 from engine.decoding.greedy import greedy
 from engine.decoding.speculative import SpecStats, speculative
+from engine.decoding.superposed import halt_cuts
 from engine.engine import CompletionOptions
 from engine.exits import Exits, default_layers, logistic, lowest_threshold, ridge
 from engine.model import build
@@ -90,6 +91,8 @@ def test_halt_ends_before_the_flagged_token_and_composes_with_speculation(setup)
     cut = next(i for i, p in enumerate(probs) if p >= exits.halt_threshold)
     halted = list(early_exit(model, ScratchCache(cache, 39, 33), ids[-1], exits=exits, max_new=32))
     assert halted == want[:cut]
+    rule = lambda logits: exits.p_stop(logits) >= exits.halt_threshold  # noqa: E731
+    assert halt_cuts(model, cache, 39, ids[-1], drafts=[want, want[:2], []], rule=rule) == [cut, min(cut, 2), 0]
     for proposer in (PromptLookup(max_n=2, min_n=1), OracleAll(want)):
         spec_stats = SpecStats()
         got = list(speculative(model, ScratchCache(cache, 39, 50), ids[-1], context=ids[:-1], proposer=proposer,
@@ -148,3 +151,10 @@ def test_engine_halt_and_exit_options(tiny_engine_factory):
     assert stopped.text == "" and stopped.stop_reason == "halt"
     looked = eng.complete("a", end, CompletionOptions(halt=True, halt_threshold=-math.inf, decoder="lookup"))
     assert looked.text == "" and looked.stop_reason == "halt"
+    # superposed drafts: a halt that never fires changes nothing; one that always fires leaves nothing
+    drafts = eng.complete("a", end, CompletionOptions(multiline=True, max_tokens=12, drafts=3))
+    same = eng.complete("a", end, CompletionOptions(multiline=True, max_tokens=12, drafts=3, halt=True))
+    assert same.drafts == drafts.drafts
+    none = eng.complete("a", end, CompletionOptions(multiline=True, max_tokens=12, drafts=3, halt=True,
+                                                    halt_threshold=-math.inf))
+    assert none.text == "" and none.drafts == [] and none.stop_reason == "halt"

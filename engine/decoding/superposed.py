@@ -159,17 +159,37 @@ def rerank(model, cache: ScratchCache, first: int, *, drafts: list[Draft]) -> li
     drafts = [d for d in drafts if d.ids]
     if len(drafts) < 2:
         return drafts
-    n = max(len(d.ids) for d in drafts)
-    dev = model.embed_tokens.weight.device
-    rows = [[first] + d.ids + [d.ids[-1]] * (n - len(d.ids)) for d in drafts]  # padded past each end
-    scratch = ScratchCache(cache.prefix, cache.start, n + 1, batch=len(drafts))
-    logits = model(torch.tensor(rows, device=dev), torch.arange(cache.start, cache.start + n + 1), scratch)
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # [k, n, V]: row i, position t -> id t
-    ids = torch.tensor([r[1:] for r in rows], device=dev)
+    logits, ids = draft_logits(model, cache.prefix, cache.start, first, drafts=[d.ids for d in drafts])
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [k, n, V]: row i, position t -> id t
     tok = logp.gather(-1, ids[..., None])[..., 0].cpu()  # [k, n]
     for d, row in zip(drafts, tok):
         d.score = float(row[: len(d.ids)].sum())
     return sorted(drafts, key=lambda d: -d.score)
+
+
+@torch.no_grad()
+def draft_logits(model, prefix, start: int, first: int, *, drafts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each draft fed its own ids after `first` (one forward of [k, 1 + longest] on a batch-k scratch
+    over `prefix`'s rows [0, start)): logits [k, n, V] where position t predicts id t, and the ids
+    [k, n] (padded past each end with the draft's last id)."""
+    n = max(len(d) for d in drafts)
+    dev = model.embed_tokens.weight.device
+    rows = [[first] + d + [d[-1]] * (n - len(d)) for d in drafts]
+    scratch = ScratchCache(prefix, start, n + 1, batch=len(drafts))
+    logits = model(torch.tensor(rows, device=dev), torch.arange(start, start + n + 1), scratch)
+    return logits[:, :-1], torch.tensor([r[1:] for r in rows], device=dev)
+
+
+def halt_cuts(model, prefix, start: int, first: int, *, drafts: list[list[int]], rule) -> list[int]:
+    """Halting for drafts (engine.exits): per draft, how many of its ids come before the first position
+    whose logits `rule` flags ([..., V] -> [...] bool), read from one batched forward of the drafts."""
+    live = [d for d in drafts if d]
+    if not live:
+        return [0] * len(drafts)
+    logits, _ = draft_logits(model, prefix, start, first, drafts=live)
+    flagged = rule(logits).cpu()  # [k, n]
+    cuts = iter([next((t for t in range(len(d)) if flagged[i, t]), len(d)) for i, d in enumerate(live)])
+    return [next(cuts) if d else 0 for d in drafts]
 
 
 def select(
