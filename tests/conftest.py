@@ -67,3 +67,25 @@ def tiny_engine_factory(smol):
         return Engine(build(cfg, hf.state_dict()), smol.tokenizer, EngineOptions(**opts))
 
     return make
+
+
+def prefix_cache(model, ids):
+    """A cache holding `ids` encoded at positions 0.. (the context a decoder continues)."""
+    from engine.cache import KVCache
+
+    a = model.args
+    c = KVCache(a.n_layers, a.n_kv_heads, a.head_dim)
+    c.reserve(len(ids))
+    c.length = len(ids)
+    with torch.no_grad():
+        model(torch.tensor([ids]), torch.arange(len(ids)), c)
+    return c
+
+
+@pytest.fixture(scope="module", params=["gemma3", "llama"])
+def tiny_prefix(request):
+    """A tiny random model of each family, 40 random ids and a cache of all but the last."""
+    cfg, hf = tiny_hf(request.param, 300)
+    model = build(cfg, hf.state_dict())
+    ids = torch.randint(2, 300, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    return model, ids, prefix_cache(model, ids[:-1])

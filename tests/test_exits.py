@@ -16,10 +16,7 @@ from engine.decoding.speculative import SpecStats, speculative
 from engine.decoding.superposed import halt_cuts
 from engine.engine import CompletionOptions
 from engine.exits import Exits, default_layers, logistic, lowest_threshold, ridge
-from engine.model import build
 from engine.ngram import PromptLookup
-from tests.conftest import tiny_hf
-from tests.test_speculative import prefix_cache
 
 
 def random_exits(model, layers, *, exit=math.inf, halt=math.inf, seed=0) -> Exits:
@@ -30,16 +27,8 @@ def random_exits(model, layers, *, exit=math.inf, halt=math.inf, seed=0) -> Exit
                  exit_threshold=exit, halt_threshold=halt)
 
 
-@pytest.fixture(scope="module", params=["gemma3", "llama"])
-def setup(request):
-    cfg, hf = tiny_hf(request.param, 300)
-    model = build(cfg, hf.state_dict())
-    ids = torch.randint(2, 300, (40,), generator=torch.Generator().manual_seed(1)).tolist()
-    return model, ids, prefix_cache(model, ids[:-1])
-
-
-def test_thresholds_that_never_fire_give_greedy(setup):
-    model, ids, cache = setup
+def test_thresholds_that_never_fire_give_greedy(tiny_prefix):
+    model, ids, cache = tiny_prefix
     want = list(greedy(model, ScratchCache(cache, 39, 33), ids[-1], max_new=32))
     exits = random_exits(model, [1])
     stats = ExitStats()
@@ -48,8 +37,8 @@ def test_thresholds_that_never_fire_give_greedy(setup):
     assert stats.exited == 0 and not stats.halted and stats.layers == 32 * model.args.n_layers
 
 
-def test_state_copying_fills_the_cache_like_a_full_depth_step(setup):
-    model, ids, cache = setup
+def test_state_copying_fills_the_cache_like_a_full_depth_step(tiny_prefix):
+    model, ids, cache = tiny_prefix
     full, early = ScratchCache(cache, 39, 9), ScratchCache(cache, 39, 9)
     list(greedy(model, full, ids[-1], max_new=8))
     exits = random_exits(model, [1], exit=-math.inf)  # always exit after layer 1
@@ -72,8 +61,8 @@ def test_state_copying_fills_the_cache_like_a_full_depth_step(setup):
         assert not torch.equal(check.k[2:, :, :, :1], full.k[2:, :, :, :1])
 
 
-def test_halt_ends_before_the_flagged_token_and_composes_with_speculation(setup):
-    model, ids, cache = setup
+def test_halt_ends_before_the_flagged_token_and_composes_with_speculation(tiny_prefix):
+    model, ids, cache = tiny_prefix
     stats = ExitStats()
     assert list(early_exit(model, ScratchCache(cache, 39, 9), ids[-1], max_new=8, stats=stats,
                            exits=random_exits(model, [1], halt=-math.inf))) == []
@@ -127,8 +116,8 @@ def test_fits():
     assert default_layers(18) == [12, 14, 16, 17]
 
 
-def test_save_load_roundtrip(tmp_path, setup):
-    model = setup[0]
+def test_save_load_roundtrip(tmp_path, tiny_prefix):
+    model = tiny_prefix[0]
     e = random_exits(model, [1], exit=0.9, halt=0.7)
     e.meta = {"tokens": 5}
     back = Exits.load(e.save(tmp_path))

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from engine.cache import KVCache, ScratchCache
+from engine.cache import ScratchCache
 from engine.decoding.greedy import greedy
 from engine.decoding.speculative import SpecStats, speculative
 from engine.engine import CompletionOptions
 from engine.model import build
 from engine.ngram import PromptLookup, find_continuation
-from tests.conftest import tiny_hf
+from tests.conftest import prefix_cache, tiny_hf
 
 
 class Random:
@@ -40,16 +40,6 @@ class Oracle(Wrong):
     def propose(self, context, k):
         done = len(context) - self.start
         return self.truth[done : done + k]
-
-
-def prefix_cache(model, ids):
-    a = model.args
-    c = KVCache(a.n_layers, a.n_kv_heads, a.head_dim)
-    c.reserve(len(ids))
-    c.length = len(ids)
-    with torch.no_grad():
-        model(torch.tensor([ids]), torch.arange(len(ids)), c)
-    return c
 
 
 @pytest.mark.parametrize("kind", ["gemma3", "llama"])

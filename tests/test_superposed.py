@@ -15,10 +15,7 @@ from engine.decoding.greedy import greedy
 from engine.decoding.superposed import SuperposedParams, superposed
 from engine.drafts import keep
 from engine.engine import CompletionOptions
-from engine.model import build
 from engine.ngram import NgramIndex, NgramTable
-from tests.conftest import tiny_hf
-from tests.test_speculative import prefix_cache
 
 
 def last(gen):
@@ -28,17 +25,9 @@ def last(gen):
     return out
 
 
-@pytest.fixture(scope="module", params=["gemma3", "llama"])
-def setup(request):
-    cfg, hf = tiny_hf(request.param, 300)
-    model = build(cfg, hf.state_dict())
-    ids = torch.randint(2, 300, (40,), generator=torch.Generator().manual_seed(1)).tolist()
-    return model, ids, prefix_cache(model, ids[:-1])
-
-
 @pytest.mark.parametrize("rerank", [False, True])
-def test_one_draft_without_ngrams_is_greedy(setup, rerank):
-    model, ids, cache = setup
+def test_one_draft_without_ngrams_is_greedy(tiny_prefix, rerank):
+    model, ids, cache = tiny_prefix
     mask = torch.zeros(300, dtype=torch.bool)
     mask[100:200] = True  # token healing: the first token restricted
     for first_mask in (None, mask):
@@ -51,8 +40,8 @@ def test_one_draft_without_ngrams_is_greedy(setup, rerank):
         assert beams[0].ids == want
 
 
-def test_anchored_drafts_lead_with_greedy(setup):
-    model, ids, cache = setup
+def test_anchored_drafts_lead_with_greedy(tiny_prefix):
+    model, ids, cache = tiny_prefix
     want = list(greedy(model, ScratchCache(cache, 39, 33), ids[-1], max_new=32))
     index = NgramIndex()
     index.open("a.py", ids)
@@ -67,8 +56,8 @@ def test_anchored_drafts_lead_with_greedy(setup):
         next(superposed(model, ScratchCache(cache, 39, 33), ids[-1], k=3, max_new=4, params=SuperposedParams(anchor=True)))
 
 
-def test_drafts_are_distinct_and_finished_ones_are_kept(setup):
-    model, ids, cache = setup
+def test_drafts_are_distinct_and_finished_ones_are_kept(tiny_prefix):
+    model, ids, cache = tiny_prefix
     index = NgramIndex()
     index.open("a.py", ids)
     ngram = lambda tails, cands: index.prob(tails, cands, uri="a.py")  # noqa: E731
