@@ -117,6 +117,8 @@ class Engine:
         self.adadec = AdaDecParams()  # threshold inf (greedy) until `load` finds the model's calibration
         self.exits: Exits | None = None  # exit heads + controller, when the model was calibrated for them
         self.trace_exits = False  # benchmarks: record every step's P(stop) in `last_exit.p_stop`
+        self._head_cost: float | None = None  # the LM head's time in layers (`head_cost`)
+        self._last_stats = None  # the last decode's stats object (its `halted` names the stop reason)
         self._clock = 0
 
     @classmethod
@@ -329,7 +331,7 @@ class Engine:
 
     def head_cost(self) -> float:
         """The LM head's cost in decoder layers (for self-speculation's choice of depth), timed once."""
-        if getattr(self, "_head_cost", None) is None:
+        if self._head_cost is None:
             from engine.cache import KVCache
 
             a, m = self.model.args, self.model

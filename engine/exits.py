@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -73,8 +73,6 @@ class Exits:
         return torch.sigmoid(logit_features(logits) @ w[:-1] + w[-1])
 
     def with_thresholds(self, *, exit: float | None = None, halt: float | None = None) -> "Exits":
-        from dataclasses import replace
-
         return replace(self, exit_threshold=self.exit_threshold if exit is None else exit,
                        halt_threshold=self.halt_threshold if halt is None else halt)
 
@@ -212,6 +210,7 @@ def fit(states: States, head: RowHead, *, layers: list[int], held_out: float = 0
     """Fit the exit heads, the controller and its thresholds; held-out files choose the thresholds
     and give the figures recorded in `meta` (per-layer agreement of logit lens and tuned lens)."""
     N, L, D = states.hidden.shape
+    layers = sorted(layers)
     files = states.file.unique()
     test_files = files[torch.randperm(len(files), generator=torch.Generator().manual_seed(0))[: max(1, int(len(files) * held_out))]]
     test = torch.isin(states.file, test_files)
@@ -220,7 +219,7 @@ def fit(states: States, head: RowHead, *, layers: list[int], held_out: float = 0
     target = head.index[states.target]  # [N] row of the true token, -1 outside the shortlist
     full_arg, full_feat = head.features(final)
     right = {L: full_arg == target}
-    maps, biases, report = [], [], {}
+    maps, biases, report, agree = [], [], {}, []
     for l in sorted(set(layers) | set(report_layers or [])):
         x = states.hidden[:, l - 1].float()
         a, b = ridge(x[tr], final[tr], lam=lam)
@@ -237,22 +236,18 @@ def fit(states: States, head: RowHead, *, layers: list[int], held_out: float = 0
             maps.append(a)
             biases.append(b)
             right[l] = tuned == target
-            report[l]["tuned_agree_all"] = (tuned == full_arg)
+            agree.append((tuned == full_arg)[te])
     exit_w = torch.stack([logistic(states.hidden[tr, l - 1].float(), right[l][tr]) for l in layers])
     stop = ~torch.stack(list(right.values())).any(0)  # no head predicts the true token: SEC's stop label
     stop_w = logistic(full_feat[tr], stop[tr])
-    exits = Exits(sorted(layers), torch.stack(maps), torch.stack(biases), exit_w, stop_w)
+    exits = Exits(layers, torch.stack(maps), torch.stack(biases), exit_w, stop_w)
     # thresholds on the held-out files
     p_stop = torch.sigmoid(full_feat[te] @ stop_w[:-1] + stop_w[-1]).numpy()
     wrong = (full_arg[te] != target[te]).numpy()
     halt = lowest_threshold(p_stop, wrong, target=halt_precision)
-    p_exit = torch.stack([torch.sigmoid(states.hidden[te, l - 1].float() @ exit_w[c, :-1] + exit_w[c, -1])
-                          for c, l in enumerate(exits.layers)])  # [C, n]
-    agree = torch.stack([report[l].pop("tuned_agree_all")[te] for l in exits.layers])  # [C, n]
-    exit_thr, saved = exit_threshold(p_exit, agree, np.array(exits.layers), L, target=exit_agreement)
+    p_exit = torch.stack([exits.p_exit(c, states.hidden[te, l - 1]) for c, l in enumerate(layers)])  # [C, n]
+    exit_thr, saved = exit_threshold(p_exit, torch.stack(agree), np.array(layers), L, target=exit_agreement)
     exits.exit_threshold, exits.halt_threshold = exit_thr, halt
-    for l in exits.layers:
-        report[l].pop("tuned_agree_all", None)
     exits.meta = {"tokens": N, "train_tokens": int(tr.sum()), "held_out_tokens": int(te.sum()), "layers": L,
                   "candidates": exits.layers, "lam": lam, "per_layer": {str(k): v for k, v in report.items()},
                   "full_right": float(right[L][te].float().mean()), "stop_share": float(stop[te].float().mean()),
