@@ -198,6 +198,7 @@ class Block(nn.Module):
         super().__init__()
         offset = 1.0 if a.family == "gemma3" else 0.0
         self.gemma = a.family == "gemma3"
+        self.fused = None  # a kernels.step.FusedLayer once engine.quant.fuse ran (int8, CPU)
         self.self_attn = Attention(a, layer)
         self.mlp = MLP(a)
         self.input_layernorm = RMSNorm(a.dim, a.norm_eps, offset=offset)
@@ -207,6 +208,9 @@ class Block(nn.Module):
             self.post_feedforward_layernorm = RMSNorm(a.dim, a.norm_eps, offset=offset)
 
     def forward(self, x, pos, cos_sin, cache):
+        if self.fused is not None and self.fused.serves(x):  # the C step (engine.quant.fuse)
+            q, k, v = self.fused.qkv(x, *cos_sin)
+            return self.fused.attn_mlp(x, q, pos, cache.update(self.self_attn.layer, k, v, pos))
         h = self.self_attn(self.input_layernorm(x), pos, cos_sin, cache)
         if self.gemma:  # sandwich norms
             x = x + self.post_attention_layernorm(h)

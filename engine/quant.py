@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import step
+
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 [N, K] -> int8 rows [N, K] and bf16 scales [N] with weight ~= q * scale (symmetric)."""
@@ -35,8 +37,13 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [..., K] @ (q * scale)^T -> [..., N] in x's dtype; activations rounded to bf16 on the way in."""
-    flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+    """x [..., K] @ (q * scale)^T -> [..., N] in x's dtype. Up to `step.MAX_ROWS` rows of fp32
+    activations on the CPU go through the C kernel (fp32 activations: the C decode step's numbers);
+    otherwise activations are rounded to bf16 for torch's int8 kernel."""
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.device.type == "cpu" and flat.shape[0] <= step.MAX_ROWS and step.serves_gemv(flat):
+        return step.gemv_int8(flat.float(), q, scale.float()).to(x.dtype).view(*x.shape[:-1], q.shape[0])
+    flat = flat.to(torch.bfloat16)
     if flat.device.type == "cpu":
         y = torch.ops.aten._weight_int8pack_mm(flat, q, scale)
     else:  # no fused kernel assumed off the CPU: same numbers, slower
@@ -128,18 +135,69 @@ class ShortlistHead(nn.Module):
         return F.linear(x, self.weight.to(x.dtype))
 
 
+def fuse(model) -> int:
+    """Give each int8 block a `kernels.step.FusedLayer` (decode and verify steps in C on the CPU); the
+    block's Int8Linear modules keep serving prefill, over views of the same stacked int8 rows (no
+    copy). Returns how many blocks were fused (0 where the C step cannot be built)."""
+    if not step.available():
+        return 0
+    a, fused = model.args, 0
+    lanes = step.lanes()
+    if a.dim % lanes or a.hidden_dim % lanes or (a.n_heads * a.head_dim) % lanes:
+        return 0
+    for block in model.layers:
+        att, mlp = block.self_attn, block.mlp
+        parts = [att.q_proj, att.k_proj, att.v_proj, att.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+        if not all(isinstance(p, Int8Linear) for p in parts) or att.o_proj.bias is not None:
+            return fused
+        qkv = _stack(att.q_proj, att.k_proj, att.v_proj)
+        gu = _stack(mlp.gate_proj, mlp.up_proj)
+        o = (att.o_proj.qweight, att.o_proj.scale.float().contiguous())
+        down = (mlp.down_proj.qweight, mlp.down_proj.scale.float().contiguous())
+        bias = None
+        if att.q_proj.bias is not None:
+            bias = torch.cat([att.q_proj.bias, att.k_proj.bias, att.v_proj.bias]).float().contiguous()
+        off = 1.0 if block.gemma else 0.0
+        norm = lambda n: (n.weight.float() + off).contiguous()  # noqa: E731
+        norms = {"in": norm(block.input_layernorm), "post_attn": norm(block.post_attention_layernorm)}
+        if block.gemma:
+            norms |= {"pre_ff": norm(block.pre_feedforward_layernorm), "post_ff": norm(block.post_feedforward_layernorm),
+                      "q": norm(att.q_norm), "k": norm(att.k_norm)}
+        block.fused = step.FusedLayer(
+            dim=a.dim, heads=a.n_heads, kv_heads=a.n_kv_heads, head_dim=a.head_dim, hidden=a.hidden_dim,
+            window=a.windows[att.layer], gemma=block.gemma, eps=a.norm_eps, scale=a.attn_scale,
+            softcap=a.attn_softcap, qkv=qkv, o=o, gu=gu, down=down, qkv_bias=bias, norms=norms)
+        fused += 1
+    return fused
+
+
+def _stack(*layers: Int8Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int8 rows of `layers` stacked [sum N, K] (and fp32 scales); each layer's `qweight` becomes
+    a view of its rows, so the stacked matrix costs no memory of its own."""
+    q = torch.cat([m.qweight for m in layers])
+    n = 0
+    for m in layers:
+        m.qweight = q[n : n + m.out_features]
+        n += m.out_features
+    return q, torch.cat([m.scale for m in layers]).float().contiguous()
+
+
 LINEARS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
            ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
 
 
-def quantize(model, *, linear: bool = True, rows: torch.Tensor | None = None, int8_head: bool = True):
-    """Make a fp32 model fast in place: int8 layer matrices (`linear`) and a shortlist head over
-    `rows` (None keeps the full head). Embeddings, norms and the attention stay fp32."""
+def quantize(model, *, linear: bool = True, rows: torch.Tensor | None = None, int8_head: bool = True,
+             native: bool = True):
+    """Make a fp32 model fast in place: int8 layer matrices (`linear`, with the C decode step where
+    `native` and it builds: `fuse`) and a shortlist head over `rows` (None keeps the full head).
+    Embeddings, norms and the attention stay fp32."""
     if linear:
         for block in model.layers:
             for part, name in LINEARS:
                 owner = getattr(block, part)
                 setattr(owner, name, Int8Linear.from_linear(getattr(owner, name)))
+        if native:
+            fuse(model)
     if rows is not None:
         model.lm_head = ShortlistHead(model.embed_tokens.weight if model.args.tie_embeddings
                                       else model.lm_head.weight, rows, int8=int8_head)

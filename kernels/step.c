@@ -1,0 +1,306 @@
+/* One transformer layer of a decode or verify step on the CPU, in two calls (kernels/step.py).
+
+   `ghostline_qkv`: input RMSNorm, the fused q|k|v int8 projection, QK-norm (Gemma) and RoPE.
+   `ghostline_attn_mlp`: attention of the new tokens over the cache's segments, o_proj, the norms and
+   residuals, the gate|up and down int8 projections. The caller writes the new keys and values into
+   its cache between the two (so every cache keeps its own bookkeeping).
+
+   Int8 weight-only products: y[m, n] = scale[n] * sum_k x[m, k] * q[n, k] with fp32 activations.
+   Each (m, n) is one dot product accumulated over k in a fixed order (vector lanes, then a fixed
+   reduction), and attention handles each query on its own with the same key split whatever T is,
+   so a verify step of T tokens gives each token exactly what a decode step of that token alone
+   gives. Threads split the output rows of the products and the keys of the attention.
+   Built by kernels/step.py with the host compiler (-march=native); the vector paths are chosen at
+   compile time (AVX-512, AVX2 + FMA, plain C). */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#define ROWS 4 /* weight rows per inner block: four independent accumulator chains */
+
+#if defined(__AVX512F__)
+#define LANES 16
+static inline float dot_block(const float *x, const int8_t *q, int K) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int k = 0; k < K; k += 16) {
+        __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + k))));
+        acc = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + k), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+static inline void dot4(const float *x, const int8_t *q, long K, float *out) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (long k = 0; k < K; k += 16) {
+        __m512 xv = _mm512_loadu_ps(x + k);
+        a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + k)))), xv, a0);
+        a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + K + k)))), xv, a1);
+        a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 2 * K + k)))), xv, a2);
+        a3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 3 * K + k)))), xv, a3);
+    }
+    out[0] = _mm512_reduce_add_ps(a0);
+    out[1] = _mm512_reduce_add_ps(a1);
+    out[2] = _mm512_reduce_add_ps(a2);
+    out[3] = _mm512_reduce_add_ps(a3);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#define LANES 8
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline __m256 load8(const int8_t *q) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q)));
+}
+
+static inline float dot_block(const float *x, const int8_t *q, int K) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int k = 0; k < K; k += 8) acc = _mm256_fmadd_ps(load8(q + k), _mm256_loadu_ps(x + k), acc);
+    return hsum8(acc);
+}
+
+static inline void dot4(const float *x, const int8_t *q, long K, float *out) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (long k = 0; k < K; k += 8) {
+        __m256 xv = _mm256_loadu_ps(x + k);
+        a0 = _mm256_fmadd_ps(load8(q + k), xv, a0);
+        a1 = _mm256_fmadd_ps(load8(q + K + k), xv, a1);
+        a2 = _mm256_fmadd_ps(load8(q + 2 * K + k), xv, a2);
+        a3 = _mm256_fmadd_ps(load8(q + 3 * K + k), xv, a3);
+    }
+    out[0] = hsum8(a0);
+    out[1] = hsum8(a1);
+    out[2] = hsum8(a2);
+    out[3] = hsum8(a3);
+}
+#else
+#define LANES 1
+static inline float dot_block(const float *x, const int8_t *q, int K) {
+    float acc = 0.f;
+    for (int k = 0; k < K; k++) acc += (float)q[k] * x[k];
+    return acc;
+}
+
+static inline void dot4(const float *x, const int8_t *q, long K, float *out) {
+    for (int r = 0; r < 4; r++) out[r] = dot_block(x, q + r * K, (int)K);
+}
+#endif
+
+
+int ghostline_lanes(void) { return LANES; }
+
+/* y [M, N] = x [M, K] @ (q [N, K] * scale [N])^T; K a multiple of LANES (the launcher checks). */
+static void gemv(const float *x, const int8_t *q, const float *scale, float *y, long M, long N, long K, int threads) {
+    long blocks = N / ROWS;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && N * K >= 65536)
+    for (long b = 0; b < blocks; b++) {
+        long n = b * ROWS;
+        float out[ROWS];
+        for (long m = 0; m < M; m++) {
+            dot4(x + m * K, q + n * K, K, out);
+            for (int r = 0; r < ROWS; r++) y[m * N + n + r] = out[r] * scale[n + r];
+        }
+    }
+    for (long n = blocks * ROWS; n < N; n++)
+        for (long m = 0; m < M; m++) y[m * N + n] = dot_block(x + m * K, q + n * K, (int)K) * scale[n];
+}
+
+void ghostline_gemv_int8(const float *x, const int8_t *q, const float *scale, float *y, long M, long N, long K,
+                         int threads) {
+    gemv(x, q, scale, y, M, N, K, threads);
+}
+
+/* A layer's weights and shape, filled by kernels/step.py (field order matters: it mirrors Layer). */
+typedef struct {
+    long D, H, KV, hd, F, window; /* width, query heads, kv heads, head dim, MLP width, window (0: none) */
+    long gemma;                   /* sandwich norms, QK-norm, tanh-GELU (else Llama: SiLU) */
+    float eps, scale, softcap;    /* RMSNorm epsilon, attention scale, score soft-cap (0: none) */
+    const int8_t *qkv, *o, *gu, *down;            /* [(H+2KV)hd, D], [D, H hd], [2F, D], [D, F] */
+    const float *qkv_s, *o_s, *gu_s, *down_s;     /* fp32 row scales */
+    const float *qkv_b;                           /* fp32 bias [(H+2KV)hd] or NULL */
+    const float *n_in, *n_post_attn, *n_pre_ff, *n_post_ff, *n_q, *n_k; /* norm weights, offset added */
+    int threads;
+} Layer;
+
+/* out = x / rms(x) * w over n values (out may be x); the statistics in fp32 as engine.model.RMSNorm. */
+static void rmsnorm(const float *x, const float *w, float *out, long n, float eps) {
+    float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+    for (long i = 0; i < n; i++) ss += x[i] * x[i];
+    float r = 1.f / sqrtf(ss / (float)n + eps);
+#pragma omp simd
+    for (long i = 0; i < n; i++) out[i] = (x[i] * r) * w[i];
+}
+
+/* x [hd] rotated in place by cos/sin [hd] (rotate-half layout, as kernels.rope_shift.apply_rope). */
+static void rope(float *x, const float *c, const float *s, long hd) {
+    long h = hd / 2;
+    for (long i = 0; i < h; i++) {
+        float x1 = x[i], x2 = x[i + h];
+        x[i] = x1 * c[i] - x2 * s[i];
+        x[i + h] = x2 * c[i + h] + x1 * s[i + h];
+    }
+}
+
+/* x [T, D] -> q [T, H, hd], k and v [KV, T, hd] (normed, rotated); work holds T * (D + (H+2KV) hd) floats. */
+void ghostline_qkv(const Layer *L, const float *x, long T, const float *cos, const float *sin, float *q, float *k,
+                   float *v, float *work) {
+    long D = L->D, hd = L->hd, H = L->H, KV = L->KV, N = (H + 2 * KV) * hd;
+    float *h = work, *y = work + T * D;
+    for (long t = 0; t < T; t++) rmsnorm(x + t * D, L->n_in, h + t * D, D, L->eps);
+    gemv(h, L->qkv, L->qkv_s, y, T, N, D, L->threads);
+    for (long t = 0; t < T; t++) {
+        float *row = y + t * N;
+        if (L->qkv_b)
+            for (long i = 0; i < N; i++) row[i] += L->qkv_b[i];
+        for (long j = 0; j < H + KV; j++) {
+            float *head = row + j * hd;
+            if (L->gemma) rmsnorm(head, j < H ? L->n_q : L->n_k, head, hd, L->eps);
+            rope(head, cos + t * hd, sin + t * hd, hd);
+        }
+        memcpy(q + t * H * hd, row, H * hd * sizeof(float));
+        for (long j = 0; j < KV; j++) {
+            memcpy(k + (j * T + t) * hd, row + (H + j) * hd, hd * sizeof(float));
+            memcpy(v + (j * T + t) * hd, row + (H + KV + j) * hd, hd * sizeof(float));
+        }
+    }
+}
+
+/* Keys and values the caller's cache holds: segment i has rows [0, n[i]) at positions start[i]..,
+   kv head j's row r at K[i] + j * stride[i] + r * hd. */
+typedef struct {
+    long count;
+    const float *K[4], *V[4];
+    long n[4], start[4], stride[4];
+} Segments;
+
+#define SPLIT 2 /* key parts per query: fixed, so a query's sums never depend on the thread count */
+#define MAXG 16 /* query heads per kv head */
+
+/* Attention of G query heads qs [G, hd] (one position qpos) over the visible keys of kv head j:
+   out [G, hd]. Keys are split into SPLIT parts, each with its own max, sum and weighted values,
+   combined in a fixed order. */
+static void attend_one(const Layer *L, const Segments *S, long j, const float *qs, long G, long qpos, float *out,
+                       float *scores, float *part_acc, int threads) {
+    long hd = L->hd;
+    long lo[4], hi[4], total = 0;
+    for (long i = 0; i < S->count; i++) {
+        long first = L->window ? qpos - L->window + 1 - S->start[i] : 0;
+        lo[i] = first > 0 ? first : 0;
+        long last = qpos - S->start[i] + 1;
+        hi[i] = last < S->n[i] ? last : S->n[i];
+        if (hi[i] < lo[i]) hi[i] = lo[i];
+        total += hi[i] - lo[i];
+    }
+    float m[SPLIT][MAXG], l[SPLIT][MAXG];
+    long chunk = (total + SPLIT - 1) / SPLIT;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && total >= 256)
+    for (int p = 0; p < SPLIT; p++) {
+        long a = p * chunk, b = a + chunk < total ? a + chunk : total;
+        float *sc = scores + a * G; /* [keys of this part, G] */
+        float *acc = part_acc + p * G * hd;
+        for (long g = 0; g < G; g++) {
+            m[p][g] = -INFINITY;
+            l[p][g] = 0.f;
+        }
+        memset(acc, 0, G * hd * sizeof(float));
+        /* pass 1: scores and their max */
+        long base = 0;
+        for (long i = 0; i < S->count; base += hi[i] - lo[i], i++) {
+            long from = a > base ? a : base, to = b < base + hi[i] - lo[i] ? b : base + hi[i] - lo[i];
+            for (long idx = from; idx < to; idx++) {
+                const float *kr = S->K[i] + j * S->stride[i] + (lo[i] + idx - base) * hd;
+                for (long g = 0; g < G; g++) {
+                    const float *qg = qs + g * hd;
+                    float d = 0.f;
+#pragma omp simd reduction(+ : d)
+                    for (long e = 0; e < hd; e++) d += qg[e] * kr[e];
+                    d *= L->scale;
+                    if (L->softcap > 0.f) d = tanhf(d / L->softcap) * L->softcap;
+                    sc[(idx - a) * G + g] = d;
+                    if (d > m[p][g]) m[p][g] = d;
+                }
+            }
+        }
+        /* pass 2: weights and values */
+        base = 0;
+        for (long i = 0; i < S->count; base += hi[i] - lo[i], i++) {
+            long from = a > base ? a : base, to = b < base + hi[i] - lo[i] ? b : base + hi[i] - lo[i];
+            for (long idx = from; idx < to; idx++) {
+                const float *vr = S->V[i] + j * S->stride[i] + (lo[i] + idx - base) * hd;
+                for (long g = 0; g < G; g++) {
+                    float w = expf(sc[(idx - a) * G + g] - m[p][g]);
+                    l[p][g] += w;
+                    float *ag = acc + g * hd;
+#pragma omp simd
+                    for (long e = 0; e < hd; e++) ag[e] += w * vr[e];
+                }
+            }
+        }
+    }
+    for (long g = 0; g < G; g++) {
+        float mx = -INFINITY;
+        for (int p = 0; p < SPLIT; p++)
+            if (m[p][g] > mx) mx = m[p][g];
+        float denom = 0.f, f[SPLIT];
+        for (int p = 0; p < SPLIT; p++) {
+            f[p] = m[p][g] == -INFINITY ? 0.f : expf(m[p][g] - mx);
+            denom += l[p][g] * f[p];
+        }
+        float *og = out + g * hd;
+        for (long e = 0; e < hd; e++) {
+            float s = 0.f;
+            for (int p = 0; p < SPLIT; p++) s += part_acc[(p * G + g) * hd + e] * f[p];
+            og[e] = s / denom;
+        }
+    }
+}
+
+static float act(float g, long gemma) {
+    if (gemma) return 0.5f * g * (1.f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
+    return g / (1.f + expf(-g));
+}
+
+/* x [T, D] += the attention branch and the MLP branch, for new tokens at positions qpos [T] with
+   queries q [T, H, hd] over the segments (which already hold the new keys and values).
+   work holds T * (H hd + 2D + 3F) + SPLIT * (keys * G + G * hd) floats (see kernels/step.py). */
+void ghostline_attn_mlp(const Layer *L, float *x, long T, const float *q, const long *qpos, const Segments *S,
+                        float *work, long keys) {
+    long D = L->D, hd = L->hd, H = L->H, KV = L->KV, F = L->F, G = H / KV;
+    float *att = work, *o = att + T * H * hd, *h = o + T * D, *gu = h + T * D, *a = gu + T * 2 * F;
+    float *scores = a + T * F, *part = scores + keys * G;
+    for (long t = 0; t < T; t++)
+        for (long j = 0; j < KV; j++)
+            attend_one(L, S, j, q + (t * H + j * G) * hd, G, qpos[t], att + (t * H + j * G) * hd, scores, part,
+                       L->threads);
+    gemv(att, L->o, L->o_s, o, T, D, H * hd, L->threads);
+    for (long t = 0; t < T; t++) {
+        float *xt = x + t * D, *ot = o + t * D;
+        if (L->gemma) {
+            rmsnorm(ot, L->n_post_attn, ot, D, L->eps);
+            for (long i = 0; i < D; i++) xt[i] += ot[i];
+            rmsnorm(xt, L->n_pre_ff, h + t * D, D, L->eps);
+        } else {
+            for (long i = 0; i < D; i++) xt[i] += ot[i];
+            rmsnorm(xt, L->n_post_attn, h + t * D, D, L->eps);
+        }
+    }
+    gemv(h, L->gu, L->gu_s, gu, T, 2 * F, D, L->threads);
+    for (long t = 0; t < T; t++)
+        for (long i = 0; i < F; i++) a[t * F + i] = act(gu[t * 2 * F + i], L->gemma) * gu[t * 2 * F + F + i];
+    gemv(a, L->down, L->down_s, o, T, D, F, L->threads);
+    for (long t = 0; t < T; t++) {
+        float *xt = x + t * D, *ot = o + t * D;
+        if (L->gemma) rmsnorm(ot, L->n_post_ff, ot, D, L->eps);
+        for (long i = 0; i < D; i++) xt[i] += ot[i];
+    }
+}

@@ -1,0 +1,226 @@
+"""A decode or verify step's layer on the CPU in two C calls (`kernels/step.c`), int8 weights.
+
+A decode step on this CPU is bound by reading the weights (~0.1 GB of int8 layers), yet the eager
+torch layer spends as long again on ~60 small operations and their Python calls, and its batched
+attention products run at a third of the memory speed. The C layer does the same arithmetic as
+`engine.model.Block` over `engine.quant`'s int8 weights with fp32 activations: input norm, fused
+q|k|v product, QK-norm, RoPE (one call); attention over the cache's segments, o_proj, norms,
+residuals, fused gate|up and down products (the other). The caller's cache writes the new keys
+and values between the two. Rows of a step are independent (see step.c), so a verify step of T
+tokens equals T decode steps bit for bit.
+
+The reference is the torch layer itself (tests compare the two over dequantised weights). The
+library is compiled on first use with the host's C compiler (`cc -O3 -march=native -fopenmp`, about
+a second) into the cache folder, keyed by the source and the CPU; without a compiler (or with
+GHOSTLINE_NATIVE=0) `available()` is False and the model runs its torch layers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("ghostline.kernels")
+
+SOURCE = Path(__file__).with_name("step.c")
+MAX_ROWS = 16  # new tokens a step serves; past this (prefill) torch's matrix-matrix products win
+
+
+def gemv_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """fp32 x [M, K] @ (q [N, K] int8 * scale [N])^T -> [M, N], in float64 for the tests' oracle."""
+    return (x.double() @ q.double().T) * scale.double()
+
+
+_lib = None
+_tried = False
+
+
+def _build_dir() -> Path:
+    base = os.environ.get("GHOSTLINE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ghostline")
+    return Path(base) / "kernels"
+
+
+def _cpu_key() -> str:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return flags
+
+
+def _compile() -> Path | None:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    key = hashlib.sha256(SOURCE.read_bytes() + _cpu_key().encode() + cc.encode()).hexdigest()[:16]
+    out = _build_dir() / f"step-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        so = Path(tmp) / out.name
+        cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", str(so)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            log.warning("CPU step kernel not built (%s): %s", " ".join(cmd), done.stderr.strip()[-500:])
+            return None
+        os.replace(so, out)  # atomic: another process building the same key finds a whole file
+    return out
+
+
+def _load():
+    global _lib, _tried
+    if not _tried:
+        _tried = True
+        if os.environ.get("GHOSTLINE_NATIVE", "1") == "0":
+            return None
+        try:
+            path = _compile()
+            if path is not None:
+                lib = ctypes.CDLL(str(path))
+                lib.ghostline_gemv_int8.restype = None
+                lib.ghostline_gemv_int8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
+                lib.ghostline_lanes.restype = ctypes.c_int
+                lib.ghostline_qkv.restype = None
+                lib.ghostline_qkv.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long] + [ctypes.c_void_p] * 6
+                lib.ghostline_attn_mlp.restype = None
+                lib.ghostline_attn_mlp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p,
+                                                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]
+                _lib = lib
+        except OSError as e:
+            log.warning("CPU step kernel not loaded: %s", e)
+    return _lib
+
+
+def available() -> bool:
+    """Whether the compiled kernel can run here (it is built on the first call)."""
+    return _load() is not None
+
+
+def lanes() -> int:
+    """The vector width the kernel was built for: K must be a multiple of it."""
+    lib = _load()
+    return lib.ghostline_lanes() if lib is not None else 0
+
+
+def serves_gemv(x: torch.Tensor) -> bool:
+    """Whether `gemv_int8` can take activations x [M, K] (built, CPU, K a multiple of the lanes)."""
+    lib = _load()
+    return lib is not None and x.device.type == "cpu" and x.shape[-1] % lib.ghostline_lanes() == 0
+
+
+def gemv_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] (fp32, CPU) @ (q [N, K] int8 * scale [N] fp32)^T -> [..., N] fp32, at most MAX_ROWS rows."""
+    lib = _load()
+    K, N = x.shape[-1], q.shape[0]
+    flat = x.reshape(-1, K)
+    M = flat.shape[0]
+    if lib is None or M > MAX_ROWS or K % lib.ghostline_lanes() or x.dtype != torch.float32 or x.device.type != "cpu":
+        raise ValueError(f"gemv_int8 cannot serve x {tuple(x.shape)} {x.dtype} (M <= {MAX_ROWS}, fp32, K % lanes)")
+    flat = flat.contiguous()
+    if not (q.is_contiguous() and scale.is_contiguous() and q.dtype == torch.int8 and scale.dtype == torch.float32):
+        raise ValueError("gemv_int8 needs contiguous int8 rows and fp32 scales")
+    y = torch.empty(M, N, dtype=torch.float32) if out is None else out
+    lib.ghostline_gemv_int8(flat.data_ptr(), q.data_ptr(), scale.data_ptr(), y.data_ptr(), M, N, K,
+                            torch.get_num_threads())
+    return y.view(*x.shape[:-1], N)
+
+
+class _Layer(ctypes.Structure):
+    """Mirrors `Layer` in step.c (field order matters)."""
+
+    _fields_ = ([(n, ctypes.c_long) for n in ("D", "H", "KV", "hd", "F", "window", "gemma")]
+                + [(n, ctypes.c_float) for n in ("eps", "scale", "softcap")]
+                + [(n, ctypes.c_void_p) for n in ("qkv", "o", "gu", "down", "qkv_s", "o_s", "gu_s", "down_s", "qkv_b",
+                                                  "n_in", "n_post_attn", "n_pre_ff", "n_post_ff", "n_q", "n_k")]
+                + [("threads", ctypes.c_int)])
+
+
+MAX_SEGMENTS = 4
+
+
+class _Segments(ctypes.Structure):
+    _fields_ = [("count", ctypes.c_long), ("K", ctypes.c_void_p * MAX_SEGMENTS), ("V", ctypes.c_void_p * MAX_SEGMENTS),
+                ("n", ctypes.c_long * MAX_SEGMENTS), ("start", ctypes.c_long * MAX_SEGMENTS),
+                ("stride", ctypes.c_long * MAX_SEGMENTS)]
+
+
+class FusedLayer:
+    """One layer's weights laid out for the C step. Matrices are int8 rows [N, K] with fp32 scales
+    [N]: `qkv` stacks q, k, v rows, `gu` gate and up rows; norms are fp32 weights with Gemma's +1
+    offset already added. `norms` keys: in, post_attn, pre_ff, post_ff, q, k (Gemma) or in,
+    post_attn (Llama)."""
+
+    def __init__(self, *, dim: int, heads: int, kv_heads: int, head_dim: int, hidden: int, window: int | None,
+                 gemma: bool, eps: float, scale: float, softcap: float | None, qkv, o, gu, down,
+                 qkv_bias: torch.Tensor | None, norms: dict[str, torch.Tensor]):
+        if heads % kv_heads or heads // kv_heads > 16:
+            raise ValueError(f"{heads} query heads over {kv_heads} kv heads: the C step serves up to 16 per kv head")
+        self.shape = (dim, heads, kv_heads, head_dim, hidden)
+        self._keep = [t for pair in (qkv, o, gu, down) for t in pair] + list(norms.values())
+        if qkv_bias is not None:
+            self._keep.append(qkv_bias)
+        for t in self._keep:
+            if not t.is_contiguous() or t.device.type != "cpu":
+                raise ValueError("FusedLayer needs contiguous CPU tensors")
+        ptr = lambda name: norms[name].data_ptr() if name in norms else None  # noqa: E731
+        self.layer = _Layer(D=dim, H=heads, KV=kv_heads, hd=head_dim, F=hidden, window=window or 0, gemma=int(gemma),
+                            eps=eps, scale=scale, softcap=softcap or 0.0,
+                            qkv=qkv[0].data_ptr(), o=o[0].data_ptr(), gu=gu[0].data_ptr(), down=down[0].data_ptr(),
+                            qkv_s=qkv[1].data_ptr(), o_s=o[1].data_ptr(), gu_s=gu[1].data_ptr(),
+                            down_s=down[1].data_ptr(), qkv_b=None if qkv_bias is None else qkv_bias.data_ptr(),
+                            n_in=ptr("in"), n_post_attn=ptr("post_attn"), n_pre_ff=ptr("pre_ff"),
+                            n_post_ff=ptr("post_ff"), n_q=ptr("q"), n_k=ptr("k"), threads=1)
+        self._ref = ctypes.byref(self.layer)
+
+    def serves(self, x: torch.Tensor) -> bool:
+        """A step the C layer can run: batch 1, at most MAX_ROWS new tokens, fp32 on the CPU."""
+        return (x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] == 1 and x.shape[1] <= MAX_ROWS
+                and _load() is not None)
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [1, T, D], RoPE tables [T, hd] -> q [T, H, hd], k and v [1, KV, T, hd] (normed, rotated)."""
+        D, H, KV, hd, _ = self.shape
+        T = x.shape[1]
+        x = x.contiguous()
+        q = torch.empty(T, H, hd)
+        k = torch.empty(1, KV, T, hd)
+        v = torch.empty(1, KV, T, hd)
+        work = torch.empty(T * (D + (H + 2 * KV) * hd))
+        self.layer.threads = torch.get_num_threads()
+        _lib.ghostline_qkv(self._ref, x.data_ptr(), T, cos.contiguous().data_ptr(), sin.contiguous().data_ptr(),
+                           q.data_ptr(), k.data_ptr(), v.data_ptr(), work.data_ptr())
+        return q, k, v
+
+    def attn_mlp(self, x: torch.Tensor, q: torch.Tensor, pos: torch.Tensor, segments) -> torch.Tensor:
+        """x [1, T, D] + attention of q [T, H, hd] at host positions pos [T] over `segments` (a cache's
+        `update` answer: (K, V [1, KV, S, hd], position of row 0) each) + the MLP -> new x [1, T, D]."""
+        D, H, KV, hd, F = self.shape
+        T = x.shape[1]
+        if len(segments) > MAX_SEGMENTS:
+            raise ValueError(f"at most {MAX_SEGMENTS} cache segments, got {len(segments)}")
+        seg, keys = _Segments(count=len(segments)), 0
+        for i, (K, V, start) in enumerate(segments):
+            if K.shape[0] != 1 or K.stride(-1) != 1 or K.stride(-2) != hd or V.stride() != K.stride():
+                raise ValueError(f"segment {i} has batch {K.shape[0]} or strides {K.stride()} the C step cannot read")
+            seg.K[i], seg.V[i] = K.data_ptr(), V.data_ptr()
+            seg.n[i], seg.start[i], seg.stride[i] = K.shape[2], start, K.stride(1)
+            keys += K.shape[2]
+        out = x.contiguous().clone()
+        pos = pos.to(torch.long).contiguous()
+        G = H // KV
+        work = torch.empty(T * (H * hd + 2 * D + 3 * F) + keys * G + 2 * G * hd)
+        self.layer.threads = torch.get_num_threads()
+        _lib.ghostline_attn_mlp(self._ref, out.data_ptr(), T, q.data_ptr(), pos.data_ptr(), ctypes.byref(seg),
+                                work.data_ptr(), keys)
+        return out

@@ -1,0 +1,149 @@
+"""The C decode step (kernels/step.c) against its references: the int8 products against float64
+over the dequantised weights, a fused layer against the torch layer over the same weights (tiny
+Gemma 3 and Llama models, every cache kind a decode step meets), and a verify step of T tokens
+against T decode steps, bit for bit."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from engine.cache import ForkCache, KVCache, ScratchCache
+from engine.model import build
+from engine.quant import Int8Linear, dequantize, fuse, quantize, quantize_rows
+from kernels import step
+from tests.conftest import prefix_cache, tiny_hf
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                reason="no C compiler: the C step is not built and torch's layers run")
+
+
+def test_the_kernel_builds_here():
+    assert step.available(), "a C compiler is on PATH but kernels/step.c did not build (see the log)"
+
+
+@pytest.mark.parametrize("shape", [(1, 48, 64), (5, 37, 640), (16, 256, 2048)])
+def test_gemv_equals_float64_and_rows_are_independent(shape):
+    M, N, K = shape
+    torch.manual_seed(0)
+    q, scale = quantize_rows(torch.randn(N, K))
+    x = torch.randn(M, K)
+    got = step.gemv_int8(x, q, scale.float())
+    ref = step.gemv_reference(x, q, scale.float())
+    assert ((got.double() - ref).abs() <= ref.abs() * 1e-5 + 1e-4).all()
+    for m in range(M):  # a row's dot products do not depend on the other rows
+        assert torch.equal(step.gemv_int8(x[m : m + 1], q, scale.float())[0], got[m])
+
+
+def test_gemv_refuses_what_it_cannot_serve():
+    q, scale = quantize_rows(torch.randn(8, 64))
+    with pytest.raises(ValueError, match="cannot serve"):
+        step.gemv_int8(torch.randn(step.MAX_ROWS + 1, 64), q, scale.float())
+    with pytest.raises(ValueError, match="cannot serve"):
+        step.gemv_int8(torch.randn(1, 64, dtype=torch.float64), q, scale.float())
+
+
+def _dequantized(model):
+    """The fp32 reference of an int8 model: each Int8Linear back to nn.Linear over its dequantised rows."""
+    ref = copy.deepcopy(model)
+    for block in ref.layers:
+        block.fused = None
+        for part in (block.self_attn, block.mlp):
+            for name, mod in list(part.named_children()):
+                if isinstance(mod, Int8Linear):
+                    lin = torch.nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+                    lin.weight.data = dequantize(mod.qweight, mod.scale)
+                    if mod.bias is not None:
+                        lin.bias.data = mod.bias.data.clone()
+                    setattr(part, name, lin)
+    return ref
+
+
+@pytest.fixture(scope="module", params=["gemma3", "llama"])
+def fused_pair(request):
+    """A tiny int8 model (layers and head) with the C step in every block, and the reference: the same
+    model with fp32 layers over the dequantised rows and no C step."""
+    cfg, hf = tiny_hf(request.param, 300)
+    model = quantize(build(cfg, hf.state_dict()), rows=torch.arange(300), native=False)  # int8 layers and head
+    ref = _dequantized(model)
+    assert fuse(model) == model.args.n_layers  # the C step in every block
+    return model, ref
+
+
+@torch.no_grad()
+def test_fused_layers_equal_the_torch_layers(fused_pair):
+    """Decode steps past the sliding window (Gemma's window is 16) over a KVCache prefix and a scratch:
+    the same numbers up to the order of fp32 sums."""
+    model, ref = fused_pair
+    ids = torch.randint(2, 300, (41,), generator=torch.Generator().manual_seed(2)).tolist()
+    cache = prefix_cache(ref, ids[:30])  # one prefix for both (a 30-token encode runs torch's int8 kernel)
+    scratch = [ScratchCache(cache, 30, 16) for _ in range(2)]
+    for i in range(30, 41):
+        got, want = (m(torch.tensor([[ids[i]]]), torch.tensor([i]), s) for m, s in zip((model, ref), scratch))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    k, v = scratch[0].k[:, :, :, :11], scratch[1].k[:, :, :, :11]
+    torch.testing.assert_close(k, v, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_a_verify_step_equals_its_decode_steps_bit_for_bit(fused_pair):
+    model, _ = fused_pair
+    ids = torch.randint(2, 300, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    cache = prefix_cache(model, ids[:25])
+    one, many = ScratchCache(cache, 25, 16), ScratchCache(cache, 25, 16)
+    steps = torch.cat([model(torch.tensor([[t]]), torch.tensor([25 + i]), one) for i, t in enumerate(ids[25:37])], 1)
+    verify = model(torch.tensor([ids[25:37]]), torch.arange(25, 37), many)
+    assert torch.equal(steps, verify)
+    assert torch.equal(one.k[:, :, :, :12], many.k[:, :, :, :12]) and torch.equal(one.v, many.v)
+
+
+@torch.no_grad()
+def test_encoding_a_few_tokens_and_fork_rows_use_the_same_numbers(fused_pair):
+    """A short encode into a KVCache (one segment) and a one-row ForkCache (three segments) give the
+    logits a scratch decode gives for the same tokens."""
+    model, _ = fused_pair
+    ids = torch.randint(2, 300, (30,), generator=torch.Generator().manual_seed(4)).tolist()
+    cache = prefix_cache(model, ids[:20])
+    a = model.args
+    grown = KVCache(a.n_layers, a.n_kv_heads, a.head_dim)
+    grown.reserve(30)
+    grown.k[:, :, :20], grown.v[:, :, :20] = cache.k[:, :, :20], cache.v[:, :, :20]
+    grown.length = 30
+    encoded = model(torch.tensor([ids[20:30]]), torch.arange(20, 30), grown)
+    scratch = ScratchCache(cache, 20, 16)
+    decoded = model(torch.tensor([ids[20:25]]), torch.arange(20, 25), scratch)
+    fork = ForkCache(scratch, 8, batch=1)
+    forked = model(torch.tensor([ids[25:30]]), torch.arange(25, 30), fork)
+    assert torch.equal(encoded, torch.cat([decoded, forked], 1))
+
+
+@torch.no_grad()
+def test_batches_and_long_encodes_fall_back_to_torch(fused_pair):
+    """Two rows, or more new tokens than MAX_ROWS, run the torch layers (int8 with bf16 activations
+    past MAX_ROWS rows: within int8 error of the reference)."""
+    model, ref = fused_pair
+    ids = torch.randint(2, 300, (2, 20), generator=torch.Generator().manual_seed(5))
+    assert not model.layers[0].fused.serves(model.embed(ids[:, :3]))
+    x = ids[:1, : step.MAX_ROWS + 1]
+    assert not model.layers[0].fused.serves(model.embed(x))
+    a, T = model.args, x.shape[1]
+    outs = []
+    for m in (model, ref):
+        c = KVCache(a.n_layers, a.n_kv_heads, a.head_dim)
+        c.reserve(T)
+        c.length = T
+        outs.append(m(x, torch.arange(T), c))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0.05, atol=0.05)
+
+
+def test_the_c_step_can_be_turned_off():
+    code = "from kernels import step; print(step.available())"
+    env = dict(os.environ, GHOSTLINE_NATIVE="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
