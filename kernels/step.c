@@ -5,11 +5,13 @@
    residuals, the gate|up and down int8 projections. The caller writes the new keys and values into
    its cache between the two (so every cache keeps its own bookkeeping).
 
-   Int8 weight-only products: y[m, n] = scale[n] * sum_k x[m, k] * q[n, k] with fp32 activations.
-   Each (m, n) is one dot product accumulated over k in a fixed order (vector lanes, then a fixed
-   reduction), and attention handles each query on its own with the same key split whatever T is,
-   so a verify step of T tokens gives each token exactly what a decode step of that token alone
-   gives. Threads split the output rows of the products and the keys of the attention.
+   Int8 weight-only products: each activation row is rounded to int16 codes with its own step (the
+   error is 1e-4 of the row's largest value at most), then y[m, n] = step[m] * scale[n] * the exact
+   int32 dot product of the codes with the int8 row (VNNI's vpdpwssd, or pmaddwd): 32 weights per
+   instruction, and the same integer on every path and for any split of the work. Attention handles
+   each query on its own with the same key split whatever T is, so a row's result never depends on
+   the other rows: a verify step of T tokens gives each token exactly what a decode step of that
+   token alone gives. Threads split the output rows of the products and the keys of the attention.
    Built by kernels/step.py with the host compiler (-march=native); the vector paths are chosen at
    compile time (AVX-512, AVX2 + FMA, plain C). */
 
@@ -24,94 +26,125 @@
 
 #define ROWS 4 /* weight rows per inner block: four independent accumulator chains */
 
-#if defined(__AVX512F__)
+/* Integer dot products of int8 weights with int16 activations, exact in int32 (the caller bounds
+   the activations so that no sum can overflow): the same integer on every vector path. */
+#if defined(__AVX512BW__)
+#define LANES 32
+static inline __m512i madd32(const int8_t *q, const int16_t *x, __m512i acc) {
+    __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)q));
+#if defined(__AVX512VNNI__)
+    return _mm512_dpwssd_epi32(acc, w, _mm512_loadu_si512((const void *)x));
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(w, _mm512_loadu_si512((const void *)x)));
+#endif
+}
+
+static inline int32_t idot(const int16_t *x, const int8_t *q, long K) {
+    __m512i acc = _mm512_setzero_si512();
+    for (long k = 0; k < K; k += 32) acc = madd32(q + k, x + k, acc);
+    return _mm512_reduce_add_epi32(acc);
+}
+
+static inline void idot4(const int16_t *x, const int8_t *q, long K, int32_t *out) {
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    for (long k = 0; k < K; k += 32) {
+        a0 = madd32(q + k, x + k, a0);
+        a1 = madd32(q + K + k, x + k, a1);
+        a2 = madd32(q + 2 * K + k, x + k, a2);
+        a3 = madd32(q + 3 * K + k, x + k, a3);
+    }
+    out[0] = _mm512_reduce_add_epi32(a0);
+    out[1] = _mm512_reduce_add_epi32(a1);
+    out[2] = _mm512_reduce_add_epi32(a2);
+    out[3] = _mm512_reduce_add_epi32(a3);
+}
+#elif defined(__AVX2__)
 #define LANES 16
-static inline float dot_block(const float *x, const int8_t *q, int K) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int k = 0; k < K; k += 16) {
-        __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + k))));
-        acc = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + k), acc);
-    }
-    return _mm512_reduce_add_ps(acc);
+static inline __m256i madd16(const int8_t *q, const int16_t *x, __m256i acc) {
+    __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)q));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(w, _mm256_loadu_si256((const __m256i *)x)));
 }
 
-static inline void dot4(const float *x, const int8_t *q, long K, float *out) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+static inline int32_t hsum_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+static inline int32_t idot(const int16_t *x, const int8_t *q, long K) {
+    __m256i acc = _mm256_setzero_si256();
+    for (long k = 0; k < K; k += 16) acc = madd16(q + k, x + k, acc);
+    return hsum_epi32(acc);
+}
+
+static inline void idot4(const int16_t *x, const int8_t *q, long K, int32_t *out) {
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
     for (long k = 0; k < K; k += 16) {
-        __m512 xv = _mm512_loadu_ps(x + k);
-        a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + k)))), xv, a0);
-        a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + K + k)))), xv, a1);
-        a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 2 * K + k)))), xv, a2);
-        a3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 3 * K + k)))), xv, a3);
+        a0 = madd16(q + k, x + k, a0);
+        a1 = madd16(q + K + k, x + k, a1);
+        a2 = madd16(q + 2 * K + k, x + k, a2);
+        a3 = madd16(q + 3 * K + k, x + k, a3);
     }
-    out[0] = _mm512_reduce_add_ps(a0);
-    out[1] = _mm512_reduce_add_ps(a1);
-    out[2] = _mm512_reduce_add_ps(a2);
-    out[3] = _mm512_reduce_add_ps(a3);
-}
-#elif defined(__AVX2__) && defined(__FMA__)
-#define LANES 8
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-static inline __m256 load8(const int8_t *q) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q)));
-}
-
-static inline float dot_block(const float *x, const int8_t *q, int K) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int k = 0; k < K; k += 8) acc = _mm256_fmadd_ps(load8(q + k), _mm256_loadu_ps(x + k), acc);
-    return hsum8(acc);
-}
-
-static inline void dot4(const float *x, const int8_t *q, long K, float *out) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (long k = 0; k < K; k += 8) {
-        __m256 xv = _mm256_loadu_ps(x + k);
-        a0 = _mm256_fmadd_ps(load8(q + k), xv, a0);
-        a1 = _mm256_fmadd_ps(load8(q + K + k), xv, a1);
-        a2 = _mm256_fmadd_ps(load8(q + 2 * K + k), xv, a2);
-        a3 = _mm256_fmadd_ps(load8(q + 3 * K + k), xv, a3);
-    }
-    out[0] = hsum8(a0);
-    out[1] = hsum8(a1);
-    out[2] = hsum8(a2);
-    out[3] = hsum8(a3);
+    out[0] = hsum_epi32(a0);
+    out[1] = hsum_epi32(a1);
+    out[2] = hsum_epi32(a2);
+    out[3] = hsum_epi32(a3);
 }
 #else
 #define LANES 1
-static inline float dot_block(const float *x, const int8_t *q, int K) {
-    float acc = 0.f;
-    for (int k = 0; k < K; k++) acc += (float)q[k] * x[k];
+static inline int32_t idot(const int16_t *x, const int8_t *q, long K) {
+    int32_t acc = 0;
+    for (long k = 0; k < K; k++) acc += (int32_t)q[k] * x[k];
     return acc;
 }
 
-static inline void dot4(const float *x, const int8_t *q, long K, float *out) {
-    for (int r = 0; r < 4; r++) out[r] = dot_block(x, q + r * K, (int)K);
+static inline void idot4(const int16_t *x, const int8_t *q, long K, int32_t *out) {
+    for (int r = 0; r < 4; r++) out[r] = idot(x, q + r * K, K);
 }
 #endif
 
-
 int ghostline_lanes(void) { return LANES; }
 
-/* y [M, N] = x [M, K] @ (q [N, K] * scale [N])^T; K a multiple of LANES (the launcher checks). */
+/* The largest |activation| code for K terms: 127 * A * K < 2^31 keeps every int32 sum exact. */
+static long act_range(long K) {
+    long a = 2147483647L / (127L * K);
+    return a > 32767 ? 32767 : a;
+}
+
+/* x [K] fp32 -> codes [K] int16 with x ~= codes * step; returns step (0 for an all-zero row). The
+   rounding error, at most step / 2 per value, is 1e-4 of the row's largest value or less. */
+static float quantize_act(const float *x, int16_t *codes, long K) {
+    float amax = 0.f;
+    for (long k = 0; k < K; k++) amax = fmaxf(amax, fabsf(x[k]));
+    if (amax == 0.f) {
+        memset(codes, 0, K * sizeof(int16_t));
+        return 0.f;
+    }
+    float range = (float)act_range(K), inv = range / amax;
+    for (long k = 0; k < K; k++) codes[k] = (int16_t)nearbyintf(x[k] * inv);
+    return amax / range;
+}
+
+/* y [M, N] = x [M, K] @ (q [N, K] * scale [N])^T; K a multiple of LANES (the launcher checks).
+   Each row of x is rounded to int16 codes with its own step, then every dot product is exact. */
 static void gemv(const float *x, const int8_t *q, const float *scale, float *y, long M, long N, long K, int threads) {
+    int16_t *codes = malloc(M * K * sizeof(int16_t));
+    float step[M];
+    for (long m = 0; m < M; m++) step[m] = quantize_act(x + m * K, codes + m * K, K);
     long blocks = N / ROWS;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && N * K >= 65536)
     for (long b = 0; b < blocks; b++) {
         long n = b * ROWS;
-        float out[ROWS];
+        int32_t out[ROWS];
         for (long m = 0; m < M; m++) {
-            dot4(x + m * K, q + n * K, K, out);
-            for (int r = 0; r < ROWS; r++) y[m * N + n + r] = out[r] * scale[n + r];
+            idot4(codes + m * K, q + n * K, K, out);
+            for (int r = 0; r < ROWS; r++) y[m * N + n + r] = (float)out[r] * step[m] * scale[n + r];
         }
     }
     for (long n = blocks * ROWS; n < N; n++)
-        for (long m = 0; m < M; m++) y[m * N + n] = dot_block(x + m * K, q + n * K, (int)K) * scale[n];
+        for (long m = 0; m < M; m++) y[m * N + n] = (float)idot(codes + m * K, q + n * K, K) * step[m] * scale[n];
+    free(codes);
 }
 
 void ghostline_gemv_int8(const float *x, const int8_t *q, const float *scale, float *y, long M, long N, long K,
