@@ -75,10 +75,11 @@ def instrument(engine: Engine, timers: Timers) -> None:
     kernels.segment_attention.segment_attention = timers.wrap(kernels.segment_attention.segment_attention, "attention")
 
 
-def run(engine: Engine, tasks: list[dict], *, max_tokens: int, decoder: str = "greedy", log=print) -> dict:
+def run(engine: Engine, tasks: list[dict], *, max_tokens: int, decoder: str = "greedy", drafts: int = 1,
+        log=print) -> dict:
     timers = Timers()
     instrument(engine, timers)
-    opts = CompletionOptions(max_tokens=max_tokens, decoder=decoder)
+    opts = CompletionOptions(max_tokens=max_tokens, decoder=decoder, drafts=drafts)
     rows = []
     for n, task in enumerate(tasks, 1):
         engine.open(URI, task["before"])
@@ -151,12 +152,13 @@ def main(argv=None) -> int:
     p.add_argument("--precision", choices=("fp32", "int8"), default="fp32")
     p.add_argument("--head", choices=("code", "full"), default="code", help="LM head (code: the server's default)")
     p.add_argument("--decoder", choices=("greedy", "lookup"), default="greedy")
+    p.add_argument("--drafts", type=int, default=1, help="3: the server's default (superposed drafts)")
     args = p.parse_args(argv)
     engine = Engine.load(args.model, options=EngineOptions(precision=args.precision, head=args.head))
     engine.open(URI, "def f(x):\n    return x\n")
     engine.complete(URI, 10)  # first-call costs (token-text table, allocations) out of the timings
     engine.close(URI)
-    s = run(engine, read_tasks(args.tasks, args.limit), max_tokens=args.max_tokens, decoder=args.decoder)
+    s = run(engine, read_tasks(args.tasks, args.limit), max_tokens=args.max_tokens, decoder=args.decoder, drafts=args.drafts)
     print(table(s))
     print(f"a forward of the completion: layers {s['step_ms']['layers']:.1f} ms + head {s['step_ms']['head']:.1f} ms; "
           f"{s['steps_p50']:.0f} tokens per suggestion (p50), {s['tokens_per_forward']:.2f} tokens per forward; "

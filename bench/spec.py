@@ -7,7 +7,8 @@ speculative decoder, with a check that every output equals greedy's.
 Methods: `greedy`, `ngram` (prompt lookup in the document and the other open documents), `self`
 (the model's first layers + an exit head draft, engine.decoding.speculative.EarlyLayers: the depth
 chosen by measured acceptance, no drafting where it does not pay), `both` (prompt lookup where it
-finds a match, early layers elsewhere). `--precision`/`--head` as the server's (default int8/code).
+finds a match, early layers elsewhere), `ngram-rejection` (prompt lookup with SpecDec++'s draft-length
+rule, engine.decoding.speculative.RejectionRule, against Draft&Verify's). `--precision`/`--head` as the server's (default int8/code).
 With --out, rows are appended per task (resumable; `--shard i/n`), `--summarize` reports from rows.
 """
 
@@ -20,7 +21,8 @@ import sys
 from bench.tasks import add_run_args, cursor_offset, mean, run_rows, saved_rows
 from engine.engine import CompletionOptions, Engine, EngineOptions
 
-DECODERS = {"greedy": "greedy", "ngram": "lookup", "self": "self", "both": "lookup+self"}
+DECODERS = {"greedy": "greedy", "ngram": "lookup", "self": "self", "both": "lookup+self",
+            "ngram-rejection": "lookup"}  # the last: SpecDec++'s draft-length rule instead of Draft&Verify's
 
 
 def run_task(engine: Engine, task: dict, *, max_tokens: int) -> dict:
@@ -29,7 +31,9 @@ def run_task(engine: Engine, task: dict, *, max_tokens: int) -> dict:
     offset = cursor_offset(task)
     row = {"id": task["id"]}
     for method, decoder in DECODERS.items():
-        out = engine.complete("doc", offset, CompletionOptions(multiline=True, max_tokens=max_tokens, decoder=decoder))
+        rule = "rejection" if method.endswith("-rejection") else "draft-verify"
+        out = engine.complete("doc", offset, CompletionOptions(multiline=True, max_tokens=max_tokens, decoder=decoder,
+                                                               draft_length=rule))
         r = {"ms": out.ms, "tokens": out.tokens}
         if decoder != "greedy":
             st = engine.last_spec
@@ -43,7 +47,7 @@ def run_task(engine: Engine, task: dict, *, max_tokens: int) -> dict:
 
 def summarize(rows: list[dict]) -> dict:
     result = {}
-    for method in DECODERS:
+    for method in (m for m in DECODERS if all(m in r for r in rows)):  # rows of older runs lack newer methods
         rs = [r[method] for r in rows]
         tokens, secs = sum(len(r["tokens"]) for r in rs), sum(r["ms"] for r in rs) / 1e3
         steps = sum(r.get("steps", 0) for r in rs)

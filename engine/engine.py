@@ -23,7 +23,7 @@ from engine.calibration import find, load_json, load_vocab
 from engine.decoding.adadec import AdaDecParams, AdaDecStats, adadec
 from engine.decoding.early_exit import ExitStats, early_exit
 from engine.decoding.greedy import greedy
-from engine.decoding.speculative import Chain, DraftLength, EarlyLayers, SpecStats, speculative
+from engine.decoding.speculative import DRAFT_RULES, Chain, EarlyLayers, SpecStats, speculative
 from engine.decoding.superposed import SuperposedParams
 from engine.document import STRATEGIES, Document, token_hunks
 from engine.drafts import stream_drafts
@@ -64,6 +64,7 @@ class CompletionOptions:
     time_cap_ms: float | None = None  # stop once past this and something is worth showing
     decoder: str = "greedy"  # greedy | adadec | lookup, self, lookup+self (speculative: same output as greedy)
     adadec: AdaDecParams | None = None  # None: the model's calibrated threshold (engine.calibration)
+    draft_length: str = "draft-verify"  # speculative decoders' draft length rule (engine.decoding.speculative)
     drafts: int = 1  # > 1: k drafts (decoder superposed, the default, or beam | nucleus), see engine.drafts
     superposed: SuperposedParams | None = None  # None: the defaults
     halt: bool = False  # end the suggestion before a token the controller expects to be wrong (engine.exits)
@@ -310,7 +311,9 @@ class Engine:
                          finish=finish, first_mask=mask, stats=self.last_adadec)
             return gen, scratch
         if opts.decoder in SPECULATIVE:
-            length = DraftLength()
+            if opts.draft_length not in DRAFT_RULES:
+                raise ValueError(f"draft_length must be one of {', '.join(DRAFT_RULES)}, not {opts.draft_length!r}")
+            length = DRAFT_RULES[opts.draft_length]()
             scratch = ScratchCache(doc.cache, P - 1, opts.max_tokens + length.k_max + 2)
             lookup = PromptLookup()
             lookup.others = [d.array for d in self.docs.values() if d is not doc]

@@ -58,6 +58,31 @@ static inline void idot4(const int16_t *x, const int8_t *q, long K, int32_t *out
     out[2] = _mm512_reduce_add_epi32(a2);
     out[3] = _mm512_reduce_add_epi32(a3);
 }
+
+/* Four weight rows against P activation rows (x rows K apart): each weight vector is widened once
+   and used P times. out[p * 4 + r]. */
+#define PAIRS 4
+static inline void idot4xP(const int16_t *x, const int8_t *q, long K, int P, int32_t *out) {
+    __m512i acc[PAIRS][4];
+    for (int p = 0; p < PAIRS; p++)
+        for (int r = 0; r < 4; r++) acc[p][r] = _mm512_setzero_si512();
+    for (long k = 0; k < K; k += 32) {
+        __m512i w[4];
+        for (int r = 0; r < 4; r++) w[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(q + r * K + k)));
+        for (int p = 0; p < PAIRS; p++) {
+            if (p >= P) break;
+            __m512i xv = _mm512_loadu_si512((const void *)(x + p * K + k));
+            for (int r = 0; r < 4; r++)
+#if defined(__AVX512VNNI__)
+                acc[p][r] = _mm512_dpwssd_epi32(acc[p][r], w[r], xv);
+#else
+                acc[p][r] = _mm512_add_epi32(acc[p][r], _mm512_madd_epi16(w[r], xv));
+#endif
+        }
+    }
+    for (int p = 0; p < P; p++)
+        for (int r = 0; r < 4; r++) out[p * 4 + r] = _mm512_reduce_add_epi32(acc[p][r]);
+}
 #elif defined(__AVX2__)
 #define LANES 16
 static inline __m256i madd16(const int8_t *q, const int16_t *x, __m256i acc) {
@@ -136,11 +161,25 @@ static void gemv(const float *x, const int8_t *q, const float *scale, float *y, 
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && N * K >= 65536)
     for (long b = 0; b < blocks; b++) {
         long n = b * ROWS;
+#ifdef PAIRS
+        int32_t out[ROWS * PAIRS];
+        for (long m = 0; m < M; m += PAIRS) {
+            int P = M - m < PAIRS ? (int)(M - m) : PAIRS;
+            if (P == 1)
+                idot4(codes + m * K, q + n * K, K, out);
+            else
+                idot4xP(codes + m * K, q + n * K, K, P, out);
+            for (int p = 0; p < P; p++)
+                for (int r = 0; r < ROWS; r++)
+                    y[(m + p) * N + n + r] = (float)out[p * ROWS + r] * step[m + p] * scale[n + r];
+        }
+#else
         int32_t out[ROWS];
         for (long m = 0; m < M; m++) {
             idot4(codes + m * K, q + n * K, K, out);
             for (int r = 0; r < ROWS; r++) y[m * N + n + r] = (float)out[r] * step[m] * scale[n + r];
         }
+#endif
     }
     for (long n = blocks * ROWS; n < N; n++)
         for (long m = 0; m < M; m++) y[m * N + n] = (float)idot(codes + m * K, q + n * K, K) * step[m] * scale[n];

@@ -10,7 +10,7 @@ import torch
 
 from engine.cache import ScratchCache
 from engine.decoding.greedy import greedy
-from engine.decoding.speculative import SpecStats, speculative
+from engine.decoding.speculative import DraftLength, RejectionRule, SpecStats, speculative
 from engine.engine import CompletionOptions
 from engine.model import build
 from engine.ngram import PromptLookup, find_continuation
@@ -42,8 +42,8 @@ class Oracle(Wrong):
         return self.truth[done : done + k]
 
 
-@pytest.mark.parametrize("kind", ["gemma3", "llama"])
-def test_any_proposer_gives_greedy_output(kind):
+@pytest.mark.parametrize("kind,rule", [("gemma3", DraftLength), ("llama", DraftLength), ("gemma3", RejectionRule)])
+def test_any_proposer_gives_greedy_output(kind, rule):
     cfg, hf = tiny_hf(kind, 300)
     model = build(cfg, hf.state_dict())
     ids = torch.randint(2, 300, (40,)).tolist()
@@ -54,12 +54,27 @@ def test_any_proposer_gives_greedy_output(kind):
         proposer.start = len(ids)
         stats = SpecStats()
         scratch = ScratchCache(cache, 39, 32 + 16)
-        got = list(speculative(model, scratch, ids[-1], context=ids[:-1], proposer=proposer, max_new=32, stats=stats))
+        got = list(speculative(model, scratch, ids[-1], context=ids[:-1], proposer=proposer, max_new=32, stats=stats,
+                               length=rule()))
         assert got == want, type(proposer).__name__
         if isinstance(proposer, Oracle):
             assert stats.mean_accepted > 1.5 and stats.steps < 32
         if type(proposer) is Wrong:
             assert stats.accepted == 0
+
+
+def test_the_rejection_rule_drafts_longer_as_drafts_hold_and_shorter_as_they_fail():
+    rule = RejectionRule(threshold=0.35, k_max=12)
+    start = rule.k
+    for _ in range(20):
+        rule.update(rule.k, rule.k)  # every draft accepted whole
+    assert rule.k == 12 > start
+    for _ in range(20):
+        rule.update(rule.k, 0)  # the first token always rejected
+    assert rule.k == 1
+    for _ in range(40):
+        rule.update(rule.k, min(rule.k, 3))  # three tokens hold, the fourth never does
+    assert 3 <= rule.k <= 4
 
 
 def test_rollback_leaves_the_scratch_as_if_it_never_saw_rejected_tokens():

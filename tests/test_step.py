@@ -36,7 +36,12 @@ def test_gemv_equals_float64_and_rows_are_independent(shape):
     x = torch.randn(M, K)
     got = step.gemv_int8(x, q, scale.float())
     ref = step.gemv_reference(x, q, scale.float())
-    assert ((got.double() - ref).abs() <= ref.abs() * 1e-5 + 1e-4).all()
+    # activations become int16 codes with a step of max|x_m| / A (A keeps int32 sums exact): each
+    # output is off by at most step / 2 * sum_k |w[n, k]|, plus fp32 rounding
+    A = min(32767, (2**31 - 1) // (127 * K))
+    bound = x.abs().amax(1, keepdim=True).double() / A / 2 * (q.double().abs() @ torch.ones(K, dtype=torch.float64)
+                                                              * scale.double())
+    assert ((got.double() - ref).abs() <= bound + ref.abs() * 1e-6 + 1e-6).all()
     for m in range(M):  # a row's dot products do not depend on the other rows
         assert torch.equal(step.gemv_int8(x[m : m + 1], q, scale.float())[0], got[m])
 
@@ -79,7 +84,7 @@ def fused_pair(request):
 @torch.no_grad()
 def test_fused_layers_equal_the_torch_layers(fused_pair):
     """Decode steps past the sliding window (Gemma's window is 16) over a KVCache prefix and a scratch:
-    the same numbers up to the order of fp32 sums."""
+    the same numbers up to the int16 rounding of the activations (1e-4 of a row's largest value)."""
     model, ref = fused_pair
     ids = torch.randint(2, 300, (41,), generator=torch.Generator().manual_seed(2)).tolist()
     cache = prefix_cache(ref, ids[:30])  # one prefix for both (a 30-token encode runs torch's int8 kernel)
@@ -87,8 +92,8 @@ def test_fused_layers_equal_the_torch_layers(fused_pair):
     for i in range(30, 41):
         got, want = (m(torch.tensor([[ids[i]]]), torch.tensor([i]), s) for m, s in zip((model, ref), scratch))
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    k, v = scratch[0].k[:, :, :, :11], scratch[1].k[:, :, :, :11]
-    torch.testing.assert_close(k, v, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(scratch[0].k[:, :, :, :11], scratch[1].k[:, :, :, :11], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(scratch[0].v[:, :, :, :11], scratch[1].v[:, :, :, :11], rtol=1e-3, atol=1e-3)
 
 
 @torch.no_grad()

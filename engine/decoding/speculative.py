@@ -55,7 +55,37 @@ class DraftLength:
             self.k = max(self.k_min, accepted + 1)
 
 
-def accept(draft: list[int], choice: list[int], *, stats: SpecStats, length: DraftLength) -> list[int]:
+class RejectionRule:
+    """Draft length from the probability that the draft still holds (SpecDec++, arXiv 2405.19715):
+    draft token i while P(tokens 1..i all accepted) >= `threshold`. SpecDec++ predicts each token's
+    acceptance with a head on the draft model's states; a prompt-lookup draft has none, so the
+    prediction here is the running acceptance rate at each draft position given the ones before it
+    were accepted (counts with a prior of `prior` acceptance, decayed so it follows the request)."""
+
+    def __init__(self, *, threshold: float = 0.35, k_max: int = 12, prior: float = 0.75, decay: float = 0.9):
+        self.threshold, self.k_max, self.decay = threshold, k_max, decay
+        self.hits = np.full(k_max, prior * 2)  # [k_max] accepted given reached (2 pseudo-tries each)
+        self.tries = np.full(k_max, 2.0)
+
+    @property
+    def k(self) -> int:
+        held = np.cumprod(self.hits / self.tries)  # [k_max] P(the first i + 1 draft tokens accepted)
+        return max(1, int((held >= self.threshold).sum()))
+
+    def update(self, proposed: int, accepted: int) -> None:
+        reached = min(proposed, accepted + 1)  # positions the verify step judged: accepted ones + the first miss
+        if reached == 0:
+            return
+        self.hits[:reached] *= self.decay
+        self.tries[:reached] *= self.decay
+        self.tries[:reached] += 1
+        self.hits[: min(accepted, reached)] += 1
+
+
+DRAFT_RULES = {"draft-verify": DraftLength, "rejection": RejectionRule}
+
+
+def accept(draft: list[int], choice: list[int], *, stats: SpecStats, length) -> list[int]:
     """The verifier's rule: the accepted draft prefix plus the bonus token; records the step."""
     n = 0
     while n < len(draft) and draft[n] == choice[n]:
@@ -79,7 +109,7 @@ def speculative(
     max_new: int,
     first_mask: torch.Tensor | None = None,
     stats: SpecStats | None = None,
-    length: DraftLength | None = None,
+    length: DraftLength | RejectionRule | None = None,
     halt=None,
 ) -> Iterator[int]:
     """Yield the same tokens as `greedy(model, cache, first, ...)`; `context` is the ids before
