@@ -9,7 +9,8 @@ the host, and are best given there: ids are copied to the model's device, positi
 RoPE tables) while caches and attention read the host copy, so that a step on CUDA needs no device
 sync to learn where it writes. Attention goes through `kernels.segment_attention.attend` (the Triton
 kernel on CUDA for decode/verify steps, the torch reference elsewhere). The static-shape CUDA-graph
-decode path built on this model lives in `engine.cuda`.
+decode path built on this model lives in `engine.cuda`; on the CPU, an int8 model's blocks run decode
+and verify steps as two C calls each (`Block.fused`, set by `engine.quant.fuse`).
 
 Shapes: B batch, T new tokens, S keys, H query heads, KV key/value heads, D model width, hd head dim.
 """

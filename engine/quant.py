@@ -3,10 +3,10 @@
 A decode step on a CPU is bound by reading weights: Gemma 3 270M in fp32 reads 1.08 GB a step, 63% of
 it the 262,144-row head. Two cuts, each measured against the fp32 reference in bench/RESULTS.md:
 
-- `Int8Linear`: each weight row stored as int8 with one bf16 scale (4x fewer bytes than fp32), run by
-  `torch.ops.aten._weight_int8pack_mm` with bf16 activations (the fp32-activation path of that op and
-  the plain bf16 matvec are both slow on this CPU). The residual stream, norms, RoPE, attention and the
-  KV cache stay fp32.
+- `Int8Linear`: each weight row stored as int8 with one bf16 scale (4x fewer bytes than fp32). Decode
+  and verify steps (up to 16 rows) run them through the C step (`kernels.step`, see `fuse`); more
+  rows through bf16 copies (CPUs with AVX512-BF16) or `torch.ops.aten._weight_int8pack_mm` with bf16
+  activations. The residual stream, norms, RoPE, attention and the KV cache stay fp32.
 - `ShortlistHead`: the LM head over the tokens that occur in real code (`engine.vocab`) plus every token
   of the open documents. Logits outside it are -inf, so every decoder still sees a full-vocabulary
   distribution and the model's `head()` keeps its shape.
@@ -37,8 +37,8 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [..., K] @ (q * scale)^T -> [..., N] in x's dtype. Up to `step.MAX_ROWS` rows of fp32
-    activations on the CPU go through the C kernel (fp32 activations: the C decode step's numbers);
+    """x [..., K] @ (q * scale)^T -> [..., N] in x's dtype. Up to `step.MAX_ROWS` rows on the CPU go
+    through the C kernel (int16 activation codes, exact sums: the C decode step's numbers);
     otherwise activations are rounded to bf16 for torch's int8 kernel."""
     flat = x.reshape(-1, x.shape[-1])
     if flat.device.type == "cpu" and flat.shape[0] <= step.MAX_ROWS and step.serves_gemv(flat):
