@@ -1,0 +1,48 @@
+"""CPU prefill attention: torch's fused attention (`flash_attention`) against the fp64 oracle, with the
+same tolerance rule as the kernels (at most twice the reference's error plus a rounding-sized eps)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels.segment_attention as sa
+from kernels.testing import exact_attention, three_way
+
+CASES = [  # KV x G heads, T query tokens at the segment's end, S keys from `start`, window
+    dict(KV=1, G=4, T=40, S=300, start=0, window=None),  # Gemma 3 270M's heads, a global layer
+    dict(KV=1, G=4, T=40, S=300, start=0, window=64),  # a sliding-window layer: keys before the window skipped
+    dict(KV=2, G=2, T=17, S=90, start=25, window=None),  # a segment that starts past position 0
+    dict(KV=3, G=1, T=64, S=64, start=0, window=20),  # the whole segment new (a first chunk), no GQA
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"kv{c['KV']}x{c['G']}-T{c['T']}-S{c['S']}-w{c['window']}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_flash_attention_matches_oracle(case, dtype):
+    g = torch.Generator().manual_seed(case["S"] + case["T"])
+    KV, G, T, S, start, hd = case["KV"], case["G"], case["T"], case["S"], case["start"], 32
+    q = torch.randn(1, KV * G, T, hd, generator=g).to(dtype)
+    seg = [(torch.randn(1, KV, S, hd, generator=g).to(dtype), torch.randn(1, KV, S, hd, generator=g).to(dtype), start)]
+    qpos = torch.arange(start + S - T, start + S)
+    kw = dict(scale=hd**-0.5, window=case["window"])
+    out = sa.flash_attention(q, seg[0], qpos, **kw)
+    ref = sa.segment_attention(q, seg, qpos, **kw)
+    assert out.shape == ref.shape and out.dtype == dtype
+    ok, err, ref_err, eps = three_way(out, ref, exact=exact_attention(q, seg, qpos, **kw))
+    assert ok, f"flash error {err:.3g} > 2 x reference {ref_err:.3g} + {eps:.3g}"
+
+
+def test_attend_routes_prefill_chunks():
+    """More than MAX_QUERY_TOKENS over one segment: the fused path; a softcap or several segments
+    (a scratch area over a prefix) keep the reference, whose numbers they then equal exactly."""
+    T = sa.MAX_QUERY_TOKENS + 4
+    q = torch.randn(1, 4, T, 16)
+    K, V = torch.randn(1, 1, 50, 16), torch.randn(1, 1, 50, 16)
+    qpos = torch.arange(50 - T, 50)
+    one = [(K, V, 0)]
+    assert torch.equal(sa.attend(q, one, qpos, scale=0.25), sa.flash_attention(q, one[0], qpos, scale=0.25))
+    assert torch.equal(sa.attend(q, one, qpos, scale=0.25, softcap=30.0),
+                       sa.segment_attention(q, one, qpos, scale=0.25, softcap=30.0))
+    two = [(K[:, :, :20], V[:, :, :20], 0), (K[:, :, 20:], V[:, :, 20:], 20)]
+    assert torch.equal(sa.attend(q, two, qpos, scale=0.25), sa.segment_attention(q, two, qpos, scale=0.25))
