@@ -2,14 +2,17 @@
 
 RoPE composes: R(p + delta) = R(delta) R(p), so keys stored rotated at position p become keys at
 p + delta by one more rotation, without the pre-RoPE keys. Reference first, then the Triton kernel
-and its launcher; `rope_shift` picks the kernel on CUDA and, on the CPU, `rope_shift_cpu`: the
-reference's arithmetic one layer at a time in reused buffers (bit-identical; the whole-cache
-temporaries of the reference cost ~20x more here, mostly in page faults).
+and its launcher; `rope_shift` picks the kernel on CUDA and, on the CPU, the compiled one-pass
+`kernels.step.shift` or, without it, `rope_shift_cpu`: the reference's arithmetic one layer at a
+time in reused buffers (both bit-identical to it; the whole-cache temporaries of the reference cost
+~20x more here, mostly in page faults).
 """
 
 from __future__ import annotations
 
 import torch
+
+from kernels import step
 
 
 def rope_cos_sin(pos: torch.Tensor, inv_freq: torch.Tensor, *, dtype=torch.float32):
@@ -199,5 +202,5 @@ def rope_shift(k: torch.Tensor, v: torch.Tensor, src: int, end: int, dst: int, i
         rope_shift_triton(k, v, src, end, dst, inv_freq)
     elif k.is_cuda:
         rope_shift_reference(k, v, src, end, dst, inv_freq)
-    else:
+    elif not step.shift(k, v, src, end, dst, *delta_cos_sin(dst - src, inv_freq, dtype=k.dtype)):
         rope_shift_cpu(k, v, src, end, dst, inv_freq)

@@ -357,3 +357,34 @@ void ghostline_attn_mlp(const Layer *L, float *x, long T, const float *q, const 
         for (long i = 0; i < D; i++) xt[i] += ot[i];
     }
 }
+
+/* PIE's splice on the CPU (kernels/rope_shift.py): in every plane p of k/v [planes, cap, hd] (layer
+   p / KV), rows [src, src + n) move to dst and the keys turn by the layer's cos/sin [L, hd]. The
+   arithmetic of rope_shift_cpu, each product rounded on its own (no fused multiply-add, hence the
+   attribute), so both give the same bits: o1 = x1 cos - x2 sin, o2 = x2 cos + x1 sin. One pass
+   over the rows (torch's version makes five), rows taken from the far end when moving up. */
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("fp-contract=off")))
+#endif
+void ghostline_shift(float *k, float *v, long planes, long KV, long cap, long hd, long src, long n, long dst,
+                     const float *cos, const float *sin, int threads) {
+    long h = hd / 2;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (long p = 0; p < planes; p++) {
+        const float *c = cos + (p / KV) * hd, *s = sin + (p / KV) * hd;
+        float *kp = k + p * cap * hd, *vp = v + p * cap * hd;
+        float row[hd];
+        memmove(vp + dst * hd, vp + src * hd, n * hd * sizeof(float));
+        for (long r = 0; r < n; r++) {
+            long i = dst > src ? n - 1 - r : r;
+            memcpy(row, kp + (src + i) * hd, hd * sizeof(float));
+            float *o = kp + (dst + i) * hd;
+            for (long e = 0; e < h; e++) {
+                float a = row[e] * c[e], b = row[e + h] * s[e];
+                o[e] = a - b;
+                float a2 = row[e + h] * c[e + h], b2 = row[e] * s[e + h];
+                o[e + h] = a2 + b2;
+            }
+        }
+    }
+}

@@ -96,6 +96,8 @@ def _load():
                 lib.ghostline_attn_mlp.restype = None
                 lib.ghostline_attn_mlp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p,
                                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]
+                lib.ghostline_shift.restype = None
+                lib.ghostline_shift.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 7 + [ctypes.c_void_p] * 2 + [ctypes.c_int]
                 _lib = lib
         except OSError as e:
             log.warning("CPU step kernel not loaded: %s", e)
@@ -111,6 +113,26 @@ def lanes() -> int:
     """The vector width the kernel was built for: K must be a multiple of it."""
     lib = _load()
     return lib.ghostline_lanes() if lib is not None else 0
+
+
+def shift(k: torch.Tensor, v: torch.Tensor, src: int, end: int, dst: int, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """PIE's splice in one C pass: rows src..end of k/v [L, KV, cap, hd] move to dst, keys turned by
+    cos/sin [L, hd] (the bits of `kernels.rope_shift.rope_shift_cpu`). False, having done nothing,
+    where it cannot serve (not built, not contiguous fp32 on the CPU)."""
+    lib = _load()
+    if (lib is None or k.device.type != "cpu" or k.dtype != torch.float32 or v.dtype != k.dtype
+            or k.shape != v.shape or not (k.is_contiguous() and v.is_contiguous())):
+        return False
+    L, KV, cap, hd = k.shape
+    n = end - src
+    if n <= 0:
+        return True
+    if src < 0 or dst < 0 or max(src, dst) + n > cap:
+        raise ValueError(f"cannot move rows {src}..{end} to {dst} in a cache of {cap} rows")
+    cos, sin = cos.float().contiguous(), sin.float().contiguous()
+    lib.ghostline_shift(k.data_ptr(), v.data_ptr(), L * KV, KV, cap, hd, src, n, dst, cos.data_ptr(), sin.data_ptr(),
+                        torch.get_num_threads())
+    return True
 
 
 def serves_gemv(x: torch.Tensor) -> bool:

@@ -54,6 +54,24 @@ def test_gemv_refuses_what_it_cannot_serve():
         step.gemv_int8(torch.randn(1, 64, dtype=torch.float64), q, scale.float())
 
 
+@pytest.mark.parametrize("src, end, dst", [(5, 40, 9), (9, 44, 5), (0, 30, 31), (20, 21, 20)],
+                         ids=["up-overlap", "down-overlap", "up-apart", "no-move"])
+def test_shift_equals_the_torch_splice_bit_for_bit(src, end, dst):
+    """PIE's move + rotation in C gives rope_shift_cpu's bits, rows moving up or down over themselves."""
+    from kernels.rope_shift import delta_cos_sin, rope_shift_cpu
+
+    g = torch.Generator().manual_seed(src * 100 + dst)
+    k, v = torch.randn(3, 2, 80, 64, generator=g), torch.randn(3, 2, 80, 64, generator=g)  # [L, KV, cap, hd]
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 64, 2).float() / 64)) * torch.tensor([[1.0], [0.5], [0.25]])
+    k2, v2 = k.clone(), v.clone()
+    assert step.shift(k, v, src, end, dst, *delta_cos_sin(dst - src, inv_freq))
+    rope_shift_cpu(k2, v2, src, end, dst, inv_freq)
+    assert torch.equal(k, k2) and torch.equal(v, v2)
+    with pytest.raises(ValueError, match="cannot move"):
+        step.shift(k, v, 0, 50, 40, *delta_cos_sin(40, inv_freq))
+    assert not step.shift(k.double(), v.double(), src, end, dst, *delta_cos_sin(dst - src, inv_freq))
+
+
 def _dequantized(model):
     """The fp32 reference of an int8 model: each Int8Linear back to nn.Linear over its dequantised rows."""
     ref = copy.deepcopy(model)
