@@ -22,6 +22,20 @@ import torch
 import torch.nn.functional as F
 
 
+def _key_range(n: int, start: int, q_lo: int, q_hi: int, window: int | None) -> tuple[int, int]:
+    """Rows [lo, hi) of a segment of n keys at positions start.. that queries at q_lo..q_hi may see."""
+    lo = max(0, q_lo - window + 1 - start) if window else 0
+    return lo, min(n, q_hi - start + 1)
+
+
+def _allowed(kpos: torch.Tensor, qp: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[Q, S]: whether the query at position qp[i] sees the key at kpos[j] (causal, optional window)."""
+    allowed = kpos[None, :] <= qp[:, None]
+    if window:
+        allowed &= kpos[None, :] > qp[:, None] - window
+    return allowed
+
+
 def segment_attention(
     q: torch.Tensor,
     segments: list[tuple[torch.Tensor, torch.Tensor, int]],
@@ -40,8 +54,7 @@ def segment_attention(
     qp = qpos.to(q.device, non_blocking=True).repeat(G) if q_lo != q_hi else None  # [G*T] each query row's position
     scores, values = [], []
     for K, V, start in segments:
-        lo = max(0, q_lo - window + 1 - start) if window else 0
-        hi = min(K.shape[2], q_hi - start + 1)
+        lo, hi = _key_range(K.shape[2], start, q_lo, q_hi, window)
         if hi <= lo:
             continue
         Ks, Vs = K[:, :, lo:hi], V[:, :, lo:hi]
@@ -52,10 +65,7 @@ def segment_attention(
             scores.append(s)
         else:
             kpos = torch.arange(start + lo, start + hi, device=q.device)
-            allowed = kpos[None, :] <= qp[:, None]
-            if window:
-                allowed &= kpos[None, :] > qp[:, None] - window
-            scores.append(s.masked_fill(~allowed, float("-inf")))
+            scores.append(s.masked_fill(~_allowed(kpos, qp, window), float("-inf")))
         values.append(Vs)
     p = torch.softmax(torch.cat(scores, dim=-1).float(), dim=-1).to(q.dtype)
     out, off = None, 0
@@ -367,8 +377,7 @@ def segment_attention_triton(
     plans = []
     for K, V, start in segments:
         assert K.stride(-1) == 1 and V.stride(-1) == 1, "segments need a unit last stride"
-        lo = max(0, q_lo - window + 1 - start) if window else 0
-        hi = min(K.shape[2], q_hi - start + 1)
+        lo, hi = _key_range(K.shape[2], start, q_lo, q_hi, window)
         if hi <= lo:
             continue
         shared = K.shape[0] == 1 and B > 1 and G * T * B <= max_rows
@@ -481,6 +490,7 @@ def static_attention(q, seg_a, seg_b, meta, *, scale: float, window=None, softca
         return static_attention_triton(q, seg_a, seg_b, meta, scale=scale, window=window, softcap=softcap, plan=plan)
     return static_attention_reference(q, seg_a, seg_b, meta, scale=scale, window=window, softcap=softcap)
 
+
 def flash_attention(q: torch.Tensor, segment: tuple[torch.Tensor, torch.Tensor, int], qpos: torch.Tensor, *,
                     scale: float, window: int | None = None) -> torch.Tensor:
     """`segment_attention` over one segment through torch's fused attention (on the CPU a blocked
@@ -488,14 +498,9 @@ def flash_attention(q: torch.Tensor, segment: tuple[torch.Tensor, torch.Tensor, 
     the reference within fp32 rounding and 1.2-1.7x faster on prefill chunks here, most on long
     documents; no softcap."""
     K, V, start = segment
-    q_lo, q_hi = int(qpos.min()), int(qpos.max())
-    lo = max(0, q_lo - window + 1 - start) if window else 0
-    hi = min(K.shape[2], q_hi - start + 1)
+    lo, hi = _key_range(K.shape[2], start, int(qpos.min()), int(qpos.max()), window)
     kpos = torch.arange(start + lo, start + hi, device=q.device)  # [S]
-    qp = qpos.to(q.device)[:, None]  # [T, 1]
-    allowed = kpos[None, :] <= qp  # [T, S]
-    if window:
-        allowed &= kpos[None, :] > qp - window
+    allowed = _allowed(kpos, qpos.to(q.device), window)  # [T, S]
     return F.scaled_dot_product_attention(q.to(K.dtype), K[:, :, lo:hi], V[:, :, lo:hi], attn_mask=allowed,
                                           scale=scale, enable_gqa=q.shape[1] != K.shape[1]).to(q.dtype)
 
@@ -510,8 +515,8 @@ def attend(
     softcap: float | None = None,
 ) -> torch.Tensor:
     """`segment_attention` through the Triton kernel on CUDA for decode/verify steps (T <= 16 query
-    tokens), `flash_attention` for CPU prefill chunks over one segment; the torch reference elsewhere. Pass qpos on the host
-    (the model does): its bounds are then read without a device sync. On the CPU a verify step
+    tokens), `flash_attention` for CPU prefill chunks over one segment; the torch reference
+    elsewhere. Pass qpos on the host (the model does): its bounds are then read without a device sync. On the CPU a verify step
     (1 < T <= 16) attends one query position at a time, each exactly as a decode step would (the
     same keys, the same shapes), so that speculative decoding's output equals greedy's bit for bit
     where the matrix products are row-independent (the int8 path)."""
