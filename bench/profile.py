@@ -41,24 +41,34 @@ COMPLETE_PARTS = ("layers", "attention", "head")
 
 class Timers:
     """Accumulated milliseconds per part while `phase` is set; wrappers nest (inner parts are not
-    subtracted from outer ones: `layers` includes `attention`, the model call includes `head`)."""
+    subtracted from outer ones: `layers` includes `attention`, the model call includes `head`). A part
+    called inside itself (`head` calls `head_columns`) counts once; time inside `model` is also
+    kept as `<part>@model`, so that layers = model - head@model whether the decoder reads the
+    logits through the model call or through `head_columns` after it."""
 
     def __init__(self):
         self.phase: str | None = None
         self.ms: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
+        self.active: set[str] = set()
 
     def wrap(self, fn, part: str):
         @functools.wraps(fn)
         def timed(*args, **kwargs):
-            if self.phase is None:
+            if self.phase is None or part in self.active:
                 return fn(*args, **kwargs)
+            inside_model = "model" in self.active
+            self.active.add(part)
             t0 = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.ms[f"{self.phase}.{part}"] += (time.perf_counter() - t0) * 1e3
+                self.active.discard(part)
+                ms = (time.perf_counter() - t0) * 1e3
+                self.ms[f"{self.phase}.{part}"] += ms
                 self.calls[f"{self.phase}.{part}"] += 1
+                if inside_model:
+                    self.ms[f"{self.phase}.{part}@model"] += ms
 
         return timed
 
@@ -69,9 +79,11 @@ def instrument(engine: Engine, timers: Timers) -> None:
     engine.ngrams.update = timers.wrap(engine.ngrams.update, "ngrams")
     engine._include = timers.wrap(engine._include, "include")
     engine._encode = timers.wrap(engine._encode, "encode")
+    engine._encode_spans = timers.wrap(engine._encode_spans, "encode")
     KVCache.splice = timers.wrap(KVCache.splice, "splice")
     engine.model.forward = timers.wrap(engine.model.forward, "model")
     engine.model.head = timers.wrap(engine.model.head, "head")
+    engine.model.head_columns = timers.wrap(engine.model.head_columns, "head")
     kernels.segment_attention.segment_attention = timers.wrap(kernels.segment_attention.segment_attention, "attention")
 
 
@@ -104,8 +116,8 @@ def run(engine: Engine, tasks: list[dict], *, max_tokens: int, decoder: str = "g
         model_ms = ms.get("complete.model", 0.0)
         row["complete.head"] = ms.get("complete.head", 0.0)
         row["complete.attention"] = ms.get("complete.attention", 0.0)
-        row["complete.layers"] = model_ms - row["complete.head"]
-        row["complete.rest"] = row["complete"] - model_ms
+        row["complete.layers"] = model_ms - ms.get("complete.head@model", 0.0)
+        row["complete.rest"] = row["complete"] - row["complete.layers"] - row["complete.head"]
         rows.append(row)
         log(f"[{n}/{len(tasks)}] {task['id']} edit {row['edit']:.0f} ms (encode {row['edit.encode']:.0f}, "
             f"{up.encoded} tokens) complete {row['complete']:.0f} ms ({row['steps']} tokens, {row['forwards']} "

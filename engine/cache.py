@@ -58,10 +58,15 @@ class KVCache:
         self.length = 0
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> list[Segment]:
-        """Write new rows k/v [1, KV, T, hd] at index pos[0]; return the visible segment [0, pos[-1]]."""
-        start, end = int(pos[0]), int(pos[0]) + k.shape[2]
-        self.k[layer, :, start:end] = k[0]
-        self.v[layer, :, start:end] = v[0]
+        """Write new rows k/v [1, KV, T, hd] at rows pos [T] (increasing; the rows of several hunks
+        when they are not consecutive); return the visible segment [0, pos[-1]]."""
+        start, end = int(pos[0]), int(pos[-1]) + 1
+        if end - start == k.shape[2]:
+            self.k[layer, :, start:end] = k[0]
+            self.v[layer, :, start:end] = v[0]
+        else:
+            self.k[layer].index_copy_(1, pos.to(self.device), k[0])
+            self.v[layer].index_copy_(1, pos.to(self.device), v[0])
         return [(self.k[layer, :, :end][None], self.v[layer, :, :end][None], 0)]
 
     def splice(self, start: int, end: int, m: int, *, inv_freq: torch.Tensor | None) -> None:

@@ -9,9 +9,8 @@ tokens are *stale* until `refresh` re-encodes them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from difflib import SequenceMatcher
-
 import numpy as np
+from rapidfuzz.distance import Indel
 
 STRATEGIES = ("pie", "naive", "prefix", "full")
 
@@ -42,15 +41,21 @@ def token_hunks(old: list[int], new: list[int], *, multi: bool = False, merge_ga
         return []
     if not multi:
         return [Hunk(p, len(old) - s, p, len(new) - s)]
-    hunks: list[Hunk] = []
-    for tag, i1, i2, j1, j2 in SequenceMatcher(None, a, b).get_opcodes():
-        if tag == "equal":
+    spans: list[list[int]] = []  # [i1, i2, j1, j2] in the middle's coordinates
+    for op in Indel.opcodes(a, b):  # a longest common subsequence (C++; difflib took 50 ms on 15k tokens)
+        if op.tag == "equal":
             continue
-        h = Hunk(p + i1, p + i2, p + j1, p + j2)
-        if hunks and h.old_start - hunks[-1].old_end < merge_gap:
-            last = hunks.pop()
-            h = Hunk(last.old_start, h.old_end, last.new_start, h.new_end)
-        hunks.append(h)
+        if spans and op.src_start - spans[-1][1] < merge_gap:
+            spans[-1][1], spans[-1][3] = op.src_end, op.dest_end
+        else:
+            spans.append([op.src_start, op.src_end, op.dest_start, op.dest_end])
+    hunks = []
+    for i1, i2, j1, j2 in spans:  # a merged span keeps what it starts and ends with, as a lone change would
+        while i1 < i2 and j1 < j2 and a[i1] == b[j1]:
+            i1, j1 = i1 + 1, j1 + 1
+        while i1 < i2 and j1 < j2 and a[i2 - 1] == b[j2 - 1]:
+            i2, j2 = i2 - 1, j2 - 1
+        hunks.append(Hunk(p + i1, p + i2, p + j1, p + j2))
     return hunks
 
 

@@ -198,7 +198,7 @@ class Engine:
                 m = h.new_end - h.new_start
                 doc.cache.splice(h.new_start, h.new_start + h.old_end - h.old_start, m, inv_freq=freqs)
                 doc.splice_stale(h, suffix_stale=True)
-                stats.encoded += self._encode(doc, h.new_start, h.new_end, None)
+            stats.encoded = self._encode_spans(doc, [(h.new_start, h.new_end) for h in hunks])
         stats.stale = doc.stale_count
         stats.ms = (time.perf_counter() - t0) * 1e3
         return stats
@@ -420,6 +420,22 @@ class Engine:
             self.model(torch.tensor([ids[s:e]]), torch.arange(s, e), cache, return_hidden=True, last_only=True)
             doc.stale[s:e] = bytes(e - s)  # `stale` is laid out like `ids` (during an edit: the old ones)
         return end - start
+
+    @torch.no_grad()
+    def _encode_spans(self, doc: Document, spans: list[tuple[int, int]]) -> int:
+        """Run the new tokens of an edit's hunks (rows [start, end) each, in order, already spliced
+        in) through the model together, `encode_chunk` tokens a forward. Each token attends to the
+        rows before its own position, so it sees the hunks before it as hunk-by-hunk encoding would,
+        in one forward instead of one per hunk (small hunks would each re-read all the weights)."""
+        pos = [p for s, e in spans for p in range(s, e)]
+        chunk = self.options.encode_chunk
+        for i in range(0, len(pos), chunk):
+            part = pos[i : i + chunk]
+            self.model(torch.tensor([[doc.ids[p] for p in part]]), torch.tensor(part), doc.cache, return_hidden=True,
+                       last_only=True)
+            for p in part:
+                doc.stale[p] = 0
+        return len(pos)
 
     def _evict(self, *, keep: Document) -> None:
         budget = self.options.memory_budget_mb * 2**20

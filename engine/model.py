@@ -310,15 +310,21 @@ class Transformer(nn.Module):
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head (+ soft-capping): hidden [..., D] -> logits [..., V]."""
-        logits = self.lm_head(self.norm(x))
-        if self.args.final_softcap:
-            c = self.args.final_softcap
-            logits = torch.tanh(logits / c) * c
-        rows = getattr(self.lm_head, "rows", None)
+        logits, rows = self.head_columns(x)
         if rows is not None:  # a shortlist head (engine.quant): tokens outside it cannot be chosen
             full = logits.new_full((*logits.shape[:-1], self.args.vocab_size), float("-inf"))
             logits = full.index_copy_(-1, rows, logits)
         return logits
+
+    def head_columns(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`head` without widening a shortlist head's logits to the vocabulary: logits [..., R] and
+        the token id of each column (None for the full head: R = V). Softmax and top-k over the R
+        columns equal those over `head`'s row, whose other entries are -inf, at a fifth of the work."""
+        logits = self.lm_head(self.norm(x))
+        if self.args.final_softcap:
+            c = self.args.final_softcap
+            logits = torch.tanh(logits / c) * c
+        return logits, getattr(self.lm_head, "rows", None)
 
 
 def build(cfg, state_dict: dict[str, torch.Tensor], *, dtype=torch.float32) -> Transformer:

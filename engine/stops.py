@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+# A unit of 2-8 characters repeated 8 times at the end of the text: a model stuck in a loop
+# (`':':':':...`). Single characters are left alone: rulers such as `# ======` are real code.
+LOOP = re.compile(r"(.{2,8}?)\1{7,}$")
 
 
 def indent_of(line: str) -> int:
@@ -21,6 +26,13 @@ class StopRules:
 
     def apply(self, text: str) -> tuple[str, str | None]:
         """Generated text -> (text to show, stop reason or None to go on)."""
+        shown, reason = self._apply(text)
+        loop = LOOP.search(shown, max(0, len(shown) - 200))
+        if loop and len(set(loop.group(1))) > 1:  # cut before the loop: what came before may be worth showing, the loop is not
+            return shown[: loop.start()].rstrip(), "repetition"
+        return shown, reason
+
+    def _apply(self, text: str) -> tuple[str, str | None]:
         if not self.multiline:
             i = text.find("\n")
             return (text, None) if i < 0 else (text[:i], "end_of_line")

@@ -14,17 +14,30 @@ CASES = [  # KV x G heads, T query tokens at the segment's end, S keys from `sta
     dict(KV=1, G=4, T=40, S=300, start=0, window=64),  # a sliding-window layer: keys before the window skipped
     dict(KV=2, G=2, T=17, S=90, start=25, window=None),  # a segment that starts past position 0
     dict(KV=3, G=1, T=64, S=64, start=0, window=20),  # the whole segment new (a first chunk), no GQA
+    dict(KV=1, G=4, T=40, S=300, start=0, window=64, runs=(100, 20)),  # an edit's two hunks, far apart
+    dict(KV=1, G=4, T=40, S=300, start=0, window=None, runs=(100, 20)),
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"kv{c['KV']}x{c['G']}-T{c['T']}-S{c['S']}-w{c['window']}")
+def query_positions(case) -> torch.Tensor:
+    """The last T positions of the segment, or (runs=(gap, n)) n of them `gap` rows before the rest."""
+    start, S, T = case["start"], case["S"], case["T"]
+    qpos = torch.arange(start + S - T, start + S)
+    if "runs" in case:
+        gap, n = case["runs"]
+        qpos[:n] -= gap
+    return qpos
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"kv{c['KV']}x{c['G']}-T{c['T']}-S{c['S']}-w{c['window']}"
+                         + ("-runs" if "runs" in c else ""))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_flash_attention_matches_oracle(case, dtype):
     g = torch.Generator().manual_seed(case["S"] + case["T"])
     KV, G, T, S, start, hd = case["KV"], case["G"], case["T"], case["S"], case["start"], 32
     q = torch.randn(1, KV * G, T, hd, generator=g).to(dtype)
     seg = [(torch.randn(1, KV, S, hd, generator=g).to(dtype), torch.randn(1, KV, S, hd, generator=g).to(dtype), start)]
-    qpos = torch.arange(start + S - T, start + S)
+    qpos = query_positions(case)
     kw = dict(scale=hd**-0.5, window=case["window"])
     out = sa.flash_attention(q, seg[0], qpos, **kw)
     ref = sa.segment_attention(q, seg, qpos, **kw)

@@ -113,6 +113,10 @@ def test_offset_outside_document(tiny_engine_factory):
     (True, "def f(x):", "", "\n    return x\n\ndef g", "\n    return x", "end_of_block"),
     (True, "    ", "return y", "a = 1\n    return y\n", "a = 1", "repeat_below"),
     (True, "    ", "", "a = 1\n        b", "a = 1\n        b", None),
+    (False, "x = ", "", "\"a-z|:" + "':" * 8, "\"a-z|:", "repetition"),  # a model stuck in a loop
+    (False, "x = ", "", "\"a-z|:" + "':" * 7, "\"a-z|:" + "':" * 7, None),  # not yet
+    (True, "    ", "", "a = 1\n    s = '" + "ab" * 9, "a = 1\n    s = '", "repetition"),
+    (False, "    ", "", "# " + "=" * 40, "# " + "=" * 40, None),  # a ruler is code
 ])
 def test_stop_rules(multiline, before, below, text, want, reason):
     assert StopRules(multiline, before, below).apply(text) == (want, reason)

@@ -95,6 +95,24 @@ def test_insertion_at_end_equals_full_encode(tiny_engine_factory):
     assert states_close(eng.docs["a"].cache, ref.docs["a"].cache, 0) < 1e-5
 
 
+def test_hunks_encoded_together_equal_one_edit_per_hunk(tiny_engine_factory):
+    """An edit's hunks share forwards (chunks of 8 here, some spanning two hunks); the cache equals
+    applying the changes one edit at a time, top to bottom, each hunk encoded on its own."""
+    def change(line, text):
+        return {"range": {"start": {"line": line, "character": 0}, "end": {"line": line, "character": 0}}, "text": text}
+
+    changes = [change(2, "import json\n"), change(9, "x = compute(1, 2)\n"), change(40, "    return json.dumps(x)\n" * 2)]
+    together, apart = tiny_engine_factory("gemma3", encode_chunk=8), tiny_engine_factory("gemma3", encode_chunk=8)
+    for eng in (together, apart):
+        eng.open("a", SAMPLE[:2500])
+    stats = together.edit("a", changes)
+    for c in changes:
+        apart.edit("a", [c])
+    assert stats.hunks == 3 and together.docs["a"].ids == apart.docs["a"].ids
+    assert together.docs["a"].stale == apart.docs["a"].stale
+    assert states_close(together.docs["a"].cache, apart.docs["a"].cache, 0) < 1e-5
+
+
 def test_refresh_equals_full_encode_after_middle_edits(tiny_engine_factory):
     eng = tiny_engine_factory("gemma3", encode_chunk=64)
     eng.open("a", SAMPLE[:1500])

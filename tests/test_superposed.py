@@ -3,6 +3,8 @@ consistent under edits; the engine returns k drafts."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +18,7 @@ from engine.decoding.superposed import SuperposedParams, superposed
 from engine.drafts import keep
 from engine.engine import CompletionOptions
 from engine.ngram import NgramIndex, NgramTable
+from engine.quant import quantize
 
 
 def last(gen):
@@ -38,6 +41,21 @@ def test_one_draft_without_ngrams_is_greedy(tiny_prefix, rerank):
         assert drafts[0].ids == want
         beams = last(beam_search(model, ScratchCache(cache, 39, 33), ids[-1], k=1, max_new=32, first_mask=first_mask))
         assert beams[0].ids == want
+
+
+def test_shortlist_head_drafts_read_its_columns(tiny_prefix):
+    """With a shortlist head the drafts rank its columns only (no widening to the vocabulary); k=1
+    is still greedy over `head`'s full row, the first-token mask mapped onto the columns."""
+    model, ids, cache = tiny_prefix
+    short = quantize(copy.deepcopy(model), linear=False, rows=torch.arange(1, 300, 3), int8_head=False)
+    mask = torch.zeros(300, dtype=torch.bool)
+    mask[100:200] = True
+    for first_mask in (None, mask):
+        want = list(greedy(short, ScratchCache(cache, 39, 33), ids[-1], max_new=32, first_mask=first_mask))
+        drafts = last(superposed(short, ScratchCache(cache, 39, 33), ids[-1], k=1, max_new=32,
+                                 params=SuperposedParams(alpha=0.0), first_mask=first_mask))
+        assert drafts[0].ids == want and all(t % 3 == 1 for t in want)
+        assert first_mask is None or 100 <= want[0] < 200
 
 
 def test_anchored_drafts_lead_with_greedy(tiny_prefix):

@@ -99,13 +99,16 @@ def superposed(
     x = model.embed(torch.full((rows, 1), first, device=dev))  # [rows, 1, D]
     pos = cache.start
     for step in range(max_new):
-        logits = model(None, torch.tensor([pos]), cache, embeds=x)[:, -1].float()  # [rows, V]
+        hidden = model(None, torch.tensor([pos]), cache, embeds=x, return_hidden=True)[:, -1]  # [rows, D]
+        logits, columns = model.head_columns(hidden)  # [rows, R]: a shortlist head's columns only
+        logits = logits.float()
         pos += 1
         if step == 0 and first_mask is not None:
-            logits = logits.masked_fill(~first_mask.to(dev), float("-inf"))
+            allowed = first_mask.to(dev)
+            logits = logits.masked_fill(~(allowed if columns is None else allowed[columns]), float("-inf"))
         logp = torch.log_softmax(logits / p.temperature, dim=-1)
         vals, idx = logp.topk(min(p.candidates * k, logp.shape[-1]), dim=-1)  # [rows, C]
-        vals, cands = vals.double().cpu(), idx.tolist()
+        vals, cands = vals.double().cpu(), (idx if columns is None else columns[idx]).tolist()
         growing = lead is not None and not lead.finished
         parents = ([lead] if growing else []) + alive
         prow = [0] * growing + [rows - 1] * len(alive)  # the row whose distribution each parent reads
