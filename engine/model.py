@@ -149,6 +149,7 @@ class Attention(nn.Module):
     def __init__(self, a: ModelArgs, layer: int):
         super().__init__()
         self.a, self.layer = a, layer
+        self.bf16_prefill = False  # prefill attention may use bf16 products (engine.quant: the int8 path)
         self.q_proj = nn.Linear(a.dim, a.n_heads * a.head_dim, bias=a.qkv_bias)
         self.k_proj = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=a.qkv_bias)
         self.v_proj = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=a.qkv_bias)
@@ -175,7 +176,8 @@ class Attention(nn.Module):
         k, v = self.kv(x, cos_sin)
         segments = cache.update(self.layer, k, v, pos)
         o = attend(
-            q, segments, pos, scale=a.attn_scale, window=a.windows[self.layer], softcap=a.attn_softcap
+            q, segments, pos, scale=a.attn_scale, window=a.windows[self.layer], softcap=a.attn_softcap,
+            bf16=self.bf16_prefill,
         )  # [B, H, T, hd]
         return self.o_proj(o.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim))
 

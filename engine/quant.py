@@ -208,8 +208,8 @@ LINEARS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_pr
 def quantize(model, *, linear: bool = True, rows: torch.Tensor | None = None, int8_head: bool = True,
              native: bool = True, prefill: bool = True):
     """Make a fp32 model fast in place: int8 layer matrices (`linear`, with the C decode step where
-    `native` and it builds: `fuse`; bf16 copies for encoding where `prefill` and the CPU has
-    AVX512-BF16) and a shortlist head over `rows` (None keeps the full head). Embeddings, norms and
+    `native` and it builds: `fuse`; bf16 copies for encoding, and bf16 products in its attention,
+    where `prefill` and the CPU has AVX512-BF16) and a shortlist head over `rows` (None keeps the full head). Embeddings, norms and
     the attention stay fp32."""
     if linear:
         prefill = prefill and fast_bf16()
@@ -217,6 +217,7 @@ def quantize(model, *, linear: bool = True, rows: torch.Tensor | None = None, in
             for part, name in LINEARS:
                 owner = getattr(block, part)
                 setattr(owner, name, Int8Linear.from_linear(getattr(owner, name), prefill=prefill))
+            block.self_attn.bf16_prefill = prefill  # bf16 products in prefill attention too
         if native:
             fuse(model)
     if rows is not None:

@@ -21,6 +21,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from kernels import step
+
 
 def _key_range(n: int, start: int, q_lo: int, q_hi: int, window: int | None) -> tuple[int, int]:
     """Rows [lo, hi) of a segment of n keys at positions start.. that queries at q_lo..q_hi may see."""
@@ -492,19 +494,25 @@ def static_attention(q, seg_a, seg_b, meta, *, scale: float, window=None, softca
 
 
 def flash_attention(q: torch.Tensor, segment: tuple[torch.Tensor, torch.Tensor, int], qpos: torch.Tensor, *,
-                    scale: float, window: int | None = None) -> torch.Tensor:
+                    scale: float, window: int | None = None, bf16: bool = False) -> torch.Tensor:
     """`segment_attention` over one segment through torch's fused attention (on the CPU a blocked
     flash attention: no [T, S] score matrix, no mask over it, GQA without repeating keys). Equal to
     the reference within fp32 rounding and 1.2-1.7x faster on prefill chunks here, most on long
-    documents; no softcap."""
+    documents; no softcap. `bf16` allows `kernels.step.prefill_attention` where it runs (products of
+    bf16-rounded q, k, v and probabilities, fp32 sums: 2-2.8x faster again; the error of torch's
+    attention over bf16-rounded inputs)."""
     K, V, start = segment
     if window and len(qpos) > 1:  # queries far apart (an edit's hunks): each run reads its own window
         cuts = (torch.nonzero(qpos[1:] - qpos[:-1] > window).flatten() + 1).tolist()
         if cuts:
             bounds = [0, *cuts, len(qpos)]
-            return torch.cat([flash_attention(q[:, :, a:b], segment, qpos[a:b], scale=scale, window=window)
+            return torch.cat([flash_attention(q[:, :, a:b], segment, qpos[a:b], scale=scale, window=window, bf16=bf16)
                               for a, b in zip(bounds, bounds[1:])], dim=2)
     lo, hi = _key_range(K.shape[2], start, int(qpos.min()), int(qpos.max()), window)
+    if bf16:
+        out = step.prefill_attention(q, K, V, start, lo, hi, qpos, scale=scale, window=window)
+        if out is not None:
+            return out
     kpos = torch.arange(start + lo, start + hi, device=q.device)  # [S]
     allowed = _allowed(kpos, qpos.to(q.device), window)  # [T, S]
     return F.scaled_dot_product_attention(q.to(K.dtype), K[:, :, lo:hi], V[:, :, lo:hi], attn_mask=allowed,
@@ -519,16 +527,17 @@ def attend(
     scale: float,
     window: int | None = None,
     softcap: float | None = None,
+    bf16: bool = False,
 ) -> torch.Tensor:
     """`segment_attention` through the Triton kernel on CUDA for decode/verify steps (T <= 16 query
     tokens), `flash_attention` for CPU prefill chunks over one segment; the torch reference
     elsewhere. Pass qpos on the host (the model does): its bounds are then read without a device sync. On the CPU a verify step
     (1 < T <= 16) attends one query position at a time, each exactly as a decode step would (the
     same keys, the same shapes), so that speculative decoding's output equals greedy's bit for bit
-    where the matrix products are row-independent (the int8 path)."""
+    where the matrix products are row-independent (the int8 path). `bf16`: see `flash_attention`."""
     T = q.shape[2]
     if not q.is_cuda and T > MAX_QUERY_TOKENS and len(segments) == 1 and not softcap:
-        return flash_attention(q, segments[0], qpos, scale=scale, window=window)
+        return flash_attention(q, segments[0], qpos, scale=scale, window=window, bf16=bf16)
     if q.is_cuda and triton is not None and T <= MAX_QUERY_TOKENS:
         return segment_attention_triton(q, segments, qpos, scale=scale, window=window, softcap=softcap)
     if not q.is_cuda and 1 < T <= MAX_QUERY_TOKENS:

@@ -32,6 +32,7 @@ import torch
 log = logging.getLogger("ghostline.kernels")
 
 SOURCE = Path(__file__).with_name("step.c")
+SOURCES = (SOURCE, Path(__file__).with_name("prefill_attention.c"))  # one library
 MAX_ROWS = 16  # new tokens a step serves; past this (prefill) torch's matrix-matrix products win
 
 
@@ -62,14 +63,14 @@ def _compile() -> Path | None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + _cpu_key().encode() + cc.encode()).hexdigest()[:16]
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + _cpu_key().encode() + cc.encode()).hexdigest()[:16]
     out = _build_dir() / f"step-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         so = Path(tmp) / out.name
-        cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", str(so)]
+        cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", *map(str, SOURCES), "-o", str(so)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             log.warning("CPU step kernel not built (%s): %s", " ".join(cmd), done.stderr.strip()[-500:])
@@ -98,6 +99,11 @@ def _load():
                                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]
                 lib.ghostline_shift.restype = None
                 lib.ghostline_shift.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 7 + [ctypes.c_void_p] * 2 + [ctypes.c_int]
+                lib.ghostline_prefill_bf16.restype = ctypes.c_int
+                lib.ghostline_prefill_attention.restype = None
+                lib.ghostline_prefill_attention.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_long] * 8
+                                                            + [ctypes.c_void_p, ctypes.c_long, ctypes.c_float]
+                                                            + [ctypes.c_void_p] * 2 + [ctypes.c_int])
                 _lib = lib
         except OSError as e:
             log.warning("CPU step kernel not loaded: %s", e)
@@ -246,3 +252,28 @@ class FusedLayer:
         _lib.ghostline_attn_mlp(self._ref, out.data_ptr(), T, q.data_ptr(), pos.data_ptr(), ctypes.byref(seg),
                                 work.data_ptr(), keys)
         return out
+
+
+def prefill_attention(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, start: int, lo: int, hi: int,
+                      qpos: torch.Tensor, *, scale: float, window: int | None) -> torch.Tensor | None:
+    """Causal (optionally windowed) attention of q [1, H, T, hd] at increasing host positions qpos
+    over rows [lo, hi) of one segment K, V [1, KV, S, hd] (row i at position start + i), with bf16
+    products and fp32 sums and softmax (`prefill_attention.c`). None where it cannot serve: not
+    built, a CPU without AVX512-BF16, not fp32, or a head size it does not handle."""
+    lib = _load()
+    B, H, T, hd = q.shape
+    KV = K.shape[1]
+    if (lib is None or not lib.ghostline_prefill_bf16() or B != 1 or K.shape[0] != 1 or H % KV
+            or hd % 32 or hd > 256 or q.dtype != torch.float32 or K.dtype != torch.float32 or V.dtype != K.dtype
+            or q.device.type != "cpu" or K.device.type != "cpu" or K.stride() != V.stride()
+            or K.stride(-1) != 1 or K.stride(-2) != hd or hi <= lo):
+        return None
+    q = q.contiguous()
+    qpos = qpos.to(torch.long).contiguous()
+    out = torch.empty_like(q)
+    n16 = -(-(hi - lo) // 16) * 16
+    work = torch.empty(2 * KV * n16 * hd, dtype=torch.int16)  # bf16 pairs of keys and values
+    lib.ghostline_prefill_attention(q.data_ptr(), K.data_ptr(), V.data_ptr(), K.stride(1), H, KV, T, hd, start, lo, hi,
+                                    qpos.data_ptr(), window or 0, scale, out.data_ptr(), work.data_ptr(),
+                                    torch.get_num_threads())
+    return out

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import kernels.segment_attention as sa
+from kernels import step
 from kernels.testing import exact_attention, three_way
 
 CASES = [  # KV x G heads, T query tokens at the segment's end, S keys from `start`, window
@@ -44,6 +45,35 @@ def test_flash_attention_matches_oracle(case, dtype):
     assert out.shape == ref.shape and out.dtype == dtype
     ok, err, ref_err, eps = three_way(out, ref, exact=exact_attention(q, seg, qpos, **kw))
     assert ok, f"flash error {err:.3g} > 2 x reference {ref_err:.3g} + {eps:.3g}"
+
+
+needs_bf16 = pytest.mark.skipif(not (step.available() and step._load().ghostline_prefill_bf16()),
+                                reason="the C prefill attention needs AVX512-BF16 and a C compiler")
+
+
+@needs_bf16
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"kv{c['KV']}x{c['G']}-T{c['T']}-S{c['S']}-w{c['window']}"
+                         + ("-runs" if "runs" in c else ""))
+def test_bf16_prefill_attention_matches_oracle(case):
+    """The C kernel rounds q, k, v and the probabilities to bf16: against the fp64 oracle it may be
+    off by twice what torch's attention over the bf16-rounded inputs is off (the reference)."""
+    g = torch.Generator().manual_seed(case["S"] + case["T"] + 1)
+    KV, G, T, S, start, hd = case["KV"], case["G"], case["T"], case["S"], case["start"], 64
+    q = 2 * torch.randn(1, KV * G, T, hd, generator=g)
+    K = torch.full((1, KV, S + 8, hd), float("nan"))  # rows past the segment are never read
+    K[:, :, :S] = torch.randn(1, KV, S, hd, generator=g)
+    V = torch.randn(1, KV, S + 8, hd, generator=g)
+    K, V = K[:, :, :S], V[:, :, :S]
+    qpos = query_positions(case)
+    kw = dict(scale=hd**-0.5, window=case["window"])
+    lo, hi = sa._key_range(S, start, int(qpos[0]), int(qpos[-1]), kw["window"])
+    out = step.prefill_attention(q, K, V, start, lo, hi, qpos, **kw)
+    if not (case["window"] and "runs" in case):  # (far-apart runs go one call each)
+        assert torch.equal(sa.flash_attention(q, (K, V, start), qpos, bf16=True, **kw), out)
+    rounded = [t.bfloat16().float() for t in (q, K, V)]
+    ref = sa.flash_attention(rounded[0], (rounded[1], rounded[2], start), qpos, **kw)
+    ok, err, ref_err, eps = three_way(out, ref, exact=exact_attention(q, [(K, V, start)], qpos, **kw))
+    assert ok, f"bf16 kernel error {err:.3g} > 2 x reference {ref_err:.3g} + {eps:.3g}"
 
 
 def test_attend_routes_prefill_chunks():
