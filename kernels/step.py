@@ -268,8 +268,10 @@ def prefill_attention(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, start: 
             or q.device.type != "cpu" or K.device.type != "cpu" or K.stride() != V.stride()
             or K.stride(-1) != 1 or K.stride(-2) != hd or hi <= lo):
         return None
-    q = q.contiguous()
     qpos = qpos.to(torch.long).contiguous()
+    if T > 1 and not bool((qpos[1:] > qpos[:-1]).all()):  # a block's key range assumes increasing positions
+        return None
+    q = q.contiguous()
     out = torch.empty_like(q)
     n16 = -(-(hi - lo) // 16) * 16
     work = torch.empty(2 * KV * n16 * hd, dtype=torch.int16)  # bf16 pairs of keys and values

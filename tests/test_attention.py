@@ -70,6 +70,7 @@ def test_bf16_prefill_attention_matches_oracle(case):
     out = step.prefill_attention(q, K, V, start, lo, hi, qpos, **kw)
     if not (case["window"] and "runs" in case):  # (far-apart runs go one call each)
         assert torch.equal(sa.flash_attention(q, (K, V, start), qpos, bf16=True, **kw), out)
+    assert step.prefill_attention(q, K, V, start, lo, hi, qpos.flip(0), **kw) is None  # positions must increase
     rounded = [t.bfloat16().float() for t in (q, K, V)]
     ref = sa.flash_attention(rounded[0], (rounded[1], rounded[2], start), qpos, **kw)
     ok, err, ref_err, eps = three_way(out, ref, exact=exact_attention(q, [(K, V, start)], qpos, **kw))
