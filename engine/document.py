@@ -9,6 +9,7 @@ tokens are *stale* until `refresh` re-encodes them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import numpy as np
 from rapidfuzz.distance import Indel
 

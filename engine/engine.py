@@ -433,8 +433,8 @@ class Engine:
             part = pos[i : i + chunk]
             self.model(torch.tensor([[doc.ids[p] for p in part]]), torch.tensor(part), doc.cache, return_hidden=True,
                        last_only=True)
-            for p in part:
-                doc.stale[p] = 0
+        for s, e in spans:
+            doc.stale[s:e] = bytes(e - s)
         return len(pos)
 
     def _evict(self, *, keep: Document) -> None:

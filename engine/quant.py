@@ -209,8 +209,8 @@ def quantize(model, *, linear: bool = True, rows: torch.Tensor | None = None, in
              native: bool = True, prefill: bool = True):
     """Make a fp32 model fast in place: int8 layer matrices (`linear`, with the C decode step where
     `native` and it builds: `fuse`; bf16 copies for encoding, and bf16 products in its attention,
-    where `prefill` and the CPU has AVX512-BF16) and a shortlist head over `rows` (None keeps the full head). Embeddings, norms and
-    the attention stay fp32."""
+    where `prefill` and the CPU has AVX512-BF16) and a shortlist head over `rows` (None keeps the
+    full head). Embeddings, norms and the cached keys and values stay fp32."""
     if linear:
         prefill = prefill and fast_bf16()
         for block in model.layers:

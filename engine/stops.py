@@ -28,7 +28,7 @@ class StopRules:
         """Generated text -> (text to show, stop reason or None to go on)."""
         shown, reason = self._apply(text)
         loop = LOOP.search(shown, max(0, len(shown) - 200))
-        if loop and len(set(loop.group(1))) > 1:  # cut before the loop: what came before may be worth showing, the loop is not
+        if loop and len(set(loop.group(1))) > 1:  # what came before the loop may be worth showing
             return shown[: loop.start()].rstrip(), "repetition"
         return shown, reason
 
