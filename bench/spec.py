@@ -7,9 +7,18 @@ speculative decoder, with a check that every output equals greedy's.
 Methods: `greedy`, `ngram` (prompt lookup in the document and the other open documents), `self`
 (the model's first layers + an exit head draft, engine.decoding.speculative.EarlyLayers: the depth
 chosen by measured acceptance, no drafting where it does not pay), `both` (prompt lookup where it
-finds a match, early layers elsewhere), `ngram-rejection` (prompt lookup with SpecDec++'s draft-length
-rule, engine.decoding.speculative.RejectionRule, against Draft&Verify's). `--precision`/`--head` as the server's (default int8/code).
+finds a match, early layers elsewhere), `ngram-draft-verify` (prompt lookup with Draft&Verify's
+draft-length rule, engine.decoding.speculative.DraftLength, against the default MatchGoodput). `--precision`/`--head` as the server's (default int8/code).
 With --out, rows are appended per task (resumable; `--shard i/n`), `--summarize` reports from rows.
+
+    python -m bench.spec --tasks ../shared/data/edits-requests.jsonl --simulate ROWS [--row-cost 0 0.1 0.2]
+
+`--simulate` answers "what would prompt lookup give if a verify row cost b of a decode step": it
+replays the engine's proposer and draft-length rule (PromptLookup, MatchGoodput with costs 1 + b k)
+against the greedy outputs recorded in ROWS, accepting each draft up to its first token that differs
+from greedy's (what verification accepts), and prices each verify step of 1 + k tokens 1 + b k. The
+context is the tokenized `after` text up to the cursor (the engine's PIE-edited ids can differ a
+little), so the ratio is a model of the run, not a measurement.
 """
 
 from __future__ import annotations
@@ -18,11 +27,15 @@ import argparse
 import json
 import sys
 
-from bench.tasks import add_run_args, cursor_offset, mean, run_rows, saved_rows
+from bench.tasks import add_run_args, cursor_offset, mean, read_tasks, run_rows, saved_rows
+import numpy as np
+
+from engine.decoding.speculative import MatchGoodput
 from engine.engine import CompletionOptions, Engine, EngineOptions
+from engine.ngram import PromptLookup
 
 DECODERS = {"greedy": "greedy", "ngram": "lookup", "self": "self", "both": "lookup+self",
-            "ngram-rejection": "lookup"}  # the last: SpecDec++'s draft-length rule instead of Draft&Verify's
+            "ngram-draft-verify": "lookup"}  # the last: Draft&Verify's draft-length rule instead of the default
 
 
 def run_task(engine: Engine, task: dict, *, max_tokens: int) -> dict:
@@ -31,7 +44,7 @@ def run_task(engine: Engine, task: dict, *, max_tokens: int) -> dict:
     offset = cursor_offset(task)
     row = {"id": task["id"]}
     for method, decoder in DECODERS.items():
-        rule = "rejection" if method.endswith("-rejection") else "draft-verify"
+        rule = "draft-verify" if method.endswith("-draft-verify") else "match"
         out = engine.complete("doc", offset, CompletionOptions(multiline=True, max_tokens=max_tokens, decoder=decoder,
                                                                draft_length=rule))
         r = {"ms": out.ms, "tokens": out.tokens}
@@ -67,10 +80,55 @@ def summarize(rows: list[dict]) -> dict:
     return result
 
 
+def simulate(contexts: list[np.ndarray], outputs: list[list[int]], *, row_cost: float, max_tokens: int) -> dict:
+    """Prompt lookup + MatchGoodput replayed against greedy outputs, verify steps priced 1 + row_cost k."""
+    cost = tuple(1 + row_cost * k for k in range(len(MatchGoodput.COST)))
+    work = steps = tokens = 0.0
+    for ctx, out in zip(contexts, outputs):
+        lookup, rule, seq, done = PromptLookup(), MatchGoodput(cost=cost), ctx, 0
+        while done < len(out):
+            draft = lookup.propose(seq, min(rule.k, max_tokens - done - 1))
+            draft = draft[: rule.keep(lookup.match)] if draft else []
+            n = 0
+            while n < len(draft) and done + n < len(out) and draft[n] == out[done + n]:
+                n += 1
+            rule.update(len(draft), n)
+            work, steps = work + cost[len(draft)], steps + 1
+            seq = np.concatenate([seq, np.asarray(out[done : done + n + 1], dtype=seq.dtype)])
+            done += n + 1
+        tokens += len(out)
+    return {"row_cost": row_cost, "speedup": round(tokens / work, 3), "tokens_per_step": round(tokens / steps, 3)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_run_args(p)
+    p.add_argument("--simulate", help="rows file whose greedy outputs to replay prompt lookup against")
+    p.add_argument("--row-cost", type=float, nargs="+", default=[0.0, 0.08, 0.14, 0.2, 0.3],
+                   help="with --simulate: a verify row's cost against a decode step")
     args = p.parse_args(argv)
+    if args.simulate:
+        if not args.tasks:
+            p.error("--simulate needs --tasks (the contexts)")
+        from engine.loader import load
+
+        rows = saved_rows(args.simulate)
+        tok = load(args.model).tokenizer
+        contexts, outputs = [], []
+        for task in read_tasks(args.tasks, args.limit):
+            if task["id"] in rows:
+                ids, offsets = tok.encode(task["after"])
+                cursor = cursor_offset(task)
+                contexts.append(np.asarray(ids[: sum(1 for o in offsets if o[1] <= cursor)], dtype=np.int64))
+                outputs.append(rows[task["id"]]["greedy"]["tokens"])
+        results = [simulate(contexts, outputs, row_cost=b, max_tokens=args.max_tokens) for b in args.row_cost]
+        print(f"{len(contexts)} tasks")
+        print("| verify row cost (of a decode step) | tokens per step | speedup over greedy |")
+        print("|---|---|---|")
+        for r in results:
+            print(f"| {r['row_cost']} | {r['tokens_per_step']} | {r['speedup']}x |")
+        print(json.dumps(results))
+        return 0
     if args.summarize:
         rows = list(saved_rows(*args.summarize).values())
     else:

@@ -119,14 +119,20 @@ class ScratchCache:
     def trim(self, n: int) -> None:
         self.length = min(self.length, max(0, n))
 
+    def claim(self, pos: int, n: int) -> int:
+        """Row i of n new tokens from position pos (their rows are [i, i + n)), counted as held."""
+        i = pos - self.start
+        end = i + n
+        if i < 0 or end > self.k.shape[3]:
+            raise IndexError(f"scratch area full ({self.k.shape[3]} rows)" if i >= 0 else f"position {pos} is in the prefix")
+        self.length = max(self.length, end)
+        return i
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> list[Segment]:
-        i = int(pos[0]) - self.start
+        i = self.claim(int(pos[0]), k.shape[2])
         end = i + k.shape[2]
-        if end > self.k.shape[3]:
-            raise IndexError(f"scratch area full ({self.k.shape[3]} rows)")
         self.k[layer, :, :, i:end] = k
         self.v[layer, :, :, i:end] = v
-        self.length = max(self.length, end)
         pk, pv = self.prefix.k[layer, :, : self.start], self.prefix.v[layer, :, : self.start]
         return [(pk[None], pv[None], 0), (self.k[layer, :, :, :end], self.v[layer, :, :, :end], self.start)]
 

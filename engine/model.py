@@ -10,7 +10,8 @@ RoPE tables) while caches and attention read the host copy, so that a step on CU
 sync to learn where it writes. Attention goes through `kernels.segment_attention.attend` (the Triton
 kernel on CUDA for decode/verify steps, the torch reference elsewhere). The static-shape CUDA-graph
 decode path built on this model lives in `engine.cuda`; on the CPU, an int8 model's blocks run decode
-and verify steps as two C calls each (`Block.fused`, set by `engine.quant.fuse`).
+and verify steps in C (`Block.fused`, set by `engine.quant.fuse`): over a scratch area all layers in
+one call (`Transformer.fused_step`), elsewhere two calls a layer.
 
 Shapes: B batch, T new tokens, S keys, H query heads, KV key/value heads, D model width, hd head dim.
 """
@@ -232,6 +233,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(a.dim, a.vocab_size, bias=False)
         if a.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.fused_step = None  # a kernels.step.ScratchStep once engine.quant.fuse fused every block
         self.set_rope(a.inv_freq)
 
     def set_rope(self, inv_freq: torch.Tensor) -> None:
@@ -284,10 +286,13 @@ class Transformer(nn.Module):
         x = self.embed(ids) if embeds is None else embeds
         n = self.args.n_layers if exit_layer is None else exit_layer
         tables = self.rope_tables(pos, x.dtype)
-        for i in range(n):
-            x = self.layers[i](x, pos, tables[self.rope_group[i]], cache)
-            if states is not None:
-                states.append(x)
+        if self.fused_step is not None and n == self.args.n_layers and states is None and self.fused_step.serves(x, cache):
+            x = self.fused_step(x, pos, [tables[g] for g in self.rope_group], cache)  # all layers in one C call
+        else:
+            for i in range(n):
+                x = self.layers[i](x, pos, tables[self.rope_group[i]], cache)
+                if states is not None:
+                    states.append(x)
         if last_only:
             x = x[:, -1:]
         if return_hidden:
@@ -327,6 +332,22 @@ class Transformer(nn.Module):
             c = self.args.final_softcap
             logits = torch.tanh(logits / c) * c
         return logits, getattr(self.lm_head, "rows", None)
+
+
+def greedy_ids(model, x: torch.Tensor) -> torch.Tensor:
+    """The argmax of `model.head(x)` for hidden x [..., D] -> token ids [...], read from the head's
+    columns (a shortlist head's logits are never widened to the 262k vocabulary: ~0.1 ms a row).
+    Ties go to the smallest token id, as argmax over head()'s row does."""
+    logits, rows = model.head_columns(x)
+    idx = logits.argmax(-1, keepdim=True)  # [..., 1]
+    if rows is None:
+        return idx.squeeze(-1)
+    top = logits == logits.gather(-1, idx)  # [..., R]
+    ids = rows[idx.squeeze(-1)]
+    tied = top.sum(-1) > 1
+    if bool(tied.any()):
+        ids = torch.where(tied, torch.where(top, rows, model.args.vocab_size).min(-1).values, ids)
+    return ids
 
 
 def build(cfg, state_dict: dict[str, torch.Tensor], *, dtype=torch.float32) -> Transformer:

@@ -14,6 +14,7 @@ p_ngram(token | last n-1 tokens) that superposed decoding mixes into its draft s
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -33,30 +34,62 @@ def find_continuation(corpus: np.ndarray, tail: np.ndarray, k: int, *, end: int 
     return corpus[start : min(start + k, end)].tolist()
 
 
-class PromptLookup:
-    """Proposer: the longest suffix (max_n .. min_n tokens) of the context found in the corpus."""
+@dataclass
+class Match:
+    """The longest suffix of the context found earlier: its length in tokens, how many times it
+    occurs, and whether every occurrence was followed by the same token (a copy, not a fork)."""
 
-    def __init__(self, *, max_n: int = 4, min_n: int = 2):
+    n: int
+    count: int
+    agree: bool
+
+
+def longest_match(corpus: np.ndarray, tail: np.ndarray, *, end: int, max_n: int) -> tuple[Match, int] | None:
+    """The longest suffix (<= max_n tokens) of `tail` that ends at some i < end - 1 of corpus (so a
+    continuation exists in corpus[:end]); returns the match and i of its latest occurrence. One
+    vectorised compare over the corpus for the last token, then only the candidates are extended."""
+    if len(tail) == 0 or end < 2:
+        return None
+    cand = np.flatnonzero(corpus[: end - 1] == tail[-1])  # [C] end positions of 1-token matches
+    if len(cand) == 0:
+        return None
+    n = 1
+    while n < min(max_n, len(tail)):
+        prev = cand - n
+        keep = prev >= 0
+        longer = cand[keep][corpus[prev[keep]] == tail[-1 - n]]
+        if len(longer) == 0:
+            break
+        cand, n = longer, n + 1
+    nxt = corpus[cand + 1]
+    return Match(n, len(cand), bool((nxt == nxt[-1]).all())), int(cand[-1])
+
+
+class PromptLookup:
+    """Proposer: what followed the latest occurrence of the longest suffix (max_n .. min_n tokens)
+    of the context, in the context itself or another open document (the longer match; the
+    context on a tie). `match` is the
+    match behind the latest draft (None when there was none), for the draft-length rule."""
+
+    def __init__(self, *, max_n: int = 16, min_n: int = 1):
         self.max_n, self.min_n = max_n, min_n
         self.others: list[np.ndarray] = []
+        self.match: Match | None = None
 
     def propose(self, context: np.ndarray, k: int) -> list[int]:
-        """context: the ids so far (document prefix + generated), int32 [N]."""
-        if k <= 0:
+        """context: the ids so far (document prefix + generated), int [N]."""
+        self.match = None
+        if k <= 0 or len(context) < 2:
             return []
-        for n in range(self.max_n, self.min_n - 1, -1):
-            if len(context) <= n:
-                continue
-            tail = context[-n:]
-            found = find_continuation(context, tail, k, end=len(context) - 1)
-            if not found:
-                for other in self.others:
-                    found = find_continuation(other, tail, k)
-                    if found:
-                        break
-            if found:
-                return found
-        return []
+        tail, best = context[-self.max_n :], None
+        for corpus, end in [(context, len(context) - 1)] + [(o, len(o)) for o in self.others]:
+            found = longest_match(corpus, tail, end=end, max_n=self.max_n)
+            if found is not None and found[0].n >= self.min_n and (best is None or found[0].n > best[0].n):
+                best = (*found, corpus, end)
+        if best is None:
+            return []
+        self.match, i, corpus, end = best
+        return corpus[i + 1 : min(i + 1 + k, end)].tolist()
 
 
 # n-gram tables for superposed decoding ---------------------------------------------------------

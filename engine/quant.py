@@ -187,6 +187,7 @@ def fuse(model) -> int:
             window=a.windows[att.layer], gemma=block.gemma, eps=a.norm_eps, scale=a.attn_scale,
             softcap=a.attn_softcap, qkv=qkv, o=o, gu=gu, down=down, qkv_bias=bias, norms=norms)
         fused += 1
+    model.fused_step = step.ScratchStep([b.fused for b in model.layers])
     return fused
 
 

@@ -17,6 +17,7 @@
 #include <omp.h>
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
+#include "simd.h"
 
 #define RB 8          /* query rows per block (independent accumulator chains) */
 #define KB 64         /* keys per block */
@@ -32,21 +33,6 @@ static inline uint16_t bf16(float f) { /* round to nearest even */
 }
 
 static inline uint32_t pair(float a, float b) { return (uint32_t)bf16(a) | ((uint32_t)bf16(b) << 16); }
-
-static inline __m512 exp16(__m512 x) { /* e^x, x <= 0; ~2 ulp; x < -87 -> ~0 (callers mask) */
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504089f)), _MM_FROUND_TO_NEAREST_INT);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
 
 static inline __m512 dp(__m512 acc, uint32_t a, const uint32_t *b) {
     return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32((int)a), (__m512bh)_mm512_loadu_si512(b));

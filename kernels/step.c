@@ -23,6 +23,7 @@
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
+#include "simd.h"
 
 #define ROWS 4 /* weight rows per inner block: four independent accumulator chains */
 
@@ -122,13 +123,26 @@ static long act_range(long K) {
    rounding error, at most step / 2 per value, is 1e-4 of the row's largest value or less. */
 static float quantize_act(const float *x, int16_t *codes, long K) {
     float amax = 0.f;
-    for (long k = 0; k < K; k++) amax = fmaxf(amax, fabsf(x[k]));
+    long k0 = 0;
+#if defined(__AVX512F__)
+    __m512 vmax = _mm512_setzero_ps();
+    for (; k0 + 16 <= K; k0 += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(x + k0)));
+    amax = _mm512_reduce_max_ps(vmax);
+#endif
+    for (long k = k0; k < K; k++) amax = fmaxf(amax, fabsf(x[k]));
     if (amax == 0.f) {
         memset(codes, 0, K * sizeof(int16_t));
         return 0.f;
     }
     float range = (float)act_range(K), inv = range / amax;
-    for (long k = 0; k < K; k++) codes[k] = (int16_t)nearbyintf(x[k] * inv);
+    long k = 0;
+#if defined(__AVX512F__)
+    __m512 vinv = _mm512_set1_ps(inv); /* cvtps rounds to nearest even, as nearbyintf does */
+    for (; k + 16 <= K; k += 16)
+        _mm256_storeu_si256((__m256i *)(codes + k),
+                            _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), vinv))));
+#endif
+    for (; k < K; k++) codes[k] = (int16_t)nearbyintf(x[k] * inv);
     return amax / range;
 }
 
@@ -238,103 +252,229 @@ typedef struct {
 
 #define SPLIT 2 /* key parts per query: fixed, so a query's sums never depend on the thread count */
 #define MAXG 16 /* query heads per kv head */
+#define MAXT 16 /* query rows an attention call takes at once (kernels/step.py's MAX_ROWS) */
+#define RG 4    /* query rows that share a walk over the keys (their weighted values stay in L1) */
 
-/* Attention of G query heads qs [G, hd] (one position qpos) over the visible keys of kv head j:
-   out [G, hd]. Keys are split into SPLIT parts, each with its own max, sum and weighted values,
-   combined in a fixed order. */
-static void attend_one(const Layer *L, const Segments *S, long j, const float *qs, long G, long qpos, float *out,
-                       float *scores, float *part_acc, int threads) {
-    long hd = L->hd;
-    long lo[4], hi[4], total = 0;
-    for (long i = 0; i < S->count; i++) {
-        long first = L->window ? qpos - L->window + 1 - S->start[i] : 0;
-        lo[i] = first > 0 ? first : 0;
-        long last = qpos - S->start[i] + 1;
-        hi[i] = last < S->n[i] ? last : S->n[i];
-        if (hi[i] < lo[i]) hi[i] = lo[i];
-        total += hi[i] - lo[i];
+#define KBLK 16 /* value rows a block of the weighted sum keeps in L1 */
+
+/* The three inner loops of attention, with AVX-512 where the head dim is a multiple of 16. Each gives
+   a row the same bits whatever else the call holds (lane-wise arithmetic, a fixed summation order). */
+static inline float dot(const float *a, const float *b, long n) {
+#if defined(__AVX512F__)
+    if (n % 16 == 0) {
+        __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+        long e = 0;
+        for (; e + 64 <= n; e += 64) {
+            s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + e), _mm512_loadu_ps(b + e), s0);
+            s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + e + 16), _mm512_loadu_ps(b + e + 16), s1);
+            s2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + e + 32), _mm512_loadu_ps(b + e + 32), s2);
+            s3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + e + 48), _mm512_loadu_ps(b + e + 48), s3);
+        }
+        for (; e < n; e += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + e), _mm512_loadu_ps(b + e), s0);
+        return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
     }
-    float m[SPLIT][MAXG], l[SPLIT][MAXG];
-    long chunk = (total + SPLIT - 1) / SPLIT;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && total >= 256)
-    for (int p = 0; p < SPLIT; p++) {
-        long a = p * chunk, b = a + chunk < total ? a + chunk : total;
-        float *sc = scores + a * G; /* [keys of this part, G] */
-        float *acc = part_acc + p * G * hd;
-        for (long g = 0; g < G; g++) {
-            m[p][g] = -INFINITY;
-            l[p][g] = 0.f;
-        }
-        memset(acc, 0, G * hd * sizeof(float));
-        /* pass 1: scores and their max */
-        long base = 0;
-        for (long i = 0; i < S->count; base += hi[i] - lo[i], i++) {
-            long from = a > base ? a : base, to = b < base + hi[i] - lo[i] ? b : base + hi[i] - lo[i];
-            for (long idx = from; idx < to; idx++) {
-                const float *kr = S->K[i] + j * S->stride[i] + (lo[i] + idx - base) * hd;
-                for (long g = 0; g < G; g++) {
-                    const float *qg = qs + g * hd;
-                    float d = 0.f;
-#pragma omp simd reduction(+ : d)
-                    for (long e = 0; e < hd; e++) d += qg[e] * kr[e];
-                    d *= L->scale;
-                    if (L->softcap > 0.f) d = tanhf(d / L->softcap) * L->softcap;
-                    sc[(idx - a) * G + g] = d;
-                    if (d > m[p][g]) m[p][g] = d;
-                }
-            }
-        }
-        /* pass 2: weights and values */
-        base = 0;
-        for (long i = 0; i < S->count; base += hi[i] - lo[i], i++) {
-            long from = a > base ? a : base, to = b < base + hi[i] - lo[i] ? b : base + hi[i] - lo[i];
-            for (long idx = from; idx < to; idx++) {
-                const float *vr = S->V[i] + j * S->stride[i] + (lo[i] + idx - base) * hd;
-                for (long g = 0; g < G; g++) {
-                    float w = expf(sc[(idx - a) * G + g] - m[p][g]);
-                    l[p][g] += w;
-                    float *ag = acc + g * hd;
-#pragma omp simd
-                    for (long e = 0; e < hd; e++) ag[e] += w * vr[e];
-                }
-            }
-        }
-    }
-    for (long g = 0; g < G; g++) {
-        float mx = -INFINITY;
-        for (int p = 0; p < SPLIT; p++)
-            if (m[p][g] > mx) mx = m[p][g];
-        float denom = 0.f, f[SPLIT];
-        for (int p = 0; p < SPLIT; p++) {
-            f[p] = m[p][g] == -INFINITY ? 0.f : expf(m[p][g] - mx);
-            denom += l[p][g] * f[p];
-        }
-        float *og = out + g * hd;
-        for (long e = 0; e < hd; e++) {
-            float s = 0.f;
-            for (int p = 0; p < SPLIT; p++) s += part_acc[(p * G + g) * hd + e] * f[p];
-            og[e] = s / denom;
-        }
-    }
+#endif
+    float d = 0.f;
+    for (long e = 0; e < n; e++) d += a[e] * b[e];
+    return d;
 }
 
-static float act(float g, long gemma) {
-    if (gemma) return 0.5f * g * (1.f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
-    return g / (1.f + expf(-g));
+/* w [r] = e^(sc [r] - m) for n <= KBLK scores (m their running max, so every exponent is <= 0). */
+static inline void weights(const float *sc, float m, float *w, long n) {
+#if defined(__AVX512F__)
+    __mmask16 k = (__mmask16)((1u << n) - 1);
+    _mm512_mask_storeu_ps(w, k, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sc), _mm512_set1_ps(m))));
+#else
+    for (long r = 0; r < n; r++) w[r] = expf(sc[r] - m);
+#endif
+}
+
+/* acc [hd] += sum over r < n of w [r] v [r, hd], row after row: four vectors of acc stay in registers
+   across the n value rows. */
+static inline void accumulate(float *acc, const float *w, const float *v, long n, long hd) {
+#if defined(__AVX512F__)
+    if (hd % 16 == 0) {
+        long e = 0;
+        for (; e + 64 <= hd; e += 64) {
+            __m512 a0 = _mm512_loadu_ps(acc + e), a1 = _mm512_loadu_ps(acc + e + 16);
+            __m512 a2 = _mm512_loadu_ps(acc + e + 32), a3 = _mm512_loadu_ps(acc + e + 48);
+            for (long r = 0; r < n; r++) {
+                __m512 wr = _mm512_set1_ps(w[r]);
+                const float *vr = v + r * hd + e;
+                a0 = _mm512_fmadd_ps(wr, _mm512_loadu_ps(vr), a0);
+                a1 = _mm512_fmadd_ps(wr, _mm512_loadu_ps(vr + 16), a1);
+                a2 = _mm512_fmadd_ps(wr, _mm512_loadu_ps(vr + 32), a2);
+                a3 = _mm512_fmadd_ps(wr, _mm512_loadu_ps(vr + 48), a3);
+            }
+            _mm512_storeu_ps(acc + e, a0);
+            _mm512_storeu_ps(acc + e + 16, a1);
+            _mm512_storeu_ps(acc + e + 32, a2);
+            _mm512_storeu_ps(acc + e + 48, a3);
+        }
+        for (; e < hd; e += 16) {
+            __m512 a0 = _mm512_loadu_ps(acc + e);
+            for (long r = 0; r < n; r++) a0 = _mm512_fmadd_ps(_mm512_set1_ps(w[r]), _mm512_loadu_ps(v + r * hd + e), a0);
+            _mm512_storeu_ps(acc + e, a0);
+        }
+        return;
+    }
+#endif
+    for (long r = 0; r < n; r++)
+        for (long e = 0; e < hd; e++) acc[e] += w[r] * v[r * hd + e];
+}
+
+/* Attention of T query rows (positions qpos [T]) over the visible keys of kv head j, for the G
+   query heads of j: q [T, H, hd] -> out [T, H, hd] (heads j G .. j G + G - 1 of each row). Each row
+   splits its own visible keys into SPLIT parts, each with its own max, sum and weighted values,
+   combined in a fixed order: a row's numbers are those of a one-row call, whatever T is. The rows
+   share the reading of the keys and values: thread p walks the union of part p of RG rows at a
+   time, each key row loaded once for all the rows of the group that see it. */
+static void attend_rows(const Layer *L, const Segments *S, long j, const float *q, long T, const long *qpos,
+                        float *out, float *scores, float *part_acc, int threads) {
+    long hd = L->hd, H = L->H, G = H / L->KV, C = S->count;
+    long lo[MAXT][4], base[MAXT][5], chunk[MAXT], total[MAXT], off[MAXT], widest = 0, so = 0;
+    for (long t = 0; t < T; t++) {
+        base[t][0] = 0;
+        for (long i = 0; i < C; i++) {
+            long first = L->window ? qpos[t] - L->window + 1 - S->start[i] : 0;
+            lo[t][i] = first > 0 ? first : 0;
+            long last = qpos[t] - S->start[i] + 1, hi = last < S->n[i] ? last : S->n[i];
+            base[t][i + 1] = base[t][i] + (hi > lo[t][i] ? hi - lo[t][i] : 0);
+        }
+        total[t] = base[t][C];
+        chunk[t] = (total[t] + SPLIT - 1) / SPLIT;
+        off[t] = so; /* row t's scores: [total[t], G] */
+        so += total[t] * G;
+        if (total[t] > widest) widest = total[t];
+    }
+    float m[MAXT][SPLIT][MAXG], l[MAXT][SPLIT][MAXG];
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && widest >= 256)
+    for (int p = 0; p < SPLIT; p++) {
+        long from[MAXT], to[MAXT]; /* row t's part p in segment i: key rows [from, to) */
+        float mp[MAXT][MAXG], lp[MAXT][MAXG]; /* this thread's max and sum (m, l: shared, written once) */
+        for (long t = 0; t < T; t++) {
+            for (long g = 0; g < G; g++) {
+                mp[t][g] = -INFINITY;
+                lp[t][g] = 0.f;
+            }
+            memset(part_acc + (t * SPLIT + p) * G * hd, 0, G * hd * sizeof(float));
+        }
+        for (long t0 = 0; t0 < T; t0 += RG)
+        for (int pass = 0; pass < 2; pass++) { /* 0: scores and their max; 1: weights and values */
+            long t1 = t0 + RG < T ? t0 + RG : T;
+            for (long i = 0; i < C; i++) {
+                long rmin = -1, rmax = -1;
+                for (long t = t0; t < t1; t++) {
+                    long a = p * chunk[t], b = a + chunk[t] < total[t] ? a + chunk[t] : total[t];
+                    long x0 = a > base[t][i] ? a : base[t][i], x1 = b < base[t][i + 1] ? b : base[t][i + 1];
+                    from[t] = lo[t][i] + x0 - base[t][i];
+                    to[t] = x1 > x0 ? from[t] + x1 - x0 : from[t];
+                    if (to[t] > from[t]) {
+                        if (rmin < 0 || from[t] < rmin) rmin = from[t];
+                        if (to[t] > rmax) rmax = to[t];
+                    }
+                }
+                if (pass == 0) {
+                    for (long r = rmin; r < rmax; r++) {
+                        const float *kr = S->K[i] + j * S->stride[i] + r * hd;
+                        for (long t = t0; t < t1; t++) {
+                            if (r < from[t] || r >= to[t]) continue;
+                            const float *qt = q + (t * H + j * G) * hd;
+                            long idx = base[t][i] + r - lo[t][i];
+                            for (long g = 0; g < G; g++) {
+                                float d = dot(qt + g * hd, kr, hd) * L->scale;
+                                if (L->softcap > 0.f) d = tanhf(d / L->softcap) * L->softcap;
+                                scores[off[t] + g * total[t] + idx] = d;
+                                if (d > mp[t][g]) mp[t][g] = d;
+                            }
+                        }
+                    }
+                    continue;
+                }
+                for (long r0 = rmin; r0 < rmax; r0 += KBLK) { /* a block of value rows, kept in L1 */
+                    long r1 = r0 + KBLK < rmax ? r0 + KBLK : rmax;
+                    const float *vb = S->V[i] + j * S->stride[i];
+                    for (long t = t0; t < t1; t++) {
+                        long a = r0 > from[t] ? r0 : from[t], b = r1 < to[t] ? r1 : to[t];
+                        if (a >= b) continue;
+                        float *acc = part_acc + (t * SPLIT + p) * G * hd;
+                        for (long g = 0; g < G; g++) {
+                            float w[KBLK];
+                            weights(scores + off[t] + g * total[t] + base[t][i] + a - lo[t][i], mp[t][g], w, b - a);
+                            for (long r = a; r < b; r++) lp[t][g] += w[r - a];
+                            accumulate(acc + g * hd, w, vb + a * hd, b - a, hd);
+                        }
+                    }
+                }
+            }
+        }
+        for (long t = 0; t < T; t++)
+            for (long g = 0; g < G; g++) {
+                m[t][p][g] = mp[t][g];
+                l[t][p][g] = lp[t][g];
+            }
+    }
+    for (long t = 0; t < T; t++)
+        for (long g = 0; g < G; g++) {
+            float mx = -INFINITY;
+            for (int p = 0; p < SPLIT; p++)
+                if (m[t][p][g] > mx) mx = m[t][p][g];
+            float denom = 0.f, f[SPLIT];
+            for (int p = 0; p < SPLIT; p++) {
+                f[p] = m[t][p][g] == -INFINITY ? 0.f : expf(m[t][p][g] - mx);
+                denom += l[t][p][g] * f[p];
+            }
+            float *og = out + (t * H + j * G + g) * hd;
+            for (long e = 0; e < hd; e++) {
+                float s = 0.f;
+                for (int p = 0; p < SPLIT; p++) s += part_acc[((t * SPLIT + p) * G + g) * hd + e] * f[p];
+                og[e] = s / denom;
+            }
+        }
+}
+
+/* The MLP's gated activation a [i] = act(gate [i]) * up [i] over n values: tanh-GELU (Gemma) or
+   SiLU (Llama); e^x from simd.h where AVX-512 is there, libm's tanhf and expf elsewhere. */
+static void gated(const float *gate, const float *up, float *a, long n, long gemma) {
+    long i = 0;
+#if defined(__AVX512F__)
+    const __m512 one = _mm512_set1_ps(1.f), zero = _mm512_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+        __m512 g = _mm512_loadu_ps(gate + i), y;
+        if (gemma) { /* 0.5 g (1 + tanh(u)); tanh(u) = sign(u) (1 - e) / (1 + e), e = exp(-2 |u|) */
+            __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f),
+                                     _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), g), _mm512_mul_ps(g, g), g));
+            __m512 e = exp16(_mm512_mul_ps(_mm512_set1_ps(-2.f), _mm512_abs_ps(u)));
+            __m512 th = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
+            th = _mm512_mask_sub_ps(th, _mm512_cmp_ps_mask(u, zero, _CMP_LT_OQ), zero, th);
+            y = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), g), _mm512_add_ps(one, th));
+        } else { /* g sigmoid(g); sigmoid from e = exp(-|g|): 1 / (1 + e) for g >= 0, e / (1 + e) below */
+            __m512 e = exp16(_mm512_sub_ps(zero, _mm512_abs_ps(g)));
+            __m512 num = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(g, zero, _CMP_LT_OQ), one, e);
+            y = _mm512_mul_ps(g, _mm512_div_ps(num, _mm512_add_ps(one, e)));
+        }
+        _mm512_storeu_ps(a + i, _mm512_mul_ps(y, _mm512_loadu_ps(up + i)));
+    }
+#endif
+    for (; i < n; i++) {
+        float g = gate[i];
+        float y = gemma ? 0.5f * g * (1.f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g))) : g / (1.f + expf(-g));
+        a[i] = y * up[i];
+    }
 }
 
 /* x [T, D] += the attention branch and the MLP branch, for new tokens at positions qpos [T] with
    queries q [T, H, hd] over the segments (which already hold the new keys and values).
-   work holds T * (H hd + 2D + 3F) + SPLIT * (keys * G + G * hd) floats (see kernels/step.py). */
+   work holds T * (H hd + 2D + 3F + keys G + SPLIT G hd) floats (see kernels/step.py). */
 void ghostline_attn_mlp(const Layer *L, float *x, long T, const float *q, const long *qpos, const Segments *S,
                         float *work, long keys) {
     long D = L->D, hd = L->hd, H = L->H, KV = L->KV, F = L->F, G = H / KV;
     float *att = work, *o = att + T * H * hd, *h = o + T * D, *gu = h + T * D, *a = gu + T * 2 * F;
-    float *scores = a + T * F, *part = scores + keys * G;
-    for (long t = 0; t < T; t++)
+    float *scores = a + T * F, *part = scores + T * keys * G;
+    for (long t0 = 0; t0 < T; t0 += MAXT)
         for (long j = 0; j < KV; j++)
-            attend_one(L, S, j, q + (t * H + j * G) * hd, G, qpos[t], att + (t * H + j * G) * hd, scores, part,
-                       L->threads);
+            attend_rows(L, S, j, q + t0 * H * hd, T - t0 < MAXT ? T - t0 : MAXT, qpos + t0, att + t0 * H * hd, scores,
+                        part, L->threads);
     gemv(att, L->o, L->o_s, o, T, D, H * hd, L->threads);
     for (long t = 0; t < T; t++) {
         float *xt = x + t * D, *ot = o + t * D;
@@ -348,13 +488,48 @@ void ghostline_attn_mlp(const Layer *L, float *x, long T, const float *q, const 
         }
     }
     gemv(h, L->gu, L->gu_s, gu, T, 2 * F, D, L->threads);
-    for (long t = 0; t < T; t++)
-        for (long i = 0; i < F; i++) a[t * F + i] = act(gu[t * 2 * F + i], L->gemma) * gu[t * 2 * F + F + i];
+#pragma omp parallel for schedule(static) num_threads(L->threads) if (L->threads > 1 && T > 1)
+    for (long t = 0; t < T; t++) gated(gu + t * 2 * F, gu + t * 2 * F + F, a + t * F, F, L->gemma);
     gemv(a, L->down, L->down_s, o, T, D, F, L->threads);
     for (long t = 0; t < T; t++) {
         float *xt = x + t * D, *ot = o + t * D;
         if (L->gemma) rmsnorm(ot, L->n_post_ff, ot, D, L->eps);
         for (long i = 0; i < D; i++) xt[i] += ot[i];
+    }
+}
+
+/* Where a scratch step's keys and values live (engine.cache.ScratchCache, batch 1): layer l's kv
+   head j has prefix rows [0, start) at pk/pv + l * p_layer + j * p_head (positions 0..) and scratch
+   rows at sk/sv + l * s_layer + j * s_head (row r at position start + r); rows are hd floats. */
+typedef struct {
+    float *pk, *pv, *sk, *sv;
+    long p_layer, p_head, s_layer, s_head, start;
+} Planes;
+
+/* Every layer of a decode or verify step of T tokens whose keys and values go to scratch rows
+   [i, i + T): per layer the same two halves as ghostline_qkv and ghostline_attn_mlp with the rows
+   written between them, so the numbers are those of the per-layer calls, without a return to
+   Python per layer. x [T, D] in place; cos/sin: each layer's RoPE table [T, hd]. work holds
+   T * (D + (H + 2KV) hd) + 2 KV T hd + T H hd floats plus what ghostline_attn_mlp needs for
+   keys = start + i + T. */
+void ghostline_scratch_step(const Layer *layers, long n_layers, float *x, long T, const float *const *cos,
+                            const float *const *sin, const long *qpos, const Planes *P, long i, float *work) {
+    for (long l = 0; l < n_layers; l++) {
+        const Layer *L = layers + l;
+        long H = L->H, KV = L->KV, hd = L->hd;
+        float *q = work, *k = q + T * H * hd, *v = k + KV * T * hd, *rest = v + KV * T * hd;
+        ghostline_qkv(L, x, T, cos[l], sin[l], q, k, v, rest);
+        Segments S = {.count = 2};
+        for (long j = 0; j < KV; j++)
+            for (long t = 0; t < T; t++) {
+                memcpy(P->sk + l * P->s_layer + j * P->s_head + (i + t) * hd, k + (j * T + t) * hd, hd * sizeof(float));
+                memcpy(P->sv + l * P->s_layer + j * P->s_head + (i + t) * hd, v + (j * T + t) * hd, hd * sizeof(float));
+            }
+        S.K[0] = P->pk + l * P->p_layer, S.V[0] = P->pv + l * P->p_layer;
+        S.n[0] = P->start, S.start[0] = 0, S.stride[0] = P->p_head;
+        S.K[1] = P->sk + l * P->s_layer, S.V[1] = P->sv + l * P->s_layer;
+        S.n[1] = i + T, S.start[1] = P->start, S.stride[1] = P->s_head;
+        ghostline_attn_mlp(L, x, T, q, qpos, &S, rest, P->start + i + T);
     }
 }
 

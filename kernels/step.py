@@ -33,6 +33,7 @@ log = logging.getLogger("ghostline.kernels")
 
 SOURCE = Path(__file__).with_name("step.c")
 SOURCES = (SOURCE, Path(__file__).with_name("prefill_attention.c"))  # one library
+HEADERS = (Path(__file__).with_name("simd.h"),)
 MAX_ROWS = 16  # new tokens a step serves; past this (prefill) torch's matrix-matrix products win
 
 
@@ -63,7 +64,7 @@ def _compile() -> Path | None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         return None
-    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + _cpu_key().encode() + cc.encode()).hexdigest()[:16]
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in (*SOURCES, *HEADERS)) + _cpu_key().encode() + cc.encode()).hexdigest()[:16]
     out = _build_dir() / f"step-{key}.so"
     if out.exists():
         return out
@@ -97,6 +98,9 @@ def _load():
                 lib.ghostline_attn_mlp.restype = None
                 lib.ghostline_attn_mlp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p,
                                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]
+                lib.ghostline_scratch_step.restype = None
+                lib.ghostline_scratch_step.argtypes = ([ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long]
+                                                       + [ctypes.c_void_p] * 4 + [ctypes.c_long, ctypes.c_void_p])
                 lib.ghostline_shift.restype = None
                 lib.ghostline_shift.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 7 + [ctypes.c_void_p] * 2 + [ctypes.c_int]
                 lib.ghostline_prefill_bf16.restype = ctypes.c_int
@@ -247,10 +251,68 @@ class FusedLayer:
         out = x.contiguous().clone()
         pos = pos.to(torch.long).contiguous()
         G = H // KV
-        work = torch.empty(T * (H * hd + 2 * D + 3 * F) + keys * G + 2 * G * hd)
+        work = torch.empty(T * (H * hd + 2 * D + 3 * F + keys * G + 2 * G * hd))  # 2: step.c's SPLIT
         self.layer.threads = torch.get_num_threads()
         _lib.ghostline_attn_mlp(self._ref, out.data_ptr(), T, q.data_ptr(), pos.data_ptr(), ctypes.byref(seg),
                                 work.data_ptr(), keys)
+        return out
+
+
+class _Planes(ctypes.Structure):
+    """Mirrors `Planes` in step.c."""
+
+    _fields_ = ([(n, ctypes.c_void_p) for n in ("pk", "pv", "sk", "sv")]
+                + [(n, ctypes.c_long) for n in ("p_layer", "p_head", "s_layer", "s_head", "start")])
+
+
+class ScratchStep:
+    """Every layer of a decode or verify step over a scratch area (engine.cache.ScratchCache, batch 1)
+    in one C call: the same numbers as the per-layer FusedLayer calls, without ~60 returns to Python
+    a step (their tensors, ctypes calls and cache bookkeeping cost about as much as the layers'
+    arithmetic on this CPU)."""
+
+    def __init__(self, layers: list[FusedLayer]):
+        self.fused = layers
+        self.layers = (_Layer * len(layers))(*(f.layer for f in layers))  # copies of the structs
+        shapes = {f.shape for f in layers}
+        if len(shapes) != 1:
+            raise ValueError("a scratch step needs every layer of the same shape")
+        self.shape = shapes.pop()
+
+    def serves(self, x: torch.Tensor, cache) -> bool:
+        """A batch-1 step of at most MAX_ROWS tokens over a ScratchCache (fp32, CPU)."""
+        return (x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] == 1 and x.shape[1] <= MAX_ROWS
+                and hasattr(cache, "claim") and cache.k.shape[1] == 1 and cache.k.dtype == torch.float32
+                and cache.k.device.type == "cpu" and cache.prefix.k.dtype == torch.float32 and _load() is not None)
+
+    def __call__(self, x: torch.Tensor, pos: torch.Tensor, tables: list, cache) -> torch.Tensor:
+        """x [1, T, D] at host positions pos [T] (consecutive), `tables[l]` layer l's (cos, sin) [T, hd]
+        -> the hidden state after the last layer [1, T, D]; the keys and values land in the scratch."""
+        D, H, KV, hd, F = self.shape
+        T = x.shape[1]
+        i = cache.claim(int(pos[0]), T)
+        pk, sk = cache.prefix.k, cache.k
+        for t in (pk, cache.prefix.v, sk, cache.v):
+            if t.stride(-1) != 1 or t.stride(-2) != hd:
+                raise ValueError(f"cache planes with strides {t.stride()} the C step cannot read")
+        planes = _Planes(pk=pk.data_ptr(), pv=cache.prefix.v.data_ptr(), sk=sk.data_ptr(), sv=cache.v.data_ptr(),
+                         p_layer=pk.stride(0), p_head=pk.stride(1), s_layer=sk.stride(0), s_head=sk.stride(2),
+                         start=cache.start)
+        tables = [(c.contiguous(), s.contiguous()) for c, s in tables]  # held until the call returns
+        cos = (ctypes.c_void_p * len(tables))(*(c.data_ptr() for c, _ in tables))
+        sin = (ctypes.c_void_p * len(tables))(*(s.data_ptr() for _, s in tables))
+        keys = cache.start + i + T
+        G = H // KV
+        work = torch.empty(T * (H * hd + 2 * KV * hd) + T * (D + (H + 2 * KV) * hd)
+                           + T * (H * hd + 2 * D + 3 * F + keys * G + 2 * G * hd))
+        threads = torch.get_num_threads()
+        if self.layers[0].threads != threads:
+            for layer in self.layers:
+                layer.threads = threads
+        out = x.contiguous().clone()
+        pos = pos.to(torch.long).contiguous()
+        _lib.ghostline_scratch_step(self.layers, len(self.fused), out.data_ptr(), T, cos, sin, pos.data_ptr(),
+                                    ctypes.byref(planes), i, work.data_ptr())
         return out
 
 

@@ -10,10 +10,10 @@ import torch
 
 from engine.cache import ScratchCache
 from engine.decoding.greedy import greedy
-from engine.decoding.speculative import DraftLength, RejectionRule, SpecStats, speculative
+from engine.decoding.speculative import DraftLength, MatchGoodput, RejectionRule, SpecStats, speculative
 from engine.engine import CompletionOptions
 from engine.model import build
-from engine.ngram import PromptLookup, find_continuation
+from engine.ngram import Match, PromptLookup, find_continuation, longest_match
 from tests.conftest import prefix_cache, tiny_hf
 
 
@@ -37,12 +37,15 @@ class Wrong:
 
 
 class Oracle(Wrong):
+    match = Match(n=8, count=1, agree=True)  # what MatchGoodput reads: a copy
+
     def propose(self, context, k):
         done = len(context) - self.start
         return self.truth[done : done + k]
 
 
-@pytest.mark.parametrize("kind,rule", [("gemma3", DraftLength), ("llama", DraftLength), ("gemma3", RejectionRule)])
+@pytest.mark.parametrize("kind,rule", [("gemma3", DraftLength), ("llama", DraftLength), ("gemma3", RejectionRule),
+                                       ("gemma3", MatchGoodput), ("llama", MatchGoodput)])
 def test_any_proposer_gives_greedy_output(kind, rule):
     cfg, hf = tiny_hf(kind, 300)
     model = build(cfg, hf.state_dict())
@@ -75,6 +78,35 @@ def test_the_rejection_rule_drafts_longer_as_drafts_hold_and_shorter_as_they_fai
     for _ in range(40):
         rule.update(rule.k, min(rule.k, 3))  # three tokens hold, the fourth never does
     assert 3 <= rule.k <= 4
+
+
+def test_the_match_rule_drafts_by_the_odds_of_the_match_and_the_cost_of_a_row():
+    copy, guess = Match(n=9, count=3, agree=True), Match(n=2, count=5, agree=False)
+    rule = MatchGoodput()
+    assert rule.keep(copy) == 3 and rule.keep(guess) == 1 and rule.keep(None) == 1
+    assert rule.keep(Match(n=9, count=3, agree=False)) == 1  # earlier occurrences went different ways
+    assert MatchGoodput(cost=(1.0, 1.5, 2.0)).keep(guess) == 0  # a second row costs more than a guess brings
+    for _ in range(30):
+        rule.keep(guess)
+        rule.update(8, 8)  # guesses that keep holding
+    assert rule.keep(guess) >= 3
+    for _ in range(30):
+        rule.keep(copy)
+        rule.update(3, 0)  # copies that fail at once
+    assert rule.keep(copy) <= 1
+
+
+def test_longest_match_finds_the_latest_longest_suffix_and_whether_it_forks():
+    a = np.array([5, 1, 2, 3, 9, 1, 2, 3, 7, 4, 2, 3])
+    match, i = longest_match(a, a, end=len(a) - 1, max_n=16)  # suffix [.., 2, 3]: "1 2 3" never ends it
+    assert (match.n, match.count, match.agree, i) == (2, 2, False, 7)  # "2 3" at 2..3 (then 9) and 6..7 (then 7)
+    match, i = longest_match(a, np.array([0, 1, 2]), end=len(a), max_n=16)
+    assert (match.n, match.count, match.agree, i) == (2, 2, True, 6)  # "1 2" twice, followed by 3 both times
+    assert longest_match(a, np.array([8]), end=len(a), max_n=16) is None
+    lookup = PromptLookup()
+    assert lookup.propose(np.array([5, 1, 2, 3, 9, 1, 2]), 4) == [3, 9, 1] and lookup.match.n == 2
+    lookup.others = [np.array([7, 9, 1, 2, 8, 8])]
+    assert lookup.propose(np.array([5, 1, 2, 3, 9, 1, 2]), 2) == [8, 8] and lookup.match.n == 3  # longer elsewhere
 
 
 def test_rollback_leaves_the_scratch_as_if_it_never_saw_rejected_tokens():

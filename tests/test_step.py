@@ -18,7 +18,7 @@ from engine.cache import ForkCache, KVCache, ScratchCache
 from engine.model import build
 from engine.quant import Int8Linear, dequantize, fuse, quantize, quantize_rows
 from kernels import step
-from tests.conftest import prefix_cache, tiny_hf
+from tests.conftest import prefix_cache, tiny_config, tiny_hf
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                                 reason="no C compiler: the C step is not built and torch's layers run")
@@ -75,6 +75,7 @@ def test_shift_equals_the_torch_splice_bit_for_bit(src, end, dst):
 def _dequantized(model):
     """The fp32 reference of an int8 model: each Int8Linear back to nn.Linear over its dequantised rows."""
     ref = copy.deepcopy(model)
+    ref.fused_step = None
     for block in ref.layers:
         block.fused = None
         for part in (block.self_attn, block.mlp):
@@ -88,11 +89,25 @@ def _dequantized(model):
     return ref
 
 
-@pytest.fixture(scope="module", params=["gemma3", "llama"])
+def _tiny(kind: str):
+    """tiny_hf, or (gemma3-hd80) a tiny Gemma with 80-dim heads: the attention's 64-wide vector loop
+    and its 16-wide tail both run (the 32- and 16-dim heads of the other two take only the tail)."""
+    if kind != "gemma3-hd80":
+        return tiny_hf(kind, 300)
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = tiny_config("gemma3", 300)
+    cfg.head_dim = cfg.query_pre_attn_scalar = 80
+    cfg._attn_implementation = "eager"
+    return cfg, AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float().eval()
+
+
+@pytest.fixture(scope="module", params=["gemma3", "llama", "gemma3-hd80"])
 def fused_pair(request):
     """A tiny int8 model (layers and head) with the C step in every block, and the reference: the same
     model with fp32 layers over the dequantised rows and no C step."""
-    cfg, hf = tiny_hf(request.param, 300)
+    cfg, hf = _tiny(request.param)
     model = quantize(build(cfg, hf.state_dict()), rows=torch.arange(300), native=False)  # int8 layers and head
     ref = _dequantized(model)
     assert fuse(model) == model.args.n_layers  # the C step in every block
@@ -124,6 +139,33 @@ def test_a_verify_step_equals_its_decode_steps_bit_for_bit(fused_pair):
     verify = model(torch.tensor([ids[25:37]]), torch.arange(25, 37), many)
     assert torch.equal(steps, verify)
     assert torch.equal(one.k[:, :, :, :12], many.k[:, :, :, :12]) and torch.equal(one.v, many.v)
+
+
+@torch.no_grad()
+def test_one_call_over_all_layers_equals_the_per_layer_calls_bit_for_bit(fused_pair):
+    """Transformer.fused_step (every layer in one C call over a ScratchCache) against the two C calls a
+    layer with the cache's own bookkeeping: decode steps past the window, then a verify step."""
+    model, _ = fused_pair
+    assert model.fused_step is not None
+    ids = torch.randint(2, 300, (45,), generator=torch.Generator().manual_seed(6)).tolist()
+    cache = prefix_cache(model, ids[:25])
+    outs, scratches = [], []
+    for one_call in (True, False):
+        step_all, model.fused_step = model.fused_step, model.fused_step if one_call else None
+        try:
+            s = ScratchCache(cache, 25, 24)
+            steps = [model(torch.tensor([[t]]), torch.tensor([25 + i]), s) for i, t in enumerate(ids[25:33])]
+            steps.append(model(torch.tensor([ids[33:45]]), torch.arange(33, 45), s))
+        finally:
+            model.fused_step = step_all
+        outs.append(torch.cat(steps, 1))
+        scratches.append(s)
+    assert torch.equal(outs[0], outs[1])
+    assert scratches[0].length == scratches[1].length == 20
+    assert torch.equal(scratches[0].k[:, :, :, :20], scratches[1].k[:, :, :, :20])
+    assert torch.equal(scratches[0].v[:, :, :, :20], scratches[1].v[:, :, :, :20])
+    with pytest.raises(IndexError, match="full"):
+        model(torch.tensor([ids[:8]]), torch.arange(45, 53), scratches[0])
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ from engine.decoding.greedy import greedy
 from engine.decoding.superposed import SuperposedParams, superposed
 from engine.drafts import keep
 from engine.engine import CompletionOptions
+from engine.model import greedy_ids
 from engine.ngram import NgramIndex, NgramTable
 from engine.quant import quantize
 
@@ -56,6 +57,22 @@ def test_shortlist_head_drafts_read_its_columns(tiny_prefix):
                                  params=SuperposedParams(alpha=0.0), first_mask=first_mask))
         assert drafts[0].ids == want and all(t % 3 == 1 for t in want)
         assert first_mask is None or 100 <= want[0] < 200
+
+
+def test_greedy_ids_equal_argmax_over_the_widened_head_ties_included(tiny_prefix):
+    """greedy_ids reads a shortlist head's columns; it picks what argmax over head()'s full row
+    picks, the smallest token id on a tie (rows are stored in arrival order, not sorted)."""
+    model, _, _ = tiny_prefix
+    short = quantize(copy.deepcopy(model), linear=False, rows=torch.arange(299, 0, -2), int8_head=False)
+    x = torch.randn(5, 7, model.args.dim, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(greedy_ids(short, x), short.head(x).argmax(-1))
+    assert torch.equal(greedy_ids(model, x), model.head(x).argmax(-1))
+    short.lm_head.include(torch.tensor([4]))  # token 4: a column after token 5's
+    short.lm_head._bufs["weight"][len(short.lm_head.rows) - 1] = short.lm_head.weight[short.lm_head.rows.tolist().index(5)]
+    w5 = short.lm_head.weight[short.lm_head.rows.tolist().index(5)]
+    x = torch.cat([x[0], (w5 / short.norm.weight.add(1.0 if model.args.family == "gemma3" else 0.0))[None]])  # [8, D]
+    tied, full = greedy_ids(short, x), short.head(x).argmax(-1)
+    assert full[-1] == 4 and torch.equal(tied, full)  # 4 and 5 tie; argmax takes the smaller id
 
 
 def test_anchored_drafts_lead_with_greedy(tiny_prefix):

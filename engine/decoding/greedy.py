@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import torch
 
 from engine.cache import KVCache, ScratchCache
+from engine.model import greedy_ids
 
 
 @torch.no_grad()
@@ -24,10 +25,11 @@ def greedy(
         # ids on the model's device (a fill, no copy); the position stays a host tensor, so the cache
         # and the attention read where to write without a device sync (the model copies it for RoPE).
         ids = torch.full((1, 1), tok, dtype=torch.long, device=device)
-        logits = model(ids, torch.tensor([pos]), cache)[0, -1]  # [V]
+        h = model(ids, torch.tensor([pos]), cache, return_hidden=True)[0, -1]  # [D]
         if step == 0 and first_mask is not None:
-            logits = logits.masked_fill(~first_mask, float("-inf"))
-        tok = int(logits.argmax())  # the one sync per token: the caller streams it
+            tok = int(model.head(h).masked_fill(~first_mask, float("-inf")).argmax())
+        else:
+            tok = int(greedy_ids(model, h))  # the one sync per token: the caller streams it
         pos += 1
         yield tok
 

@@ -49,7 +49,7 @@ export function serverSettings(get: <T>(key: string, fallback: T) => T): ServerS
     time_cap_ms: get<number | null>('timeCapMs', 1500),
     drafts: get('drafts', 3),
     decoder: get('decoder', 'greedy'),
-    decoder_multiline: get('decoderMultiline', 'greedy'),
+    decoder_multiline: get('decoderMultiline', 'lookup'),
     precision: get<'int8' | 'fp32'>('precision', 'int8'),
     halt: get('halt', false),
     halt_threshold: get<number | null>('haltThreshold', null),
