@@ -13,6 +13,12 @@ With --out, rows are appended per task (resumable; `--shard i/n`), `--summarize`
 
     python -m bench.spec --tasks ../shared/data/edits-requests.jsonl --simulate ROWS [--row-cost 0 0.1 0.2]
 
+    python -m bench.spec --tasks ../shared/data/edits-requests.jsonl --verify-costs 0 3 40
+
+`--verify-costs I...` times a verify step of T = 1..9 tokens (forward + greedy choice of every row,
+minimum of 20) at the cursor of tasks I (after their edit): the cost table behind
+MatchGoodput.COST, as ratios to the decode step (T = 1).
+
 `--simulate` answers "what would prompt lookup give if a verify row cost b of a decode step": it
 replays the engine's proposer and draft-length rule (PromptLookup, MatchGoodput with costs 1 + b k)
 against the greedy outputs recorded in ROWS, accepting each draft up to its first token that differs
@@ -100,13 +106,52 @@ def simulate(contexts: list[np.ndarray], outputs: list[list[int]], *, row_cost: 
     return {"row_cost": row_cost, "speedup": round(tokens / work, 3), "tokens_per_step": round(tokens / steps, 3)}
 
 
+def verify_costs(engine: Engine, task: dict, *, rows: int = 9, repeat: int = 20) -> dict:
+    """ms of a verify step of T = 1..rows tokens at the task's cursor, the best of `repeat`."""
+    import time
+
+    import torch
+
+    from engine.cache import ScratchCache
+    from engine.model import greedy_ids
+
+    engine.open("doc", task["before"])
+    engine.edit("doc", task["changes"])
+    doc = engine.docs["doc"]
+    P = doc.token_at(cursor_offset(task))
+    scratch, model, ms = ScratchCache(doc.cache, P - 1, rows + 1), engine.model, {}
+    for T in range(1, rows + 1):
+        ids, pos, best = torch.tensor([doc.ids[P - T : P]]), torch.arange(P - 1, P - 1 + T), float("inf")
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            scratch.trim(0)
+            greedy_ids(model, model(ids, pos, scratch, return_hidden=True)[0]).tolist()
+            best = min(best, time.perf_counter() - t0)
+        ms[T] = round(best * 1e3, 2)
+    engine.close("doc")
+    return {"context": P, "ms": ms, "cost": [round(ms[T] / ms[1], 2) for T in ms]}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_run_args(p)
     p.add_argument("--simulate", help="rows file whose greedy outputs to replay prompt lookup against")
     p.add_argument("--row-cost", type=float, nargs="+", default=[0.0, 0.08, 0.14, 0.2, 0.3],
                    help="with --simulate: a verify row's cost against a decode step")
+    p.add_argument("--verify-costs", type=int, nargs="+", metavar="I", help="time verify steps at these tasks' cursors")
     args = p.parse_args(argv)
+    if args.verify_costs:
+        if not args.tasks:
+            p.error("--verify-costs needs --tasks")
+        tasks = read_tasks(args.tasks)
+        engine = Engine.load(args.model, options=EngineOptions(precision=args.precision, head=args.head))
+        results = [verify_costs(engine, tasks[i]) for i in args.verify_costs]
+        print("| context | " + " | ".join(f"T={T}" for T in results[0]["ms"]) + " |")
+        print("|---|" + "---|" * len(results[0]["ms"]))
+        for r in results:
+            print(f"| {r['context']} | " + " | ".join(f"{ms} ms ({c}x)" for ms, c in zip(r["ms"].values(), r["cost"])) + " |")
+        print(json.dumps(results))
+        return 0
     if args.simulate:
         if not args.tasks:
             p.error("--simulate needs --tasks (the contexts)")

@@ -142,6 +142,7 @@ class Engine:
         if (path := find(loaded.source.stem, EXITS_FILE)) is not None:
             engine.exits = Exits.load(path)
         engine.loaded = loaded
+        loaded.tokenizer.warm()  # token healing's table, ahead of the first completion typed mid-word
         return engine
 
     # documents -----------------------------------------------------------------------------------

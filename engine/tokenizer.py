@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
+import threading
+
 import torch
 
 
@@ -21,6 +24,8 @@ class Tokenizer:
                 eos.add(tid)
         self.eos_ids = eos
         self._strings: list[str] | None = None
+        self._sorted: tuple[list[str], torch.Tensor] | None = None
+        self._lock = threading.Lock()
 
     def encode(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Text -> ids (with BOS when the model wants it) and each id's (start, end) code-point span."""
@@ -35,16 +40,37 @@ class Tokenizer:
 
     @property
     def strings(self) -> list[str]:
-        """Each token's text on its own (computed once, ~1 s for a 262k vocabulary)."""
-        if self._strings is None:
-            self._strings = self.hf.batch_decode(
-                [[i] for i in range(self.vocab_size)], clean_up_tokenization_spaces=False
-            )
-        return self._strings
+        """Each token's text on its own, as `decode` of that token alone gives it (no special tokens
+        skipped): computed once, by the Rust tokenizer in one batch (~0.9 s for Gemma's 262k
+        vocabulary here; transformers' batch_decode took 2.2 s). `warm()` computes it ahead."""
+        return self._tables()[0]
+
+    def _tables(self) -> tuple[list[str], list[str], torch.Tensor]:
+        """`strings`, the same sorted, and each sorted entry's token id (built once, under a lock)."""
+        with self._lock:
+            if self._strings is None:
+                ids = [[i] for i in range(self.vocab_size)]
+                strings = self.hf.backend_tokenizer.decode_batch(ids, skip_special_tokens=False)
+                order = sorted(range(len(strings)), key=strings.__getitem__)
+                self._sorted = ([strings[i] for i in order], torch.tensor(order, dtype=torch.long))
+                self._strings = strings
+            return self._strings, *self._sorted
+
+    def warm(self) -> threading.Thread:
+        """Compute `strings` on a background thread, so the first completion that heals a word (the
+        first one typed mid-word) does not wait for it."""
+        thread = threading.Thread(target=lambda: self.strings, name="ghostline-token-strings", daemon=True)
+        thread.start()
+        return thread
 
     def starting_with(self, prefix: str, size: int) -> torch.Tensor:
-        """Bool mask [size] of tokens whose text starts with `prefix` (token healing)."""
+        """Bool mask [size] of tokens whose text starts with `prefix` (token healing): a contiguous
+        run of the sorted strings, found by bisection (a scan of all 262k took 20-30 ms a request)."""
+        _, keys, order = self._tables()
+        lo = hi = bisect.bisect_left(keys, prefix)
+        while hi < len(keys) and keys[hi].startswith(prefix):
+            hi += 1
         mask = torch.zeros(size, dtype=torch.bool)
-        hits = [i for i, s in enumerate(self.strings) if s.startswith(prefix) and i not in self.eos_ids]
-        mask[torch.tensor(hits, dtype=torch.long)] = True
+        mask[order[lo:hi]] = True
+        mask[torch.tensor([i for i in self.eos_ids if i < size], dtype=torch.long)] = False
         return mask

@@ -151,4 +151,13 @@ void ghostline_prefill_attention(const float *q, const float *K, const float *V,
 }
 #else
 int ghostline_prefill_bf16(void) { return 0; }
+
+/* Without AVX512-BF16 the symbol still exists (the loader binds it), but callers ask
+   ghostline_prefill_bf16() first and never call it. */
+void ghostline_prefill_attention(const float *q, const float *K, const float *V, long kstride, long H, long KV,
+                                 long T, long hd, long start, long lo, long hi, const long *qpos, long window,
+                                 float scale, float *out, uint32_t *work, int threads) {
+    (void)q, (void)K, (void)V, (void)kstride, (void)H, (void)KV, (void)T, (void)hd, (void)start, (void)lo, (void)hi;
+    (void)qpos, (void)window, (void)scale, (void)out, (void)work, (void)threads;
+}
 #endif

@@ -1,4 +1,5 @@
-/* One transformer layer of a decode or verify step on the CPU, in two calls (kernels/step.py).
+/* One transformer layer of a decode or verify step on the CPU, in two calls (kernels/step.py), or
+   every layer of a step over a scratch area in one (`ghostline_scratch_step`).
 
    `ghostline_qkv`: input RMSNorm, the fused q|k|v int8 projection, QK-norm (Gemma) and RoPE.
    `ghostline_attn_mlp`: attention of the new tokens over the cache's segments, o_proj, the norms and

@@ -7,7 +7,8 @@ attention products run at a third of the memory speed. The C layer does the same
 q|k|v product, QK-norm, RoPE (one call); attention over the cache's segments, o_proj, norms,
 residuals, fused gate|up and down products (the other). The caller's cache writes the new keys
 and values between the two. Rows of a step are independent (see step.c), so a verify step of T
-tokens equals T decode steps bit for bit.
+tokens equals T decode steps bit for bit. Over a scratch area (`ScratchStep`) one call runs every
+layer, writing the keys and values itself: the same two halves, without returning to Python.
 
 The reference is the torch layer itself (tests compare the two over dequantised weights). The
 library is compiled on first use with the host's C compiler (`cc -O3 -march=native -fopenmp`, about

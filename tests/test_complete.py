@@ -68,6 +68,15 @@ def test_token_healing_constrains_the_first_token(tiny_engine_factory):
     assert out.ctx_tokens < len(eng.tok.encode(text[:cursor])[0]) + 1
 
 
+def test_the_healing_mask_is_every_token_that_starts_with_the_text(tiny_engine_factory):
+    """starting_with bisects the sorted token strings; it must equal a scan of all of them."""
+    tok = tiny_engine_factory("llama").tok
+    tok.warm().join()
+    for prefix in ("Sess", "s", " ", "se", "ion", "", "\n", "zzzzq", "\U0010ffff"):
+        want = [i for i, s in enumerate(tok.strings) if s.startswith(prefix) and i not in tok.eos_ids]
+        assert tok.starting_with(prefix, tok.vocab_size).nonzero().flatten().tolist() == want, prefix
+
+
 def test_a_word_typed_up_to_the_cursor_is_healed(tiny_engine_factory):
     eng = tiny_engine_factory("llama")
     text = "class Session(object):\n    pass\n\nx = Sess"
