@@ -45,7 +45,7 @@ test('settings map to the server keys', () => {
   const get = (key, fallback) => (key in user ? user[key] : fallback);
   assert.deepEqual(serverSettings(get), {
     model: 'smollm2-135m', multiline: 'auto', max_tokens: 16, debounce_ms: 25,
-    time_cap_ms: null, drafts: 3, decoder: 'greedy', decoder_multiline: 'greedy', precision: 'int8',
+    time_cap_ms: null, drafts: 3, decoder: 'greedy', decoder_multiline: 'lookup', precision: 'int8',
     halt: false, halt_threshold: null, exit: false, exit_threshold: null, memory_budget_mb: 512,
   });
   assert.deepEqual(launch((key, fallback) => fallback), { serverPath: 'ghostline', serverArgs: [], serverAddress: '' });
