@@ -1,10 +1,10 @@
 """N-grams over the open documents: prompt lookup (speculative decoding) and count tables
 (superposed decoding).
 
-Prompt lookup: find the latest earlier occurrence of the last few tokens and propose what followed.
-Code repeats itself (names, call patterns, the line just edited), so the continuation of an earlier
-match is often right. The corpus is the document's own ids (most relevant first) and other open
-documents; a search is a vectorised compare over int32 arrays, so nothing is rebuilt per request.
+Prompt lookup: find the latest earlier occurrence of the longest suffix of the context and propose
+what followed. Code repeats itself (names, call patterns, the line just edited), so the
+continuation of an earlier match is often right. The corpus is the document's own ids and other open
+documents; a search is one vectorised compare over the ids, so nothing is rebuilt per request.
 
 Count tables (`NgramIndex`): per document, counts of its n-grams of orders 2..6 keyed by a rolling
 hash, kept current under edits by recounting only the changed span, giving the interpolated
@@ -17,21 +17,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
-
-
-def find_continuation(corpus: np.ndarray, tail: np.ndarray, k: int, *, end: int | None = None) -> list[int]:
-    """The k tokens after the latest occurrence of `tail` in corpus[:end] (not overlapping its end)."""
-    n, end = len(tail), len(corpus) if end is None else end
-    if n == 0 or end - n < 1:
-        return []
-    hits = np.ones(end - n, dtype=bool)  # candidate starts 0 .. end-n-1 (a continuation must exist)
-    for j in range(n):
-        hits &= corpus[j : j + end - n] == tail[j]
-    idx = np.flatnonzero(hits)
-    if len(idx) == 0:
-        return []
-    start = int(idx[-1]) + n
-    return corpus[start : min(start + k, end)].tolist()
 
 
 @dataclass
@@ -68,8 +53,8 @@ def longest_match(corpus: np.ndarray, tail: np.ndarray, *, end: int, max_n: int)
 class PromptLookup:
     """Proposer: what followed the latest occurrence of the longest suffix (max_n .. min_n tokens)
     of the context, in the context itself or another open document (the longer match; the
-    context on a tie). `match` is the
-    match behind the latest draft (None when there was none), for the draft-length rule."""
+    context on a tie). `match` is the match behind the latest draft (None when there was none),
+    for the draft-length rule."""
 
     def __init__(self, *, max_n: int = 16, min_n: int = 1):
         self.max_n, self.min_n = max_n, min_n

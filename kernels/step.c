@@ -511,8 +511,8 @@ typedef struct {
    [i, i + T): per layer the same two halves as ghostline_qkv and ghostline_attn_mlp with the rows
    written between them, so the numbers are those of the per-layer calls, without a return to
    Python per layer. x [T, D] in place; cos/sin: each layer's RoPE table [T, hd]. work holds
-   T * (D + (H + 2KV) hd) + 2 KV T hd + T H hd floats plus what ghostline_attn_mlp needs for
-   keys = start + i + T. */
+   q, k, v (T (H + 2KV) hd floats), then the larger of what ghostline_qkv and ghostline_attn_mlp
+   (keys = start + i + T) need: the two halves use it one after the other. */
 void ghostline_scratch_step(const Layer *layers, long n_layers, float *x, long T, const float *const *cos,
                             const float *const *sin, const long *qpos, const Planes *P, long i, float *work) {
     for (long l = 0; l < n_layers; l++) {

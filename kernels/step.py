@@ -188,6 +188,19 @@ class _Segments(ctypes.Structure):
                 ("stride", ctypes.c_long * MAX_SEGMENTS)]
 
 
+def _qkv_work(shape: tuple, T: int) -> int:
+    """Floats of scratch `ghostline_qkv` needs for T rows."""
+    D, H, KV, hd, _ = shape
+    return T * (D + (H + 2 * KV) * hd)
+
+
+def _attn_mlp_work(shape: tuple, T: int, keys: int) -> int:
+    """Floats of scratch `ghostline_attn_mlp` needs for T rows over `keys` cache rows (2: step.c's SPLIT)."""
+    D, H, KV, hd, F = shape
+    G = H // KV
+    return T * (H * hd + 2 * D + 3 * F + keys * G + 2 * G * hd)
+
+
 class FusedLayer:
     """One layer's weights laid out for the C step. Matrices are int8 rows [N, K] with fp32 scales
     [N]: `qkv` stacks q, k, v rows, `gu` gate and up rows; norms are fp32 weights with Gemma's +1
@@ -223,13 +236,13 @@ class FusedLayer:
 
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [1, T, D], RoPE tables [T, hd] -> q [T, H, hd], k and v [1, KV, T, hd] (normed, rotated)."""
-        D, H, KV, hd, _ = self.shape
+        _, H, KV, hd, _ = self.shape
         T = x.shape[1]
         x = x.contiguous()
         q = torch.empty(T, H, hd)
         k = torch.empty(1, KV, T, hd)
         v = torch.empty(1, KV, T, hd)
-        work = torch.empty(T * (D + (H + 2 * KV) * hd))
+        work = torch.empty(_qkv_work(self.shape, T))
         self.layer.threads = torch.get_num_threads()
         _lib.ghostline_qkv(self._ref, x.data_ptr(), T, cos.contiguous().data_ptr(), sin.contiguous().data_ptr(),
                            q.data_ptr(), k.data_ptr(), v.data_ptr(), work.data_ptr())
@@ -238,7 +251,7 @@ class FusedLayer:
     def attn_mlp(self, x: torch.Tensor, q: torch.Tensor, pos: torch.Tensor, segments) -> torch.Tensor:
         """x [1, T, D] + attention of q [T, H, hd] at host positions pos [T] over `segments` (a cache's
         `update` answer: (K, V [1, KV, S, hd], position of row 0) each) + the MLP -> new x [1, T, D]."""
-        D, H, KV, hd, F = self.shape
+        hd = self.shape[3]
         T = x.shape[1]
         if len(segments) > MAX_SEGMENTS:
             raise ValueError(f"at most {MAX_SEGMENTS} cache segments, got {len(segments)}")
@@ -251,8 +264,7 @@ class FusedLayer:
             keys += K.shape[2]
         out = x.contiguous().clone()
         pos = pos.to(torch.long).contiguous()
-        G = H // KV
-        work = torch.empty(T * (H * hd + 2 * D + 3 * F + keys * G + 2 * G * hd))  # 2: step.c's SPLIT
+        work = torch.empty(_attn_mlp_work(self.shape, T, keys))
         self.layer.threads = torch.get_num_threads()
         _lib.ghostline_attn_mlp(self._ref, out.data_ptr(), T, q.data_ptr(), pos.data_ptr(), ctypes.byref(seg),
                                 work.data_ptr(), keys)
@@ -273,7 +285,7 @@ class ScratchStep:
     arithmetic on this CPU)."""
 
     def __init__(self, layers: list[FusedLayer]):
-        self.fused = layers
+        self.fused = layers  # they hold the weights the structs point into
         self.layers = (_Layer * len(layers))(*(f.layer for f in layers))  # copies of the structs
         shapes = {f.shape for f in layers}
         if len(shapes) != 1:
@@ -289,23 +301,21 @@ class ScratchStep:
     def __call__(self, x: torch.Tensor, pos: torch.Tensor, tables: list, cache) -> torch.Tensor:
         """x [1, T, D] at host positions pos [T] (consecutive), `tables[l]` layer l's (cos, sin) [T, hd]
         -> the hidden state after the last layer [1, T, D]; the keys and values land in the scratch."""
-        D, H, KV, hd, F = self.shape
+        _, H, KV, hd, _ = self.shape
         T = x.shape[1]
-        i = cache.claim(int(pos[0]), T)
         pk, sk = cache.prefix.k, cache.k
         for t in (pk, cache.prefix.v, sk, cache.v):
             if t.stride(-1) != 1 or t.stride(-2) != hd:
                 raise ValueError(f"cache planes with strides {t.stride()} the C step cannot read")
+        i = cache.claim(int(pos[0]), T)
         planes = _Planes(pk=pk.data_ptr(), pv=cache.prefix.v.data_ptr(), sk=sk.data_ptr(), sv=cache.v.data_ptr(),
                          p_layer=pk.stride(0), p_head=pk.stride(1), s_layer=sk.stride(0), s_head=sk.stride(2),
                          start=cache.start)
         tables = [(c.contiguous(), s.contiguous()) for c, s in tables]  # held until the call returns
         cos = (ctypes.c_void_p * len(tables))(*(c.data_ptr() for c, _ in tables))
         sin = (ctypes.c_void_p * len(tables))(*(s.data_ptr() for _, s in tables))
-        keys = cache.start + i + T
-        G = H // KV
-        work = torch.empty(T * (H * hd + 2 * KV * hd) + T * (D + (H + 2 * KV) * hd)
-                           + T * (H * hd + 2 * D + 3 * F + keys * G + 2 * G * hd))
+        q_kv = T * (H + 2 * KV) * hd  # q, k, v of a layer (step.c keeps them ahead of the halves' work)
+        work = torch.empty(q_kv + max(_qkv_work(self.shape, T), _attn_mlp_work(self.shape, T, cache.start + i + T)))
         threads = torch.get_num_threads()
         if self.layers[0].threads != threads:
             for layer in self.layers:

@@ -13,7 +13,7 @@ from engine.decoding.greedy import greedy
 from engine.decoding.speculative import DraftLength, MatchGoodput, RejectionRule, SpecStats, speculative
 from engine.engine import CompletionOptions
 from engine.model import build
-from engine.ngram import Match, PromptLookup, find_continuation, longest_match
+from engine.ngram import Match, PromptLookup, longest_match
 from tests.conftest import prefix_cache, tiny_hf
 
 
@@ -125,12 +125,6 @@ def test_rollback_leaves_the_scratch_as_if_it_never_saw_rejected_tokens():
     assert spec.length == plain.length == n
     assert torch.allclose(spec.k[:, :, :, :n], plain.k[:, :, :, :n], atol=1e-5)
     assert torch.allclose(spec.v[:, :, :, :n], plain.v[:, :, :, :n], atol=1e-5)
-
-
-def test_find_continuation():
-    a = np.array([5, 1, 2, 3, 9, 1, 2, 3, 7, 1, 2])
-    assert find_continuation(a, np.array([1, 2]), 3, end=len(a)) == [3, 7, 1]  # latest earlier match
-    assert find_continuation(a, np.array([4, 4]), 3) == []
 
 
 def test_engine_lookup_decoder_equals_greedy(tiny_engine_factory):

@@ -167,7 +167,6 @@ def speculative(
             draft = draft[: length.keep(getattr(proposer, "match", None))]
         inp = torch.tensor([[tok] + draft])
         h = model(inp, torch.arange(pos, pos + len(draft) + 1), cache, return_hidden=True)[0]  # [1+k, D]
-        logits = None
         if halt is not None or (produced == 0 and first_mask is not None):  # rows of logits needed
             logits = model.head(h)  # [1+k, V]
             if produced == 0 and first_mask is not None:
