@@ -150,5 +150,5 @@ def calibrate_exits(model, tokenizer, name: str, roots: Iterable[Path], *, exclu
     exits.meta |= {"seconds": round(time.perf_counter() - t0, 1), "roots": [str(r) for r in roots],
                    "exclude": list(exclude)}
     path = exits.save(out or user_folder(name))
-    progress(f"exits: {len(layers)} exit heads at layers {layers} -> {path}")
+    progress(f"exits: exit head at layer(s) {exits.layers} (of {layers}) -> {path}")
     return path

@@ -286,18 +286,26 @@ class Transformer(nn.Module):
         x = self.embed(ids) if embeds is None else embeds
         n = self.args.n_layers if exit_layer is None else exit_layer
         tables = self.rope_tables(pos, x.dtype)
-        if self.fused_step is not None and n == self.args.n_layers and states is None and self.fused_step.serves(x, cache):
-            x = self.fused_step(x, pos, [tables[g] for g in self.rope_group], cache)  # all layers in one C call
+        if states is None:
+            x = self.run(x, pos, tables, cache, range(n))
         else:
             for i in range(n):
                 x = self.layers[i](x, pos, tables[self.rope_group[i]], cache)
-                if states is not None:
-                    states.append(x)
+                states.append(x)
         if last_only:
             x = x[:, -1:]
         if return_hidden:
             return x
         return self.head(x)
+
+    def run(self, x: torch.Tensor, pos: torch.Tensor, tables: list, cache, layers: range) -> torch.Tensor:
+        """The decoder layers `layers` (consecutive) of a step: x [B, T, D] -> [B, T, D], in one C call
+        where it serves (`fused_step`: int8, batch 1, a scratch cache), else layer by layer."""
+        if self.fused_step is not None and len(layers) and self.fused_step.serves(x, cache):
+            return self.fused_step(x, pos, [tables[g] for g in self.rope_group], cache, layers=layers)
+        for i in layers:
+            x = self.layers[i](x, pos, tables[self.rope_group[i]], cache)
+        return x
 
     def rope_tables(self, pos: torch.Tensor, dtype) -> list:
         """(cos, sin) per RoPE group for positions pos [T]; layer i uses `tables[self.rope_group[i]]`."""
@@ -308,8 +316,12 @@ class Transformer(nn.Module):
     def copy_state(self, x: torch.Tensor, pos: torch.Tensor, cache, *, start: int, tables=None) -> None:
         """SEC's state copying: after an exit at layer `start`, write the keys and values of layers
         start.. for positions pos from the exit hidden state x [B, T, D] (each layer's input norm,
-        projections and RoPE), so later tokens attend to a full-depth cache."""
+        projections and RoPE), so later tokens attend to a full-depth cache. One C call (k|v rows
+        only) where the fused step serves."""
         tables = tables or self.rope_tables(pos, x.dtype)
+        if self.fused_step is not None and start < self.args.n_layers and self.fused_step.serves(x, cache):
+            layers = range(start, self.args.n_layers)
+            return self.fused_step.copy_state(x, pos, [tables[g] for g in self.rope_group], cache, layers=layers)
         for i in range(start, self.args.n_layers):
             layer = self.layers[i]
             k, v = layer.self_attn.kv(layer.input_layernorm(x), tables[self.rope_group[i]])
@@ -338,7 +350,12 @@ def greedy_ids(model, x: torch.Tensor) -> torch.Tensor:
     """The argmax of `model.head(x)` for hidden x [..., D] -> token ids [...], read from the head's
     columns (a shortlist head's logits are never widened to the 262k vocabulary: ~0.1 ms a row).
     Ties go to the smallest token id, as argmax over head()'s row does."""
-    logits, rows = model.head_columns(x)
+    return column_argmax(*model.head_columns(x), vocab_size=model.args.vocab_size)
+
+
+def column_argmax(logits: torch.Tensor, rows: torch.Tensor | None, *, vocab_size: int) -> torch.Tensor:
+    """`head_columns`' logits [..., R] and column ids -> the token id of the largest [...], ties to the
+    smallest id (the argmax over the widened row)."""
     idx = logits.argmax(-1, keepdim=True)  # [..., 1]
     if rows is None:
         return idx.squeeze(-1)
@@ -346,7 +363,7 @@ def greedy_ids(model, x: torch.Tensor) -> torch.Tensor:
     ids = rows[idx.squeeze(-1)]
     tied = top.sum(-1) > 1
     if bool(tied.any()):
-        ids = torch.where(tied, torch.where(top, rows, model.args.vocab_size).min(-1).values, ids)
+        ids = torch.where(tied, torch.where(top, rows, vocab_size).min(-1).values, ids)
     return ids
 
 

@@ -534,6 +534,33 @@ void ghostline_scratch_step(const Layer *layers, long n_layers, float *x, long T
     }
 }
 
+/* SEC's state copying over a scratch area: for each of n_layers layers, the keys and values of x
+   [T, D] (the exit hidden state, the same input for every layer): input RMSNorm, the k|v rows of
+   the fused product, K-norm (Gemma) and RoPE, written to scratch rows [i, i + T). The q rows are
+   never computed. work holds T (D + 2 KV hd) floats. */
+void ghostline_scratch_kv(const Layer *layers, long n_layers, const float *x, long T, const float *const *cos,
+                          const float *const *sin, const Planes *P, long i, float *work) {
+    for (long l = 0; l < n_layers; l++) {
+        const Layer *L = layers + l;
+        long D = L->D, hd = L->hd, H = L->H, KV = L->KV, N = 2 * KV * hd;
+        float *h = work, *y = work + T * D;
+        for (long t = 0; t < T; t++) rmsnorm(x + t * D, L->n_in, h + t * D, D, L->eps);
+        gemv(h, L->qkv + H * hd * D, L->qkv_s + H * hd, y, T, N, D, L->threads);
+        for (long t = 0; t < T; t++) {
+            float *row = y + t * N;
+            if (L->qkv_b)
+                for (long j = 0; j < N; j++) row[j] += L->qkv_b[H * hd + j];
+            for (long j = 0; j < KV; j++) {
+                float *key = row + j * hd;
+                if (L->gemma) rmsnorm(key, L->n_k, key, hd, L->eps);
+                rope(key, cos[l] + t * hd, sin[l] + t * hd, hd);
+                memcpy(P->sk + l * P->s_layer + j * P->s_head + (i + t) * hd, key, hd * sizeof(float));
+                memcpy(P->sv + l * P->s_layer + j * P->s_head + (i + t) * hd, row + (KV + j) * hd, hd * sizeof(float));
+            }
+        }
+    }
+}
+
 /* PIE's splice on the CPU (kernels/rope_shift.py): in every plane p of k/v [planes, cap, hd] (layer
    p / KV), rows [src, src + n) move to dst and the keys turn by the layer's cos/sin [L, hd]. The
    arithmetic of rope_shift_cpu, each product rounded on its own (no fused multiply-add, hence the

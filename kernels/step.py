@@ -102,6 +102,9 @@ def _load():
                 lib.ghostline_scratch_step.restype = None
                 lib.ghostline_scratch_step.argtypes = ([ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long]
                                                        + [ctypes.c_void_p] * 4 + [ctypes.c_long, ctypes.c_void_p])
+                lib.ghostline_scratch_kv.restype = None
+                lib.ghostline_scratch_kv.argtypes = ([ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long]
+                                                     + [ctypes.c_void_p] * 3 + [ctypes.c_long, ctypes.c_void_p])
                 lib.ghostline_shift.restype = None
                 lib.ghostline_shift.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 7 + [ctypes.c_void_p] * 2 + [ctypes.c_int]
                 lib.ghostline_prefill_bf16.restype = ctypes.c_int
@@ -298,33 +301,70 @@ class ScratchStep:
                 and hasattr(cache, "claim") and cache.k.shape[1] == 1 and cache.k.dtype == torch.float32
                 and cache.k.device.type == "cpu" and cache.prefix.k.dtype == torch.float32 and _load() is not None)
 
-    def __call__(self, x: torch.Tensor, pos: torch.Tensor, tables: list, cache) -> torch.Tensor:
-        """x [1, T, D] at host positions pos [T] (consecutive), `tables[l]` layer l's (cos, sin) [T, hd]
-        -> the hidden state after the last layer [1, T, D]; the keys and values land in the scratch."""
-        _, H, KV, hd, _ = self.shape
-        T = x.shape[1]
+    def _span(self, layers: range | None) -> tuple[int, int]:
+        first, stop = (0, len(self.fused)) if layers is None else (layers.start, layers.stop)
+        if not 0 <= first < stop <= len(self.fused) or (layers is not None and layers.step != 1):
+            raise ValueError(f"layers {layers} are not a run of this model's {len(self.fused)}")
+        return first, stop
+
+    def _planes(self, cache, first: int) -> _Planes:
+        """The cache's planes from layer `first` on, for step.c."""
+        hd = self.shape[3]
         pk, sk = cache.prefix.k, cache.k
         for t in (pk, cache.prefix.v, sk, cache.v):
             if t.stride(-1) != 1 or t.stride(-2) != hd:
                 raise ValueError(f"cache planes with strides {t.stride()} the C step cannot read")
-        i = cache.claim(int(pos[0]), T)
-        planes = _Planes(pk=pk.data_ptr(), pv=cache.prefix.v.data_ptr(), sk=sk.data_ptr(), sv=cache.v.data_ptr(),
-                         p_layer=pk.stride(0), p_head=pk.stride(1), s_layer=sk.stride(0), s_head=sk.stride(2),
-                         start=cache.start)
-        tables = [(c.contiguous(), s.contiguous()) for c, s in tables]  # held until the call returns
-        cos = (ctypes.c_void_p * len(tables))(*(c.data_ptr() for c, _ in tables))
-        sin = (ctypes.c_void_p * len(tables))(*(s.data_ptr() for _, s in tables))
-        q_kv = T * (H + 2 * KV) * hd  # q, k, v of a layer (step.c keeps them ahead of the halves' work)
-        work = torch.empty(q_kv + max(_qkv_work(self.shape, T), _attn_mlp_work(self.shape, T, cache.start + i + T)))
+        p, s = first * pk.stride(0) * pk.element_size(), first * sk.stride(0) * sk.element_size()
+        return _Planes(pk=pk.data_ptr() + p, pv=cache.prefix.v.data_ptr() + p, sk=sk.data_ptr() + s,
+                       sv=cache.v.data_ptr() + s, p_layer=pk.stride(0), p_head=pk.stride(1), s_layer=sk.stride(0),
+                       s_head=sk.stride(2), start=cache.start)
+
+    def _threads(self) -> None:
         threads = torch.get_num_threads()
         if self.layers[0].threads != threads:
             for layer in self.layers:
                 layer.threads = threads
+
+    def __call__(self, x: torch.Tensor, pos: torch.Tensor, tables: list, cache, *,
+                 layers: range | None = None) -> torch.Tensor:
+        """x [1, T, D] at host positions pos [T] (consecutive), `tables[l]` layer l's (cos, sin) [T, hd]
+        -> the hidden state after the last of `layers` (default: all) [1, T, D]; the keys and values
+        land in the scratch."""
+        _, H, KV, hd, _ = self.shape
+        first, stop = self._span(layers)
+        T = x.shape[1]
+        planes = self._planes(cache, first)
+        i = cache.claim(int(pos[0]), T)
+        tables = [(c.contiguous(), s.contiguous()) for c, s in tables[first:stop]]  # held until the call returns
+        cos = (ctypes.c_void_p * len(tables))(*(c.data_ptr() for c, _ in tables))
+        sin = (ctypes.c_void_p * len(tables))(*(s.data_ptr() for _, s in tables))
+        q_kv = T * (H + 2 * KV) * hd  # q, k, v of a layer (step.c keeps them ahead of the halves' work)
+        work = torch.empty(q_kv + max(_qkv_work(self.shape, T), _attn_mlp_work(self.shape, T, cache.start + i + T)))
+        self._threads()
         out = x.contiguous().clone()
         pos = pos.to(torch.long).contiguous()
-        _lib.ghostline_scratch_step(self.layers, len(self.fused), out.data_ptr(), T, cos, sin, pos.data_ptr(),
-                                    ctypes.byref(planes), i, work.data_ptr())
+        _lib.ghostline_scratch_step(ctypes.addressof(self.layers) + first * ctypes.sizeof(_Layer), stop - first,
+                                    out.data_ptr(), T, cos, sin, pos.data_ptr(), ctypes.byref(planes), i,
+                                    work.data_ptr())
         return out
+
+    def copy_state(self, x: torch.Tensor, pos: torch.Tensor, tables: list, cache, *, layers: range) -> None:
+        """SEC's state copying in one C call: the keys and values of `layers` for x [1, T, D] at pos
+        [T] (each layer's input norm, k|v rows, K-norm, RoPE) into the scratch; see
+        `Transformer.copy_state`."""
+        D, _, KV, hd, _ = self.shape
+        first, stop = self._span(layers)
+        T = x.shape[1]
+        planes = self._planes(cache, first)
+        i = cache.claim(int(pos[0]), T)
+        tables = [(c.contiguous(), s.contiguous()) for c, s in tables[first:stop]]
+        cos = (ctypes.c_void_p * len(tables))(*(c.data_ptr() for c, _ in tables))
+        sin = (ctypes.c_void_p * len(tables))(*(s.data_ptr() for _, s in tables))
+        work = torch.empty(T * (D + 2 * KV * hd))
+        self._threads()
+        x = x.contiguous()
+        _lib.ghostline_scratch_kv(ctypes.addressof(self.layers) + first * ctypes.sizeof(_Layer), stop - first,
+                                  x.data_ptr(), T, cos, sin, ctypes.byref(planes), i, work.data_ptr())
 
 
 def prefill_attention(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, start: int, lo: int, hi: int,

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from engine.cache import ScratchCache
+from engine.cache import KVCache, ScratchCache
 from engine.decoding.early_exit import ExitStats, early_exit
 from engine.decoding.greedy import greedy
 from engine.decoding.speculative import SpecStats, speculative
 from engine.decoding.superposed import halt_cuts
 from engine.engine import CompletionOptions
-from engine.exits import Exits, default_layers, logistic, lowest_threshold, ridge
+from engine.exits import Exits, RowHead, States, default_layers, distill, fit, logistic, lowest_threshold, normalise, ridge
 from engine.ngram import PromptLookup
 
 
@@ -113,7 +113,92 @@ def test_fits():
     prob, good = np.array([0.9, 0.8, 0.7, 0.6, 0.5]), np.array([1, 1, 1, 0, 0])
     assert lowest_threshold(prob, good, target=1.0, min_count=1) == 0.7
     assert lowest_threshold(prob, good, target=1.0, min_count=4) == math.inf
-    assert default_layers(18) == [12, 14, 16, 17]
+    assert default_layers(18) == [12, 13, 14, 15, 16, 17]
+
+
+def tiny_states(model, *, files: int = 12, length: int = 48) -> States:
+    """Teacher-forced states of random ids, a file index per sequence (what `collect` gives)."""
+    g = torch.Generator().manual_seed(4)
+    hs, ts, fs = [], [], []
+    a = model.args
+    with torch.no_grad():
+        for f in range(files):
+            ids = torch.randint(2, a.vocab_size, (length,), generator=g)
+            cache = KVCache(a.n_layers, a.n_kv_heads, a.head_dim)
+            cache.reserve(length)
+            cache.length = length
+            states = []
+            model(ids[None], torch.arange(length), cache, return_hidden=True, states=states)
+            hs.append(torch.stack([normalise(x[0, :-1]) for x in states], 1))
+            ts.append(ids[1:])
+            fs.append(torch.full((length - 1,), f))
+    return States(torch.cat(hs), torch.cat(ts), torch.cat(fs))
+
+
+def test_distilling_a_lens_brings_it_closer_to_the_full_model(tiny_prefix):
+    """KL(full || lens) over the head's rows falls from the logit lens's; the folded
+    mini head gives the head's own logits of those rows."""
+    model = tiny_prefix[0]
+    st = tiny_states(model)
+    L = model.args.n_layers
+    head = RowHead(model, torch.arange(model.args.vocab_size))
+    x, final = st.hidden[:, 0].float(), st.hidden[:, L - 1].float()
+
+    def kl(a, b):
+        want = torch.log_softmax(head.logits(final), -1)
+        got = torch.log_softmax(head.logits(x @ a + b), -1)
+        return float(torch.nn.functional.kl_div(got, want, log_target=True, reduction="batchmean"))
+
+    a, b = torch.eye(x.shape[1]), torch.zeros(x.shape[1])  # the logit lens
+    a2, b2 = distill(x, final, head, a, b, epochs=20, batch=64, lr=1e-3)
+    assert kl(a2, b2) < 0.75 * kl(a, b)
+    rows = torch.tensor([5, 17, 3])
+    torch.testing.assert_close(normalise(final) @ head.folded(rows).T, head.logits(final)[:, rows], rtol=1e-4, atol=1e-4)
+
+
+def test_fit_keeps_the_best_layer_and_its_exits_serve_decoding(tmp_path, tiny_prefix):
+    model, ids, cache = tiny_prefix
+    L = model.args.n_layers
+    offered = list(range(1, L))
+    exits = fit(tiny_states(model), RowHead(model, torch.arange(model.args.vocab_size)), layers=offered, keep=1,
+                epochs=1, mini_rows=16, exit_agreement=0.5, report_layers=offered, progress=lambda _: None)
+    D = model.args.dim
+    assert len(exits.layers) == 1 and exits.mini.shape == (16, D) and exits.exit_w.shape == (1, D + 3 + 1)
+    saves = {int(k): v["alone_saves"] for k, v in exits.meta["per_layer"].items()}
+    assert saves[exits.layers[0]] == max(saves.values())
+    assert "distilled_agree" in exits.meta["per_layer"][str(exits.layers[0])]
+    back = Exits.load(exits.save(tmp_path))
+    assert torch.allclose(back.mini, exits.mini, atol=1e-2) and back.layers == exits.layers
+    # never firing gives greedy; always exiting writes a full cache and counts the layers it ran
+    want = list(greedy(model, ScratchCache(cache, 39, 13), ids[-1], max_new=12))
+    off = back.with_thresholds(exit=math.inf, halt=math.inf)
+    assert list(early_exit(model, ScratchCache(cache, 39, 13), ids[-1], exits=off, max_new=12)) == want
+    stats, scratch = ExitStats(), ScratchCache(cache, 39, 13)
+    toks = list(early_exit(model, scratch, ids[-1], exits=back.with_thresholds(exit=-math.inf), max_new=12, stats=stats))
+    assert len(toks) == 12 and stats.exited == 12 and stats.layers == 12 * exits.layers[0]
+    assert scratch.length == 12 and scratch.k[:, :, :, :12].abs().sum(-1).min() > 0
+
+
+def test_the_fast_exit_decision_equals_judge():
+    """`decide` (one step, int8 lens and mini head) exits where `judge`'s P(exit) clears the threshold
+    (away from it by more than the int8 rows' error), with judge's lens output; with and without a
+    mini head."""
+    g = torch.Generator().manual_seed(5)
+    D, M = 32, 64
+    x = torch.randn(2000, D, generator=g) * 3
+    for mini in (torch.randn(M, D, generator=g), None):
+        exits = Exits([3], torch.randn(1, D, D, generator=g) / D**0.5, torch.randn(1, D, generator=g),
+                      torch.randn(1, D + (4 if mini is not None else 1), generator=g), torch.zeros(4), mini=mini)
+        for thr in (0.3, 0.7, 0.95):
+            e = exits.with_thresholds(exit=thr)
+            p, y = e.judge(0, x)
+            clear = (p - thr).abs() > 0.02
+            got = [e.decide(0, row) for row in x]
+            fired = torch.tensor([g is not None for g in got])
+            assert torch.equal(fired[clear], (p >= thr)[clear])
+            assert 0 < int(fired.sum()) < len(x)
+            for i in torch.nonzero(fired & clear)[:20, 0].tolist():
+                torch.testing.assert_close(got[i], y[i], rtol=0.02, atol=0.02)
 
 
 def test_save_load_roundtrip(tmp_path, tiny_prefix):

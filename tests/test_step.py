@@ -169,6 +169,51 @@ def test_one_call_over_all_layers_equals_the_per_layer_calls_bit_for_bit(fused_p
 
 
 @torch.no_grad()
+def test_runs_of_layers_equal_one_call_bit_for_bit(fused_pair):
+    """Early exit runs a step's layers in runs (`Transformer.run`: one C call over a slice of them,
+    reading and writing that slice's cache planes): the same hidden state and cache as one call."""
+    model, _ = fused_pair
+    L = model.args.n_layers
+    ids = torch.randint(2, 300, (36,), generator=torch.Generator().manual_seed(8)).tolist()
+    cache = prefix_cache(model, ids[:25])
+    whole, runs = ScratchCache(cache, 25, 16), ScratchCache(cache, 25, 16)
+    cuts = sorted({0, 1, L // 2, L})
+    for i, t in enumerate(ids[25:]):
+        p = torch.tensor([25 + i])
+        want = model(torch.tensor([[t]]), p, whole, return_hidden=True)
+        x = model.embed(torch.tensor([[t]]))
+        tables = model.rope_tables(p, x.dtype)
+        for a, b in zip(cuts, cuts[1:]):
+            x = model.run(x, p, tables, runs, range(a, b))
+        assert torch.equal(x, want)
+    assert torch.equal(whole.k[:, :, :, :11], runs.k[:, :, :, :11]) and torch.equal(whole.v, runs.v)
+    tables = model.rope_tables(torch.tensor([40]), torch.float32)
+    with pytest.raises(ValueError, match="not a run"):
+        model.fused_step(x, torch.tensor([40]), [tables[g] for g in model.rope_group], runs, layers=range(1, L + 1))
+
+
+@torch.no_grad()
+def test_state_copying_in_c_equals_the_torch_layers(fused_pair):
+    """SEC's state copying (keys and values of the skipped layers from the exit state) by step.c's
+    k|v rows against the dequantised torch layers; the rows before and the layers below untouched."""
+    model, ref = fused_pair
+    ids = torch.randint(2, 300, (30,), generator=torch.Generator().manual_seed(9)).tolist()
+    cache = prefix_cache(ref, ids[:25])
+    got, want = ScratchCache(cache, 25, 8), ScratchCache(cache, 25, 8)
+    x = torch.randn(1, 2, model.args.dim, generator=torch.Generator().manual_seed(1)) * 3
+    p = torch.tensor([27, 28])
+    got.k[:, :, :, :2] = want.k[:, :, :, :2] = 7.0  # rows of earlier tokens
+    model.copy_state(x, p, got, start=1)
+    ref.copy_state(x, p, want, start=1)
+    assert got.length == want.length == 4
+    torch.testing.assert_close(got.k, want.k, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(got.v, want.v, rtol=1e-3, atol=1e-3)
+    assert bool((got.k[1:, :, :, 2:4] != 0).all())  # every copied layer's rows written
+    assert torch.equal(got.k[:, :, :, :2], torch.full_like(got.k[:, :, :, :2], 7.0))
+    assert bool((got.k[0, :, :, 2:] == 0).all())
+
+
+@torch.no_grad()
 def test_encoding_a_few_tokens_and_fork_rows_use_the_same_numbers(fused_pair):
     """A short encode into a KVCache (one segment) and a one-row ForkCache (three segments) give the
     logits a scratch decode gives for the same tokens."""

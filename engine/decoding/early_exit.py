@@ -19,6 +19,7 @@ import torch
 
 from engine.cache import ScratchCache
 from engine.exits import Exits
+from engine.model import column_argmax, greedy_ids
 
 
 @dataclass
@@ -44,24 +45,28 @@ def early_exit(model, cache: ScratchCache, first: int, *, exits: Exits, max_new:
         p = torch.tensor([pos])
         x = model.embed(torch.tensor([[tok]]))  # [1, 1, D]
         tables = model.rope_tables(p, x.dtype)
-        logits, c = None, 0
-        for i, layer in enumerate(model.layers):
-            x = layer(x, p, tables[model.rope_group[i]], cache)
-            if can_exit and c < len(candidates) and candidates[c] == i + 1:
-                if not (step == 0 and first_mask is not None) and float(exits.p_exit(c, x[0, -1])) >= exits.exit_threshold:
-                    model.copy_state(x, p, cache, start=i + 1, tables=tables)
-                    logits = model.head(exits.lens(c, x))[0, -1]
-                    stats.layers += i + 1
-                    stats.exited += 1
-                    if stats.p_stop is not None:
-                        stats.p_stop.append(-1.0)
-                    break
-                c += 1
-        if logits is None:
-            logits = model.head(x)[0, -1]  # [V]
+        masked = step == 0 and first_mask is not None
+        done, lens = 0, None  # layers run so far; the exit head's output where the step exits
+        for c, layer in enumerate(candidates if can_exit and not masked else ()):
+            x = model.run(x, p, tables, cache, range(done, layer))
+            done = layer
+            lens = exits.decide(c, x[0, -1])
+            if lens is not None:
+                model.copy_state(x, p, cache, start=layer, tables=tables)
+                break
+        if lens is not None:
+            tok = int(greedy_ids(model, lens))
+            stats.layers += done
+            stats.exited += 1
+            if stats.p_stop is not None:
+                stats.p_stop.append(-1.0)
+        else:
+            h = model.run(x, p, tables, cache, range(done, n_layers))[0, -1]  # [D]
             stats.layers += n_layers
-            if step == 0 and first_mask is not None:
-                logits = logits.masked_fill(~first_mask, float("-inf"))
+            if masked:
+                logits, rows = model.head(h).masked_fill(~first_mask, float("-inf")), None  # [V]
+            else:
+                logits, rows = model.head_columns(h)  # [R]: a shortlist head's columns, never widened
             p_stop = float(exits.p_stop(logits)) if judge else -1.0
             if stats.p_stop is not None:
                 stats.p_stop.append(p_stop)
@@ -69,7 +74,7 @@ def early_exit(model, cache: ScratchCache, first: int, *, exits: Exits, max_new:
                 stats.steps += 1
                 stats.halted = True
                 return
+            tok = int(column_argmax(logits, rows, vocab_size=model.args.vocab_size))
         stats.steps += 1
-        tok = int(logits.argmax())
         pos += 1
         yield tok

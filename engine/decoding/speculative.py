@@ -249,9 +249,10 @@ class EarlyLayers:
         for j in range(k):
             p = torch.tensor([pos + j])
             x = model(torch.tensor([[tok]]), p, self.cache, exit_layer=self.exits.layers[c], return_hidden=True)
-            if float(self.exits.p_exit(c, x[0, -1])) < self.confident:
+            p_exit, y = self.exits.judge(c, x[0, -1])
+            if float(p_exit) < self.confident:
                 break
-            tok = int(model.head(self.exits.lens(c, x))[0, -1].argmax())
+            tok = int(greedy_ids(model, y))
             out.append(tok)
         return out
 
