@@ -14,8 +14,8 @@ Terms, as used below:
   about a fifth of a layer and say how sure the exit head is (entropy, top probability, margin).
 - controller: at each candidate layer, a logistic regression on the normalised hidden and the mini
   head's three logit features gives P(exit): that the exit head agrees with the full model (SEC's
-  label, the exit head predicting the true token, exits less for the same harm on held-out code:
-  see `fit`); at layer L, another one on the logits' entropy, top probability and top-two margin
+  label, that it predicts the true token, saved fewer layers for the same harm on held-out code:
+  NOTES.md, ninth session); at layer L, another one on the logits' entropy, top probability and top-two margin
   gives P(stop): that no layer's head predicts the true token, SEC's stop label. (The hidden state
   itself as a stop feature over-fits: held-out precision fell.) A step *exits* at the first
   candidate layer whose P(exit) clears the exit threshold, *stops* (the suggestion ends before the
@@ -68,8 +68,7 @@ class Exits:
     exit_threshold: float = math.inf  # inf: never exit
     halt_threshold: float = math.inf  # inf: never stop
     meta: dict | None = None
-    _np: list | None = field(default=None, init=False, repr=False, compare=False)  # `decide`'s int8 copies
-    _mini: tuple | None = field(default=None, init=False, repr=False, compare=False)
+    _fast: tuple | None = field(default=None, init=False, repr=False, compare=False)  # `decide`'s int8 copies
 
     def lens(self, c: int, x: torch.Tensor) -> torch.Tensor:
         """Hidden [..., D] at candidate layer `layers[c]` -> what the model's head reads."""
@@ -98,13 +97,14 @@ class Exits:
         floats and numpy (no BLAS: its idle threads would take the cores from the C step's)."""
         from engine.quant import int8_matmul
 
-        qa, sa, b, w_h, w_0, w_f = self._prepared()[c]
+        candidates, mini = self._prepared()
+        qa, sa, b, w_h, w_0, w_f = candidates[c]
         h = x.detach().float()
         h = h * (1.0 / math.sqrt(float(h.dot(h)) / len(h) + 1e-6))
         y = int8_matmul(h, qa, sa) + b  # [D] = h @ a + b
         z = float(h.dot(w_h)) + w_0
-        if self._mini is not None:
-            lg = (int8_matmul(y, *self._mini) * (1.0 / math.sqrt(float(y.dot(y)) / len(y) + 1e-6))).numpy()  # [M]
+        if mini is not None:
+            lg = (int8_matmul(y, *mini) * (1.0 / math.sqrt(float(y.dot(y)) / len(y) + 1e-6))).numpy()  # [M]
             top2 = np.partition(lg, len(lg) - 2)[-2:]
             e = np.exp(lg - top2[1])
             total = float(e.sum())
@@ -114,21 +114,24 @@ class Exits:
         p = 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
         return y.to(x.dtype) if p >= self.exit_threshold else None
 
-    def _prepared(self) -> list:
-        """`decide`'s per-candidate int8 lens, bias and controller weights (made once, shared by the
-        copies `with_thresholds` makes for each request)."""
+    def _prepared(self) -> tuple[list, tuple | None]:
+        """`decide`'s int8 lens, bias and split controller weights per candidate, and the int8 mini
+        head (made once, shared by the copies `with_thresholds` makes for each request)."""
         from engine.quant import quantize_rows
 
-        if self._np is None:
+        if self._fast is None:
             feats = 3 if self.mini is not None else 0
-            self._np = []
+            candidates = []
             for m, b, w in zip(self.maps, self.bias, self.exit_w):
                 qa, sa = quantize_rows(m.T)
-                self._np.append((qa, sa.float(), b, w[: len(w) - 1 - feats], float(w[-1]), w[len(w) - 1 - feats : -1].tolist()))
+                candidates.append((qa, sa.float(), b, w[: len(w) - 1 - feats], float(w[-1]),
+                                   w[len(w) - 1 - feats : -1].tolist()))
+            mini = None
             if self.mini is not None:
                 qm, sm = quantize_rows(self.mini)
-                self._mini = (qm, sm.float())
-        return self._np
+                mini = (qm, sm.float())
+            self._fast = (candidates, mini)
+        return self._fast
 
     def p_stop(self, logits: torch.Tensor) -> torch.Tensor:
         """Full-depth logits [..., V] -> P(stop) [...]."""
@@ -138,7 +141,7 @@ class Exits:
     def with_thresholds(self, *, exit: float | None = None, halt: float | None = None) -> "Exits":
         out = replace(self, exit_threshold=self.exit_threshold if exit is None else exit,
                       halt_threshold=self.halt_threshold if halt is None else halt)
-        out._np, out._mini = self._prepared(), self._mini
+        out._fast = self._prepared()
         return out
 
     def save(self, folder: Path) -> Path:

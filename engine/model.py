@@ -321,7 +321,8 @@ class Transformer(nn.Module):
         tables = tables or self.rope_tables(pos, x.dtype)
         if self.fused_step is not None and start < self.args.n_layers and self.fused_step.serves(x, cache):
             layers = range(start, self.args.n_layers)
-            return self.fused_step.copy_state(x, pos, [tables[g] for g in self.rope_group], cache, layers=layers)
+            self.fused_step.copy_state(x, pos, [tables[g] for g in self.rope_group], cache, layers=layers)
+            return
         for i in range(start, self.args.n_layers):
             layer = self.layers[i]
             k, v = layer.self_attn.kv(layer.input_layernorm(x), tables[self.rope_group[i]])

@@ -281,6 +281,15 @@ class _Planes(ctypes.Structure):
                 + [(n, ctypes.c_long) for n in ("p_layer", "p_head", "s_layer", "s_head", "start")])
 
 
+def _tables(tables: list) -> tuple[list, ctypes.Array, ctypes.Array]:
+    """Layers' (cos, sin) [T, hd] -> contiguous copies (keep them until the C call returns) and the
+    arrays of their pointers step.c takes."""
+    tables = [(c.contiguous(), s.contiguous()) for c, s in tables]
+    cos = (ctypes.c_void_p * len(tables))(*(c.data_ptr() for c, _ in tables))
+    sin = (ctypes.c_void_p * len(tables))(*(s.data_ptr() for _, s in tables))
+    return tables, cos, sin
+
+
 class ScratchStep:
     """Every layer of a decode or verify step over a scratch area (engine.cache.ScratchCache, batch 1)
     in one C call: the same numbers as the per-layer FusedLayer calls, without ~60 returns to Python
@@ -335,9 +344,7 @@ class ScratchStep:
         T = x.shape[1]
         planes = self._planes(cache, first)
         i = cache.claim(int(pos[0]), T)
-        tables = [(c.contiguous(), s.contiguous()) for c, s in tables[first:stop]]  # held until the call returns
-        cos = (ctypes.c_void_p * len(tables))(*(c.data_ptr() for c, _ in tables))
-        sin = (ctypes.c_void_p * len(tables))(*(s.data_ptr() for _, s in tables))
+        tables, cos, sin = _tables(tables[first:stop])  # tables held until the call returns
         q_kv = T * (H + 2 * KV) * hd  # q, k, v of a layer (step.c keeps them ahead of the halves' work)
         work = torch.empty(q_kv + max(_qkv_work(self.shape, T), _attn_mlp_work(self.shape, T, cache.start + i + T)))
         self._threads()
@@ -357,9 +364,7 @@ class ScratchStep:
         T = x.shape[1]
         planes = self._planes(cache, first)
         i = cache.claim(int(pos[0]), T)
-        tables = [(c.contiguous(), s.contiguous()) for c, s in tables[first:stop]]
-        cos = (ctypes.c_void_p * len(tables))(*(c.data_ptr() for c, _ in tables))
-        sin = (ctypes.c_void_p * len(tables))(*(s.data_ptr() for _, s in tables))
+        tables, cos, sin = _tables(tables[first:stop])
         work = torch.empty(T * (D + 2 * KV * hd))
         self._threads()
         x = x.contiguous()
