@@ -35,9 +35,9 @@ import time
 import numpy as np
 
 from bench.tasks import append_row, cursor_offset, em, es, first_line, mean, pct, read_tasks, saved_rows, shard
-from engine.decoding.adadec import AdaDecParams
-from engine.engine import CompletionOptions, Engine, EngineOptions
-from engine.stops import StopRules
+from ghostline.engine.decoding.adadec import AdaDecParams
+from ghostline.engine.engine import CompletionOptions, Engine, EngineOptions
+from ghostline.engine.stops import StopRules
 
 METHODS = ("greedy", "adadec", "beam")
 URI = "file:///task.py"
@@ -51,7 +51,7 @@ def options(method: str, *, max_tokens: int, width: int) -> CompletionOptions:
 
 def author_block(text: str, offset: int) -> str:
     """The author's text from the cursor, cut by the multi-line stop rules at that cursor."""
-    from engine.engine import _next_line
+    from ghostline.engine.engine import _next_line
 
     line_start = text.rfind("\n", 0, offset) + 1
     rules = StopRules(True, text[line_start:offset], _next_line(text, offset))
@@ -181,7 +181,7 @@ def entropy_data(engine: Engine, *, budget: int, width: int, log=print) -> dict:
     """Why AdaDec helps or not: teacher-forced over held-out real code (the calibration corpus's held-out
     files, never ../shared/data), how often the true token is the greedy one, or at least in the top
     `width`, at steps that pause and at steps that do not."""
-    from engine import calibration, vocab
+    from ghostline.engine import calibration, vocab
 
     files = vocab.corpus_files(vocab.default_roots(), exclude=[], per_suffix=200, holdout=True)
     files = [f for f in files if f.suffix == ".py"]

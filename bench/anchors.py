@@ -40,14 +40,14 @@ class Missing(RuntimeError):
 
 def weights() -> tuple[Path, Path]:
     """The embedded Gemma GGUF and the safetensors folder the loader de-quantised it to (made on first use)."""
-    from engine.loader import load, resolve
-    from engine.paths import cache_dir
+    from ghostline.engine.loader import load, resolve
+    from ghostline.engine.paths import model_cache_dir
 
     gguf = resolve(None)
 
     def folder() -> Path | None:
         hits = [
-            d for d in (cache_dir() / "models").glob(f"{gguf.stem}-*")
+            d for d in (model_cache_dir() / "models").glob(f"{gguf.stem}-*")
             if (d / "model.safetensors").exists() and (d / "ghostline.json").exists()
             and json.loads((d / "ghostline.json").read_text()).get("source") == str(gguf)
         ]
@@ -63,7 +63,7 @@ def tokenizer():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
-    from engine.tokenizer import Tokenizer
+    from ghostline.engine.tokenizer import Tokenizer
 
     return Tokenizer(AutoTokenizer.from_pretrained(weights()[1]))
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.tasks import cursor_offset
-from engine.text import apply_changes
+from ghostline.engine.text import apply_changes
 
 SKIP_PARTS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 

@@ -28,8 +28,8 @@ import torch
 
 from bench.plot import scatter_png
 from bench.tasks import append_row, cursor_offset, em, es, first_line, mean, pct, read_tasks, saved_rows, shard
-from engine.decoding.superposed import SuperposedParams
-from engine.engine import CompletionOptions, Engine, EngineOptions
+from ghostline.engine.decoding.superposed import SuperposedParams
+from ghostline.engine.engine import CompletionOptions, Engine, EngineOptions
 
 METHODS = ("greedy", "superposed", "superposed_rerank", "superposed_anchor", "nucleus", "beam")
 URI = "file:///task.py"

@@ -21,7 +21,7 @@ import sys
 import time
 
 from bench.tasks import cursor_offset, em, es, first_line, mean, pct, read_tasks
-from engine.engine import CompletionOptions, Engine, EngineOptions
+from ghostline.engine.engine import CompletionOptions, Engine, EngineOptions
 
 MODES = ("full", "prefix", "pie", "naive")
 

@@ -2,7 +2,7 @@
 suggestions (up to 64 tokens) after the edit (../shared/EVAL.md set-up).
 
     python -m bench.exit --tasks ../shared/data/edits-requests.jsonl [--limit N] [--shard i/n --out rows.jsonl]
-    python -m bench.exit --summarize rows*.jsonl [--plot bench/exit.png]
+    python -m bench.exit --summarize rows*.jsonl [--plot bench/results/exit.png]
 
 Terms: the *author's text* is the task's `after` from the cursor; a shown suggestion's *matched*
 characters are its longest common prefix with it. Per method:
@@ -28,7 +28,7 @@ import sys
 import numpy as np
 
 from bench.tasks import add_run_args, cursor_offset, em, es, first_line, mean, run_rows, saved_rows
-from engine.engine import CompletionOptions, Engine, EngineOptions
+from ghostline.engine.engine import CompletionOptions, Engine, EngineOptions
 
 METHODS = {"greedy": {}, "halt": {"halt": True}, "exit": {"exit": True}, "both": {"halt": True, "exit": True}}
 URI = "file:///task.py"

@@ -62,22 +62,22 @@ ARGS = parse_args() if __name__ == "__main__" else None
 if ARGS is not None and ARGS.device == "cpu":  # Triton runs CPU tensors only in its interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of a kernel module
 
-import engine.model  # noqa: E402
-import kernels.segment_attention  # noqa: E402
-from engine.cache import KVCache  # noqa: E402
-from engine.cuda import CudaRunner, StaticStep  # noqa: E402
-from engine.decoding.greedy import greedy  # noqa: E402
-from engine.model import build  # noqa: E402
-from kernels import fused  # noqa: E402
-from kernels.rope_shift import rope_shift_reference, rope_shift_triton  # noqa: E402
-from kernels.segment_attention import (  # noqa: E402
+import ghostline.engine.model as engine_model  # noqa: E402
+import ghostline.kernels.segment_attention as segment_attention_mod  # noqa: E402
+from ghostline.engine.cache import KVCache  # noqa: E402
+from ghostline.engine.cuda import CudaRunner, StaticStep  # noqa: E402
+from ghostline.engine.decoding.greedy import greedy  # noqa: E402
+from ghostline.engine.model import build  # noqa: E402
+from ghostline.kernels import fused  # noqa: E402
+from ghostline.kernels.rope_shift import rope_shift_reference, rope_shift_triton  # noqa: E402
+from ghostline.kernels.segment_attention import (  # noqa: E402
     segment_attention,
     segment_attention_triton,
     static_attention_reference,
     static_attention_triton,
     static_plan,
 )
-from kernels.testing import exact_attention, three_way  # noqa: E402
+from ghostline.kernels.testing import exact_attention, three_way  # noqa: E402
 
 TARGETS_MS = {("gemma3-270m", 8192, "suggest"): 15.0, ("dscoder-1.3b", 8192, "suggest"): 25.0,
               ("gemma3-270m", 8192, "pie"): 2.0, ("dscoder-1.3b", 8192, "pie"): 2.0}
@@ -141,7 +141,7 @@ def encode(model, cache: KVCache, *, ids: torch.Tensor, start: int, chunk: int) 
 
 def eager_suggest(model, cache: KVCache, first: int, *, n: int) -> list[int]:
     """`engine.decoding.greedy` over a fresh scratch area at the end of the cache."""
-    from engine.cache import ScratchCache
+    from ghostline.engine.cache import ScratchCache
 
     return list(greedy(model, ScratchCache(cache, cache.length - 1, n + 1), first, max_new=n))
 
@@ -237,7 +237,7 @@ def run_checks(cfg, name: str, *, smoke: bool, device: str, dtypes) -> list[dict
     shape, rope_cases, attn_cases, static_cases = check_cases(cfg, smoke=smoke)
     L, KV, G, hd, D, Fd = (shape[k] for k in ("L", "KV", "G", "hd", "D", "F"))
     H = KV * G
-    margs = engine.model.ModelArgs.from_hf(cfg)
+    margs = engine_model.ModelArgs.from_hf(cfg)
     inv_freq = margs.inv_freq.to(device)  # [L, hd/2]
     rows = []
     gen = torch.Generator(device=device).manual_seed(0)
@@ -268,7 +268,7 @@ def run_checks(cfg, name: str, *, smoke: bool, device: str, dtypes) -> list[dict
             qpos = torch.arange(P + S - T, P + S)  # host positions, as the model passes them
             kw = dict(scale=hd**-0.5, window=window, softcap=softcap)
             out = torch.full((B, H, T, hd), float("nan"), dtype=dtype, device=device)
-            with mock.patch.object(kernels.segment_attention, "_workspace", nan_workspace):
+            with mock.patch.object(segment_attention_mod, "_workspace", nan_workspace):
                 segment_attention_triton(q, segments, qpos, **kw, out=out)
             ref = segment_attention(q, segments, qpos, **kw)
             ok, err, ref_err, eps = three_way(out, ref, exact=exact_attention(q, segments, qpos.to(device), **kw))
@@ -284,7 +284,7 @@ def run_checks(cfg, name: str, *, smoke: bool, device: str, dtypes) -> list[dict
             if smoke:  # several splits per segment even at toy sizes
                 plan.update(n_split_a=0 if enc else 3, n_split_b=2)
             out = torch.full((T, H, hd), float("nan"), dtype=dtype, device=device)
-            with mock.patch.object(kernels.segment_attention, "_workspace", nan_workspace):
+            with mock.patch.object(segment_attention_mod, "_workspace", nan_workspace):
                 static_attention_triton(q, seg_a, (kb, vb), meta, **kw, plan=plan, out=out)
             ref = static_attention_reference(q, seg_a, (kb, vb), meta, **kw)
             segs = ([] if enc else [(seg_a[0][None, :, :P], seg_a[1][None, :, :P], 0)])

@@ -6,7 +6,9 @@ latency runs from sending the change to receiving the answer. Set `bigfile` (ben
 same on real ~4,000-token files, an edit in the upper half, the cursor in the lower half. Scenario
 `typing` (edits tasks): after the edit, type the target line one character at a time with a request on
 every keystroke (as editors do); the figure is the latency of the last request, and how many decodes
-were cancelled on the way.
+were cancelled on the way. Cold start: a fresh server, the first task's file opened and edited right
+after `initialize`, explicitly invoked completions until one answers (the time a user waits after
+starting the editor).
 
 Anchors (bench/anchors.py), after the server has exited so that nothing shares the CPU: `hf`, HF
 transformers re-encoding the text before the cursor on every request, and `llamacpp`, llama.cpp with
@@ -19,7 +21,7 @@ markdown table per set, then one JSON line keyed `ghostline`, `hf`, `llamacpp` (
 with `latency_ms_p50, latency_ms_p95, em, es` on `edits` and the same under `bigfile`.
 
     python -m bench.lsp_replay --tasks ../shared/data/edits-requests.jsonl [--limit N] [--bigfile 20] \
-        [--anchors hf,llamacpp] [--shard i/n] [--out rows.jsonl] [--typing N] [--options JSON]
+        [--anchors hf,llamacpp] [--shard i/n] [--out rows.jsonl] [--typing N] [--options JSON] [--no-cold-start]
     python -m bench.lsp_replay --summarize rows.jsonl [more rows files]
 
 llama-cpp-python is benchmark-only: `make anchors` builds and installs it.
@@ -39,7 +41,7 @@ from pathlib import Path
 from lsprotocol import types
 
 from bench.tasks import append_row, cursor_offset, em, es, first_line, mean, pct, read_tasks, shard
-from lsp.client import running_server
+from ghostline.lsp.client import running_server
 
 SYSTEMS = ("ghostline", "hf", "llamacpp")
 SETS = ("edits", "bigfile")
@@ -109,6 +111,32 @@ async def typing(c, tasks, log, *, key_ms: float, record: Callable = lambda row:
 
 def _close(uri):
     return types.DidCloseTextDocumentParams(text_document=types.TextDocumentIdentifier(uri=uri))
+
+
+async def cold_start(args, task: dict, log) -> dict:
+    """A fresh server, the task's file opened and edited right after `initialize`, explicitly invoked
+    inline completions (as a user pressing the key) until one answers: the time from `initialize`
+    to the first suggestion, with the model loaded from the cache as on every start but the first."""
+    options = {"multiline": "never", **json.loads(args.options)}
+    async with running_server(model=args.model, options=options, ready_timeout=None) as c:
+        uri = "file:///replay/cold.py"
+        c.open(uri, task["before"])
+        c.change_many(uri, 2, task["changes"])
+        line, col = task["cursor"]["line"], task["cursor"]["character"]
+        empty, text = 0, ""
+        deadline = time.perf_counter() + 600
+        while time.perf_counter() < deadline:
+            res = await c.inline(uri, line, col, invoked=True)
+            text = res.items[0].insert_text if res.items else ""
+            if text.strip():
+                break
+            empty += 1
+        ms = (time.perf_counter() - c.started_at) * 1e3
+        ready = [s.get("message", "") for s in c.statuses if s.get("state") == "ready"]
+    log(f"cold start: first suggestion {ms:.0f} ms after initialize ({empty} empty answers before it; "
+        f"{ready[0] if ready else 'never ready'})", flush=True)
+    return {"first_suggestion_ms": round(ms, 1), "empty_answers_before": empty, "pred": first_line(text),
+            "load": ready[0] if ready else None}
 
 
 async def ghostline(args, todo: dict[str, list[dict]], typed: list[dict], record: Callable, log) -> dict:
@@ -209,6 +237,9 @@ def report(rows: list[dict], *, extra: dict | None = None, skipped: dict | None 
         out[system] = {k: e[k] if e else None for k in keys}
         out[system].update(tasks=e["tasks"] if e else 0, errors=e["errors"] if e else 0)
         out[system]["bigfile"] = {k: b[k] for k in (*keys, "tasks", "errors")} if b else None
+    if extra and "cold_start" in extra:
+        out["ghostline"] = out["ghostline"] or {}
+        out["ghostline"]["cold_start"] = extra["cold_start"]
     if typed:
         ms = [r["ms"] for r in typed]
         out["ghostline"]["typing"] = {
@@ -244,9 +275,11 @@ def run(args) -> dict:
         return {s: [t for t in ts if (s, system, t["id"]) not in done] for s, ts in sets.items()}
 
     extra = {}
+    if args.cold_start and sets["edits"]:
+        extra["cold_start"] = asyncio.run(cold_start(args, sets["edits"][0], log))
     typed = [t for t in typed if ("typing", "ghostline", t["id"]) not in done]
     if any(todo("ghostline").values()) or typed:
-        extra = asyncio.run(ghostline(args, todo("ghostline"), typed, record, log))
+        extra.update(asyncio.run(ghostline(args, todo("ghostline"), typed, record, log)))
     skipped = {}
     for name in args.anchors:
         if any(todo(name).values()):
@@ -269,6 +302,8 @@ def main(argv=None) -> int:
     p.add_argument("--options", default="{}", help="server settings as JSON (initializationOptions)")
     p.add_argument("--typing", type=int, default=10, help="tasks for the typing scenario (0: none)")
     p.add_argument("--key-ms", type=float, default=80.0, help="time between keystrokes in the typing scenario")
+    p.add_argument("--no-cold-start", dest="cold_start", action="store_false",
+                   help="skip the cold start (a fresh server: initialize to the first suggestion)")
     args = p.parse_args(argv)
     if args.summarize:
         result = report(load_rows(*args.summarize))

@@ -28,11 +28,11 @@ import sys
 import time
 from collections import defaultdict
 
-import kernels.segment_attention
+import ghostline.kernels.segment_attention as segment_attention
 from bench.tasks import cursor_offset, em, first_line, mean, pct, read_tasks
-from engine import engine as engine_mod
-from engine.cache import KVCache
-from engine.engine import CompletionOptions, Engine, EngineOptions
+from ghostline.engine import engine as engine_mod
+from ghostline.engine.cache import KVCache
+from ghostline.engine.engine import CompletionOptions, Engine, EngineOptions
 
 URI = "file:///task.py"
 EDIT_PARTS = ("tokenize", "diff", "ngrams", "include", "splice", "encode")
@@ -84,7 +84,7 @@ def instrument(engine: Engine, timers: Timers) -> None:
     engine.model.forward = timers.wrap(engine.model.forward, "model")
     engine.model.head = timers.wrap(engine.model.head, "head")
     engine.model.head_columns = timers.wrap(engine.model.head_columns, "head")
-    kernels.segment_attention.segment_attention = timers.wrap(kernels.segment_attention.segment_attention, "attention")
+    segment_attention.segment_attention = timers.wrap(segment_attention.segment_attention, "attention")
 
 
 def run(engine: Engine, tasks: list[dict], *, max_tokens: int, decoder: str = "greedy", drafts: int = 1,

@@ -36,9 +36,9 @@ import sys
 from bench.tasks import add_run_args, cursor_offset, mean, read_tasks, run_rows, saved_rows
 import numpy as np
 
-from engine.decoding.speculative import MatchGoodput
-from engine.engine import CompletionOptions, Engine, EngineOptions
-from engine.ngram import PromptLookup
+from ghostline.engine.decoding.speculative import MatchGoodput
+from ghostline.engine.engine import CompletionOptions, Engine, EngineOptions
+from ghostline.engine.ngram import PromptLookup
 
 DECODERS = {"greedy": "greedy", "ngram": "lookup", "self": "self", "both": "lookup+self",
             "ngram-draft-verify": "lookup"}  # the last: Draft&Verify's draft-length rule instead of the default
@@ -112,8 +112,8 @@ def verify_costs(engine: Engine, task: dict, *, rows: int = 9, repeat: int = 20)
 
     import torch
 
-    from engine.cache import ScratchCache
-    from engine.model import greedy_ids
+    from ghostline.engine.cache import ScratchCache
+    from ghostline.engine.model import greedy_ids
 
     engine.open("doc", task["before"])
     engine.edit("doc", task["changes"])
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     if args.simulate:
         if not args.tasks:
             p.error("--simulate needs --tasks (the contexts)")
-        from engine.loader import load
+        from ghostline.engine.loader import load
 
         rows = saved_rows(args.simulate)
         tok = load(args.model).tokenizer

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from rapidfuzz.distance import Levenshtein
 
-from engine.text import offset_of
+from ghostline.engine.text import offset_of
 
 
 def read_tasks(path: str | Path, limit: int | None = None) -> list[dict]:

@@ -23,8 +23,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from bench.drafts import URI, prepare, score, summary, warm
-from engine.decoding.superposed import SuperposedParams
-from engine.engine import CompletionOptions, Engine
+from ghostline.engine.decoding.superposed import SuperposedParams
+from ghostline.engine.engine import CompletionOptions, Engine
 
 PACKAGES = ("json", "http", "email", "urllib", "logging", "importlib", "concurrent/futures", "xml/dom", "asyncio")
 

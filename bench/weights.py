@@ -26,11 +26,11 @@ import time
 
 import torch
 
-from engine.cache import KVCache, ScratchCache
-from engine.calibration import load_vocab
-from engine.loader import load
-from engine.quant import quantize
-from engine.vocab import corpus_files, default_roots
+from ghostline.engine.cache import KVCache, ScratchCache
+from ghostline.engine.calibration import load_vocab
+from ghostline.engine.loader import load
+from ghostline.engine.quant import quantize
+from ghostline.engine.vocab import corpus_files, default_roots
 
 VARIANTS = ("fp32/full", "fp32/code", "int8/full", "int8/code")
 

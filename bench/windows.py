@@ -29,8 +29,8 @@ from pathlib import Path
 from lsprotocol import types
 
 from bench.tasks import pct, read_tasks
-from lsp import wire
-from lsp.client import running_server
+from ghostline.lsp import wire
+from ghostline.lsp.client import running_server
 
 
 def memory_kb(pid: int) -> tuple[int, int]:
@@ -77,7 +77,7 @@ async def run_mode(mode: str, args, tasks: list[dict], log) -> dict:
     daemon = None
     if mode == "shared":
         with open(folder / "daemon.log", "wb") as err:
-            daemon = subprocess.Popen([sys.executable, "-m", "lsp.cli", "engine", "--model", args.model], env=env,
+            daemon = subprocess.Popen([sys.executable, "-m", "ghostline", "engine", "--model", args.model], env=env,
                                       stdin=subprocess.DEVNULL, stdout=err, stderr=subprocess.STDOUT)
         sock = folder / (wire.daemon_name(args.model) + ".sock")
         while not sock.exists():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.rope_shift import rope_shift
+from ghostline.kernels.rope_shift import rope_shift
 
 Segment = tuple[torch.Tensor, torch.Tensor, int]  # K, V [B|1, KV, S, hd], position of row 0
 

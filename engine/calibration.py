@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine import vocab
-from engine.loader import cache_dir
+from ghostline.engine import vocab
+from ghostline.engine.loader import cache_dir
 
 PACKAGED = Path(__file__).parent / "data"
 STEPS = ("vocab", "adadec", "exits")
@@ -73,7 +73,7 @@ def code_files(roots: Iterable[Path], *, exclude: Iterable[str] = ()) -> list[Pa
 def teacher_forced(model, tokenizer, files: list[Path], *, tokens_per_file: int):
     """(path, ids, cache) for each readable file of at least 32 tokens: its first `tokens_per_file`
     ids and an empty cache sized for them, for a teacher-forced pass."""
-    from engine.cache import KVCache
+    from ghostline.engine.cache import KVCache
 
     a = model.args
     for path in files:
@@ -95,7 +95,7 @@ def collect_entropies(model, tokenizer, files: list[Path], *, tokens_per_file: i
     """Teacher-forced pass over real code: per position, the next-token entropy (nats) and whether the
     greedy token is the true next token. At most `tokens_per_file` from each file, `budget` in all.
     With `ranks`, each position's rank of the true token (0: the greedy token) is appended to it."""
-    from engine.decoding.adadec import entropy
+    from ghostline.engine.decoding.adadec import entropy
 
     hs, right, seen = [], [], 0
     for path, ids, cache in teacher_forced(model, tokenizer, files, tokens_per_file=tokens_per_file):
@@ -121,7 +121,7 @@ def calibrate_adadec(model, tokenizer, name: str, roots: Iterable[Path], *, excl
     t0 = time.perf_counter()
     h, right = collect_entropies(model, tokenizer, code_files(roots, exclude=exclude), budget=budget,
                                  progress=progress)
-    from engine.decoding.adadec import fit_threshold
+    from ghostline.engine.decoding.adadec import fit_threshold
 
     fit = fit_threshold(h, right)
     fit["seconds"] = round(time.perf_counter() - t0, 1)
@@ -137,7 +137,7 @@ def calibrate_exits(model, tokenizer, name: str, roots: Iterable[Path], *, exclu
                     out: Path | None = None, budget: int = 24_000, progress: Callable[[str], None] = print) -> Path:
     """Fit the exit heads, the early-exit controller and its thresholds (engine.exits) on teacher-forced
     code under `roots`; write `exits.npz` + `exits.json`. Needs the code vocabulary (for speed)."""
-    from engine.exits import RowHead, collect, default_layers, fit
+    from ghostline.engine.exits import RowHead, collect, default_layers, fit
 
     t0 = time.perf_counter()
     rows = np.load(out / "vocab.npy") if out is not None and (out / "vocab.npy").is_file() else load_vocab(name)

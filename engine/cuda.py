@@ -39,10 +39,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.cache import KVCache, ScratchCache
-from kernels.fused import act_mul, gemv_triton, qk_rope_write, residual_norm
-from kernels.segment_attention import static_attention, static_plan
-from kernels.segment_attention import triton as _triton
+from ghostline.engine.cache import KVCache, ScratchCache
+from ghostline.kernels.fused import act_mul, gemv_triton, qk_rope_write, residual_norm
+from ghostline.kernels.segment_attention import static_attention, static_plan
+from ghostline.kernels.segment_attention import triton as _triton
 
 HAVE_TRITON = _triton is not None
 # "auto" GEMV: H200, bench/gpu.py: the Triton kernel beat cuBLAS on Gemma 3 270M's products (at most
@@ -354,7 +354,7 @@ class CudaRunner:
                     first_mask: torch.Tensor | None = None, stats=None, length=None) -> Iterator[int]:
         """`engine.decoding.speculative` on static verify steps (drafts of at most verify_tokens - 1):
         the same tokens as `greedy` whatever the proposer says."""
-        from engine.decoding.speculative import DraftLength, SpecStats, accept
+        from ghostline.engine.decoding.speculative import DraftLength, SpecStats, accept
 
         stats = stats if stats is not None else SpecStats()
         length = length or DraftLength(k_max=self.verify_tokens - 1)

@@ -11,11 +11,11 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-from engine.cache import ScratchCache
-from engine.decoding.beam import beam_search
-from engine.decoding.nucleus import nucleus
-from engine.decoding.superposed import SuperposedParams, halt_cuts, superposed
-from engine.stops import Shown
+from ghostline.engine.cache import ScratchCache
+from ghostline.engine.decoding.beam import beam_search
+from ghostline.engine.decoding.nucleus import nucleus
+from ghostline.engine.decoding.superposed import SuperposedParams, halt_cuts, superposed
+from ghostline.engine.stops import Shown
 
 METHODS = ("superposed", "beam", "nucleus")  # CompletionOptions.decoder; any other name: superposed
 
@@ -23,7 +23,7 @@ METHODS = ("superposed", "beam", "nucleus")  # CompletionOptions.decoder; any ot
 def stream_drafts(engine, doc, *, P: int, offset: int, heal: str, rules, opts, t0: float, should_stop=None) -> Iterator:
     """Like `Engine.stream`, for k drafts: yields Completions whose `text` is the best draft so far;
     the last one carries `drafts`. Called by `Engine.stream` once the context P is known."""
-    from engine.engine import Completion
+    from ghostline.engine.engine import Completion
 
     k, first = opts.drafts, doc.ids[P - 1]
     view = Shown(engine.tok, first, heal, rules)

@@ -18,21 +18,21 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.cache import KVCache, ScratchCache
-from engine.calibration import find, load_json, load_vocab
-from engine.decoding.adadec import AdaDecParams, AdaDecStats, adadec
-from engine.decoding.early_exit import ExitStats, early_exit
-from engine.decoding.greedy import greedy
-from engine.decoding.speculative import DRAFT_RULES, Chain, EarlyLayers, SpecStats, speculative
-from engine.decoding.superposed import SuperposedParams
-from engine.document import STRATEGIES, Document, token_hunks
-from engine.drafts import stream_drafts
-from engine.exits import EXITS_FILE, Exits
-from engine.ngram import NgramIndex, PromptLookup
-from engine.quant import quantize
-from engine.stops import Shown, StopRules
-from engine.text import apply_changes
-from engine.tokenizer import Tokenizer
+from ghostline.engine.cache import KVCache, ScratchCache
+from ghostline.engine.calibration import find, load_json, load_vocab
+from ghostline.engine.decoding.adadec import AdaDecParams, AdaDecStats, adadec
+from ghostline.engine.decoding.early_exit import ExitStats, early_exit
+from ghostline.engine.decoding.greedy import greedy
+from ghostline.engine.decoding.speculative import DRAFT_RULES, Chain, EarlyLayers, SpecStats, speculative
+from ghostline.engine.decoding.superposed import SuperposedParams
+from ghostline.engine.document import STRATEGIES, Document, token_hunks
+from ghostline.engine.drafts import stream_drafts
+from ghostline.engine.exits import EXITS_FILE, Exits
+from ghostline.engine.ngram import NgramIndex, PromptLookup
+from ghostline.engine.quant import quantize
+from ghostline.engine.stops import Shown, StopRules
+from ghostline.engine.text import apply_changes
+from ghostline.engine.tokenizer import Tokenizer
 
 log = logging.getLogger("ghostline.engine")
 
@@ -124,7 +124,7 @@ class Engine:
 
     @classmethod
     def load(cls, spec=None, *, options: EngineOptions | None = None, progress=None) -> "Engine":
-        from engine.loader import load
+        from ghostline.engine.loader import load
 
         loaded = load(spec, progress=progress)
         options = options or EngineOptions()
@@ -336,7 +336,7 @@ class Engine:
     def head_cost(self) -> float:
         """The LM head's cost in decoder layers (for self-speculation's choice of depth), timed once."""
         if self._head_cost is None:
-            from engine.cache import KVCache
+            from ghostline.engine.cache import KVCache
 
             a, m = self.model.args, self.model
             x = m.embed(torch.tensor([[1]]))

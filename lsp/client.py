@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from contextlib import asynccontextmanager
 
 from lsprotocol import types
 from pygls.lsp.client import LanguageClient
 
-SERVER = [sys.executable, "-m", "lsp.cli", "serve"]
+SERVER = [sys.executable, "-m", "ghostline", "serve"]
 
 
 class Client(LanguageClient):
@@ -56,10 +57,11 @@ class Client(LanguageClient):
             text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=version),
             content_changes=[types.TextDocumentContentChangePartial(range=rng, text=text)]))
 
-    async def inline(self, uri: str, line: int, character: int):
+    async def inline(self, uri: str, line: int, character: int, *, invoked: bool = False):
+        kind = types.InlineCompletionTriggerKind.Invoked if invoked else types.InlineCompletionTriggerKind.Automatic
         return await self.text_document_inline_completion_async(types.InlineCompletionParams(
             text_document=types.TextDocumentIdentifier(uri=uri), position=types.Position(line, character),
-            context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Automatic)))
+            context=types.InlineCompletionContext(trigger_kind=kind)))
 
     async def inspect(self, uri: str):
         """The engine's view of a document, once every update sent before has been applied."""
@@ -83,12 +85,16 @@ class Client(LanguageClient):
 
 @asynccontextmanager
 async def running_server(*, model: str = "smollm2-135m", options: dict | None = None, encodings=("utf-16",),
-                         ready_timeout: float = 300, engine: str = "in-process", env: dict | None = None):
-    """A started, initialised server whose model is ready. `engine` as the `--engine` flag (in-process
-    by default, so tests and benchmarks of one server measure one process); `env` for the server."""
+                         ready_timeout: float | None = 300, engine: str = "in-process", env: dict | None = None,
+                         command: list[str] | None = None, cwd: str | None = None):
+    """A started, initialised server; its model is ready unless `ready_timeout` is None (then the
+    client gets it while it loads). `engine` as the `--engine` flag (in-process by default, so tests
+    and benchmarks of one server measure one process); `env`, `cwd` for the server; `command` runs
+    another installation's server (`[".../bin/ghostline", "serve"]`)."""
     client = Client()
-    await client.start_io(*SERVER, "--model", model, "--engine", engine, env=env)
+    await client.start_io(*(command or SERVER), "--model", model, "--engine", engine, env=env, cwd=cwd)
     drain = asyncio.create_task(client.drain())
+    client.started_at = time.perf_counter()  # before initialize: the editor's "server started"
     caps = types.ClientCapabilities(
         general=types.GeneralClientCapabilities(position_encodings=list(encodings)),
         window=types.WindowClientCapabilities(work_done_progress=True))
@@ -96,7 +102,9 @@ async def running_server(*, model: str = "smollm2-135m", options: dict | None = 
         capabilities=caps, initialization_options=options or {}))
     client.initialized(types.InitializedParams())
     client.init_result = result
-    await asyncio.wait_for(client.ready.wait(), ready_timeout)
+    client.initialized_at = time.perf_counter()
+    if ready_timeout is not None:
+        await asyncio.wait_for(client.ready.wait(), ready_timeout)
     try:
         yield client
     finally:

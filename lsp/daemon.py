@@ -25,12 +25,12 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.document import STRATEGIES
-from engine.engine import Cancelled, CompletionOptions, Engine, EngineOptions
-from engine.text import Change, EditError
-from lsp import wire
-from lsp.wire import ALREADY_RUNNING, lock_holder, take_lock
-from lsp.worker import Job
+from ghostline.engine.document import STRATEGIES
+from ghostline.engine.engine import Cancelled, CompletionOptions, Engine, EngineOptions
+from ghostline.engine.text import Change, EditError
+from ghostline.lsp import wire
+from ghostline.lsp.wire import ALREADY_RUNNING, lock_holder, take_lock
+from ghostline.lsp.worker import Job
 
 log = logging.getLogger("ghostline.daemon")
 MAX_URI = 4096

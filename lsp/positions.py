@@ -3,7 +3,7 @@ or UTF-8 bytes / UTF-32 code points when negotiated; the engine counts code poin
 
 from __future__ import annotations
 
-from engine.text import EditError, line_starts
+from ghostline.engine.text import EditError, line_starts
 
 
 def _units(ch: str, encoding: str) -> int:

@@ -24,9 +24,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from engine.text import EditError, to_change
-from lsp import wire
-from lsp.wire import ALREADY_RUNNING, lock_holder
+from ghostline.engine.text import EditError, to_change
+from ghostline.lsp import wire
+from ghostline.lsp.wire import ALREADY_RUNNING, lock_holder
 
 log = logging.getLogger("ghostline.remote")
 LOST = object()  # put in every waiting queue when the connection ends
@@ -279,9 +279,11 @@ def _greet(conn: Connection, hello: dict) -> dict:
 
 def spawn(model: str | None, path: Path, opts: RemoteOptions) -> subprocess.Popen:
     """Start a daemon for `model` at `path`, detached from this server (its own session; output to a log)."""
-    root = str(Path(__file__).resolve().parent.parent)
+    import ghostline
+
+    root = str(Path(ghostline.__file__).resolve().parent.parent)  # the folder holding the `ghostline` package
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-    cmd = [sys.executable, "-m", "lsp.cli", "engine", "--socket", str(path), "--idle-exit", str(opts.idle_exit_s),
+    cmd = [sys.executable, "-m", "ghostline", "engine", "--socket", str(path), "--idle-exit", str(opts.idle_exit_s),
            "--memory-budget-mb", str(opts.memory_budget_mb), "--precision", opts.precision, "--head", opts.head] \
         + (["--model", model] if model else [])
     with os.fdopen(os.open(path.with_suffix(".log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as out:

@@ -21,15 +21,15 @@ from typing import TYPE_CHECKING
 from lsprotocol import types
 from pygls.lsp.server import LanguageServer
 
-from engine.text import Change, EditError
-from lsp.positions import Mirror
-from lsp.remote import RemoteEngine, RemoteOptions, RequestOptions, parse_target
-from lsp.settings import Settings, SettingsError, check_setting
-from lsp.stats import Stats
-from lsp.worker import EngineWorker
+from ghostline.engine.text import Change, EditError
+from ghostline.lsp.positions import Mirror
+from ghostline.lsp.remote import RemoteEngine, RemoteOptions, RequestOptions, parse_target
+from ghostline.lsp.settings import Settings, SettingsError, check_setting
+from ghostline.lsp.stats import Stats
+from ghostline.lsp.worker import EngineWorker
 
 if TYPE_CHECKING:
-    from engine.engine import CompletionOptions, Engine
+    from ghostline.engine.engine import CompletionOptions, Engine
 
 log = logging.getLogger("ghostline.server")
 VERSION = "0.1.0"
@@ -150,7 +150,7 @@ class GhostlineServer(LanguageServer):
 
         def load(stop):
             if self.engine_mode == "in-process":  # torch is imported here only: a daemon's server never loads it
-                from engine.engine import Engine, EngineOptions
+                from ghostline.engine.engine import Engine, EngineOptions
 
                 opts = EngineOptions(memory_budget_mb=self.settings.memory_budget_mb,
                                      precision=self.settings.precision, head=self.settings.head)
@@ -203,7 +203,7 @@ class GhostlineServer(LanguageServer):
             return False
         for uri in list(self.engine.docs):
             if self.engine.needs_refresh(uri):
-                from engine.engine import Cancelled
+                from ghostline.engine.engine import Cancelled
 
                 try:
                     stats = self.engine.refresh(uri, should_stop=should_stop)
@@ -254,7 +254,7 @@ class GhostlineServer(LanguageServer):
         """`CompletionOptions` for an in-process engine, the same fields for the daemon (no torch)."""
         if isinstance(self.engine, RemoteEngine):
             return RequestOptions(**values)
-        from engine.engine import CompletionOptions
+        from ghostline.engine.engine import CompletionOptions
 
         return CompletionOptions(**values)
 
@@ -269,8 +269,17 @@ class GhostlineServer(LanguageServer):
         rest = shown.text[len(typed) :] if shown.text.startswith(typed) else None
         return rest if rest else None
 
-    async def suggest(self, uri: str, position: types.Position) -> list[str] | None:
-        """Suggestions at a position, or None (unknown document, superseded, cancelled, not ready)."""
+    async def wait_for_engine(self) -> None:
+        """While the engine loads, wait for it up to the time cap (for a request the user asked for)."""
+        cap_s = (self.settings.time_cap_ms or 1500) / 1e3
+        deadline = time.monotonic() + cap_s
+        while self.engine is None and self.state in ("", "loading") and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
+    async def suggest(self, uri: str, position: types.Position, *, invoked: bool = False) -> list[str] | None:
+        """Suggestions at a position, or None (unknown document, superseded, cancelled, not ready).
+        `invoked`: the user asked explicitly; during the model's load such a request waits for it
+        (bounded by the time cap) where an automatic one answers nothing at once."""
         mirror = self.mirrors.get(uri)
         if mirror is None:
             log.warning("completion for a document that is not open: %s", uri)
@@ -283,6 +292,8 @@ class GhostlineServer(LanguageServer):
         rest = self.type_through(uri, mirror, offset)
         if rest is not None:
             return [rest]
+        if self.engine is None and invoked:
+            await self.wait_for_engine()
         if self.engine is None:
             return None
         token = object()
@@ -451,7 +462,8 @@ def build_server(*, model: str | None = None, engine: str | None = None) -> Ghos
 
     @server.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
     async def inline_completion(ls: GhostlineServer, params: types.InlineCompletionParams):
-        texts = await ls.suggest(params.text_document.uri, params.position)
+        invoked = params.context.trigger_kind == types.InlineCompletionTriggerKind.Invoked
+        texts = await ls.suggest(params.text_document.uri, params.position, invoked=invoked)
         if not texts:
             return types.InlineCompletionList(items=[])
         return types.InlineCompletionList(
@@ -494,7 +506,7 @@ def build_server(*, model: str | None = None, engine: str | None = None) -> Ghos
             if isinstance(ls.engine, RemoteEngine):
                 doc = ls.engine.describe(uri)
             else:
-                from lsp.daemon import describe
+                from ghostline.lsp.daemon import describe
 
                 doc = describe(ls.engine, uri)
             if doc is None:

@@ -7,7 +7,7 @@ import os
 import threading
 from pathlib import Path
 
-from engine.paths import cache_dir
+from ghostline.engine.paths import cache_dir
 
 
 def stats_path() -> Path:

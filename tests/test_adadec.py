@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from engine.cache import KVCache, ScratchCache
-from engine.decoding.adadec import AdaDecParams, AdaDecStats, adadec, entropy, fit_threshold, look_ahead, reference_adadec
-from engine.decoding.greedy import reference_greedy
-from engine.engine import CompletionOptions
-from engine.model import build
+from ghostline.engine.cache import KVCache, ScratchCache
+from ghostline.engine.decoding.adadec import AdaDecParams, AdaDecStats, adadec, entropy, fit_threshold, look_ahead, reference_adadec
+from ghostline.engine.decoding.greedy import reference_greedy
+from ghostline.engine.engine import CompletionOptions
+from ghostline.engine.model import build
 from tests.conftest import tiny_hf
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels.segment_attention as sa
-from kernels import step
-from kernels.testing import exact_attention, three_way
+import ghostline.kernels.segment_attention as sa
+from ghostline.kernels import step
+from ghostline.kernels.testing import exact_attention, three_way
 
 CASES = [  # KV x G heads, T query tokens at the segment's end, S keys from `start`, window
     dict(KV=1, G=4, T=40, S=300, start=0, window=None),  # Gemma 3 270M's heads, a global layer

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.cache import KVCache, ScratchCache
-from engine.decoding.greedy import greedy, reference_greedy
-from engine.engine import CompletionOptions, Engine
-from engine.model import build
-from engine.stops import StopRules
+from ghostline.engine.cache import KVCache, ScratchCache
+from ghostline.engine.decoding.greedy import greedy, reference_greedy
+from ghostline.engine.engine import CompletionOptions, Engine
+from ghostline.engine.model import build
+from ghostline.engine.stops import StopRules
 from tests.conftest import tiny_hf
 
 SAMPLE = open(__file__.replace("test_complete.py", "data/sessions_before.py")).read()

@@ -12,12 +12,12 @@ import random
 import pytest
 import torch
 
-from engine.cache import KVCache, ScratchCache
-from engine.cuda import CudaRunner, cuda_greedy
-from engine.decoding.greedy import greedy
-from engine.decoding.speculative import SpecStats
-from engine.model import build
-from engine.ngram import PromptLookup
+from ghostline.engine.cache import KVCache, ScratchCache
+from ghostline.engine.cuda import CudaRunner, cuda_greedy
+from ghostline.engine.decoding.greedy import greedy
+from ghostline.engine.decoding.speculative import SpecStats
+from ghostline.engine.model import build
+from ghostline.engine.ngram import PromptLookup
 from tests.conftest import tiny_hf
 
 CUDA = torch.cuda.is_available()

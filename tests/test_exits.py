@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from engine.cache import KVCache, ScratchCache
-from engine.decoding.early_exit import ExitStats, early_exit
-from engine.decoding.greedy import greedy
-from engine.decoding.speculative import SpecStats, speculative
-from engine.decoding.superposed import halt_cuts
-from engine.engine import CompletionOptions
-from engine.exits import Exits, RowHead, States, default_layers, distill, fit, logistic, lowest_threshold, normalise, ridge
-from engine.ngram import PromptLookup
+from ghostline.engine.cache import KVCache, ScratchCache
+from ghostline.engine.decoding.early_exit import ExitStats, early_exit
+from ghostline.engine.decoding.greedy import greedy
+from ghostline.engine.decoding.speculative import SpecStats, speculative
+from ghostline.engine.decoding.superposed import halt_cuts
+from ghostline.engine.engine import CompletionOptions
+from ghostline.engine.exits import Exits, RowHead, States, default_layers, distill, fit, logistic, lowest_threshold, normalise, ridge
+from ghostline.engine.ngram import PromptLookup
 
 
 def random_exits(model, layers, *, exit=math.inf, halt=math.inf, seed=0) -> Exits:

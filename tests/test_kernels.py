@@ -23,9 +23,9 @@ triton = pytest.importorskip("triton")
 
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
-import kernels.rope_shift as rs  # noqa: E402
-import kernels.segment_attention as sa  # noqa: E402
-from kernels.testing import exact_attention, three_way  # noqa: E402
+import ghostline.kernels.rope_shift as rs  # noqa: E402
+import ghostline.kernels.segment_attention as sa  # noqa: E402
+from ghostline.kernels.testing import exact_attention, three_way  # noqa: E402
 
 # When conftest (through engine) imported triton before this module set TRITON_INTERPRET, the
 # kernels and triton.language's own jit functions were built for compilation, and reloading the
@@ -217,7 +217,7 @@ def test_static_attention(case, dtype, monkeypatch):
 
 # fused decode-step ops ------------------------------------------------------------------------------
 
-import kernels.fused as fu  # noqa: E402
+import ghostline.kernels.fused as fu  # noqa: E402
 
 
 @interpreted
@@ -301,10 +301,10 @@ def test_gemv(act, bias, dtype):
 def test_static_steps_with_kernels_equal_greedy(kind):
     """engine.cuda's steps with every Triton kernel (interpreted) give greedy's tokens and encode
     the model's rows."""
-    from engine.cache import KVCache, ScratchCache
-    from engine.cuda import CudaRunner
-    from engine.decoding.greedy import greedy
-    from engine.model import build
+    from ghostline.engine.cache import KVCache, ScratchCache
+    from ghostline.engine.cuda import CudaRunner
+    from ghostline.engine.decoding.greedy import greedy
+    from ghostline.engine.model import build
     from tests.conftest import tiny_hf
 
     cfg, hf = tiny_hf(kind, 300)

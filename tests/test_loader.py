@@ -9,8 +9,8 @@ import sys
 import pytest
 from transformers import LlamaConfig
 
-from engine.loader import load, resolve
-from engine.model import UnsupportedModel
+from ghostline.engine.loader import load, resolve
+from ghostline.engine.model import UnsupportedModel
 
 
 def test_missing_file_is_a_clear_error(tmp_path):
@@ -45,6 +45,6 @@ def test_second_load_comes_from_the_safetensors_cache(smol):
 def test_cli_reports_missing_model(tmp_path):
     f = tmp_path / "a.py"
     f.write_text("x = 1\n")
-    r = subprocess.run([sys.executable, "-m", "lsp.cli", "complete", str(f), "--line", "1", "--col", "1",
+    r = subprocess.run([sys.executable, "-m", "ghostline", "complete", str(f), "--line", "1", "--col", "1",
                         "--model", str(tmp_path / "missing.gguf")], capture_output=True, text=True)
     assert r.returncode == 2 and "model not found" in r.stderr

@@ -11,7 +11,7 @@ import time
 import pytest
 from lsprotocol import types
 
-from lsp.client import SERVER, running_server
+from ghostline.lsp.client import SERVER, running_server
 
 PY = "def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n    return a * b\n\n\ndef sub(a, b):\n    "
 URI = "file:///tmp/ghostline-test/calc.py"

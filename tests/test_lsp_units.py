@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from engine.text import EditError
-from lsp.positions import Mirror, chars_to_column, column_to_chars
-from lsp.settings import Settings, SettingsError
+from ghostline.engine.text import EditError
+from ghostline.lsp.positions import Mirror, chars_to_column, column_to_chars
+from ghostline.lsp.settings import Settings, SettingsError
 
 
 def test_settings_merge_flat_nested_and_camel_case(caplog):
@@ -60,8 +60,8 @@ def test_mirror_offsets_and_positions():
 
 
 def test_decoder_settings_pick_the_decoder_by_suggestion_kind():
-    from lsp.positions import Mirror
-    from lsp.server import GhostlineServer
+    from ghostline.lsp.positions import Mirror
+    from ghostline.lsp.server import GhostlineServer
 
     server = GhostlineServer(settings=Settings().merged({"decoder": "lookup", "decoder_multiline": "adadec"}))
     text = "def f(x):\n    \n    y = x\n"

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from engine.cache import KVCache, ScratchCache
-from engine.model import build
+from ghostline.engine.cache import KVCache, ScratchCache
+from ghostline.engine.model import build
 from tests.conftest import tiny_hf
 
 ATOL = 1e-4  # fp32: same maths, different operation order
@@ -51,7 +51,7 @@ def test_tiny_models_match_hf(kind):
 def test_llama3_scaling_changes_frequencies():
     plain, _ = tiny_hf("llama", 100)
     scaled, _ = tiny_hf("llama3", 100)
-    from engine.model import ModelArgs
+    from ghostline.engine.model import ModelArgs
 
     assert not torch.allclose(ModelArgs.from_hf(plain).inv_freq, ModelArgs.from_hf(scaled).inv_freq)
 

@@ -29,7 +29,7 @@ def nvim_binary() -> Path | None:
 
 def counts() -> tuple[int, int]:
     """The server's accepted and rejected counts (they live in its cache folder)."""
-    from lsp.stats import Stats
+    from ghostline.lsp.stats import Stats
 
     data = Stats().load()
     return data.get("accepted", 0), data.get("rejected", 0)
@@ -47,7 +47,7 @@ def test_nvim_shows_and_accepts_a_suggestion(tmp_path):
     env = dict(
         os.environ,
         PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        GHOSTLINE_TEST_CMD=json.dumps([sys.executable, "-m", "lsp.cli", "serve", "--model", "smollm2-135m"]),
+        GHOSTLINE_TEST_CMD=json.dumps([sys.executable, "-m", "ghostline", "serve", "--model", "smollm2-135m"]),
         GHOSTLINE_TEST_FILE=str(sample),
         GHOSTLINE_TEST_OUT=str(out),
         GHOSTLINE_TEST_TYPE=TYPED.lstrip(),  # 'autoindent' (on by default) gives the indent

@@ -10,11 +10,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.cache import KVCache
-from engine.document import Hunk, token_hunks
-from engine.model import build
-from engine.text import Change, EditError
-from kernels.rope_shift import rope_shift
+from ghostline.engine.cache import KVCache
+from ghostline.engine.document import Hunk, token_hunks
+from ghostline.engine.model import build
+from ghostline.engine.text import Change, EditError
+from ghostline.kernels.rope_shift import rope_shift
 from tests.conftest import tiny_hf
 
 SAMPLE = open(__file__.replace("test_pie.py", "data/sessions_before.py")).read()
@@ -193,7 +193,7 @@ def test_a_stopped_encode_resumes_and_nothing_reads_missing_rows(tiny_engine_fac
     """An open stopped after two chunks keeps those rows (fresh); refresh encodes only the rest; an
     edit or a completion on a part-encoded document first encodes the rest, so both equal the same
     steps on a document encoded in one go."""
-    from engine.engine import Cancelled, CompletionOptions
+    from ghostline.engine.engine import Cancelled, CompletionOptions
 
     text = SAMPLE[:1200]
     ref = tiny_engine_factory("llama", encode_chunk=64)
@@ -236,7 +236,7 @@ SHIFTS = [(48, 5, 20, 30), (48, 30, 44, 2), (48, 10, 30, 17), (48, 12, 40, 5), (
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", SHIFTS, ids=[f"{s}-{e}->{d}" for _, s, e, d in SHIFTS])
 def test_cpu_rope_shift_is_the_reference_bit_for_bit(case, dtype):
-    from kernels.rope_shift import rope_shift_cpu, rope_shift_reference
+    from ghostline.kernels.rope_shift import rope_shift_cpu, rope_shift_reference
 
     cap, src, end, dst = case
     gen = torch.Generator().manual_seed(cap + src + end + dst)

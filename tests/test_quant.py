@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from engine import vocab
-from engine.cache import KVCache
-from engine.decoding.greedy import reference_greedy
-from engine.engine import CompletionOptions, Engine, EngineOptions
-from engine.model import build
-from engine.quant import Int8Linear, ShortlistHead, dequantize, int8_matmul, quantize, quantize_rows
-from kernels import step
+from ghostline.engine import vocab
+from ghostline.engine.cache import KVCache
+from ghostline.engine.decoding.greedy import reference_greedy
+from ghostline.engine.engine import CompletionOptions, Engine, EngineOptions
+from ghostline.engine.model import build
+from ghostline.engine.quant import Int8Linear, ShortlistHead, dequantize, int8_matmul, quantize, quantize_rows
+from ghostline.kernels import step
 from tests.conftest import tiny_hf
 
 SAMPLE = open(__file__.replace("test_quant.py", "data/sessions_before.py")).read()

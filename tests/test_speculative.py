@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from engine.cache import ScratchCache
-from engine.decoding.greedy import greedy
-from engine.decoding.speculative import DraftLength, MatchGoodput, RejectionRule, SpecStats, speculative
-from engine.engine import CompletionOptions
-from engine.model import build
-from engine.ngram import Match, PromptLookup, longest_match
+from ghostline.engine.cache import ScratchCache
+from ghostline.engine.decoding.greedy import greedy
+from ghostline.engine.decoding.speculative import DraftLength, MatchGoodput, RejectionRule, SpecStats, speculative
+from ghostline.engine.engine import CompletionOptions
+from ghostline.engine.model import build
+from ghostline.engine.ngram import Match, PromptLookup, longest_match
 from tests.conftest import prefix_cache, tiny_hf
 
 
@@ -139,7 +139,7 @@ def test_engine_lookup_decoder_equals_greedy(tiny_engine_factory):
 
 @pytest.mark.parametrize("kind", ["gemma3", "llama"])
 def test_self_speculation_gives_greedy_output_and_falls_back(kind):
-    from engine.decoding.speculative import Chain, EarlyLayers
+    from ghostline.engine.decoding.speculative import Chain, EarlyLayers
     from tests.test_exits import random_exits
 
     cfg, hf = tiny_hf(kind, 300)
@@ -173,7 +173,7 @@ def test_self_speculation_gives_greedy_output_and_falls_back(kind):
 def test_verify_step_attention_equals_decode_steps_bit_for_bit():
     """On the CPU a verify forward's attention is the decode steps' one, row for row (int8 speculation
     relies on it to stay identical to greedy)."""
-    from kernels.segment_attention import attend
+    from ghostline.kernels.segment_attention import attend
 
     g = torch.Generator().manual_seed(0)
     K, V = torch.randn(1, 1, 50, 32, generator=g), torch.randn(1, 1, 50, 32, generator=g)

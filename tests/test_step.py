@@ -14,10 +14,10 @@ import sys
 import pytest
 import torch
 
-from engine.cache import ForkCache, KVCache, ScratchCache
-from engine.model import build
-from engine.quant import Int8Linear, dequantize, fuse, quantize, quantize_rows
-from kernels import step
+from ghostline.engine.cache import ForkCache, KVCache, ScratchCache
+from ghostline.engine.model import build
+from ghostline.engine.quant import Int8Linear, dequantize, fuse, quantize, quantize_rows
+from ghostline.kernels import step
 from tests.conftest import prefix_cache, tiny_config, tiny_hf
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
@@ -58,7 +58,7 @@ def test_gemv_refuses_what_it_cannot_serve():
                          ids=["up-overlap", "down-overlap", "up-apart", "no-move"])
 def test_shift_equals_the_torch_splice_bit_for_bit(src, end, dst):
     """PIE's move + rotation in C gives rope_shift_cpu's bits, rows moving up or down over themselves."""
-    from kernels.rope_shift import delta_cos_sin, rope_shift_cpu
+    from ghostline.kernels.rope_shift import delta_cos_sin, rope_shift_cpu
 
     g = torch.Generator().manual_seed(src * 100 + dst)
     k, v = torch.randn(3, 2, 80, 64, generator=g), torch.randn(3, 2, 80, 64, generator=g)  # [L, KV, cap, hd]
@@ -253,7 +253,7 @@ def test_batches_and_long_encodes_fall_back_to_torch(fused_pair):
 
 
 def test_the_c_step_can_be_turned_off():
-    code = "from kernels import step; print(step.available())"
+    code = "from ghostline.kernels import step; print(step.available())"
     env = dict(os.environ, GHOSTLINE_NATIVE="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

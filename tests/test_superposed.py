@@ -11,15 +11,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.cache import ScratchCache
-from engine.decoding.beam import beam_search
-from engine.decoding.greedy import greedy
-from engine.decoding.superposed import SuperposedParams, superposed
-from engine.drafts import keep
-from engine.engine import CompletionOptions
-from engine.model import greedy_ids
-from engine.ngram import NgramIndex, NgramTable
-from engine.quant import quantize
+from ghostline.engine.cache import ScratchCache
+from ghostline.engine.decoding.beam import beam_search
+from ghostline.engine.decoding.greedy import greedy
+from ghostline.engine.decoding.superposed import SuperposedParams, superposed
+from ghostline.engine.drafts import keep
+from ghostline.engine.engine import CompletionOptions
+from ghostline.engine.model import greedy_ids
+from ghostline.engine.ngram import NgramIndex, NgramTable
+from ghostline.engine.quant import quantize
 
 
 def last(gen):

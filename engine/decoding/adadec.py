@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.cache import ForkCache, KVCache, ScratchCache
+from ghostline.engine.cache import ForkCache, KVCache, ScratchCache
 
 Finish = Callable[[list[int]], bool]  # ids generated so far (committed + rollout) -> the suggestion has ended
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.cache import ScratchCache
-from engine.exits import Exits
-from engine.model import column_argmax, greedy_ids
+from ghostline.engine.cache import ScratchCache
+from ghostline.engine.exits import Exits
+from ghostline.engine.model import column_argmax, greedy_ids
 
 
 @dataclass

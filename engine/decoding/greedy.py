@@ -6,8 +6,8 @@ from collections.abc import Iterator
 
 import torch
 
-from engine.cache import KVCache, ScratchCache
-from engine.model import greedy_ids
+from ghostline.engine.cache import KVCache, ScratchCache
+from ghostline.engine.model import greedy_ids
 
 
 @torch.no_grad()

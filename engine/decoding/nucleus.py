@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import torch
 
-from engine.cache import ScratchCache
-from engine.decoding.superposed import Draft, Finish
+from ghostline.engine.cache import ScratchCache
+from ghostline.engine.decoding.superposed import Draft, Finish
 
 
 @torch.no_grad()

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from engine.cache import ScratchCache
-from engine.model import greedy_ids
+from ghostline.engine.cache import ScratchCache
+from ghostline.engine.model import greedy_ids
 
 
 @dataclass

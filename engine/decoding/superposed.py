@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.cache import ScratchCache
+from ghostline.engine.cache import ScratchCache
 
 Finish = Callable[[list[int]], "tuple[str, str] | None"]  # ids -> (shown text, stop reason) or None
 NgramProb = Callable[[list[list[int]], list[int]], np.ndarray]  # tails, candidates -> p [tails, cands]

@@ -55,7 +55,7 @@ test('initialize, open, inline completion, accept, shutdown', { skip: !fs.exists
   const settings = { model: 'smollm2-135m', maxTokens: 16, multiline: 'never' };
   const get = (key, fallback) => (key in settings ? settings[key] : fallback);
   const proc = spawnServer(
-    { serverPath: PYTHON, serverArgs: ['-m', 'lsp.cli'], serverAddress: '' },
+    { serverPath: PYTHON, serverArgs: ['-m', 'ghostline'], serverAddress: '' },
     { ...process.env, PYTHONPATH: ROOT },
     ROOT,
   );
