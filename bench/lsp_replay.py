@@ -18,7 +18,9 @@ all (the first line of the answer), scored by EM / ES against the target.
 Rows (id, set, system, ms, em, es, pred) are appended to --out as tasks finish; a rerun skips the
 (set, system, id) already there, and --summarize prints the tables from rows files alone. Output: a
 markdown table per set, then one JSON line keyed `ghostline`, `hf`, `llamacpp` (null: not run), each
-with `latency_ms_p50, latency_ms_p95, em, es` on `edits` and the same under `bigfile`.
+with `latency_ms_p50, latency_ms_p95, em, es` and the accept model's `shown_pct, accept_pct,
+chars_saved, wrong_per_100` (what a user keeps of what is shown, ../shared/EVAL.md) on `edits` and the
+same under `bigfile`. Rows keep the target, so `--summarize` recomputes every figure.
 
     python -m bench.lsp_replay --tasks ../shared/data/edits-requests.jsonl [--limit N] [--bigfile 20] \
         [--anchors hf,llamacpp] [--shard i/n] [--out rows.jsonl] [--typing N] [--options JSON] [--no-cold-start]
@@ -40,11 +42,13 @@ from pathlib import Path
 
 from lsprotocol import types
 
-from bench.tasks import append_row, cursor_offset, em, es, first_line, mean, pct, read_tasks, shard
+from bench.tasks import accept_figures, append_row, cursor_offset, em, es, first_line, mean, pct, read_tasks, shard
 from ghostline.lsp.client import running_server
 
-SYSTEMS = ("ghostline", "hf", "llamacpp")
+GATE_OFF = "ghostline_gate_off"  # the same run's suggestions before the show gate (see gate_off)
+SYSTEMS = ("ghostline", GATE_OFF, "hf", "llamacpp")
 SETS = ("edits", "bigfile")
+ACCEPT_KEYS = ("shown_pct", "accept_pct", "chars_saved", "wrong_per_100")  # ../shared/EVAL.md
 
 
 def _field(obj, key):
@@ -69,8 +73,12 @@ async def edits(c, tasks, log, *, kind: str = "edits", record: Callable = lambda
             log(f"  error: {exc}")
         ms = (time.perf_counter() - t0) * 1e3
         pred = first_line(text)
+        last = _field(await c.inspect(uri), "last_completion") or {}
+        last = last if isinstance(last, dict) else last._asdict()
+        ungated = first_line(last.get("withheld") or "") if last.get("stop_reason") == "gated" else pred
         row = {"id": task["id"], "set": kind, "system": "ghostline", "ms": ms, "em": em(pred, task["target"]),
-               "es": es(pred, task["target"]), "pred": pred, **({"error": error} if error else {})}
+               "es": es(pred, task["target"]), "pred": pred, "target": task["target"],
+               "confidence": last.get("confidence"), "pred_gate_off": ungated, **({"error": error} if error else {})}
         rows.append(row)
         record(row)
         log(f"[{kind} {n}/{len(tasks)}] {task['id']} {ms:.0f}ms em={row['em']:.0f} es={row['es']:.0f} "
@@ -164,10 +172,11 @@ def anchor(name: str, todo: dict[str, list[dict]], record: Callable, log) -> str
     from bench.anchors import RUNNERS, Missing
 
     kind = {t["id"]: s for s, ts in todo.items() for t in ts}
+    targets = {t["id"]: t["target"] for ts in todo.values() for t in ts}
     tasks = [t for ts in todo.values() for t in ts]
     try:
         for n, row in enumerate(RUNNERS[name](tasks, log), 1):
-            row = {"id": row["id"], "set": kind[row["id"]], "system": name, **row}
+            row = {"id": row["id"], "set": kind[row["id"]], "system": name, "target": targets[row["id"]], **row}
             record(row)
             log(f"[{name} {row['set']} {n}/{len(tasks)}] {row['id']} {row['ms']:.0f}ms em={row['em']:.0f} "
                 f"es={row['es']:.0f} pred={row['pred'].strip()[:60]!r}"
@@ -196,22 +205,34 @@ def summary(rows: list[dict]) -> dict | None:
         return None
     ms = [r["ms"] for r in rows if math.isfinite(r["ms"])]
     col = lambda k: [r[k] for r in rows]  # noqa: E731
+    accept = accept_figures(rows) if all("target" in r for r in rows) else dict.fromkeys(ACCEPT_KEYS)
     return {"tasks": len(rows), "em": round(mean(col("em")), 2), "es": round(mean(col("es")), 2),
             "latency_ms_p50": round(pct(ms, 50), 1) if ms else None,
             "latency_ms_p95": round(pct(ms, 95), 1) if ms else None,
-            "errors": sum(1 for r in rows if r.get("error"))}
+            "errors": sum(1 for r in rows if r.get("error")), **accept}
+
+
+def gate_off(rows: list[dict]) -> list[dict]:
+    """The rows as `gate: false` would have shown them: the withheld suggestion where the gate withheld
+    one, the same text elsewhere (a gate that lets a suggestion through never changes it). No latency:
+    the gate's own cost is a dot product, the decode is the same."""
+    return [{**r, "system": GATE_OFF, "pred": r["pred_gate_off"], "em": em(r["pred_gate_off"], r["target"]),
+             "es": es(r["pred_gate_off"], r["target"]), "ms": math.nan}
+            for r in rows if r["system"] == "ghostline" and "pred_gate_off" in r]
 
 
 def report(rows: list[dict], *, extra: dict | None = None, skipped: dict | None = None) -> dict:
     """Print a markdown table per set; return the JSON keyed by system (null: no rows and not run)."""
+    rows = rows + gate_off(rows)
+
     def pick(kind, system):
         return [r for r in rows if r["set"] == kind and r["system"] == system]
 
     for kind in SETS:
         if not any(r["set"] == kind for r in rows):
             continue
-        print(f"\n{kind}\n\n| system | tasks | EM | ES | latency p50 ms | latency p95 ms | errors |\n"
-              "|---|---|---|---|---|---|---|")
+        print(f"\n{kind}\n\n| system | tasks | EM | ES | latency p50 ms | latency p95 ms | errors | shown % | "
+              "accept % | chars saved | wrong /100 |\n|---|---|---|---|---|---|---|---|---|---|---|")
         for system in SYSTEMS:
             s = summary(pick(kind, system))
             if s is None:
@@ -219,14 +240,14 @@ def report(rows: list[dict], *, extra: dict | None = None, skipped: dict | None 
                 print(f"| {system} | 0 | | | | | {'skipped: ' + why[:60] if why else 'not run'} |")
             else:
                 print(f"| {system} | {s['tasks']} | {s['em']} | {s['es']} | {s['latency_ms_p50']} | "
-                      f"{s['latency_ms_p95']} | {s['errors']} |")
+                      f"{s['latency_ms_p95']} | {s['errors']} | " + " | ".join(str(s[k]) for k in ACCEPT_KEYS) + " |")
     typed = pick("typing", "ghostline")
     if typed:
         print(f"\ntyping (ghostline, {typed[0]['key_ms']:.0f} ms a key, half the line typed): "
               f"{len(typed)} tasks, last request p50 {pct([r['ms'] for r in typed], 50):.1f} ms, "
               f"p95 {pct([r['ms'] for r in typed], 95):.1f} ms, EM after {mean([r['em'] for r in typed]):.2f}")
     print()
-    keys = ("latency_ms_p50", "latency_ms_p95", "em", "es")
+    keys = ("latency_ms_p50", "latency_ms_p95", "em", "es", *ACCEPT_KEYS)
     out = {}
     for system in SYSTEMS:
         mine = [r for r in rows if r["system"] == system]
@@ -311,7 +332,7 @@ def main(argv=None) -> int:
         if not args.tasks:
             p.error("--tasks is required unless --summarize")
         args.anchors = [a for a in args.anchors.split(",") if a]
-        unknown = set(args.anchors) - set(SYSTEMS[1:])
+        unknown = set(args.anchors) - {"hf", "llamacpp"}
         if unknown:
             p.error(f"unknown anchors {sorted(unknown)}: choose from hf, llamacpp")
         result = run(args)

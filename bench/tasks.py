@@ -9,6 +9,7 @@ from pathlib import Path
 
 from rapidfuzz.distance import Levenshtein
 
+from ghostline.engine.gate import accepted
 from ghostline.engine.text import offset_of
 
 
@@ -32,6 +33,18 @@ def em(prediction: str, target: str) -> float:
 
 def es(prediction: str, target: str) -> float:
     return 100.0 * Levenshtein.normalized_similarity(prediction.strip(), target.strip())
+
+
+def accept_figures(rows: list[dict]) -> dict:
+    """The accept model's figures over requests that each showed `pred` (a first line, maybe empty)."""
+    n = len(rows)
+    shown = [r for r in rows if r["pred"].strip()]
+    kept = [accepted(r["pred"], r["target"]) for r in shown]
+    useful = sum(1 for k in kept if k.strip())
+    return {"shown_pct": round(100 * len(shown) / n, 2) if n else None,
+            "accept_pct": round(100 * useful / len(shown), 2) if shown else None,
+            "chars_saved": round(sum(len(k) for k in kept) / n, 2) if n else None,
+            "wrong_per_100": round(100 * (len(shown) - useful) / n, 2) if n else None}
 
 
 def pct(values: list[float], q: float) -> float:

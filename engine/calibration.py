@@ -17,7 +17,7 @@ from ghostline.engine import vocab
 from ghostline.engine.loader import cache_dir
 
 PACKAGED = Path(__file__).parent / "data"
-STEPS = ("vocab", "adadec", "exits")
+STEPS = ("vocab", "adadec", "exits", "gate")
 
 
 def user_folder(model: str) -> Path:
@@ -151,4 +151,80 @@ def calibrate_exits(model, tokenizer, name: str, roots: Iterable[Path], *, exclu
                    "exclude": list(exclude)}
     path = exits.save(out or user_folder(name))
     progress(f"exits: exit head at layer(s) {exits.layers} (of {layers}) -> {path}")
+    return path
+
+
+def cursor_tasks(files: list[Path], *, per_file: int = 2, before_lines: int = 40, after_lines: int = 20,
+                 seed: int = 0):
+    """Completion situations cut from real code, shaped like the benchmark tasks: a cursor at the
+    first non-blank character of a line, the rest of that line the target, the document the user
+    would have (the line's text removed, `before_lines` above and `after_lines` below kept)."""
+    import random
+
+    rng = random.Random(seed)
+    for path in files:
+        try:
+            lines = path.read_text(encoding="utf-8").split("\n")
+        except (OSError, UnicodeDecodeError):
+            continue
+        candidates = [i for i in range(8, len(lines)) if len(lines[i].strip()) >= 4 and len(lines[i]) <= 160]
+        for i in sorted(rng.sample(candidates, min(per_file, len(candidates)))):
+            line = lines[i]
+            indent = line[: len(line) - len(line.lstrip())]
+            above = "\n".join(lines[max(0, i - before_lines) : i])
+            text = above + "\n" + indent + "\n" + "\n".join(lines[i + 1 : i + 1 + after_lines])
+            yield {"path": str(path), "text": text, "offset": len(above) + 1 + len(indent),
+                   "target": line.strip()}
+
+
+def collect_gate(engine, files: list[Path], *, tasks: int = 400, drafts: int = 3, max_tokens: int = 48,
+                 progress: Callable[[str], None] = print) -> list[dict]:
+    """The product's k-draft decode at each cursor task (gate off): the gate's features, whether the
+    user would keep some of the first line (the accept model), and how many characters."""
+    from ghostline.engine.engine import CompletionOptions
+    from ghostline.engine.gate import accepted, features
+
+    rows, uri = [], "file:///calibration/gate.py"
+    opts = CompletionOptions(max_tokens=max_tokens, drafts=drafts)
+    for n, task in enumerate(cursor_tasks(files)):
+        if n >= tasks:
+            break
+        engine.open(uri, task["text"])
+        out = engine.complete(uri, task["offset"], opts)
+        conf = out.first_step
+        engine.close(uri)
+        if not out.drafts or conf is None:
+            continue
+        text = task["text"]
+        line_start = text.rfind("\n", 0, task["offset"]) + 1
+        line_end = text.find("\n", task["offset"])
+        x = features(conf, out.drafts, line_before=text[line_start : task["offset"]],
+                     line_after=text[task["offset"] : line_end], multiline=False)
+        kept = accepted(out.text, task["target"])
+        rows.append({"path": task["path"], "x": x.tolist(), "kept": int(bool(kept.strip())), "chars": len(kept)})
+        if len(rows) % 10 == 0:
+            progress(f"gate: {len(rows)} suggestions, {sum(r['kept'] for r in rows)} with something kept")
+    return rows
+
+
+def calibrate_gate(engine, name: str, roots: Iterable[Path], *, exclude: Iterable[str] = (), out: Path | None = None,
+                   tasks: int = 400, progress: Callable[[str], None] = print) -> Path:
+    """Fit the show gate (engine.gate) on cursor tasks cut from the code under `roots`, a third of the
+    files held out for the threshold and the check that the fit generalises; write `gate.json`."""
+    from ghostline.engine.gate import fit
+
+    t0 = time.perf_counter()
+    rows = collect_gate(engine, code_files(roots, exclude=exclude), tasks=tasks, progress=progress)
+    X = np.array([r["x"] for r in rows])
+    y = np.array([r["kept"] for r in rows], dtype=np.float64)
+    chars = np.array([r["chars"] for r in rows], dtype=np.float64)
+    held = np.array([int(hashlib.sha256(r["path"].encode()).hexdigest()[:8], 16) % 3 == 0 for r in rows])
+    gate = fit(X, y, chars, held)
+    gate.meta |= {"seconds": round(time.perf_counter() - t0, 1), "roots": [str(r) for r in roots],
+                  "exclude": list(exclude), "tasks": len(rows)}
+    path = gate.save(out or user_folder(name))
+    m = gate.meta
+    progress(f"gate: held-out AUC {m['held_out_auc']}, threshold {gate.threshold:.3f}: wrong/100 "
+             f"{m['ungated']['wrong_per_100']:.1f} -> {m['gated']['wrong_per_100']:.1f}, chars saved "
+             f"{m['ungated']['chars_saved']:.2f} -> {m['gated']['chars_saved']:.2f} -> {path}")
     return path

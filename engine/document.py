@@ -93,12 +93,13 @@ class Document:
         return len(self.ids) if i < 0 else i
 
     def splice_stale(self, h: Hunk, *, suffix_stale: bool) -> None:
-        """Mirror one hunk in the stale mask (indices already in the new layout above the hunk)."""
+        """Mirror one hunk in the stale mask (indices already in the new layout above the hunk). The
+        hunk's new rows are stale until their encode has run (it marks them fresh)."""
         m, cut = h.new_end - h.new_start, h.new_start + (h.old_end - h.old_start)
         suffix = self.stale[cut:]
         if suffix_stale:
             suffix = bytearray(b"\x01" * len(suffix))
-        self.stale = self.stale[: h.new_start] + bytearray(m) + suffix
+        self.stale = self.stale[: h.new_start] + bytearray(b"\x01" * m) + suffix
 
     def token_at(self, offset: int) -> int:
         """Index of the first token that ends after `offset` (tokens before it lie wholly before)."""

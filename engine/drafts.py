@@ -3,7 +3,9 @@
 The decoders (`superposed`, and the baselines `beam`, `nucleus`) speak ids; this module gives them
 the engine's stop rules as `finish(ids)` (decode the draft, apply `StopRules`, EOS), the n-gram
 index for superposed decoding, and turns the final drafts into texts: best first, without empty
-drafts, duplicates (after trailing blanks) and drafts that only repeat the lines below the cursor.
+drafts, duplicates (after trailing blanks) and drafts that only repeat the lines below the cursor;
+then the show gate (engine.gate), when the model has one, withholds the whole answer if it is unlikely
+that the user keeps any of it (`CompletionOptions.gate`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from ghostline.engine.cache import ScratchCache
 from ghostline.engine.decoding.beam import beam_search
 from ghostline.engine.decoding.nucleus import nucleus
 from ghostline.engine.decoding.superposed import SuperposedParams, halt_cuts, superposed
+from ghostline.engine.gate import Confidence, features
 from ghostline.engine.stops import Shown
 
 METHODS = ("superposed", "beam", "nucleus")  # CompletionOptions.decoder; any other name: superposed
@@ -36,6 +39,11 @@ def stream_drafts(engine, doc, *, P: int, offset: int, heal: str, rules, opts, t
     def ngram(tails, cands):
         return engine.ngrams.prob(tails, cands, uri=doc.uri)
 
+    conf = []  # the first step's distribution at the cursor, for the show gate
+
+    def on_first(logits):
+        conf.append(Confidence.of(logits))
+
     mask, method = engine._mask(heal), opts.decoder if opts.decoder in METHODS else "superposed"
     params = opts.superposed or SuperposedParams()
     batch = k if method == "beam" else 2 if method == "superposed" and params.anchor else 1
@@ -43,7 +51,7 @@ def stream_drafts(engine, doc, *, P: int, offset: int, heal: str, rules, opts, t
     common = dict(k=k, max_new=opts.max_tokens, finish=finish, first_mask=mask)
     if method == "superposed":
         gen = superposed(engine.model, scratch, first, context=doc.ids[max(0, P - 6) : P - 1], ngram=ngram,
-                         params=params, **common)
+                         params=params, on_first=on_first, **common)
     elif method == "beam":
         gen = beam_search(engine.model, scratch, first, **common)
     else:
@@ -86,6 +94,15 @@ def stream_drafts(engine, doc, *, P: int, offset: int, heal: str, rules, opts, t
     halted = drafts and all(d.reason == "halt" for d in drafts)
     out.stop_reason = out.stop_reason or (best.reason if best is not None and best.reason else
                                           "halt" if halted else "max_tokens")
+    out.first_step = conf[0] if conf else None
+    if engine.gate is not None and conf and out.drafts:
+        line_start = doc.text.rfind("\n", 0, offset) + 1
+        x = features(conf[0], out.drafts, line_before=doc.text[line_start:offset],
+                     line_after=doc.text[offset:line_end], multiline=opts.multiline)
+        out.confidence = float(engine.gate.p_kept(x)[0])
+        if opts.gate and out.confidence < engine.gate.threshold_at(opts.gate_strength):
+            out.withheld = out.drafts[0]
+            out.drafts, out.text, out.tokens, out.stop_reason = [], "", [], "gated"
     out.ms = (time.perf_counter() - t0) * 1e3
     yield out
 

@@ -28,7 +28,8 @@ from ghostline.engine.decoding.superposed import SuperposedParams
 from ghostline.engine.document import STRATEGIES, Document, token_hunks
 from ghostline.engine.drafts import stream_drafts
 from ghostline.engine.exits import EXITS_FILE, Exits
-from ghostline.engine.ngram import NgramIndex, PromptLookup
+from ghostline.engine.gate import GATE_FILE, Confidence, Gate
+from ghostline.engine.ngram import NgramIndex, PromptLookup, scope_of
 from ghostline.engine.quant import quantize
 from ghostline.engine.stops import Shown, StopRules
 from ghostline.engine.text import apply_changes
@@ -71,6 +72,8 @@ class CompletionOptions:
     halt_threshold: float | None = None  # P(stop) cut-off; None: the model's calibrated one
     exit: bool = False  # read confident tokens from an early layer's exit head (greedy decoder only)
     exit_threshold: float | None = None  # P(exit) cut-off; None: the model's calibrated one
+    gate: bool = False  # withhold a suggestion the user would likely keep nothing of (engine.gate; drafts > 1)
+    gate_strength: float = 1.0  # 0: show everything, 1: the calibrated threshold, above: stricter
 
 
 @dataclass
@@ -93,6 +96,9 @@ class Completion:
     ms: float = 0.0
     first_token_ms: float = 0.0
     drafts: list[str] = field(default_factory=list)  # with CompletionOptions.drafts > 1: best first
+    confidence: float | None = None  # the show gate's P(the user keeps some of it), where it ran
+    withheld: str = ""  # the best draft the gate withheld (stop_reason "gated"): for inspection only
+    first_step: Confidence | None = None  # the first step's distribution at the cursor (k drafts)
 
 
 class Cancelled(Exception):
@@ -117,6 +123,7 @@ class Engine:
         self.ngrams = NgramIndex()  # n-gram tables of the open documents (superposed decoding)
         self.adadec = AdaDecParams()  # threshold inf (greedy) until `load` finds the model's calibration
         self.exits: Exits | None = None  # exit heads + controller, when the model was calibrated for them
+        self.gate: Gate | None = None  # the show gate, when the model was calibrated for it
         self.trace_exits = False  # benchmarks: record every step's P(stop) in `last_exit.p_stop`
         self._head_cost: float | None = None  # the LM head's time in layers (`head_cost`)
         self._last_stats = None  # the last decode's stats object (its `halted` names the stop reason)
@@ -141,6 +148,8 @@ class Engine:
             engine.adadec = AdaDecParams(threshold=fitted["threshold"], **fitted.get("decode", {}))
         if (path := find(loaded.source.stem, EXITS_FILE)) is not None:
             engine.exits = Exits.load(path)
+        if (path := find(loaded.source.stem, GATE_FILE)) is not None:
+            engine.gate = Gate.load(path)
         engine.loaded = loaded
         loaded.tokenizer.warm()  # token healing's table, ahead of the first completion typed mid-word
         return engine
@@ -152,7 +161,7 @@ class Engine:
         ids, offsets = self.tok.encode(text)
         doc = Document(uri, text, ids, offsets)
         self.docs[uri] = doc
-        self._include(ids)
+        self._include(ids, uri)
         self.ngrams.open(uri, ids)
         self._touch(doc)
         n = self._encode_all(doc, should_stop)
@@ -161,6 +170,10 @@ class Engine:
     def close(self, uri: str) -> None:
         self.docs.pop(uri, None)
         self.ngrams.close(uri)
+        scope = scope_of(uri)
+        drop = getattr(self.model.lm_head, "drop", None)
+        if scope and drop is not None and not any(scope_of(u) == scope for u in self.docs):
+            drop(scope)  # the scope's last document: its own head rows go with it
 
     def text(self, uri: str) -> str:
         return self._doc(uri).text
@@ -179,7 +192,7 @@ class Engine:
         old_len, old_ids = len(doc.ids), doc.ids
         doc.text, doc.ids, doc.offsets = new_text, ids, offsets
         self.ngrams.update(uri, ids)
-        self._include(ids)
+        self._include(ids, uri)
         stats = UpdateStats(strategy, hunks=len(hunks), delta=len(ids) - old_len)
         self._touch(doc)
         if doc.cache is not None and hunks and doc.cache.length < old_len:
@@ -191,7 +204,7 @@ class Engine:
         elif strategy == "prefix":
             first = hunks[0].new_start
             doc.cache.trim(first)
-            doc.stale = doc.stale[:first] + bytearray(len(ids) - first)
+            doc.stale = doc.stale[:first] + bytearray(b"\x01" * (len(ids) - first))
             stats.encoded = self._encode(doc, first, len(ids), should_stop)
         else:
             freqs = self.model.args.inv_freq if strategy == "pie" else None
@@ -243,6 +256,7 @@ class Engine:
             self._encode_all(doc, should_stop)
         elif doc.cache.length < len(doc.ids):  # an encode stopped part-way: encode the rest
             self._encode(doc, doc.cache.length, len(doc.ids), should_stop)
+        self._scope_head(uri)
         P = doc.token_at(offset)  # tokens [0, P) lie wholly before the cursor
         if P > 1 and _in_word(doc.text, offset) and doc.offsets[P - 1][1] == offset:
             P -= 1  # a word typed up to the cursor: let the model re-choose its last token (token healing)
@@ -317,7 +331,8 @@ class Engine:
             length = DRAFT_RULES[opts.draft_length]()
             scratch = ScratchCache(doc.cache, P - 1, opts.max_tokens + length.k_max + 2)
             lookup = PromptLookup()
-            lookup.others = [d.array for d in self.docs.values() if d is not doc]
+            scope = scope_of(doc.uri)
+            lookup.others = [d.array for d in self.docs.values() if d is not doc and scope_of(d.uri) == scope]
             proposer = lookup
             if opts.decoder != "lookup":
                 if self.exits is None:
@@ -368,11 +383,17 @@ class Engine:
             exit = math.inf  # exits change tokens; the other decoders' outputs are defined at full depth
         return e.with_thresholds(exit=exit, halt=halt)
 
-    def _include(self, ids: list[int]) -> None:
-        """A shortlist head learns the document's tokens, so what the context uses stays choosable."""
+    def _include(self, ids: list[int], uri: str) -> None:
+        """A shortlist head learns the document's tokens, so what the context uses stays choosable;
+        a scoped document's ("c1|uri") only for its own scope (engine.ngram.scope_of)."""
         include = getattr(self.model.lm_head, "include", None)
         if include is not None:
-            include(torch.tensor(ids, dtype=torch.long))
+            include(torch.tensor(ids, dtype=torch.long), scope=scope_of(uri))
+
+    def _scope_head(self, uri: str) -> None:
+        """Decode with the head rows of `uri`'s scope: the shared ones and its own documents' tokens."""
+        if hasattr(self.model.lm_head, "scope"):
+            self.model.lm_head.scope = scope_of(uri)
 
     def _doc(self, uri: str) -> Document:
         doc = self.docs.get(uri)
@@ -399,7 +420,7 @@ class Engine:
 
     def _encode_all(self, doc: Document, should_stop) -> int:
         doc.cache = self.new_cache()
-        doc.stale = bytearray(len(doc.ids))
+        doc.stale = bytearray(b"\x01" * len(doc.ids))  # fresh chunk by chunk as the encode gets there
         n = self._encode(doc, 0, len(doc.ids), should_stop)
         self._evict(keep=doc)
         return n
@@ -414,11 +435,14 @@ class Engine:
         cache.length = max(cache.length, end)
         for s in range(start, end, chunk):
             e = min(end, s + chunk)
-            if should_stop is not None and should_stop():
-                cache.trim(s)  # rows past s are not valid yet: mark them stale, keep the prefix
+            try:
+                if should_stop is not None and should_stop():
+                    raise Cancelled(f"encoding {doc.uri} stopped at token {s} of {end}")
+                self.model(torch.tensor([ids[s:e]]), torch.arange(s, e), cache, return_hidden=True, last_only=True)
+            except BaseException:
+                cache.trim(s)  # rows past s are not valid: mark them stale, keep the prefix
                 doc.stale[s:] = b"\x01" * (len(doc.stale) - s)
-                raise Cancelled(f"encoding {doc.uri} stopped at token {s} of {end}")
-            self.model(torch.tensor([ids[s:e]]), torch.arange(s, e), cache, return_hidden=True, last_only=True)
+                raise
             doc.stale[s:e] = bytes(e - s)  # `stale` is laid out like `ids` (during an edit: the old ones)
         return end - start
 
@@ -427,15 +451,17 @@ class Engine:
         """Run the new tokens of an edit's hunks (rows [start, end) each, in order, already spliced
         in) through the model together, `encode_chunk` tokens a forward. Each token attends to the
         rows before its own position, so it sees the hunks before it as hunk-by-hunk encoding would,
-        in one forward instead of one per hunk (small hunks would each re-read all the weights)."""
+        in one forward instead of one per hunk (small hunks would each re-read all the weights).
+        The rows stay marked stale until their chunk's forward has returned, so a failure part-way
+        leaves them for `refresh` to mend."""
         pos = [p for s, e in spans for p in range(s, e)]
         chunk = self.options.encode_chunk
         for i in range(0, len(pos), chunk):
             part = pos[i : i + chunk]
             self.model(torch.tensor([[doc.ids[p] for p in part]]), torch.tensor(part), doc.cache, return_hidden=True,
                        last_only=True)
-        for s, e in spans:
-            doc.stale[s:e] = bytes(e - s)
+            for p in part:
+                doc.stale[p] = 0
         return len(pos)
 
     def _evict(self, *, keep: Document) -> None:

@@ -3,8 +3,9 @@
 
 Prompt lookup: find the latest earlier occurrence of the longest suffix of the context and propose
 what followed. Code repeats itself (names, call patterns, the line just edited), so the
-continuation of an earlier match is often right. The corpus is the document's own ids and other open
-documents; a search is one vectorised compare over the ids, so nothing is rebuilt per request.
+continuation of an earlier match is often right. The corpus is the document's own ids and the other
+open documents of its scope (`scope_of`: one daemon client's); a search is one vectorised compare
+over the ids, so nothing is rebuilt per request.
 
 Count tables (`NgramIndex`): per document, counts of its n-grams of orders 2..6 keyed by a rolling
 hash, kept current under edits by recounting only the changed span, giving the interpolated
@@ -243,8 +244,8 @@ class NgramIndex:
 
     def _tables(self, uri: str | None) -> list[NgramTable]:
         lang = _language(uri) if uri is not None else None
-        scope = _scope(uri) if uri is not None else None
-        uris = [u for u in self.docs if lang is None or (_language(u) == lang and _scope(u) == scope)]
+        scope = scope_of(uri) if uri is not None else None
+        uris = [u for u in self.docs if lang is None or (_language(u) == lang and scope_of(u) == scope)]
         if uri in self.docs:  # the querying document first: it is the one kept past the bound
             uris.remove(uri)
             uris.append(uri)
@@ -272,9 +273,10 @@ def _common_ends(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
     return p, s
 
 
-def _scope(uri: str) -> str:
+def scope_of(uri: str) -> str:
     """A document named "scope|uri" (the engine daemon names each client's documents so) draws
-    n-gram evidence only from documents of the same scope: one client's text never steers another's."""
+    evidence (n-grams, prompt lookup, the code head's extra rows) only from documents of the same
+    scope: one client's text never steers another's; "" for a plain uri."""
     return uri.split("|", 1)[0] if "|" in uri else ""
 
 

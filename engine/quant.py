@@ -85,15 +85,30 @@ class ShortlistHead(nn.Module):
     `forward` gives logits for the shortlist only, [..., R], in the order of `rows`; the model's
     `head()` scatters them into a full [..., V] row of -inf. `include(ids)` adds tokens (those of a
     newly opened document) so that a token the context already uses can always be chosen.
+    `include(ids, scope=name)` adds them for one scope only (a client of the engine daemon): its rows
+    follow the shared ones and count only while `scope` is the active one, so one client's documents
+    never change another client's logits.
     """
 
     def __init__(self, weight: torch.Tensor, rows: torch.Tensor, *, int8: bool = True):
         super().__init__()
         self.source, self.int8 = weight, int8  # the full head (tied embeddings: shared, not copied)
-        self.member = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
-        self.rows = torch.empty(0, dtype=torch.long, device=weight.device)
+        self.member = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)  # the shared rows
+        self._rows = torch.empty(0, dtype=torch.long, device=weight.device)
         self._bufs: dict[str, torch.Tensor] = {}  # row storage with spare capacity: `include` appends in place
+        self._scopes: dict[str, _ScopeRows] = {}
+        self.scope = ""  # whose own rows join the shared ones in `forward` and `rows`
         self.include(rows)
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """The token id of each column: the shared rows, then the active scope's own."""
+        own = self._scopes.get(self.scope)
+        if own is None or not len(own.ids):
+            return self._rows
+        if own.columns is None:
+            own.columns = torch.cat([self._rows, own.ids])
+        return own.columns
 
     @property
     def size(self) -> int:
@@ -101,46 +116,98 @@ class ShortlistHead(nn.Module):
 
     def _rows_of(self, name: str) -> torch.Tensor | None:
         buf = self._bufs.get(name)
-        return None if buf is None else buf[: len(self.rows)]
+        return None if buf is None else buf[: len(self._rows)]
 
-    qweight = property(lambda self: self._rows_of("qweight"))  # int8 [R, D]
+    qweight = property(lambda self: self._rows_of("qweight"))  # int8 [R, D], the shared rows
     scale = property(lambda self: self._rows_of("scale"))  # [R]
     weight = property(lambda self: self._rows_of("weight"))  # fp32 [R, D]
 
-    def _append(self, name: str, values: torch.Tensor, n: int) -> None:
-        """Write `values` at rows n.. of a buffer, growing it by a quarter when full (an editor opening
-        files adds a few new tokens at a time; copying the whole head for each would cost ~15 ms)."""
-        buf = self._bufs.get(name)
-        need = n + len(values)
-        if buf is None or len(buf) < need:
-            grown = values.new_empty((max(need, need + need // 4), *values.shape[1:]))
-            if buf is not None:
-                grown[:n] = buf[:n]
-            self._bufs[name] = buf = grown
-        buf[n:need] = values
-
-    def include(self, ids: torch.Tensor) -> int:
-        """Add the tokens of `ids` not yet in the shortlist; returns how many were added."""
+    def include(self, ids: torch.Tensor, *, scope: str = "") -> int:
+        """Add the tokens of `ids` not yet in the shortlist (of `scope`: its own rows, past the shared
+        ones; "" the shared rows); returns how many were added."""
         ids = ids.to(self.member.device, torch.long).flatten()
         new = torch.unique(ids[~self.member[ids]])
+        if scope:
+            own = self._scopes.setdefault(scope, _ScopeRows(self.member.device))
+            new = new[[t not in own.members for t in new.tolist()]] if len(new) else new
+            if len(new):
+                own.add(new, self.source.detach()[new].float(), self.int8)
+            return len(new)
         if len(new) == 0:
             return 0
-        n = len(self.rows)
-        w = self.source.detach()[new].float()
-        if self.int8:
-            q, s = quantize_rows(w)
-            self._append("qweight", q, n)
-            self._append("scale", s, n)
-        else:
-            self._append("weight", w, n)
+        _store(self._bufs, self.source.detach()[new].float(), len(self._rows), self.int8)
         self.member[new] = True
-        self.rows = torch.cat([self.rows, new])
+        self._rows = torch.cat([self._rows, new])
+        for own in self._scopes.values():
+            own.drop(self.member)
         return len(new)
 
+    def drop(self, scope: str) -> None:
+        """Forget a scope's own rows (its last document closed)."""
+        self._scopes.pop(scope, None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.int8:
-            return int8_matmul(x, self.qweight, self.scale)
-        return F.linear(x, self.weight.to(x.dtype))
+        y = _logits(x, self._bufs, len(self._rows), self.int8)
+        own = self._scopes.get(self.scope)
+        if own is not None and len(own.ids):
+            y = torch.cat([y, _logits(x, own.bufs, len(own.ids), self.int8)], -1)
+        return y
+
+
+class _ScopeRows:
+    """One scope's own head rows: token ids, their weights, and the ids as a set."""
+
+    def __init__(self, device):
+        self.ids = torch.empty(0, dtype=torch.long, device=device)
+        self.bufs: dict[str, torch.Tensor] = {}
+        self.members: set[int] = set()
+        self.columns: torch.Tensor | None = None  # the shared rows and these, made once per change
+
+    def add(self, ids: torch.Tensor, weights: torch.Tensor, int8: bool) -> None:
+        _store(self.bufs, weights, len(self.ids), int8)
+        self.ids = torch.cat([self.ids, ids])
+        self.members.update(ids.tolist())
+        self.columns = None
+
+    def drop(self, shared: torch.Tensor) -> None:
+        """Leave out the rows the shared ones now hold (`shared`: the shared membership mask)."""
+        self.columns = None
+        keep = ~shared[self.ids]
+        if bool(keep.all()):
+            return
+        n = len(self.ids)
+        self.bufs = {name: buf[:n][keep].clone() for name, buf in self.bufs.items()}
+        self.ids = self.ids[keep]
+        self.members = set(self.ids.tolist())
+
+
+def _store(bufs: dict[str, torch.Tensor], weights: torch.Tensor, n: int, int8: bool) -> None:
+    """Write fp32 head rows `weights` at rows n.. of `bufs` (int8 codes and scales, or fp32)."""
+    if int8:
+        q, s = quantize_rows(weights)
+        _append(bufs, "qweight", q, n)
+        _append(bufs, "scale", s, n)
+    else:
+        _append(bufs, "weight", weights, n)
+
+
+def _append(bufs: dict[str, torch.Tensor], name: str, values: torch.Tensor, n: int) -> None:
+    """Write `values` at rows n.. of a buffer, growing it by a quarter when full (an editor opening
+    files adds a few new tokens at a time; copying the whole head for each would cost ~15 ms)."""
+    buf = bufs.get(name)
+    need = n + len(values)
+    if buf is None or len(buf) < need:
+        grown = values.new_empty((max(need, need + need // 4), *values.shape[1:]))
+        if buf is not None:
+            grown[:n] = buf[:n]
+        bufs[name] = buf = grown
+    buf[n:need] = values
+
+
+def _logits(x: torch.Tensor, bufs: dict[str, torch.Tensor], n: int, int8: bool) -> torch.Tensor:
+    if int8:
+        return int8_matmul(x, bufs["qweight"][:n], bufs["scale"][:n])
+    return F.linear(x, bufs["weight"][:n].to(x.dtype))
 
 
 def fast_bf16() -> bool:

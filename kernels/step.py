@@ -13,17 +13,22 @@ layer, writing the keys and values itself: the same two halves, without returnin
 The reference is the torch layer itself (tests compare the two over dequantised weights). The
 library is compiled on first use with the host's C compiler (`cc -O3 -march=native -fopenmp`, about
 a second) into the cache folder, keyed by the source and the CPU; without a compiler (or with
-GHOSTLINE_NATIVE=0) `available()` is False and the model runs its torch layers.
+GHOSTLINE_NATIVE=0) `available()` is False and the model runs its torch layers. The folder is this
+user's, 0700 (one owned by someone else or writable by others is refused for a fresh private temp
+folder), and each library's SHA-256 is recorded beside it when it is built: a library that does not
+match its record is rebuilt, never loaded.
 """
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
 import logging
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -45,12 +50,72 @@ def gemv_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> tor
 
 _lib = None
 _tried = False
+_fallback: Path | None = None  # this process's private build folder, where the cache folder was refused
 
 
-def _build_dir() -> Path:
+def _cache_dir() -> Path:
     base = os.environ.get("GHOSTLINE_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ghostline")
     return Path(base) / "kernels"
+
+
+def _build_dir() -> Path:
+    """Where libraries are built and loaded from: the kernel cache folder, made 0700, if it is this
+    user's and nobody else may write to it (anyone who can plant a file there runs code in every
+    Ghostline process); else a fresh private temp folder for this process, said in the log."""
+    global _fallback
+    path = _cache_dir()
+    why = _unsafe(path)
+    if why is None:
+        return path
+    if _fallback is None:
+        _fallback = Path(tempfile.mkdtemp(prefix="ghostline-kernels-"))
+        atexit.register(shutil.rmtree, _fallback, True)
+    log.warning("kernel cache %s %s: not using it; building the CPU step kernel in %s", path, why, _fallback)
+    return _fallback
+
+
+def _unsafe(path: Path) -> str | None:
+    """Why `path` is no private folder of this user's (created 0700 if missing, tightened to 0700 if
+    only readable by others), or None."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = path.lstat()
+    except OSError as exc:
+        return f"cannot be created ({exc})"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a folder"
+    if st.st_uid != os.getuid():
+        return f"belongs to uid {st.st_uid}"
+    if st.st_mode & 0o022:
+        return "is writable by group or others"
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return None
+
+
+def _record(lib: Path) -> Path:
+    """The file holding `lib`'s SHA-256, written when it was built."""
+    return lib.with_name(lib.name + ".sha256")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _matches_record(lib: Path) -> bool:
+    """`lib` is what this user built: both are this user's plain files, the record is 0600, and the
+    library's SHA-256 equals it."""
+    mine = os.getuid()
+    try:
+        rec, st = _record(lib).lstat(), lib.lstat()
+        if not (stat.S_ISREG(rec.st_mode) and stat.S_ISREG(st.st_mode)):
+            return False
+        if rec.st_uid != mine or st.st_uid != mine or rec.st_mode & 0o077:
+            return False
+        return _record(lib).read_text().strip() == _sha256(lib)
+    except OSError:
+        return False
 
 
 def _cpu_key() -> str:
@@ -67,17 +132,21 @@ def _compile() -> Path | None:
         return None
     key = hashlib.sha256(b"".join(p.read_bytes() for p in (*SOURCES, *HEADERS)) + _cpu_key().encode() + cc.encode()).hexdigest()[:16]
     out = _build_dir() / f"step-{key}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists() or out.is_symlink():
+        if _matches_record(out):
+            return out
+        log.warning("CPU step kernel %s does not match a SHA-256 this user recorded when building it: rebuilding it", out)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        so = Path(tmp) / out.name
+        so, record = Path(tmp) / out.name, Path(tmp) / _record(out).name
         cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", *map(str, SOURCES), "-o", str(so)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             log.warning("CPU step kernel not built (%s): %s", " ".join(cmd), done.stderr.strip()[-500:])
             return None
+        with os.fdopen(os.open(record, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            f.write(_sha256(so) + "\n")
         os.replace(so, out)  # atomic: another process building the same key finds a whole file
+        os.replace(record, _record(out))
     return out
 
 

@@ -68,6 +68,13 @@ def _calibrate(args) -> int:
     if "exits" in steps:
         calibrate_exits(loaded.model, loaded.tokenizer, loaded.source.stem, roots, exclude=args.exclude, out=out,
                         budget=min(args.tokens, 24_000), progress=say)
+    if "gate" in steps:  # the product's decoding, so the engine the server runs (int8, code head)
+        from ghostline.engine.calibration import calibrate_gate
+        from ghostline.engine.engine import Engine, EngineOptions
+
+        engine = Engine.load(args.model, options=EngineOptions(precision="int8", head="code"))
+        calibrate_gate(engine, loaded.source.stem, roots, exclude=args.exclude, out=out, tasks=args.gate_tasks,
+                       progress=say)
     return 0
 
 
@@ -105,9 +112,21 @@ def _engine_parser(sub) -> None:
     e.add_argument("--precision", choices=("fp32", "int8"), default="int8", help="layer weights (default int8)")
     e.add_argument("--head", choices=("code", "full"), default="code",
                    help="LM head over the code vocabulary (default) or the full vocabulary")
-    e.add_argument("--max-docs", type=int, default=None, help="open documents per client (default 256)")
+    e.add_argument("--max-docs", type=int, default=None,
+                   help="cached documents per client, least recently used evicted past it (default 256)")
+    e.add_argument("--max-open", type=int, default=None, help="open documents per client (default 4096)")
     e.add_argument("--max-queued", type=int, default=None, help="waiting requests per client (default 32)")
     e.add_argument("--max-frame-mb", type=float, default=None, help="largest frame (default 16)")
+    e.add_argument("--max-hello-bytes", type=int, default=None,
+                   help="largest frame a TCP client may send before its token is accepted (default 4096)")
+    e.add_argument("--hello-timeout", type=float, default=None, metavar="SECONDS",
+                   help="close a TCP client that has not sent a valid hello by then (default 5)")
+    e.add_argument("--max-unauthenticated", type=int, default=None,
+                   help="TCP connections held at once before their hello (default 64)")
+    e.add_argument("--max-clients", type=int, default=None, help="connections held at once (default 256)")
+    e.add_argument("--rate", type=float, default=None, metavar="CALLS_PER_S",
+                   help="calls a second per client on average; past it calls get `rate_limited` (default 200)")
+    e.add_argument("--rate-burst", type=int, default=None, help="calls per client in a burst (default 1000)")
     e.add_argument("--idle-exit", type=float, default=None, metavar="SECONDS",
                    help="exit after this long without clients (servers start daemons with 300)")
     e.add_argument("--stop", action="store_true", help="stop the running daemons of this user and exit")
@@ -139,11 +158,12 @@ def main(argv=None) -> int:
     add_serve_parser(sub)
     _engine_parser(sub)
 
-    cal = sub.add_parser("calibrate", help="fit the per-model artifacts (code vocabulary, AdaDec threshold, exit heads) on real code")
+    cal = sub.add_parser("calibrate", help="fit the per-model artifacts (code vocabulary, AdaDec threshold, exit heads, show gate) on real code")
     cal.add_argument("--model", default=None)
     cal.add_argument("--corpus", nargs="*", default=[], help="folders of code (default: the stdlib and installed packages)")
     cal.add_argument("--exclude", nargs="*", default=[], help="skip paths containing any of these words")
-    cal.add_argument("--steps", default="vocab,adadec,exits", help="comma-separated: vocab, adadec, exits")
+    cal.add_argument("--steps", default="vocab,adadec,exits,gate", help="comma-separated: vocab, adadec, exits, gate")
+    cal.add_argument("--gate-tasks", type=int, default=400, help="cursor tasks cut from the corpus for the show gate")
     cal.add_argument("--tokens", type=int, default=60_000, help="teacher-forced tokens for the AdaDec fit (the exits fit takes at most 24,000)")
     cal.add_argument("--out", help="folder for the artifacts (default: the model's folder in the cache)")
     cal.set_defaults(func=_calibrate)

@@ -5,6 +5,10 @@ call runs on one engine thread, the `Scheduler`, which serves one queue per clie
 client's documents live in the one `Engine` under a per-client name, so one memory budget with LRU
 eviction covers all clients, and no client sees another's documents. A client that disconnects has
 its documents freed.
+
+Before a TCP client has sent the token it may send one small frame (`hello_frame_bytes`), must do so
+within `hello_timeout_s`, and only `max_unauthenticated` such connections are held at once; every
+client's calls pass a token bucket (`rate_per_s`, `rate_burst`).
 """
 
 from __future__ import annotations
@@ -39,18 +43,64 @@ MAX_URI = 4096
 @dataclass
 class DaemonOptions:
     max_frame_bytes: int = wire.MAX_FRAME
-    max_docs: int = 256  # open documents per client
+    max_docs: int = 256  # cached documents per client; past it the least recently used one's cache is evicted
+    max_open: int = 4096  # open documents (their texts) per client; an open past it is refused
     max_queued: int = 32  # requests waiting per client
     idle_refresh_s: float = 0.6  # quiet time before stale caches are re-encoded in the background
     slice_s: float = 0.2  # an encode runs this long before another client's completion may take the engine
     idle_exit_s: float | None = None  # exit once no client has been connected this long
     token: str | None = None  # what TCP clients must send in `hello` (compared in constant time)
+    hello_frame_bytes: int = wire.HELLO_FRAME  # largest frame a TCP client may send before its token is accepted
+    hello_timeout_s: float = 5.0  # a TCP client that has not sent a valid hello by then is closed
+    max_unauthenticated: int = 64  # TCP connections held at once before their hello
+    max_clients: int = 256  # connections held at once, all kinds
+    rate_per_s: float = 200.0  # calls a second per client, on average ...
+    rate_burst: int = 1000  # ... in bursts of up to this many (a reconnect re-opens every document)
+
+    def __post_init__(self):
+        """Every limit is checked here, once: a bad flag stops the daemon before it serves."""
+        counts = ("max_frame_bytes", "max_docs", "max_open", "max_queued", "hello_frame_bytes",
+                  "max_unauthenticated", "max_clients", "rate_burst")
+        for name in counts:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, not {value!r}")
+        spans = {"hello_timeout_s": self.hello_timeout_s, "rate_per_s": self.rate_per_s,
+                 "idle_refresh_s": self.idle_refresh_s}
+        if self.idle_exit_s is not None:
+            spans["idle_exit_s"] = self.idle_exit_s
+        for name, value in spans.items():
+            if not _number(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive number, not {value!r}")
+        if not _number(self.slice_s) or self.slice_s < 0:
+            raise ValueError(f"slice_s must be a number >= 0, not {self.slice_s!r}")
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 class RequestError(ValueError):
     def __init__(self, code: str, message: str):
         super().__init__(message)
         self.code = code
+
+
+class TokenBucket:
+    """`rate` calls a second on average, in bursts of up to `burst`: `take()` is False past that."""
+
+    def __init__(self, rate: float, burst: int, clock=time.monotonic):
+        self.rate, self.burst, self.clock = rate, burst, clock
+        self.tokens, self.at = float(burst), clock()
+
+    def take(self) -> bool:
+        now = self.clock()
+        self.tokens = min(float(self.burst), self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
 
 
 # the engine thread -------------------------------------------------------------------------------
@@ -196,13 +246,18 @@ class Scheduler:
 class Session:
     """One connected client: its documents, its requests in flight, and the way back to it."""
 
-    def __init__(self, sid: int, writer: asyncio.StreamWriter, *, tcp: bool, limit: int):
-        self.id, self.writer, self.tcp, self.limit = sid, writer, tcp, limit
+    def __init__(self, sid: int, writer: asyncio.StreamWriter, *, tcp: bool, limit: int, bucket: TokenBucket):
+        self.id, self.writer, self.tcp, self.limit, self.bucket = sid, writer, tcp, limit, bucket
         self.name = ""
         self.greeted = False
         self.closed = False
         self.docs: set[str] = set()
         self.inflight: dict[int, Job] = {}
+
+    @property
+    def trusted(self) -> bool:
+        """A Unix socket peer of this user (checked on accept), or a TCP client that sent the token."""
+        return self.greeted or not self.tcp
 
     def key(self, uri: str) -> str:
         """The document's name in the shared engine."""
@@ -292,19 +347,38 @@ class Daemon:
         await self._connection(reader, writer, tcp=True)
 
     async def _connection(self, reader, writer, *, tcp: bool) -> None:
-        s = Session(next(self._ids), writer, tcp=tcp, limit=self.options.max_frame_bytes)
+        peer = writer.get_extra_info("peername") if tcp else "unix socket"
+        full = self._full(tcp=tcp)
+        if full:
+            log.warning("refused a connection (%s): %s", peer, full)
+            writer.write(wire.pack(wire.error(None, "busy", full)))
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+            return
+        o = self.options
+        s = Session(next(self._ids), writer, tcp=tcp, limit=o.max_frame_bytes,
+                    bucket=TokenBucket(o.rate_per_s, o.rate_burst))
         self.clients[s.id] = s
         self._handlers.add(asyncio.current_task())
-        peer = writer.get_extra_info("peername") if tcp else "unix socket"
         log.info("client %d connected (%s)", s.id, peer)
+        deadline = asyncio.get_running_loop().time() + o.hello_timeout_s
         try:
             while True:
-                body = await wire.read_frame(reader, limit=self.options.max_frame_bytes)
+                if s.trusted:
+                    body = await wire.read_frame(reader, limit=o.max_frame_bytes)
+                else:  # a stranger: one small frame, soon
+                    left = deadline - asyncio.get_running_loop().time()
+                    limit = min(o.hello_frame_bytes, o.max_frame_bytes)
+                    body = await asyncio.wait_for(wire.read_frame(reader, limit=limit), max(left, 0.0))
                 if body is None or not self._handle(s, body):
                     break
                 await writer.drain()
         except wire.FrameTooLarge as exc:
             s.send(wire.error(None, "too_large", f"{exc}; closing"))
+        except TimeoutError:
+            log.warning("client %d sent no valid hello within %.1f s: closing", s.id, o.hello_timeout_s)
+            s.send(wire.error(None, "hello_timeout", "no hello in time; closing"))
         except (ConnectionError, OSError):
             pass
         finally:
@@ -314,6 +388,15 @@ class Daemon:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
             log.info("client %d (%s) left; its %d documents freed", s.id, s.name or "?", len(s.docs))
+
+    def _full(self, *, tcp: bool) -> str | None:
+        """Why a new connection is refused (too many held), or None."""
+        o = self.options
+        if len(self.clients) >= o.max_clients:
+            return f"{o.max_clients} connections are open"
+        if tcp and sum(not c.trusted for c in self.clients.values()) >= o.max_unauthenticated:
+            return f"{o.max_unauthenticated} connections are waiting to say hello"
+        return None
 
     def _drop(self, s: Session) -> None:
         s.closed = True
@@ -348,6 +431,9 @@ class Daemon:
         if not s.greeted:
             s.send(wire.error(rid, "unauthorized" if s.tcp else "hello_first", "say hello first"))
             return not s.tcp
+        if not s.bucket.take():
+            s.send(wire.error(rid, "rate_limited", f"more than {self.options.rate_per_s:g} calls a second"))
+            return True
         handler = self.calls.get(call) if isinstance(call, str) else None
         if handler is None:
             s.send(wire.error(rid, "unknown_call", f"unknown call {str(call)[:64]!r} (known: {', '.join(wire.CALLS)})"))
@@ -413,18 +499,33 @@ class Daemon:
         elif isinstance(exc, ValueError):
             s.send(wire.error(rid, "bad_request", str(exc)))
         else:
-            log.error("client %d request %d failed", s.id, rid, exc_info=exc)
+            log.error("client %d request %d (%s) failed", s.id, rid, job.uri, exc_info=exc)
             s.send(wire.error(rid, "engine", f"{type(exc).__name__}: {exc}"))
 
     def _open(self, s: Session, rid: int, args: dict) -> None:
         uri, text = _uri(args), _arg(args, "text", str)
-        if uri not in s.docs and len(s.docs) >= self.options.max_docs:
-            raise RequestError("limit", f"more than {self.options.max_docs} open documents")
+        if uri not in s.docs and len(s.docs) >= self.options.max_open:
+            raise RequestError("limit", f"more than {self.options.max_open} open documents")
         key = s.key(uri)
+
+        def run(stop):
+            self._fit(s, key)
+            return self.engine.open(key, text, should_stop=stop)
+
         job = Job("encode", None, uri)
-        job.fn = lambda stop: self._encode(s, job, stop, lambda st: self.engine.open(key, text, should_stop=st))
+        job.fn = lambda stop: self._encode(s, job, stop, run)
         self._submit(s, rid, job)
         s.docs.add(uri)
+
+    def _fit(self, s: Session, key: str) -> None:
+        """Make room to cache `key`: a client keeps at most `max_docs` documents cached; past that the
+        least recently used one's cache is evicted (its text stays, re-encoded when next used)."""
+        prefix = s.key("")
+        cached = sorted((d for k, d in self.engine.docs.items()
+                         if k.startswith(prefix) and k != key and d.cache is not None), key=lambda d: d.last_used)
+        for doc in cached[: max(0, len(cached) - self.options.max_docs + 1)]:
+            doc.cache = None
+            log.info("client %d: more than %d documents cached: evicted %s", s.id, self.options.max_docs, doc.uri)
 
     def _encode(self, s: Session, job: Job, stop, run) -> dict:
         """Run an encode; if another client's completion preempted it, finish it first in this client's turn."""
@@ -471,6 +572,9 @@ class Daemon:
         key = s.key(uri)
 
         def run(stop):
+            doc = self.engine.docs.get(key)
+            if doc is not None and doc.cache is None:
+                self._fit(s, key)
             self._ensure_cached(key)
             sent, out = None, None
             try:
@@ -570,7 +674,8 @@ def _completion_dict(out) -> dict:
     if out is None:
         return {"text": "", "stop_reason": "no_context"}
     return {"text": out.text, "tokens": list(out.tokens), "stop_reason": out.stop_reason, "ctx_tokens": out.ctx_tokens,
-            "heal": out.heal, "ms": out.ms, "first_token_ms": out.first_token_ms, "drafts": list(out.drafts)}
+            "heal": out.heal, "ms": out.ms, "first_token_ms": out.first_token_ms, "drafts": list(out.drafts),
+            "confidence": out.confidence, "withheld": out.withheld}
 
 
 def _completion_options(raw) -> CompletionOptions:
@@ -581,7 +686,8 @@ def _completion_options(raw) -> CompletionOptions:
               "time_cap_ms": lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0),
               "decoder": lambda v: v in ("greedy", "lookup", "self", "lookup+self", "adadec"), "drafts": lambda v: _is_int(v) and 1 <= v <= 8,
               "halt": lambda v: isinstance(v, bool), "exit": lambda v: isinstance(v, bool),
-              "halt_threshold": _unit_or_none, "exit_threshold": _unit_or_none}
+              "halt_threshold": _unit_or_none, "exit_threshold": _unit_or_none, "gate": lambda v: isinstance(v, bool),
+              "gate_strength": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 4}
     for key, value in raw.items():
         if key not in checks or not checks[key](value):
             raise RequestError("bad_request", f"bad completion option {str(key)[:40]}={str(value)[:40]}")
@@ -682,6 +788,17 @@ def _token(args) -> str:
     return path.read_text().strip()
 
 
+def daemon_options(args, *, token: str | None = None) -> DaemonOptions:
+    """`ghostline engine`'s flags as options (a flag left out keeps the default)."""
+    given = {"max_docs": args.max_docs, "max_open": args.max_open, "max_queued": args.max_queued,
+             "idle_exit_s": args.idle_exit,
+             "max_frame_bytes": int(args.max_frame_mb * 2**20) if args.max_frame_mb else None,
+             "hello_frame_bytes": args.max_hello_bytes, "hello_timeout_s": args.hello_timeout,
+             "max_unauthenticated": args.max_unauthenticated, "max_clients": args.max_clients,
+             "rate_per_s": args.rate, "rate_burst": args.rate_burst}
+    return DaemonOptions(**{k: v for k, v in given.items() if v is not None}, token=token)
+
+
 def run(args) -> int:
     logging.getLogger("ghostline").setLevel(logging.getLogger().level)
     if args.stop:
@@ -697,14 +814,11 @@ def run(args) -> int:
     else:
         path = Path(args.socket) if args.socket else wire.socket_path(args.model)
         lock = wire.lock_path(path)
+    options = daemon_options(args, token=_token(args) if args.listen else None)
     fd = take_lock(lock)
     if fd is None:
         log.info("an engine daemon already holds %s (pid %s)", lock, lock_holder(lock))
         return ALREADY_RUNNING
-    given = {"max_docs": args.max_docs, "max_queued": args.max_queued, "idle_exit_s": args.idle_exit,
-             "max_frame_bytes": int(args.max_frame_mb * 2**20) if args.max_frame_mb else None}
-    options = DaemonOptions(**{k: v for k, v in given.items() if v is not None},
-                            token=_token(args) if args.listen else None)
     budget = {"memory_budget_mb": args.memory_budget_mb} if args.memory_budget_mb else {}
     engine = Engine.load(args.model, options=EngineOptions(**budget, precision=args.precision, head=args.head),
                          progress=lambda m: log.info("load: %s", m))

@@ -10,7 +10,6 @@ torch, so a language server on the daemon stays small and starts fast.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import os
@@ -69,6 +68,8 @@ class RequestOptions:
     halt_threshold: float | None = None
     exit: bool = False
     exit_threshold: float | None = None
+    gate: bool = False
+    gate_strength: float = 1.0
 
 
 @dataclass
@@ -83,6 +84,8 @@ class Suggestion:
     ms: float = 0.0
     first_token_ms: float = 0.0
     drafts: list[str] = field(default_factory=list)
+    confidence: float | None = None
+    withheld: str = ""
 
 
 @dataclass
@@ -338,9 +341,9 @@ class RemoteEngine:
     # documents -----------------------------------------------------------------------------------
 
     def open(self, uri: str, text: str, *, should_stop=None) -> dict | None:
-        """Open (or re-open) a document; the daemon's update stats."""
-        self.docs[uri] = text
-        return self._update("open", {"uri": uri, "text": text})
+        """Open (or re-open) a document; the daemon's update stats. A refusal (DaemonError, ...)
+        leaves the text recorded as the daemon holds it."""
+        return self._record(uri, text, "open", {"uri": uri, "text": text})
 
     def edit(self, uri: str, changes: list, *, strategy: str = "pie", should_stop=None) -> dict | None:
         text = self.docs.get(uri)
@@ -351,8 +354,7 @@ class RemoteEngine:
             c = to_change(text, change)
             text = text[: c.start] + c.text + text[c.end :]
             sent.append([c.start, c.end, c.text])
-        self.docs[uri] = text
-        return self._update("edit", {"uri": uri, "changes": sent, "strategy": strategy})
+        return self._record(uri, text, "edit", {"uri": uri, "changes": sent, "strategy": strategy})
 
     def close(self, uri: str) -> None:
         if self.docs.pop(uri, None) is not None:
@@ -385,6 +387,22 @@ class RemoteEngine:
         self.closed = True
         if self.conn is not None:
             self.conn.close()
+
+    def _record(self, uri: str, text: str, call: str, args: dict) -> dict | None:
+        """Send an update that makes the document `text`. The text is recorded first (a reconnect
+        re-opens what is recorded, so a lost connection still carries it), and put back as it was
+        when the daemon refuses the update: the record is what the daemon holds."""
+        before = self.docs.get(uri)
+        self.docs[uri] = text
+        try:
+            return self._update(call, args)
+        except (DaemonError, EditError, KeyError):
+            if self.docs.get(uri) is text:
+                if before is None:
+                    self.docs.pop(uri, None)
+                else:
+                    self.docs[uri] = before
+            raise
 
     def _update(self, call: str, args: dict) -> dict | None:
         """Send an update; if the daemon is gone, the resync after reconnecting carries it."""
@@ -470,8 +488,12 @@ class RemoteEngine:
         try:
             conn, info = connect(self.target, model=self.model, token=self.token, options=self.remote)
             for uri, text in list(self.docs.items()):
-                with contextlib.suppress(wire.FrameTooLarge):
+                try:
                     conn.call("open", {"uri": uri, "text": text})
+                except wire.FrameTooLarge:
+                    pass
+                except (DaemonError, EditError, KeyError) as exc:  # one refused document: the others go on
+                    log.warning("engine daemon refused to re-open %s: %s", uri, exc)
         except (Unavailable, ConnectionLost, DaemonError) as exc:
             self._failures += 1
             wait = min(self.remote.max_retry_s, 0.5 * 2**self._failures)

@@ -22,10 +22,10 @@ from lsprotocol import types
 from pygls.lsp.server import LanguageServer
 
 from ghostline.engine.text import Change, EditError
-from ghostline.lsp.positions import Mirror
-from ghostline.lsp.remote import RemoteEngine, RemoteOptions, RequestOptions, parse_target
+from ghostline.lsp.positions import Mirror, chars_to_column, column_to_chars
+from ghostline.lsp.remote import DaemonError, RemoteEngine, RemoteOptions, RequestOptions, parse_target
 from ghostline.lsp.settings import Settings, SettingsError, check_setting
-from ghostline.lsp.stats import Stats
+from ghostline.lsp.stats import Stats, document_kind
 from ghostline.lsp.worker import EngineWorker
 
 if TYPE_CHECKING:
@@ -46,6 +46,7 @@ class Shown:
     offset: int
     text: str
     tail: str  # the text just before `offset` when it was shown
+    drafts: tuple[str, ...] = ()  # all drafts of the request, `text` first
 
 
 class Debounce:
@@ -79,6 +80,7 @@ class GhostlineServer(LanguageServer):
         self.latest: dict[str, object] = {}  # newest request token per document
         self.running: dict[str, object] = {}  # newest submitted completion job per document
         self.shown: dict[str, Shown] = {}
+        self.outcomes: dict[str, dict] = {}  # per document, how its last decode ended (ghostline/inspect)
         self.prefetch: dict[str, tuple[int, str]] = {}
         self.stats = Stats()
         self.debounce = Debounce(self.settings.debounce_ms)
@@ -86,6 +88,11 @@ class GhostlineServer(LanguageServer):
         self.loop: asyncio.AbstractEventLoop | None = None
         self.errors = 0
         self.ready_message = ""
+        self.status_sent: tuple[str, str] | None = None
+        self.load_started = 0.0
+        self.opening: dict[str, int] = {}  # documents opened and not encoded yet (count per uri)
+        self.told: set[str] = set()  # causes of failed updates the editor has been shown (once each)
+        self.unsynced: set[str] = set()  # documents whose resync failed: their next update re-opens them
 
     # plumbing ------------------------------------------------------------------------------------
 
@@ -110,16 +117,44 @@ class GhostlineServer(LanguageServer):
         self.soon(self.protocol.notify, method, params)
 
     def set_status(self, state: str, message: str = "") -> None:
-        if state == self.state and state != "error":
-            return
-        self.state = state
         if state in ("ready", "error") and message:
             self.ready_message = message
         elif state == "ready":
             message = self.ready_message
+        if (state, message) == self.status_sent and state != "error":
+            return
+        self.state, self.status_sent = state, (state, message)
         source = getattr(getattr(self.engine, "loaded", None), "source", None)
         model = source.name if source is not None else self.model_name
         self.notify_threadsafe(STATUS, {"state": state, "message": message, "model": model})
+
+    def busy_message(self) -> str:
+        """`encoding <file>` while an opened document is still being encoded, else nothing."""
+        uri = next(iter(self.opening), None)
+        return f"encoding {uri.rsplit('/', 1)[-1]}" if uri else ""
+
+    def settle(self) -> None:
+        """After a job: ready, or busy while a document is still encoding (not while loading or failed)."""
+        if self.state in ("", "loading", "error") or self.engine is None:
+            return
+        busy = self.busy_message()
+        if busy or self.running:
+            self.set_status("busy", busy)
+        else:
+            self.set_status("ready")
+
+    def track_open(self, uri: str) -> None:
+        """Show `busy: encoding <file>` until the worker has encoded a just-opened document."""
+        self.opening[uri] = self.opening.get(uri, 0) + 1
+        if self.engine is not None:
+            self.set_status("busy", self.busy_message())
+        self.worker.submit("update", lambda _stop: self.soon(self._encoded, uri), uri=uri)
+
+    def _encoded(self, uri: str) -> None:
+        n = self.opening.pop(uri, 0) - 1
+        if n > 0:
+            self.opening[uri] = n
+        self.settle()
 
     @property
     def model_name(self) -> str:
@@ -141,6 +176,7 @@ class GhostlineServer(LanguageServer):
         if progress:
             self.work_done_progress.create(token)
             self.work_done_progress.begin(token, types.WorkDoneProgressBegin(title="Ghostline", message="loading model"))
+        self.load_started = time.monotonic()
         self.set_status("loading", f"loading {self.model_name}")
 
         def say(message: str) -> None:
@@ -169,14 +205,19 @@ class GhostlineServer(LanguageServer):
             self.engine = future.result()
             loaded = self.engine.loaded
             where = f" via {self.engine.where}" if isinstance(self.engine, RemoteEngine) else ""
-            msg = f"{loaded.source.name} ready in {loaded.seconds:.1f}s ({'cached' if loaded.from_cache else 'first start'}){where}"
+            took = time.monotonic() - self.load_started  # from the request to load, imports included
+            msg = f"{loaded.source.name} ready in {took:.1f}s ({'cached' if loaded.from_cache else 'first start'}){where}"
             state = "ready"
         except Exception as exc:  # a bad model path, no daemon: say so, keep serving (without completions)
             msg, state = f"engine failed to start: {exc}", "error"
         (log.info if state == "ready" else log.error)(msg)
         if token is not None:  # end the progress before the status, so a client sees them in that order
             self.soon(self.work_done_progress.end, token, types.WorkDoneProgressEnd(message=state))
-        self.set_status(state, msg)
+        if state == "ready" and self.opening:  # ready once the documents opened meanwhile are encoded
+            self.ready_message = msg
+            self.set_status("busy", self.busy_message())
+        else:
+            self.set_status(state, msg)
 
     def leave_engine(self) -> None:
         """The editor is gone: leave the engine daemon (it frees our documents), and never start another."""
@@ -184,18 +225,52 @@ class GhostlineServer(LanguageServer):
             self.engine.disconnect()
 
     def submit_update(self, uri: str, fn) -> None:
+        """Run a document update on the engine thread. If it fails, whatever the cause, the document
+        is re-opened with the text this update leaves (the mirror's now; later updates queue behind
+        it): never a silent divergence (`update_failed`)."""
+        mirror = self.mirrors.get(uri)
+        text = mirror.text if mirror is not None else None
+
         def run(_stop):
             if self.engine is None:
                 return None
+            resend = uri in self.unsynced and text is not None  # an earlier resync failed: send all of it
+            self.unsynced.discard(uri)
             try:
-                return fn(self.engine)
-            except EditError as exc:  # the engine refused a change: resync from our copy
-                log.error("edit of %s refused (%s); resyncing", uri, exc)
-                mirror = self.mirrors.get(uri)
-                if mirror is not None:
-                    self.engine.open(uri, mirror.text)
+                return self.engine.open(uri, text) if resend else fn(self.engine)
+            except Exception as exc:
+                self.update_failed(uri, text, exc)
 
         self.worker.submit("update", run, uri=uri)
+
+    def update_failed(self, uri: str, text: str | None, exc: Exception) -> None:
+        """An update of `uri` failed in the engine: log it, resync the document from `text` (None:
+        it was closed), and tell the editor once per cause."""
+        self.errors += 1
+        cause = f"{type(exc).__name__}:{getattr(exc, 'code', '')}"
+        log.error("update of %s failed (%s: %s); resyncing from the editor's text", uri, type(exc).__name__, exc,
+                  exc_info=not isinstance(exc, (EditError, DaemonError)))
+        name = uri.rsplit("/", 1)[-1] or uri
+        if text is None:
+            self.tell(cause, f"Ghostline: the engine failed to update {name}: {exc}")
+            return
+        try:
+            self.engine.open(uri, text)
+        except Exception as again:
+            self.unsynced.add(uri)
+            log.error("resync of %s failed too (%s: %s); its next update re-opens it", uri, type(again).__name__, again)
+            self.tell(f"{cause}:resync", f"Ghostline: the engine failed to update {name} ({exc}) and to resync "
+                                         "it; suggestions there may be off until its next edit")
+            return
+        self.tell(cause, f"Ghostline: the engine failed to update {name} ({exc}); resynced from the editor's text")
+
+    def tell(self, cause: str, message: str) -> None:
+        """A warning for the editor (window/showMessage), once per cause for the server's life; the
+        log has every occurrence."""
+        if cause in self.told:
+            return
+        self.told.add(cause)
+        self.soon(self.window_show_message, types.ShowMessageParams(type=types.MessageType.Warning, message=message))
 
     def _idle_refresh(self, should_stop) -> bool:
         """Background work when quiet: refresh the stalest document that needs it."""
@@ -228,7 +303,7 @@ class GhostlineServer(LanguageServer):
 
     # completion ----------------------------------------------------------------------------------
 
-    def options_for(self, mirror: Mirror, offset: int) -> CompletionOptions:
+    def options_for(self, mirror: Mirror, offset: int, uri: str = "") -> CompletionOptions:
         line_start = mirror.text.rfind("\n", 0, offset) + 1
         before = mirror.text[line_start:offset]
         multiline = self.settings.multiline == "always"
@@ -248,6 +323,9 @@ class GhostlineServer(LanguageServer):
             halt_threshold=self.settings.halt_threshold,
             exit=self.settings.exit,
             exit_threshold=self.settings.exit_threshold,
+            gate=self.settings.gate,
+            gate_strength=self.stats.gate_strength(self.settings.gate_strength, self.languages.get(uri),
+                                                   document_kind(uri)),
         )
 
     def completion_options(self, **values):
@@ -258,16 +336,18 @@ class GhostlineServer(LanguageServer):
 
         return CompletionOptions(**values)
 
-    def type_through(self, uri: str, mirror: Mirror, offset: int) -> str | None:
-        """The rest of the shown suggestion if the user typed its beginning (no new decode)."""
+    def type_through(self, uri: str, mirror: Mirror, offset: int) -> list[str] | None:
+        """The rest of the shown drafts the user typed the beginning of (no new decode); at the shown
+        offset itself (an editor cycling through drafts asks again there) every draft."""
         shown = self.shown.get(uri)
         if shown is None or offset < shown.offset:
             return None
         if mirror.text[shown.offset - len(shown.tail) : shown.offset] != shown.tail:
             return None
         typed = mirror.text[shown.offset : offset]
-        rest = shown.text[len(typed) :] if shown.text.startswith(typed) else None
-        return rest if rest else None
+        drafts = dict.fromkeys((shown.text, *shown.drafts))
+        rests = [d[len(typed) :] for d in drafts if d.startswith(typed) and d[len(typed) :].strip()]
+        return rests or None
 
     async def wait_for_engine(self) -> None:
         """While the engine loads, wait for it up to the time cap (for a request the user asked for)."""
@@ -289,9 +369,9 @@ class GhostlineServer(LanguageServer):
         except EditError as exc:
             log.warning("completion position %s:%s outside %s: %s", position.line, position.character, uri, exc)
             return None
-        rest = self.type_through(uri, mirror, offset)
-        if rest is not None:
-            return [rest]
+        rests = self.type_through(uri, mirror, offset)
+        if rests is not None:
+            return rests
         if self.engine is None and invoked:
             await self.wait_for_engine()
         if self.engine is None:
@@ -304,14 +384,16 @@ class GhostlineServer(LanguageServer):
         await asyncio.sleep(self.debounce.delay_s())
         if self.latest.get(uri) is not token:
             return None
-        version, opts = mirror.version, self.options_for(mirror, offset)
+        version, opts = mirror.version, self.options_for(mirror, offset, uri)
+        if invoked:
+            opts.gate = False  # asked for explicitly: the user wants a suggestion, not silence
 
         def run(should_stop):
             if mirror.version != version:  # an edit arrived after the request: its offset is stale
                 return None
             return self.engine.complete(uri, offset, opts, should_stop=should_stop)
 
-        self.set_status("busy")
+        self.set_status("busy", self.busy_message())
         job = self.worker.submit("complete", run, uri=uri)
         self.running[uri] = job
         try:
@@ -322,14 +404,22 @@ class GhostlineServer(LanguageServer):
         finally:
             if self.running.get(uri) is job:
                 del self.running[uri]
-            if not self.running:
-                self.set_status("ready")
-        if out is None or out.stop_reason == "cancelled" or not out.text.strip():
+            self.settle()
+        if out is not None:
+            self.outcomes[uri] = {"stop_reason": out.stop_reason, "confidence": getattr(out, "confidence", None),
+                                  "withheld": getattr(out, "withheld", "")}
+            if out.stop_reason == "gated":
+                log.info("withheld a suggestion in %s (P(kept) %.2f): %r", uri, out.confidence or 0.0, out.withheld[:80])
+        if out is None or out.stop_reason == "cancelled":
+            return None
+        before = mirror.text[mirror.text.rfind("\n", 0, offset) + 1 : offset]
+        texts = [t for t in dict.fromkeys(usable(d, before) for d in [out.text, *(out.drafts or ())]) if t]
+        if not texts:
             return None
         tail = mirror.text[max(0, offset - 200) : offset]
-        self.shown[uri] = Shown(offset, out.text, tail)
+        self.shown[uri] = Shown(offset, texts[0], tail, tuple(texts))
         self.stats.count("shown", self.languages.get(uri))
-        return [t for t in (out.drafts or [out.text]) if t.strip()]
+        return texts
 
 
     def after_change(self, uri: str, mirror: Mirror) -> None:
@@ -356,6 +446,19 @@ class GhostlineServer(LanguageServer):
         self.worker.submit("complete", run, uri=uri).future.add_done_callback(done)
 
 
+    def inline_item(self, uri: str, position: types.Position, text: str) -> types.InlineCompletionItem:
+        """An inline item at `position` whose range also covers what its end repeats of the line's rest."""
+        mirror, end = self.mirrors.get(uri), position
+        line = mirror.line(position.line) if mirror is not None else ""
+        try:
+            col = column_to_chars(line, position.character, self.encoding)
+        except EditError:  # the document changed while decoding
+            col = None
+        k = overlap(line[:col], text, line[col:]) if col is not None else 0
+        if k:
+            end = types.Position(position.line, chars_to_column(line, col + k, self.encoding))
+        return types.InlineCompletionItem(insert_text=text, range=types.Range(start=position, end=end))
+
     def accepted(self, params) -> None:
         uri, text, pos = _get(params, "uri"), _get(params, "text"), _get(params, "position")
         mirror = self.mirrors.get(uri)
@@ -376,6 +479,43 @@ def _range_at(position: types.Position) -> types.Range:
     return types.Range(start=position, end=position)
 
 
+def usable(text: str, before: str) -> str | None:
+    """A draft as it may be shown after `before` (the line left of the cursor), or None: never one
+    that starts with a carriage return or is only whitespace; a leading tab after code and a space
+    (where the line has no tab) is dropped."""
+    if text.startswith("\r") or not text.strip():
+        return None
+    if text.startswith("\t") and before.strip() and before.endswith(" ") and "\t" not in before:
+        text = text.lstrip("\t")
+    return text if text.strip() else None
+
+
+_PAIRS = {")": "(", "]": "[", "}": "{"}
+
+
+def _closes_all(text: str) -> bool:
+    """No bracket left open in `text` (a rough count: strings and comments are not told apart)."""
+    stack: list[str] = []
+    for ch in text:
+        if ch in "([{":
+            stack.append(ch)
+        elif ch in _PAIRS and stack and stack[-1] == _PAIRS[ch]:
+            stack.pop()
+    return not stack
+
+
+def overlap(before: str, text: str, after: str) -> int:
+    """How many characters at the start of `after` (the line right of the cursor) the suggestion's end
+    already holds, such as a bracket the editor closed itself: accepting replaces them instead of
+    doubling them. Only where the suggestion closes every bracket of its line, so they are the same."""
+    for k in range(min(len(after), len(text)), 0, -1):
+        end = after[:k]
+        if text.endswith(end) and end.strip():
+            quotes_even = all((before + text).count(q) % 2 == 0 for q in "\"'`" if q in end)
+            return k if quotes_even and _closes_all(before + text) else 0
+    return 0
+
+
 def build_server(*, model: str | None = None, engine: str | None = None) -> GhostlineServer:
     server = GhostlineServer(model=model, engine=engine)
 
@@ -387,6 +527,8 @@ def build_server(*, model: str | None = None, engine: str | None = None) -> Ghos
         except SettingsError as exc:
             log.error("initializationOptions rejected: %s", exc)
         ls.debounce.base_ms = ls.settings.debounce_ms
+        if ls.settings.completion_items:  # advertised only then: the suggest widget would repeat the ghost text
+            ls.feature(types.TEXT_DOCUMENT_COMPLETION, types.CompletionOptions(trigger_characters=[".", "(", " "]))(completion)
 
     @server.feature(types.INITIALIZED)
     def initialized(ls: GhostlineServer, params):
@@ -420,6 +562,7 @@ def build_server(*, model: str | None = None, engine: str | None = None) -> Ghos
         ls.languages[doc.uri] = doc.language_id
         text = doc.text
         ls.submit_update(doc.uri, lambda e: e.open(doc.uri, text))
+        ls.track_open(doc.uri)
 
     @server.feature(types.TEXT_DOCUMENT_DID_CHANGE)
     def did_change(ls: GhostlineServer, params: types.DidChangeTextDocumentParams):
@@ -456,22 +599,23 @@ def build_server(*, model: str | None = None, engine: str | None = None) -> Ghos
     @server.feature(types.TEXT_DOCUMENT_DID_CLOSE)
     def did_close(ls: GhostlineServer, params: types.DidCloseTextDocumentParams):
         uri = params.text_document.uri
-        for table in (ls.mirrors, ls.shown, ls.languages, ls.prefetch):
+        for table in (ls.mirrors, ls.shown, ls.languages, ls.prefetch, ls.outcomes):
             table.pop(uri, None)
         ls.submit_update(uri, lambda e: e.close(uri))
 
     @server.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
     async def inline_completion(ls: GhostlineServer, params: types.InlineCompletionParams):
         invoked = params.context.trigger_kind == types.InlineCompletionTriggerKind.Invoked
-        texts = await ls.suggest(params.text_document.uri, params.position, invoked=invoked)
+        uri, position = params.text_document.uri, params.position
+        texts = await ls.suggest(uri, position, invoked=invoked)
         if not texts:
             return types.InlineCompletionList(items=[])
-        return types.InlineCompletionList(
-            items=[types.InlineCompletionItem(insert_text=t, range=_range_at(params.position)) for t in texts]
-        )
+        return types.InlineCompletionList(items=[ls.inline_item(uri, position, t) for t in texts])
 
-    @server.feature(types.TEXT_DOCUMENT_COMPLETION, types.CompletionOptions(trigger_characters=[".", "(", " "]))
     async def completion(ls: GhostlineServer, params: types.CompletionParams):
+        """Suggest-widget items (only with the `completion_items` setting: ghost text already shows them)."""
+        if not ls.settings.completion_items:
+            return types.CompletionList(is_incomplete=True, items=[])
         texts = await ls.suggest(params.text_document.uri, params.position) or []
         items = [
             types.CompletionItem(
@@ -487,12 +631,14 @@ def build_server(*, model: str | None = None, engine: str | None = None) -> Ghos
 
     @server.feature(DID_ACCEPT)
     def did_accept(ls: GhostlineServer, params):
-        ls.stats.count("accepted", ls.languages.get(_get(params, "uri")))
+        uri = _get(params, "uri")
+        ls.stats.count("accepted", ls.languages.get(uri), document_kind(uri))
         ls.accepted(params)
 
     @server.feature(DID_REJECT)
     def did_reject(ls: GhostlineServer, params):
-        ls.stats.count("rejected", ls.languages.get(_get(params, "uri")))
+        uri = _get(params, "uri")
+        ls.stats.count("rejected", ls.languages.get(uri), document_kind(uri))
         ls.shown.pop(_get(params, "uri"), None)
 
     @server.feature(INSPECT)
@@ -511,7 +657,8 @@ def build_server(*, model: str | None = None, engine: str | None = None) -> Ghos
                 doc = describe(ls.engine, uri)
             if doc is None:
                 return None
-            return {**doc, "errors": ls.errors, "cancelled_decodes": ls.worker.cancelled_decodes}
+            return {**doc, "errors": ls.errors, "cancelled_decodes": ls.worker.cancelled_decodes,
+                    "last_completion": ls.outcomes.get(uri)}
 
         return await asyncio.wrap_future(ls.worker.submit("update", run, uri=uri).future)
 

@@ -30,6 +30,8 @@ class Settings:
     halt_threshold: float | None = None  # P(stop) cut-off in 0..1; null: the model's calibrated one
     exit: bool = False  # read confident tokens from an early layer (greedy decoder, drafts 1; issue 5)
     exit_threshold: float | None = None  # P(exit) cut-off in 0..1; null: the model's calibrated one
+    gate: bool = True  # withhold a suggestion the user would likely keep nothing of (the show gate)
+    gate_strength: float = 1.0  # 0: show everything, 1: the calibrated threshold, up to 4: stricter
     memory_budget_mb: float = 2048.0
     precision: str = "int8"  # int8 layer weights (2x faster completions, EM as fp32's on 200 tasks) | fp32
     head: str = "code"  # code (LM head over the code vocabulary + the documents' tokens) | full
@@ -38,6 +40,7 @@ class Settings:
     # (this server loads its own model), or "tcp://HOST:PORT" (a team server; token below or $GHOSTLINE_TOKEN)
     engine: str = "daemon"
     engine_token_file: str | None = None
+    completion_items: bool = False  # also answer textDocument/completion (suggest-widget items); read at start
 
     def merged(self, raw) -> "Settings":
         """These settings updated by a client's dict; unknown keys are warned about, bad values raise."""
@@ -85,7 +88,11 @@ def check_setting(name: str, value):
         if value not in allowed:
             raise SettingsError(f"setting {name} must be one of {', '.join(allowed)}, got {value!r}")
         return value
-    if name in ("halt", "exit"):
+    if name == "gate_strength":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 4:
+            raise SettingsError(f"setting gate_strength must be a number in 0..4, got {value!r}")
+        return float(value)
+    if name in ("halt", "exit", "gate", "completion_items"):
         if not isinstance(value, bool):
             raise SettingsError(f"setting {name} must be true or false, got {value!r}")
         return value

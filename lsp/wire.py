@@ -9,6 +9,10 @@ An error about a frame that has no readable id carries `id: None`.
 Calls: `hello {version, client, token?}` (first, always; TCP needs the token), `open {uri, text}`,
 `edit {uri, changes: [[start, end, text], ...]}` (code-point offsets, in order), `close {uri}`,
 `complete {uri, offset, options?, stream?}`, `cancel {id}`, `inspect {uri}`, `status {}`.
+
+Until a TCP client's `hello` is accepted a frame may hold at most `HELLO_FRAME` bytes; a refused
+connection hears why before it closes (`busy`, `too_large`, `hello_timeout`, `unauthorized`), and a
+call past a client's rate gets `rate_limited` (the connection lives on).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import msgpack
 PROTOCOL = 1
 HEADER = struct.Struct(">I")
 MAX_FRAME = 16 * 2**20
+HELLO_FRAME = 4096  # the largest frame before a TCP client's token is accepted
 CALLS = ("hello", "open", "edit", "close", "complete", "cancel", "inspect", "status")
 
 

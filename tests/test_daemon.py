@@ -312,7 +312,7 @@ def test_opens_that_yield_to_each_other_finish_and_equal_an_uninterrupted_encode
 
 
 def test_per_client_limits(tiny):
-    with serving(tiny, max_docs=3, max_queued=1) as daemon:
+    with serving(tiny, max_open=3, max_queued=1) as daemon:
         conn = greeted(daemon)
         for i in range(3):
             conn.call("open", {"uri": f"file:///{i}.py", "text": PY})

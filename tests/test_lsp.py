@@ -23,7 +23,8 @@ def run(coro):
 
 def test_open_edit_complete_and_settings():
     async def go():
-        async with running_server(options={"no_such_setting": 1, "max_tokens": 16, "debounce_ms": 0}) as c:
+        options = {"no_such_setting": 1, "max_tokens": 16, "debounce_ms": 0, "completion_items": True}
+        async with running_server(options=options) as c:
             caps = c.init_result.capabilities
             assert caps.inline_completion_provider is not None and caps.completion_provider is not None
             assert caps.text_document_sync.change == types.TextDocumentSyncKind.Incremental
@@ -34,6 +35,8 @@ def test_open_edit_complete_and_settings():
             res = await c.inline(URI, 9, 4)
             assert res.items and res.items[0].insert_text.strip()
             assert res.items[0].range.start == types.Position(9, 4)
+            states = [(s["state"], s["message"]) for s in c.statuses]
+            assert ("busy", "encoding calc.py") in states, states  # not `ready` while the open encodes
             comp = await c.text_document_completion_async(types.CompletionParams(
                 text_document=types.TextDocumentIdentifier(uri=URI), position=types.Position(9, 4)))
             assert comp.is_incomplete and comp.items
@@ -52,6 +55,7 @@ def test_utf16_and_utf8_positions_with_non_ascii():
     async def go(encoding, col):
         async with running_server(encodings=(encoding,), options={"debounce_ms": 0}) as c:
             assert c.init_result.capabilities.position_encoding == encoding
+            assert c.init_result.capabilities.completion_provider is None  # ghost text only, by default
             c.open(URI, text)
             c.change(URI, 2, (0, col), (0, col + 1), "W")  # the "w" after the emoji
             assert await c.engine_text(URI) == text.replace(" w\"", " W\"")

@@ -68,3 +68,62 @@ def test_decoder_settings_pick_the_decoder_by_suggestion_kind():
     block, mid = server.options_for(Mirror(text, 1), 14), server.options_for(Mirror(text, 1), len(text) - 3)
     assert (block.multiline, block.decoder) == (True, "adadec")
     assert (mid.multiline, mid.decoder) == (False, "lookup")
+
+
+def test_drafts_never_start_with_a_carriage_return_or_a_stray_tab():
+    from ghostline.lsp.server import usable
+
+    assert usable("\r\n    return x", "    y = 1") is None
+    assert usable(" \t ", "x = ") is None
+    assert usable("\tin text if c]", "    chunks = [c for c ") == "in text if c]"
+    assert usable("\tx = 1", "") == "\tx = 1"  # at the line's start a tab indents
+    assert usable("\t# note", "x = 1\t") == "\t# note"  # a line that uses tabs keeps them
+    assert usable("\n    return x", "def f():") == "\n    return x"
+
+
+@pytest.mark.parametrize("before, text, after, k", [
+    ("    chunks = [c for c ", "in text if c]", "]", 1),  # the bracket VS Code closed
+    ("f(g(", "x))", "))", 2),
+    ("print(", "foo()", ")", 0),  # the suggestion leaves print( open: the ) after the cursor is print's
+    ('s = "', 'abc"', '"', 1),
+    ("x = ", "1", "", 0),
+    ("x = [", "1, 2]", "]  # list", 1),
+    ("f(", "a, b)", ", b)", 4),
+])
+def test_overlap_with_the_text_right_of_the_cursor(before, text, after, k):
+    from ghostline.lsp.server import overlap
+
+    assert overlap(before, text, after) == k
+
+
+def test_inline_items_replace_the_closing_bracket_they_repeat():
+    from lsprotocol import types
+
+    from ghostline.lsp.server import GhostlineServer
+
+    server, uri = GhostlineServer(), "file:///w.py"
+    server.mirrors[uri] = Mirror("chunks = [c for c ]\n", 1)
+    item = server.inline_item(uri, types.Position(0, 18), "in text if c]")
+    assert item.insert_text == "in text if c]"
+    assert (item.range.start, item.range.end) == (types.Position(0, 18), types.Position(0, 19))
+    plain = server.inline_item(uri, types.Position(0, 18), "in text")
+    assert plain.range.end == types.Position(0, 18)
+
+
+def test_type_through_answers_every_draft_at_the_shown_offset():
+    from ghostline.lsp.server import GhostlineServer, Shown
+
+    server, uri = GhostlineServer(), "file:///w.py"
+    text = "chunks = [c for c "
+    server.shown[uri] = Shown(len(text), "in text]", text, ("in text]", "in words]", "for x]"))
+    assert server.type_through(uri, Mirror(text, 1), len(text)) == ["in text]", "in words]", "for x]"]
+    typed = Mirror(text + "in t", 2)
+    assert server.type_through(uri, typed, len(typed.text)) == ["ext]"]
+    assert server.type_through(uri, Mirror(text + "x", 3), len(text) + 1) is None
+
+
+def test_completion_items_are_opt_in():
+    assert Settings().completion_items is False
+    assert Settings().merged({"completionItems": True}).completion_items is True
+    with pytest.raises(SettingsError):
+        Settings().merged({"completion_items": "yes"})

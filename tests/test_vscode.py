@@ -1,6 +1,6 @@
 """The VS Code extension: installs from its lock file, compiles with tsc, packages as a .vsix with its
 runtime dependencies, and its client code (node's test runner, test/server.test.js) talks LSP to the
-real server. There is no VS Code here, so the extension host itself is not exercised."""
+real server. The extension inside a real VS Code is tests/test_vscode_ui.py."""
 
 from __future__ import annotations
 

@@ -81,11 +81,13 @@ def superposed(
     ngram: NgramProb | None = None,
     params: SuperposedParams | None = None,
     first_mask: torch.Tensor | None = None,
+    on_first: Callable[[torch.Tensor], None] | None = None,
 ) -> Iterator[list[Draft]]:
     """Yield, after each step, the best k drafts so far (finished and alive, best first). `first`
     is the last context token, fed at `cache.start`; `context` the ids before it (n-gram tails).
     The scratch has batch 1 (batch 2 with `params.anchor`). Stop by closing the generator; the
-    last list yielded is the answer."""
+    last list yielded is the answer. `on_first(logits)` sees the first step's logits at the cursor
+    (temperature 1, masked; the show gate reads them)."""
     p = params or SuperposedParams()
     rows = 2 if p.anchor else 1
     if cache.k.shape[1] != rows:
@@ -106,6 +108,8 @@ def superposed(
         if step == 0 and first_mask is not None:
             allowed = first_mask.to(dev)
             logits = logits.masked_fill(~(allowed if columns is None else allowed[columns]), float("-inf"))
+        if step == 0 and on_first is not None:
+            on_first(logits[rows - 1])
         logp = torch.log_softmax(logits / p.temperature, dim=-1)
         vals, idx = logp.topk(min(p.candidates * k, logp.shape[-1]), dim=-1)  # [rows, C]
         vals, cands = vals.double().cpu(), (idx if columns is None else columns[idx]).tolist()

