@@ -3,22 +3,27 @@
 code-server (`make vscode-deps`) runs the packaged extension, which starts `.venv/bin/python -m
 ghostline serve --engine in-process`; chromium, driven by Playwright, shows the workbench. After one
 untimed suggestion (the model's first decode pays one-time costs), per edit task (../shared/EVAL.md):
-open `before` and wait for the status bar's `ready` (encoded), write the user's document (`after`,
-the target removed from the cursor's line) to disk so that VS Code reloads it (the edit reaches the
-server as a didChange of the changed lines), go to the cursor and type the target's first character.
-The latency runs from that keydown to the first ghost text in the DOM, both timed in the page; as in
-bench.lsp_replay it includes updating the cache for the edit. Also the harness of
+close the previous editors, open `before` and wait for the status bar's `ready` (encoded), make the
+task's edit in the editor as a user would (each change a selection of its lines and a paste, so the
+server gets the same small changes as in bench.lsp_replay), remove the target from the cursor's line
+(the user's document; saved and checked against the file), wait until the language server is idle
+(no CPU for a second: the edit encoded, any idle refresh done), then type the target's first
+character at the cursor. The latency runs from that keydown to the first ghost text in the DOM, both
+timed in the page: VS Code's own debounce and rendering, the extension, the LSP round trip, the
+one-character update and the decode. Unlike bench.lsp_replay it leaves out encoding the edit itself.
+A task whose step fails or times out is reported and counted as not shown. Also the harness of
 tests/test_vscode_ui.py (CodeServer, Editor, build_vsix).
 
     python -m bench.vscode --tasks ../shared/data/edits-requests.jsonl --limit 20 [--model smollm2-135m]
 
 Output: one line per task (stderr), then one JSON line: `latency_ms_p50`, `latency_ms_p95`, `shown`
-(tasks with ghost text within `--wait-s`), `tasks`, `model`.
+(tasks with ghost text within `--wait-s`), `failed` (tasks whose steps failed), `tasks`, `model`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -130,6 +135,47 @@ class CodeServer:
                     raise RuntimeError((self.base / "code-server.log").read_text()[-3000:])
                 time.sleep(0.3)
 
+    def server_cpu_s(self) -> float:
+        """CPU seconds used so far by the language servers this code-server started (its descendants
+        that run the repository's Python)."""
+        parents, cmds, cpu = {}, {}, {}
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                cmds[int(d.name)] = (d / "cmdline").read_bytes()
+            except OSError:  # gone meanwhile
+                continue
+            parents[int(d.name)] = int(fields[1])
+            cpu[int(d.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+        def ours(pid: int) -> bool:
+            while pid > 1:
+                if pid == self.proc.pid:
+                    return True
+                pid = parents.get(pid, 0)
+            return False
+
+        python = str(PYTHON).encode()
+        return sum(cpu[pid] for pid, cmd in cmds.items() if cmd.split(b"\0", 1)[0] == python and ours(pid))
+
+    def wait_idle(self, quiet_s: float = 1.0, timeout: float = 120) -> float:
+        """Waits until the language server has used (almost) no CPU for `quiet_s` (longer than the
+        server's idle-refresh delay, so a refresh it would start has started and finished); returns
+        the seconds waited. Raises AssertionError after `timeout`."""
+        t0 = time.monotonic()
+        samples = [(t0, self.server_cpu_s())]
+        while True:
+            time.sleep(0.1)
+            now = time.monotonic()
+            samples.append((now, self.server_cpu_s()))
+            samples = [x for x in samples if now - x[0] <= quiet_s + 0.05]
+            if now - samples[0][0] >= quiet_s - 0.05 and samples[-1][1] - samples[0][1] <= 0.03 * quiet_s:
+                return now - t0
+            if now - t0 > timeout:
+                raise AssertionError(f"the language server stayed busy for {timeout:.0f}s")
+
     def __exit__(self, *exc) -> None:
         """Ends code-server with its extension host and language server (its own process group)."""
         if self.proc is not None and self.proc.poll() is None:
@@ -202,14 +248,32 @@ class Editor:
     def press(self, key: str) -> None:
         self.page.keyboard.press(key)
 
-    def open(self, name: str) -> None:
+    def open(self, name: str, timeout: float = 30) -> None:
         """Opens a file of the workspace with Quick Open."""
+        ms = timeout * 1000
         self.press("Control+p")
-        self.page.wait_for_selector(".quick-input-widget input", timeout=30_000)
+        self.page.wait_for_selector(".quick-input-widget input", timeout=ms)
         self.type(name)
-        self.page.wait_for_selector(f".quick-input-list .monaco-list-row[aria-label*='{name}']", timeout=30_000)
+        self.page.wait_for_selector(f".quick-input-list .monaco-list-row[aria-label*='{name}']", timeout=ms)
         self.press("Enter")
-        self.page.wait_for_selector(f".tab.active[aria-label*='{name}']", timeout=30_000)
+        self.page.wait_for_selector(f".tab.active[aria-label*='{name}']", timeout=ms)
+
+    def close_all(self, timeout: float = 30) -> None:
+        """Closes every editor (Ctrl+K Ctrl+W), unsaved changes dropped ("Don't Save"), so that the
+        documents of earlier tasks leave the language server (didClose) and tabs do not pile up."""
+        self.press("Escape")
+        if self.page.locator(".tabs-container .tab").count() == 0:
+            return
+        self.press("Control+k")
+        self.press("Control+w")
+        deadline = time.monotonic() + timeout
+        while self.page.locator(".tabs-container .tab").count() > 0:
+            dont_save = self.page.locator(".monaco-dialog-box").get_by_role("button", name="Don't Save")
+            if dont_save.count():
+                dont_save.first.click()
+            if time.monotonic() > deadline:
+                raise AssertionError(f"editors still open {timeout:.0f}s after closing them all")
+            self.page.wait_for_timeout(100)
 
     def go_to(self, line: int, character: int) -> None:
         """The cursor to a 0-based line and character (Ctrl+G)."""
@@ -217,6 +281,27 @@ class Editor:
         self.page.wait_for_selector(".quick-input-widget input", timeout=10_000)
         self.page.keyboard.type(f"{line + 1}:{character + 1}")
         self.press("Enter")
+        self.page.wait_for_selector(".quick-input-widget", state="hidden", timeout=10_000)
+
+    def paste(self, text: str) -> None:
+        """Pastes `text` at the selection: one edit, as Ctrl+V with `text` on the clipboard makes it."""
+        self.page.evaluate("""(text) => {
+            const data = new DataTransfer();
+            data.setData('text/plain', text);
+            document.activeElement.dispatchEvent(
+                new ClipboardEvent('paste', { clipboardData: data, bubbles: true, cancelable: true }));
+        }""", text)
+
+    def replace_lines(self, start: int, end: int, text: str) -> None:
+        """Replaces lines `start`..`end` (0-based, `end` excluded) with `text` in one edit: the lines
+        selected from the keyboard, then a paste (Delete where `text` is empty)."""
+        self.go_to(start, 0)
+        for _ in range(end - start):
+            self.press("Shift+ArrowDown")
+        if text:
+            self.paste(text)
+        else:
+            self.press("Delete")
 
     def keystroke_to_ghost_ms(self, key: str, timeout: float) -> float | None:
         """Types `key` and times it from the keydown to ghost text in the DOM, in the page; None if none came."""
@@ -243,19 +328,38 @@ def user_document(task: dict) -> str:
     return "\n".join(lines)
 
 
-def time_task(ed: Editor, work: Path, i: int, task: dict, wait_s: float) -> float | None:
-    name = f"task{i:03d}.py"
-    (work / name).write_text(task["before"])
-    ed.open(name)
+def time_task(ed: Editor, cs: CodeServer, i: int, task: dict, wait_s: float) -> float | None:
+    """One task (the module's docstring); None when no ghost text came within `wait_s`. A step that
+    fails raises AssertionError or Playwright's Error."""
+    from ghostline.engine.text import apply_changes
+
+    name, c = f"task{i:03d}.py", task["cursor"]
+    path = cs.work / name
+    path.write_text(task["before"])
+    ed.close_all()
+    ed.open(name, timeout=60)
     ed.wait_status("ready")
-    (work / name).write_text(user_document(task))  # VS Code reloads the unmodified file: the edit
-    c = task["cursor"]
-    deadline = time.monotonic() + 10
+    text = task["before"]
+    for change in task["changes"]:  # line-based, bottom to top (EVAL.md)
+        r = change["range"]
+        ed.replace_lines(r["start"]["line"], r["end"]["line"], change["text"])
+        text = apply_changes(text, [change])
+    lines, want = text.split("\n"), user_document(task)
+    last = c["line"] == len(lines) - 1
+    ed.replace_lines(c["line"], c["line"] + (0 if last else 1), lines[c["line"]][: c["character"]] + ("" if last else "\n"))
+    ed.press("Control+s")
+    deadline = time.monotonic() + 15
+    while path.read_text() != want:
+        if time.monotonic() > deadline:
+            raise AssertionError("the edit made in the editor differs from the task's document")
+        ed.page.wait_for_timeout(100)
     ed.go_to(c["line"], c["character"])
-    while ed.line() != user_document(task).split("\n")[c["line"]] and time.monotonic() < deadline:
-        ed.page.wait_for_timeout(50)
-        ed.go_to(c["line"], c["character"])
-    ed.wait_status("ready")
+    if ed.line() != want.split("\n")[c["line"]]:
+        raise AssertionError(f"the cursor's line reads {ed.line()!r}")
+    ed.press("Escape")  # any ghost text the edit's own requests showed
+    cs.wait_idle()
+    if ed.ghost().strip():
+        raise AssertionError(f"ghost text before the keystroke: {ed.ghost()!r}")
     ms = ed.keystroke_to_ghost_ms(task["target"][0], wait_s)
     ed.shot(name)
     return ms
@@ -271,6 +375,7 @@ def warm_up(ed: Editor, work: Path) -> None:
 
 
 def main(argv=None) -> int:
+    from playwright.sync_api import Error as PlaywrightError
     from playwright.sync_api import sync_playwright
 
     from bench.tasks import pct, read_tasks
@@ -291,8 +396,10 @@ def main(argv=None) -> int:
         # The suggest widget popping up on a keystroke cancels VS Code's inline request (with no
         # completion provider to answer it, nothing asks again): off, as with a language extension
         # that answers in time.
+        # Pasting the edit inserts its text as it is: no paste providers, no re-indenting.
         settings = {"ghostline.model": args.model, "ghostline.multiline": "never",
-                    "editor.quickSuggestions": {"other": "off", "comments": "off", "strings": "off"}}
+                    "editor.quickSuggestions": {"other": "off", "comments": "off", "strings": "off"},
+                    "editor.pasteAs.enabled": False, "editor.autoIndentOnPaste": False, "editor.formatOnPaste": False}
         with CodeServer(base / "code-server", vsix, settings, {}) as cs, sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
             shots = Path(args.shots) if args.shots else None
@@ -302,21 +409,24 @@ def main(argv=None) -> int:
             ed.page.goto(cs.url)
             ed.page.wait_for_selector(".monaco-workbench", timeout=60_000)
             warm_up(ed, cs.work)
-            times = []
+            times, failed = [], 0
             for i, task in enumerate(tasks):
+                t0 = time.monotonic()
                 try:
-                    ms = time_task(ed, cs.work, i, task, args.wait_s)
-                except AssertionError as exc:  # the document never got ready: counted as not shown
-                    ms, why = None, str(exc)
+                    ms = time_task(ed, cs, i, task, args.wait_s)
+                except (AssertionError, PlaywrightError) as exc:  # counted as not shown; the next task goes on
+                    ms, why, failed = None, f"failed: {str(exc).splitlines()[0][:300]}", failed + 1
+                    with contextlib.suppress(PlaywrightError):
+                        ed.shot(f"task{i:03d}-failed")
                 else:
                     why = "no ghost text" if ms is None else f"{ms:.0f} ms"
                 times.append(ms)
-                print(f"{task['id']}: {why}", file=sys.stderr)
+                print(f"{task['id']}: {why} (task took {time.monotonic() - t0:.0f} s)", file=sys.stderr, flush=True)
             browser.close()
     shown = [t for t in times if t is not None]
     print(json.dumps({"latency_ms_p50": round(pct(shown, 50), 1) if shown else None,
                       "latency_ms_p95": round(pct(shown, 95), 1) if shown else None,
-                      "shown": len(shown), "tasks": len(times), "model": args.model}))
+                      "shown": len(shown), "failed": failed, "tasks": len(times), "model": args.model}))
     return 0
 
 

@@ -4,6 +4,11 @@ Edits (PIE): re-tokenise the new text, diff the ids against the old ones, and fo
 `[i, j)` replaced by `m` new tokens keep the prefix, move the suffix by `delta = m - (j - i)` rotating
 its keys, and encode only the new tokens. The suffix keeps K/V computed against the old text: those
 tokens are *stale* until `refresh` re-encodes them.
+
+Long documents (more than the engine's `window_tokens`): only a window of whole lines around where
+the user works is tokenised and cached (`text`, `ids`, `cache` are the window's; `full` is the whole
+text, `base` the window's start in it). Edits inside the window go through PIE as above, edits above
+it move `base`, edits below it cost nothing; a completion outside the window moves it.
 """
 
 from __future__ import annotations
@@ -67,6 +72,13 @@ class Document:
         self.cache = None  # engine.cache.KVCache once encoded; None when evicted
         self.stale = bytearray(len(ids))  # 1 where the cached K/V saw an older text
         self.last_used = 0.0
+        self.full: str | None = None  # a long document's whole text; `text` is then its cached window
+        self.base = 0  # where `text` starts in `full` (code points)
+
+    @property
+    def whole(self) -> str:
+        """The document's text: all of it, also when only a window of it is cached."""
+        return self.text if self.full is None else self.full
 
     @property
     def ids(self) -> list[int]:

@@ -32,7 +32,7 @@ from ghostline.engine.gate import GATE_FILE, Confidence, Gate
 from ghostline.engine.ngram import NgramIndex, PromptLookup, scope_of
 from ghostline.engine.quant import quantize
 from ghostline.engine.stops import Shown, StopRules
-from ghostline.engine.text import apply_changes
+from ghostline.engine.text import apply_changes, to_change
 from ghostline.engine.tokenizer import Tokenizer
 
 log = logging.getLogger("ghostline.engine")
@@ -45,8 +45,11 @@ class EngineOptions:
     refresh_stale_min: int = 64  # ... and at least this many
     precision: str = "fp32"  # fp32 (the reference) | int8 (int8 layer weights, bf16 activations; CPU)
     head: str = "full"  # full | code (the LM head over the code vocabulary + the documents' tokens)
+    window_tokens: int = 4096  # a longer document is cached as a window this long around where the user works
 
     def __post_init__(self):
+        if not (isinstance(self.window_tokens, int) and self.window_tokens >= 256):
+            raise ValueError(f"window_tokens must be an integer of at least 256, not {self.window_tokens!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.head not in HEADS:
@@ -56,6 +59,8 @@ class EngineOptions:
 PRECISIONS = ("fp32", "int8")
 SPECULATIVE = ("lookup", "self", "lookup+self")  # decoders that verify drafts (same output as greedy)
 HEADS = ("full", "code")
+REWRITE_TOKENS = 32  # a single change replacing more tokens than this by more is diffed inside
+CHARS_PER_TOKEN = 8  # above this many code points per window token a text surely is long (no tokenising it)
 
 
 @dataclass
@@ -157,15 +162,20 @@ class Engine:
     # documents -----------------------------------------------------------------------------------
 
     def open(self, uri: str, text: str, *, should_stop: Callable[[], bool] | None = None) -> UpdateStats:
+        """Open (or re-open) a document and encode it; a long one is kept as plain text until a
+        completion places its window (`window_tokens`)."""
         t0 = time.perf_counter()
-        ids, offsets = self.tok.encode(text)
-        doc = Document(uri, text, ids, offsets)
+        long = len(text) > CHARS_PER_TOKEN * self.options.window_tokens
+        ids, offsets = ([], []) if long else self.tok.encode(text)
+        long = long or len(ids) > self.options.window_tokens
+        doc = Document(uri, "" if long else text, [] if long else ids, [] if long else offsets)
+        doc.full = text if long else None
         self.docs[uri] = doc
-        self._include(ids, uri)
-        self.ngrams.open(uri, ids)
+        self._include(doc.ids, uri)
+        self.ngrams.open(uri, doc.ids)
         self._touch(doc)
-        n = self._encode_all(doc, should_stop)
-        return UpdateStats("open", encoded=n, ms=(time.perf_counter() - t0) * 1e3)
+        n = 0 if long else self._encode_all(doc, should_stop)
+        return UpdateStats("window" if long else "open", encoded=n, ms=(time.perf_counter() - t0) * 1e3)
 
     def close(self, uri: str) -> None:
         self.docs.pop(uri, None)
@@ -176,7 +186,7 @@ class Engine:
             drop(scope)  # the scope's last document: its own head rows go with it
 
     def text(self, uri: str) -> str:
-        return self._doc(uri).text
+        return self._doc(uri).whole
 
     def edit(self, uri: str, changes: list, *, strategy: str = "pie", should_stop=None) -> UpdateStats:
         """Apply LSP-style changes (ranges in code points, in order); update the cache by `strategy`:
@@ -186,9 +196,42 @@ class Engine:
             raise ValueError(f"strategy must be one of {STRATEGIES}")
         t0 = time.perf_counter()
         doc = self._doc(uri)
-        new_text = apply_changes(doc.text, changes)
+        if doc.full is not None:
+            return self._edit_window(doc, changes, strategy, should_stop, t0)
+        return self._retext(doc, apply_changes(doc.text, changes), len(changes) > 1, strategy, should_stop, t0)
+
+    def _edit_window(self, doc: Document, changes: list, strategy: str, should_stop, t0: float) -> UpdateStats:
+        """Apply changes to a long document: those inside the window update it (PIE), those above it
+        move it, those below cost nothing; one across its edge drops it (placed again when needed)."""
+        full, base, window, local = doc.full, doc.base, doc.text, 0
+        was = placed = bool(doc.ids)
+        for raw in changes:
+            c = to_change(full, raw)
+            full = full[: c.start] + c.text + full[c.end :]
+            if not placed:
+                continue
+            if base <= c.start and c.end <= base + len(window):
+                window = window[: c.start - base] + c.text + window[c.end - base :]
+                local += 1
+            elif c.end <= base:
+                base += len(c.text) - (c.end - c.start)
+            elif c.start < base + len(window):
+                placed = False
+        doc.full, doc.base = full, base
+        if was and not placed:
+            self._set_window(doc, 0, "")
+        if not (placed and local):
+            return UpdateStats(strategy, ms=(time.perf_counter() - t0) * 1e3)
+        return self._retext(doc, window, local > 1, strategy, should_stop, t0)
+
+    def _retext(self, doc: Document, new_text: str, multi: bool, strategy: str, should_stop, t0: float) -> UpdateStats:
+        """Make `new_text` the document's (cached) text, updating the cache by `strategy`."""
+        uri = doc.uri
         ids, offsets = self.tok.encode(new_text)
-        hunks = token_hunks(doc.ids, ids, multi=len(changes) > 1)
+        hunks = token_hunks(doc.ids, ids, multi=multi)
+        if not multi and len(hunks) == 1 and min(hunks[0].old_end - hunks[0].old_start,
+                                                   hunks[0].new_end - hunks[0].new_start) > REWRITE_TOKENS:
+            hunks = token_hunks(doc.ids, ids, multi=True)  # one big replacement (a reload from disk): what changed in it
         old_len, old_ids = len(doc.ids), doc.ids
         doc.text, doc.ids, doc.offsets = new_text, ids, offsets
         self.ngrams.update(uri, ids)
@@ -237,25 +280,34 @@ class Engine:
 
     # completion ----------------------------------------------------------------------------------
 
-    def complete(self, uri: str, offset: int, options: CompletionOptions | None = None, *, should_stop=None) -> Completion:
+    def complete(self, uri: str, offset: int, options: CompletionOptions | None = None, *, should_stop=None,
+                 should_yield=None) -> Completion:
         result = Completion("")
-        for result in self.stream(uri, offset, options, should_stop=should_stop):
+        for result in self.stream(uri, offset, options, should_stop=should_stop, should_yield=should_yield):
             pass
         return result
 
-    def stream(self, uri: str, offset: int, options: CompletionOptions | None = None, *, should_stop=None) -> Iterator[Completion]:
+    def stream(self, uri: str, offset: int, options: CompletionOptions | None = None, *, should_stop=None,
+               should_yield=None) -> Iterator[Completion]:
         """Complete at code-point `offset`, yielding the suggestion as it grows (stop iterating to
-        cancel; `should_stop()` is also polled between decoding steps)."""
+        cancel; `should_stop()` is also polled between decoding steps). `should_yield()` is polled
+        only while the document is encoded first: True stops there (Cancelled), keeping the rows
+        done, so a scheduler can serve other work and call again."""
         opts = options or CompletionOptions()
         t0 = time.perf_counter()
         doc = self._doc(uri)
-        if not 0 <= offset <= len(doc.text):
-            raise ValueError(f"offset {offset} is outside the document (0..{len(doc.text)})")
+        if not 0 <= offset <= len(doc.whole):
+            raise ValueError(f"offset {offset} is outside the document (0..{len(doc.whole)})")
         self._touch(doc)
+        if doc.full is not None:
+            if self._misplaced(doc, offset):
+                self._place(doc, offset)
+            offset -= doc.base
+        encode_stop = _either(should_stop, should_yield)
         if doc.cache is None:
-            self._encode_all(doc, should_stop)
+            self._encode_all(doc, encode_stop)
         elif doc.cache.length < len(doc.ids):  # an encode stopped part-way: encode the rest
-            self._encode(doc, doc.cache.length, len(doc.ids), should_stop)
+            self._encode(doc, doc.cache.length, len(doc.ids), encode_stop)
         self._scope_head(uri)
         P = doc.token_at(offset)  # tokens [0, P) lie wholly before the cursor
         if P > 1 and _in_word(doc.text, offset) and doc.offsets[P - 1][1] == offset:
@@ -395,6 +447,42 @@ class Engine:
         if hasattr(self.model.lm_head, "scope"):
             self.model.lm_head.scope = scope_of(uri)
 
+    def _misplaced(self, doc: Document, offset: int) -> bool:
+        """A long document's window does not serve a completion at `offset`: none yet, the cursor
+        outside it or in its first quarter (too little context above), or grown by pastes."""
+        start, end = doc.base, doc.base + len(doc.text)
+        return (not doc.ids or not start <= offset <= end or (start > 0 and offset - start < len(doc.text) // 4)
+                or len(doc.ids) > self.options.window_tokens * 5 // 4)
+
+    def _place(self, doc: Document, focus: int) -> None:
+        """Cache a window of a long document around code point `focus`: up to `window_tokens`, three
+        quarters of them above the focus (what a completion reads), cut at line starts."""
+        W, full = self.options.window_tokens, doc.full
+        lo, hi = max(0, focus - CHARS_PER_TOKEN * W * 3 // 4), min(len(full), focus + CHARS_PER_TOKEN * W // 4)
+        lo = full.rfind("\n", 0, lo) + 1 if lo > 0 else 0
+        _, offsets = self.tok.encode(full[lo:hi])
+        at = next((i for i, (_, e) in enumerate(offsets) if lo + e > focus), len(offsets))
+        s = max(0, at - W * 3 // 4)
+        e = min(len(offsets), s + W)
+        s = max(0, e - W)
+        c0 = lo + offsets[s][0] if s > 0 else lo
+        c1 = lo + offsets[e - 1][1] if e < len(offsets) else hi
+        if c0 > 0 and full[c0 - 1] != "\n":
+            nl = full.find("\n", c0, focus)
+            c0 = nl + 1 if nl >= 0 else c0
+        if c1 < len(full):
+            nl = full.rfind("\n", focus, c1)
+            c1 = nl + 1 if nl >= 0 else c1
+        self._set_window(doc, c0, full[c0:c1])
+        log.info("%s: cached window %d..%d of %d chars (%d tokens)", doc.uri, c0, c1, len(full), len(doc.ids))
+
+    def _set_window(self, doc: Document, base: int, text: str) -> None:
+        ids, offsets = self.tok.encode(text) if text else ([], [])
+        doc.base, doc.text, doc.ids, doc.offsets = base, text, ids, offsets
+        doc.cache, doc.stale = None, bytearray(len(ids))
+        self.ngrams.open(doc.uri, ids)
+        self._include(ids, doc.uri)
+
     def _doc(self, uri: str) -> Document:
         doc = self.docs.get(uri)
         if doc is None:
@@ -478,6 +566,13 @@ class Engine:
 
     def memory_bytes(self) -> int:
         return sum(d.cache.nbytes for d in self.docs.values() if d.cache is not None)
+
+
+def _either(a, b):
+    """A should_stop that is true when either callback (None: never) is."""
+    if a is None or b is None:
+        return a or b
+    return lambda: a() or b()
 
 
 def _in_word(text: str, offset: int) -> bool:

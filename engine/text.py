@@ -7,7 +7,10 @@ code points, or `{"text": ...}` for a whole-document replacement.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+_BREAK = re.compile(r"\r\n|\r|\n")
 
 
 class EditError(ValueError):
@@ -22,12 +25,24 @@ class Change:
 
 
 def line_starts(text: str) -> list[int]:
+    """Where each line starts. Lines end at \n, \r\n or a lone \r, as LSP counts them (not at the
+    other breaks `str.splitlines` knows: form feeds, \u2028 ...)."""
+    if "\r" in text:
+        return [0] + [m.end() for m in _BREAK.finditer(text)]
     starts = [0]
     i = text.find("\n")
     while i >= 0:
         starts.append(i + 1)
         i = text.find("\n", i + 1)
     return starts
+
+
+def line_end(text: str, starts: list[int], line: int) -> int:
+    """Where `line`'s text ends (before its line break)."""
+    if line + 1 >= len(starts):
+        return len(text)
+    end = starts[line + 1]
+    return end - 2 if text.startswith("\r\n", end - 2) else end - 1
 
 
 def offset_of(text: str, line: int, character: int, *, starts: list[int] | None = None) -> int:
@@ -39,9 +54,9 @@ def offset_of(text: str, line: int, character: int, *, starts: list[int] | None 
         if line == len(starts) and character == 0 and text.endswith("\n"):
             return len(text)
         raise EditError(f"line {line} is past the end of the document ({len(starts)} lines)")
-    line_end = starts[line + 1] - 1 if line + 1 < len(starts) else len(text)
-    if starts[line] + character > line_end:
-        raise EditError(f"character {character} is past the end of line {line} ({line_end - starts[line]} chars)")
+    end = line_end(text, starts, line)
+    if starts[line] + character > end:
+        raise EditError(f"character {character} is past the end of line {line} ({end - starts[line]} chars)")
     return starts[line] + character
 
 

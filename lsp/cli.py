@@ -109,6 +109,8 @@ def _engine_parser(sub) -> None:
     e.add_argument("--token-file", default=None)
     e.add_argument("--memory-budget-mb", type=float, default=None,
                    help="all clients' KV caches together, least recently used evicted (default 2048)")
+    e.add_argument("--window-tokens", type=int, default=None,
+                   help="a longer document is cached as a window this long around where its user works (default 4096)")
     e.add_argument("--precision", choices=("fp32", "int8"), default="int8", help="layer weights (default int8)")
     e.add_argument("--head", choices=("code", "full"), default="code",
                    help="LM head over the code vocabulary (default) or the full vocabulary")

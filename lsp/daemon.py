@@ -108,10 +108,12 @@ class TokenBucket:
 
 class Scheduler:
     """The engine thread. One queue per client, served in turn, a job at a time, in each client's
-    order. The newest completion of a document cancels the older ones. An encode (kind "encode":
-    opening a document, finishing one) is the long kind of job: once it has run `slice_s` and
-    encoded at least one chunk it stops for another client's waiting edit or completion, and
-    finishes in its client's next turn. When
+    order. The newest completion of a document cancels the older ones. Encoding is the long kind of
+    work (an open, finishing one, a completion that must first encode its document or window):
+    once it has run `slice_s` and encoded at least one chunk it yields to any waiting edit or
+    completion of another document (this client's or another's) and resumes later, ahead of its
+    client's later jobs on the same document. An encode job sees this through `should_stop`; any
+    job may read `should_yield` and raise Cancelled after it returned True, to be run again. When
     every queue has been empty for `idle_after_s`, `idle(should_stop)` (background refresh) runs
     until any job arrives."""
 
@@ -144,16 +146,19 @@ class Scheduler:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
-    def submit(self, client, job: Job, *, first: bool = False) -> None:
+    def submit(self, client, job: Job, *, resume: bool = False) -> None:
+        """Queue `job` behind the client's others; `resume`: ahead of its jobs on the same document
+        (work that yielded continues before what depends on it)."""
         with self._cv:
             q = self._queues.setdefault(client, deque())
-            if job.kind == "complete":
+            if job.kind == "complete" and not resume:
                 running = [self.current[1]] if self.current is not None and self.current[0] is client else []
                 for old in list(q) + running:
                     if old.kind == "complete" and old.uri == job.uri and not old.cancelled.is_set():
                         old.cancel()
                         self.counts["cancelled"] += 1
-            q.appendleft(job) if first else q.append(job)
+            at = next((i for i, j in enumerate(q) if j.uri == job.uri), len(q)) if resume else len(q)
+            q.insert(at, job)
             if client not in self._turns:
                 self._turns.append(client)
             self._cv.notify()
@@ -200,35 +205,41 @@ class Scheduler:
                     if q:
                         self._turns.append(client)
                     return client, job
+                if job.future.running():  # cancelled after it yielded: answer it
+                    job.future.set_exception(Cancelled("cancelled"))
             self._queues.pop(client, None)
         return None
 
     def _execute(self, client, job: Job) -> None:
-        if not job.future.set_running_or_notify_cancel():
+        if not job.future.running() and not job.future.set_running_or_notify_cancel():
             return
-        if job.kind == "encode":
-            start, polls = time.monotonic(), 0
+        start, polls, yielded = time.monotonic(), 0, False
 
-            def should_stop() -> bool:  # polled before each chunk: the first chunk always runs (progress)
-                nonlocal polls
-                polls += 1
-                if job.cancelled.is_set():
-                    return True
-                if polls > 1 and time.monotonic() - start > self.slice_s and self._interactive_waiting(besides=client):
-                    self.counts["preempted"] += 1
-                    return True
-                return False
-        else:
-            should_stop = job.cancelled.is_set
+        def should_yield() -> bool:  # polled before each chunk: the first chunk always runs (progress)
+            nonlocal polls, yielded
+            polls += 1
+            if polls > 1 and time.monotonic() - start > self.slice_s and self._interactive_waiting(client, job.uri):
+                self.counts["preempted"] += 1
+                yielded = True
+            return yielded
+
+        job.should_yield = should_yield
+        should_stop = (lambda: job.cancelled.is_set() or should_yield()) if job.kind == "encode" else job.cancelled.is_set
         try:
             job.future.set_result(job.fn(should_stop))
+        except Cancelled as exc:
+            if yielded and not job.cancelled.is_set():
+                self.submit(client, job, resume=True)  # the rest in a later turn; the answer waits
+            else:
+                job.future.set_exception(exc)
         except BaseException as exc:  # the client hears of it; the thread lives on
             job.future.set_exception(exc)
 
-    def _interactive_waiting(self, *, besides) -> bool:
+    def _interactive_waiting(self, client, uri) -> bool:
+        """An edit or completion of another document (of any client) waits."""
         with self._cv:
-            return any(c is not besides and any(j.kind != "encode" and not j.cancelled.is_set() for j in q)
-                       for c, q in self._queues.items())
+            return any(j.kind != "encode" and not j.cancelled.is_set() and (c is not client or j.uri != uri)
+                       for c, q in self._queues.items() for j in q)
 
     def _idle(self) -> None:
         if self.idle is None:
@@ -538,7 +549,7 @@ class Daemon:
                 raise
             finish = Job("encode", None, job.uri)
             finish.fn = lambda st: self._encode(s, finish, st, lambda st2: self.engine.refresh(key, should_stop=st2))
-            self.scheduler.submit(s, finish, first=True)
+            self.scheduler.submit(s, finish, resume=True)
             return {"strategy": "open", "deferred": True}
 
     def _edit(self, s: Session, rid: int, args: dict) -> None:
@@ -578,17 +589,18 @@ class Daemon:
             self._ensure_cached(key)
             sent, out = None, None
             try:
-                for out in self.engine.stream(key, offset, opts, should_stop=stop):
+                for out in self.engine.stream(key, offset, opts, should_stop=stop, should_yield=job.should_yield):
                     now = (out.text, tuple(out.drafts))
                     if stream and now != sent:
                         sent = now
                         self._threadsafe(s.send, {"id": rid, "partial": {"text": out.text, "drafts": list(out.drafts)}})
-            except Cancelled:  # stopped while re-encoding an evicted document
+            except Cancelled:  # stopped (or yielded) while encoding the document first
                 self._keep_progress(key)
                 raise
             return _completion_dict(out)
 
-        self._submit(s, rid, Job("complete", run, uri))
+        job = Job("complete", run, uri)
+        self._submit(s, rid, job)
 
     def _ensure_cached(self, key: str) -> None:
         """Re-encode the rest of a document whose encode was stopped part-way (its cache ends early),
@@ -659,7 +671,8 @@ def describe(engine: Engine, uri: str) -> dict | None:
     doc = engine.docs.get(uri)
     if doc is None:
         return None
-    return {"text": doc.text, "tokens": len(doc.ids), "stale": doc.stale_count, "cached": doc.cache is not None}
+    return {"text": doc.whole, "tokens": len(doc.ids), "stale": doc.stale_count, "cached": doc.cache is not None,
+            "window": None if doc.full is None else [doc.base, doc.base + len(doc.text)]}
 
 
 def _cache_bytes(engine: Engine) -> int:
@@ -820,6 +833,8 @@ def run(args) -> int:
         log.info("an engine daemon already holds %s (pid %s)", lock, lock_holder(lock))
         return ALREADY_RUNNING
     budget = {"memory_budget_mb": args.memory_budget_mb} if args.memory_budget_mb else {}
+    if args.window_tokens is not None:
+        budget["window_tokens"] = args.window_tokens
     engine = Engine.load(args.model, options=EngineOptions(**budget, precision=args.precision, head=args.head),
                          progress=lambda m: log.info("load: %s", m))
     daemon = Daemon(engine, options)

@@ -3,7 +3,7 @@ or UTF-8 bytes / UTF-32 code points when negotiated; the engine counts code poin
 
 from __future__ import annotations
 
-from ghostline.engine.text import EditError, line_starts
+from ghostline.engine.text import EditError, line_end, line_starts
 
 
 def _units(ch: str, encoding: str) -> int:
@@ -54,7 +54,7 @@ class Mirror:
     def line(self, n: int) -> str:
         if n >= len(self._starts):
             return ""
-        end = self._starts[n + 1] - 1 if n + 1 < len(self._starts) else len(self.text)
+        end = line_end(self.text, self._starts, n)
         return self.text[self._starts[n] : end]
 
     def offset(self, line: int, character: int, encoding: str) -> int:

@@ -405,9 +405,11 @@ class RemoteEngine:
             raise
 
     def _update(self, call: str, args: dict) -> dict | None:
-        """Send an update; if the daemon is gone, the resync after reconnecting carries it."""
+        """Send an update; if the daemon is gone, the resync after reconnecting carries it (also when
+        that reconnect happens here: the update is then in the re-opened text, not sent again)."""
+        fresh = self.conn is None or not self.conn.alive
         conn = self._connection()
-        if conn is None:
+        if conn is None or fresh:
             return None
         try:
             return conn.call(call, args)

@@ -13,6 +13,8 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import re
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -37,6 +39,18 @@ STATUS = "ghostline/status"
 DID_ACCEPT = "ghostline/didAccept"
 DID_REJECT = "ghostline/didReject"
 INSPECT = "ghostline/inspect"
+
+
+OTHER_BREAKS = re.compile("[\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")  # pygls' copy also splits lines
+# there (str.splitlines), where LSP does not: with one of them in the text, pygls' copy is not the check
+
+
+@dataclass
+class WaitingEdit:
+    """An edit queued for the engine: its changes in order (later edits join them) and the text they leave."""
+
+    changes: list[Change]
+    text: str
 
 
 @dataclass
@@ -93,6 +107,8 @@ class GhostlineServer(LanguageServer):
         self.opening: dict[str, int] = {}  # documents opened and not encoded yet (count per uri)
         self.told: set[str] = set()  # causes of failed updates the editor has been shown (once each)
         self.unsynced: set[str] = set()  # documents whose resync failed: their next update re-opens them
+        self.waiting_edits: dict[str, WaitingEdit] = {}  # per document, the queued edit later changes join
+        self._edits_lock = threading.Lock()
 
     # plumbing ------------------------------------------------------------------------------------
 
@@ -224,14 +240,40 @@ class GhostlineServer(LanguageServer):
         if isinstance(self.engine, RemoteEngine):
             self.engine.disconnect()
 
-    def submit_update(self, uri: str, fn) -> None:
+    def submit_edit(self, uri: str, changes: list[Change]) -> None:
+        """Queue an edit. While it waits, later edits of the document join it: they reach the engine
+        as one update (one diff, one encode of the changed spans), so a storm of keystrokes costs
+        what its net change costs."""
+        text = self.mirrors[uri].text
+        with self._edits_lock:
+            waiting = self.waiting_edits.get(uri)
+            if waiting is not None:
+                waiting.changes.extend(changes)
+                waiting.text = text
+                return
+            waiting = self.waiting_edits[uri] = WaitingEdit(list(changes), text)
+
+        def take() -> str:  # from here on the changes are final: later edits queue a new update
+            with self._edits_lock:
+                if self.waiting_edits.get(uri) is waiting:
+                    del self.waiting_edits[uri]
+            return waiting.text
+
+        self.submit_update(uri, lambda engine: engine.edit(uri, waiting.changes), take=take)
+
+    def submit_update(self, uri: str, fn, *, take=None) -> None:
         """Run a document update on the engine thread. If it fails, whatever the cause, the document
-        is re-opened with the text this update leaves (the mirror's now; later updates queue behind
-        it): never a silent divergence (`update_failed`)."""
-        mirror = self.mirrors.get(uri)
-        text = mirror.text if mirror is not None else None
+        is re-opened with the text this update leaves (`take()`, called when it starts; by default
+        the mirror's text now): never a silent divergence (`update_failed`)."""
+        if take is None:
+            with self._edits_lock:
+                self.waiting_edits.pop(uri, None)  # later edits queue behind this update, not before it
+            mirror = self.mirrors.get(uri)
+            now = mirror.text if mirror is not None else None
+            take = lambda: now  # noqa: E731
 
         def run(_stop):
+            text = take()
             if self.engine is None:
                 return None
             resend = uri in self.unsynced and text is not None  # an earlier resync failed: send all of it
@@ -591,9 +633,9 @@ def build_server(*, model: str | None = None, engine: str | None = None) -> Ghos
         except EditError as exc:
             return ls.resync(uri, f"bad change ({exc})")
         mirror.set(text, version)
-        if ls.workspace.get_text_document(uri).source != text:
+        if not OTHER_BREAKS.search(text) and ls.workspace.get_text_document(uri).source != text:
             return ls.resync(uri, "text differs from the client's after the change")
-        ls.submit_update(uri, lambda e: e.edit(uri, changes))
+        ls.submit_edit(uri, changes)
         ls.after_change(uri, mirror)
 
     @server.feature(types.TEXT_DOCUMENT_DID_CLOSE)
@@ -660,6 +702,8 @@ def build_server(*, model: str | None = None, engine: str | None = None) -> Ghos
             return {**doc, "errors": ls.errors, "cancelled_decodes": ls.worker.cancelled_decodes,
                     "last_completion": ls.outcomes.get(uri)}
 
+        with ls._edits_lock:
+            ls.waiting_edits.pop(uri, None)  # later edits queue behind this request: it sees the text as of now
         return await asyncio.wrap_future(ls.worker.submit("update", run, uri=uri).future)
 
     return server

@@ -25,6 +25,7 @@ class Job:
     uri: str | None = None
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    should_yield: Callable[[], bool] = field(default=lambda: False)  # set by a scheduler that time-slices encodes
 
     def cancel(self) -> None:
         self.cancelled.set()

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from ghostline.lsp import wire
 from ghostline.lsp.client import running_server
 from ghostline.lsp.daemon import Daemon, DaemonOptions, Scheduler, lock_holder, stop_daemons
-from ghostline.engine.engine import CompletionOptions
+from ghostline.engine.engine import Cancelled, CompletionOptions
 from ghostline.engine.text import Change, EditError
 from ghostline.lsp.remote import Connection, DaemonError, RemoteEngine
 from ghostline.lsp.worker import Job
@@ -145,16 +145,17 @@ def test_scheduler_turns_newest_completion_wins_and_encodes_yield_to_other_clien
         mine = Job("encode", encode, "big")
         sched.submit(a, mine)
         _wait(lambda: sched.current is not None and sched.current[1] is mine)
-        sched.submit(a, Job("complete", lambda stop: "a's own", "u"))  # the same client waits its turn
+        sched.submit(a, Job("complete", lambda stop: "a's own", "big"))  # the same document waits for it
         assert mine.future.result(10) == "finished"
-        for n, kind in enumerate(("complete", "update"), 1):  # another client's completion or edit takes the engine
+        cases = [(b, "complete"), (b, "update"), (a, "complete")]  # another document's completion or edit
+        for n, (client, kind) in enumerate(cases, 1):  # takes the engine, another client's or its own
             theirs = Job("encode", encode, "big")
             sched.submit(a, theirs)
             _wait(lambda: sched.current is not None and sched.current[1] is theirs)
-            other = Job(kind, lambda stop: "b's", "v")
-            sched.submit(b, other)
+            other = Job(kind, lambda stop: "other's", "v")
+            sched.submit(client, other)
             assert theirs.future.result(10) == "stopped"
-            assert other.future.result(10) == "b's" and sched.counts["preempted"] == n
+            assert other.future.result(10) == "other's" and sched.counts["preempted"] == n
 
         def late(stop):  # its first chunk starts after the slice (tokenising, a busy machine)
             time.sleep(0.1)
@@ -170,6 +171,46 @@ def test_scheduler_turns_newest_completion_wins_and_encodes_yield_to_other_clien
     finally:
         sched.stop()
     assert not sched.alive
+
+
+def test_a_completion_that_yields_while_encoding_runs_again_and_is_answered():
+    """A completion that must encode first yields to another document's completion (raising
+    Cancelled after `should_yield`), runs again after it, and its answer is the second run's; one
+    cancelled while it waits is answered as cancelled."""
+    sched = Scheduler(idle_after_s=5.0, slice_s=0.05)
+    sched.start()
+    try:
+        a, ran = object(), []
+        job = Job("complete", None, "big")
+
+        def complete(stop):
+            ran.append("big")
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 1.0:
+                if job.should_yield():
+                    raise Cancelled("yielded")
+                time.sleep(0.005)
+            return "big's"
+
+        job.fn = complete
+        sched.submit(a, job)
+        _wait(lambda: sched.current is not None and sched.current[1] is job)
+        small = Job("complete", lambda stop: ran.append("small") or "small's", "small")
+        sched.submit(a, small)
+        assert small.future.result(10) == "small's" and job.future.result(10) == "big's"
+        assert ran[:3] == ["big", "small", "big"]
+
+        job = Job("complete", complete, "big")  # yields again; cancelled while it waits its turn
+        sched.submit(a, job)
+        _wait(lambda: sched.current is not None and sched.current[1] is job)
+        gate = threading.Event()
+        sched.submit(a, Job("complete", lambda stop: gate.wait(10), "small"))
+        _wait(lambda: sched.current is not None and sched.current[1] is not job)
+        job.cancel()
+        gate.set()
+        assert isinstance(job.future.exception(10), Cancelled)
+    finally:
+        sched.stop()
 
 
 def test_idle_work_stops_when_a_job_arrives():

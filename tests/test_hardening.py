@@ -282,6 +282,45 @@ def test_a_failed_update_is_logged_told_once_and_resynced_from_the_mirror(tiny_e
         server.worker.stop()
 
 
+def test_edits_that_wait_are_applied_as_one_update_in_order(tiny_engine_factory):
+    """Edits queued behind a busy engine reach it as one edit (all their changes, in order); an
+    update that is not an edit (a resync's open) splits them, so nothing jumps ahead of it; the
+    cache then equals a fresh encode of the editor's text."""
+    import threading
+
+    server = GhostlineServer()
+    server.engine = engine = tiny_engine_factory("llama")
+    calls = []
+    edit = engine.edit
+    engine.edit = lambda uri, changes, **k: calls.append(len(changes)) or edit(uri, changes, **k)
+    server.worker.start()
+    try:
+        server.mirrors[URI] = mirror = Mirror(PY, 1)
+        server.submit_update(URI, lambda e: e.open(URI, PY))
+        gate = threading.Event()
+        server.worker.submit("update", lambda stop: gate.wait(30))
+        text, version = PY, 1
+        for i in range(12):
+            if i == 8:
+                server.submit_update(URI, lambda e, t=text: e.open(URI, t))
+            at = (7 * i) % len(text)
+            change = Change(at, min(len(text), at + i % 3), f"x{i}")
+            text = text[: change.start] + change.text + text[change.end :]
+            version += 1
+            mirror.set(text, version)
+            server.submit_edit(URI, [change])
+        gate.set()
+        server.worker.submit("update", lambda stop: None).future.result(60)
+        assert calls == [8, 4] and engine.text(URI) == text
+        engine.refresh(URI)
+        fresh = tiny_engine_factory("llama")
+        fresh.open(URI, text)
+        assert engine.docs[URI].ids == fresh.docs[URI].ids
+        torch.testing.assert_close(engine.docs[URI].cache.state[0], fresh.docs[URI].cache.state[0], rtol=0, atol=1e-5)
+    finally:
+        server.worker.stop()
+
+
 def test_remote_engine_keeps_the_daemons_text_when_the_daemon_refuses(tiny, monkeypatch):
     with serving(tiny) as daemon:
         remote = RemoteEngine.connect(daemon.address, model=None)
@@ -299,6 +338,17 @@ def test_remote_engine_keeps_the_daemons_text_when_the_daemon_refuses(tiny, monk
         monkeypatch.setattr(tiny, "open", open_)
         remote.edit(URI, [Change(4, 7, "plus")])
         assert remote.docs[URI] == PY.replace("def add", "def plus") == remote.describe(URI)["text"]
+        remote.disconnect()
+
+
+def test_an_edit_that_finds_the_connection_lost_is_applied_once(tiny):
+    """The reconnect re-opens the recorded text, which already holds the edit: it is not sent again."""
+    with serving(tiny) as daemon:
+        remote = RemoteEngine.connect(daemon.address, model=None)
+        remote.open(URI, PY)
+        remote.conn.close()  # the daemon went away (and is back)
+        remote.edit(URI, [Change(0, 0, "# top\n")])
+        assert remote.describe(URI)["text"] == "# top\n" + PY == remote.docs[URI]
         remote.disconnect()
 
 

@@ -127,3 +127,14 @@ def test_completion_items_are_opt_in():
     assert Settings().merged({"completionItems": True}).completion_items is True
     with pytest.raises(SettingsError):
         Settings().merged({"completion_items": "yes"})
+
+
+def test_lines_end_where_lsp_says_they_do():
+    """\\n, \\r\\n and a lone \\r end a line; a form feed or \\u2028 does not (str.splitlines would)."""
+    text = "a\rb\r\nc\nd\x0ce\u2028f"
+    m = Mirror(text, 1)
+    assert [m.line(n) for n in range(4)] == ["a", "b", "c", "d\x0ce\u2028f"]
+    assert m.offset(1, 1, "utf-16") == 3 and m.offset(2, 0, "utf-16") == 5 and m.offset(3, 4, "utf-16") == 11
+    with pytest.raises(EditError):
+        m.offset(1, 2, "utf-16")  # past "b": the \r\n is not part of the line
+    assert all(m.offset(*m.position(o, "utf-16"), "utf-16") == o for o in (0, 1, 2, 3, 5, 6, 7, 12))

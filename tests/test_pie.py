@@ -246,3 +246,22 @@ def test_cpu_rope_shift_is_the_reference_bit_for_bit(case, dtype):
     rope_shift_cpu(k, v, src, end, dst, inv_freq)
     rope_shift_reference(k_ref, v_ref, src, end, dst, inv_freq)
     assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
+
+
+def test_a_rewrite_of_many_lines_encodes_only_what_changed_inside(tiny_engine_factory):
+    """A reload from disk replaces a run of lines with a copy that differs in two far apart: the
+    cache update encodes those lines' tokens, not all between, and refresh equals a full encode."""
+    eng = tiny_engine_factory("llama")
+    text = SAMPLE[:1500]
+    eng.open("a", text)
+    lines = text.split("\n")
+    start, end = len("\n".join(lines[:3])) + 1, len("\n".join(lines[:25]))
+    one, two = [i for i in range(5, 24) if len(lines[i]) > 12 and text.count(lines[i]) == 1][::8][:2]
+    new = text[start:end].replace(lines[one], lines[one] + "  # one").replace(lines[two], lines[two] + "  # two")
+    stats = eng.edit("a", [Change(start, end, new)])
+    assert stats.encoded < 30 and stats.hunks == 2
+    eng.refresh("a")
+    ref = tiny_engine_factory("llama")
+    ref.open("a", eng.text("a"))
+    assert eng.docs["a"].ids == ref.docs["a"].ids
+    assert states_close(eng.docs["a"].cache, ref.docs["a"].cache, 0) < 1e-5
