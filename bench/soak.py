@@ -2,15 +2,16 @@
 
 Each client is a real `ghostline serve` over stdio (`--engine daemon`, all sharing one daemon in a
 private runtime folder) with real files open (this Python's standard library: code nobody tuned
-on). Each sends random incremental edits at `--rate` a second (UTF-16 positions; astral characters;
-CRLF and lone CR line breaks; multi-hunk changes; 0.5-3k-character pastes; deletions across lines)
-and inline completions after some of them, a fifth of which it cancels. Meanwhile the daemon is
+on). Together they send random incremental edits at `--rate` a second (UTF-16 positions; astral
+characters; CRLF and lone CR line breaks; multi-hunk changes; 0.5-3k-character pastes; deletions
+across lines) in bursts (after one edit in 15 the user pauses 0.5-1.5 s for ghost text), with an
+inline completion after some edits and at every pause, a fifth of which it cancels. Meanwhile the daemon is
 killed (`kill -9`) every `--kill-every` seconds, one client vanishes mid-request, and malformed
 frames reach a server and the daemon. Every `--check-s` seconds each document's engine text
 (`ghostline/inspect`) is compared with the client's.
 
     python -m bench.soak --clients 3 --seconds 600 --rate 30 --kill-every 120
-    python -m bench.soak --clients 1 --seconds 90 --rate 25 --big-lines 200000   # a huge file beside the others
+    python -m bench.soak --clients 1 --seconds 60 --rate 25 --big-lines 200000   # a huge file beside the others
     python -m bench.soak --strangers 300                                             # pre-auth cost of a team server
 
 One line per check (stderr), then one JSON line.
@@ -116,8 +117,8 @@ def random_changes(doc: Doc, rng: random.Random, pastes: list[str]) -> list[tupl
         br = rng.random()
         paste = paste.replace("\n", "\r\n") if br < 0.3 else paste.replace("\n", "\r") if br < 0.4 else paste
         return [(cur, cur, paste)]
-    end = t.find("\n", cur)
-    return [(cur, len(t) if end < 0 else end, "")]  # delete to the end of the line
+    ends = [i for i in (t.find("\n", cur), t.find("\r", cur)) if i >= 0]
+    return [(cur, min(ends, default=len(t)), "")]  # delete to the end of the line
 
 
 def send_changes(client: Client, doc: Doc, changes: list[tuple[int, int, str]]) -> None:
@@ -230,11 +231,14 @@ class Soak:
             send_changes(client, doc, changes)
             self.counts["edits"] += 1
             self.counts["changes"] += len(changes)
-            if self.rng.random() < 0.3:
+            pause = self.rng.random() < 1 / 15  # the end of a burst of typing: the user waits for ghost text
+            if pause or self.rng.random() < 0.3:
                 n += 1
                 task = asyncio.ensure_future(self.complete(client, doc, n))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
+            if pause:
+                await asyncio.sleep(self.rng.uniform(0.5, 1.5))
         if pending:
             await asyncio.wait(pending, timeout=180)
 
@@ -374,6 +378,7 @@ class Soak:
                 "latency_ms_p95": round(lat[int(0.95 * (len(lat) - 1))], 1) if lat else None,
                 "peak_rss_mb_server": round(self.peak["server"], 1), "peak_rss_mb_daemon": round(self.peak["daemon"], 1),
                 "growth_same_pid": growth, "mismatched": sorted(set(self.mismatched)),
+                "edits_per_s": round(self.counts["edits"] / a.seconds, 1) if a.seconds else None,
                 "clients": a.clients, "seconds": a.seconds, "rate": a.rate, "model": a.model}
 
     async def big(self, client: Client, normal: Doc, lines: int) -> dict:
@@ -477,8 +482,9 @@ def strangers(args, env: dict) -> dict:
         still_open = sum(open_ for _, _, open_ in socks)
         served = False
         remote = RemoteEngine.connect(("127.0.0.1", port), model=None, token=token_file.read_text().strip())
-        remote.open("file:///served.py", "def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n    return ")
-        served = remote.complete("file:///served.py", 63) is not None
+        text = "def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n    return "
+        remote.open("file:///served.py", text)
+        served = remote.complete("file:///served.py", len(text)).stop_reason not in ("unavailable", "")
         for s, _, _ in socks:
             s.close()
         return {"strangers": args.strangers, "rss_before_mb": round(before, 1), "rss_peak_mb": round(peak, 1),

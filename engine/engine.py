@@ -45,11 +45,14 @@ class EngineOptions:
     refresh_stale_min: int = 64  # ... and at least this many
     precision: str = "fp32"  # fp32 (the reference) | int8 (int8 layer weights, bf16 activations; CPU)
     head: str = "full"  # full | code (the LM head over the code vocabulary + the documents' tokens)
-    window_tokens: int = 4096  # a longer document is cached as a window this long around where the user works
+    window_above: int = 16384  # a document of more tokens is cached as a window around where the user works ...
+    window_tokens: int = 4096  # ... of this many tokens
 
     def __post_init__(self):
-        if not (isinstance(self.window_tokens, int) and self.window_tokens >= 256):
-            raise ValueError(f"window_tokens must be an integer of at least 256, not {self.window_tokens!r}")
+        for name in ("window_above", "window_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 256:
+                raise ValueError(f"{name} must be an integer of at least 256, not {value!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.head not in HEADS:
@@ -60,7 +63,7 @@ PRECISIONS = ("fp32", "int8")
 SPECULATIVE = ("lookup", "self", "lookup+self")  # decoders that verify drafts (same output as greedy)
 HEADS = ("full", "code")
 REWRITE_TOKENS = 32  # a single change replacing more tokens than this by more is diffed inside
-CHARS_PER_TOKEN = 8  # above this many code points per window token a text surely is long (no tokenising it)
+CHARS_PER_TOKEN = 8  # a text of more code points than this per token of `window_above` surely is long (not tokenised)
 
 
 @dataclass
@@ -162,12 +165,12 @@ class Engine:
     # documents -----------------------------------------------------------------------------------
 
     def open(self, uri: str, text: str, *, should_stop: Callable[[], bool] | None = None) -> UpdateStats:
-        """Open (or re-open) a document and encode it; a long one is kept as plain text until a
-        completion places its window (`window_tokens`)."""
+        """Open (or re-open) a document and encode it; a long one (`window_above`) is kept as plain
+        text until a completion places its window (`window_tokens`)."""
         t0 = time.perf_counter()
-        long = len(text) > CHARS_PER_TOKEN * self.options.window_tokens
+        long = len(text) > CHARS_PER_TOKEN * self.options.window_above
         ids, offsets = ([], []) if long else self.tok.encode(text)
-        long = long or len(ids) > self.options.window_tokens
+        long = long or len(ids) > self.options.window_above
         doc = Document(uri, "" if long else text, [] if long else ids, [] if long else offsets)
         doc.full = text if long else None
         self.docs[uri] = doc

@@ -109,8 +109,9 @@ def _engine_parser(sub) -> None:
     e.add_argument("--token-file", default=None)
     e.add_argument("--memory-budget-mb", type=float, default=None,
                    help="all clients' KV caches together, least recently used evicted (default 2048)")
-    e.add_argument("--window-tokens", type=int, default=None,
-                   help="a longer document is cached as a window this long around where its user works (default 4096)")
+    e.add_argument("--window-above", type=int, default=None,
+                   help="a document of more tokens is cached as a window around where its user works (default 16384)")
+    e.add_argument("--window-tokens", type=int, default=None, help="that window's size in tokens (default 4096)")
     e.add_argument("--precision", choices=("fp32", "int8"), default="int8", help="layer weights (default int8)")
     e.add_argument("--head", choices=("code", "full"), default="code",
                    help="LM head over the code vocabulary (default) or the full vocabulary")

@@ -833,8 +833,8 @@ def run(args) -> int:
         log.info("an engine daemon already holds %s (pid %s)", lock, lock_holder(lock))
         return ALREADY_RUNNING
     budget = {"memory_budget_mb": args.memory_budget_mb} if args.memory_budget_mb else {}
-    if args.window_tokens is not None:
-        budget["window_tokens"] = args.window_tokens
+    budget.update({k: v for k, v in (("window_above", args.window_above), ("window_tokens", args.window_tokens))
+                   if v is not None})
     engine = Engine.load(args.model, options=EngineOptions(**budget, precision=args.precision, head=args.head),
                          progress=lambda m: log.info("load: %s", m))
     daemon = Daemon(engine, options)

@@ -23,7 +23,7 @@ def window_equals_fresh(factory, eng, uri: str, offset: int) -> None:
     doc = eng.docs[uri]
     eng.complete(uri, offset, OPTS)  # places the window if it must move
     eng.refresh(uri)  # zero stale tokens (PIE leaves the rows below an edit stale)
-    ref = factory("llama", window_tokens=W * 8)
+    ref = factory("llama", window_tokens=W * 8, window_above=W * 8)
     ref.open("w", doc.text)
     assert doc.ids == ref.docs["w"].ids
     assert states_close(doc.cache, ref.docs["w"].cache, 0) < 1e-5
@@ -31,7 +31,7 @@ def window_equals_fresh(factory, eng, uri: str, offset: int) -> None:
 
 
 def test_long_document_opens_as_text_and_caches_a_window_at_the_cursor(tiny_engine_factory):
-    eng = tiny_engine_factory("llama", window_tokens=W)
+    eng = tiny_engine_factory("llama", window_tokens=W, window_above=W)
     stats = eng.open("a", LONG)
     doc = eng.docs["a"]
     assert stats.encoded == 0 and doc.cache is None and eng.text("a") == LONG
@@ -49,7 +49,7 @@ def test_long_document_opens_as_text_and_caches_a_window_at_the_cursor(tiny_engi
 
 
 def test_a_short_document_is_not_windowed(tiny_engine_factory):
-    eng = tiny_engine_factory("llama", window_tokens=W)
+    eng = tiny_engine_factory("llama", window_tokens=W, window_above=W)
     eng.open("a", SAMPLE[:600])
     assert eng.docs["a"].full is None and eng.docs["a"].cache.length == len(eng.docs["a"].ids)
 
@@ -58,7 +58,7 @@ def test_a_short_document_is_not_windowed(tiny_engine_factory):
 @given(st.lists(st.tuples(st.floats(0, 1), st.integers(0, 600), st.sampled_from(["", "x = 1\n", "é\n\n", "  ("])),
                 min_size=1, max_size=8), st.booleans())
 def test_edits_anywhere_keep_the_whole_text_and_the_window_a_document(tiny_engine_factory, edits, batched):
-    eng = tiny_engine_factory("llama", window_tokens=W)
+    eng = tiny_engine_factory("llama", window_tokens=W, window_above=W)
     eng.open("a", LONG)
     focus = len(LONG) // 2
     eng.complete("a", focus, OPTS)
@@ -82,7 +82,7 @@ def test_edits_anywhere_keep_the_whole_text_and_the_window_a_document(tiny_engin
 
 
 def test_an_edit_across_the_window_edge_drops_it_until_the_next_completion(tiny_engine_factory):
-    eng = tiny_engine_factory("llama", window_tokens=W)
+    eng = tiny_engine_factory("llama", window_tokens=W, window_above=W)
     eng.open("a", LONG)
     eng.complete("a", len(LONG) - 10, OPTS)
     doc = eng.docs["a"]
@@ -96,7 +96,7 @@ def test_an_edit_across_the_window_edge_drops_it_until_the_next_completion(tiny_
 def test_encoding_a_window_yields_and_resumes(tiny_engine_factory):
     """`should_yield` stops the window's encode between chunks (Cancelled, rows kept); the next call
     encodes only the rest, and the completion equals one in a single go."""
-    eng = tiny_engine_factory("llama", window_tokens=W, encode_chunk=64)
+    eng = tiny_engine_factory("llama", window_tokens=W, window_above=W, encode_chunk=64)
     eng.open("a", LONG)
     calls = iter(range(100))
     with pytest.raises(Cancelled):
@@ -111,3 +111,12 @@ def test_window_tokens_is_validated():
 
     with pytest.raises(ValueError, match="window_tokens"):
         EngineOptions(window_tokens=10)
+    with pytest.raises(ValueError, match="window_above"):
+        EngineOptions(window_above=True)
+
+
+def test_only_documents_past_window_above_are_windowed(tiny_engine_factory):
+    eng = tiny_engine_factory("llama", window_tokens=W, window_above=W * 8)
+    eng.open("a", SAMPLE)  # more tokens than a window, fewer than window_above: cached whole
+    doc = eng.docs["a"]
+    assert doc.full is None and len(doc.ids) > W and doc.cache.length == len(doc.ids)
