@@ -29,7 +29,8 @@ MODES = ("full", "prefix", "pie", "naive")
 def fork(engine: Engine, src: str, dst: str) -> None:
     """A copy of an open document with its own cache (so each mode starts from the same warm state)."""
     doc = copy.copy(engine.docs[src])
-    doc.uri, doc.cache, doc.stale = dst, doc.cache.clone(), bytearray(doc.stale)
+    doc.uri, doc.stale = dst, bytearray(doc.stale)
+    doc.cache = None if doc.cache is None else doc.cache.clone()  # None: a long file's window not placed yet
     engine.docs[dst] = doc
 
 
