@@ -99,41 +99,76 @@ def _listen(value: str) -> str:
     return value
 
 
+def _cluster(args) -> int:
+    try:
+        from ghostline.lsp.cluster import run
+    except ImportError as exc:
+        print(f"ghostline cluster needs Ray Serve: pip install 'ghostline[cluster]' ({exc})", file=sys.stderr)
+        return 2
+    return run(args)
+
+
+def _model_flags(p) -> None:
+    p.add_argument("--model", default=None, help="gemma3-270m (default), smollm2-135m, a .gguf or a HF folder")
+    p.add_argument("--memory-budget-mb", type=float, default=None,
+                   help="all clients' KV caches together, least recently used evicted (default 2048)")
+    p.add_argument("--window-above", type=int, default=None,
+                   help="a document of more tokens is cached as a window around where its user works (default 16384)")
+    p.add_argument("--window-tokens", type=int, default=None, help="that window's size in tokens (default 4096)")
+    p.add_argument("--precision", choices=("fp32", "int8"), default="int8", help="layer weights (default int8)")
+    p.add_argument("--head", choices=("code", "full"), default="code",
+                   help="LM head over the code vocabulary (default) or the full vocabulary")
+
+
+def _client_flags(p) -> None:
+    p.add_argument("--token-file", default=None)
+    p.add_argument("--max-docs", type=int, default=None,
+                   help="cached documents per client, least recently used evicted past it (default 256)")
+    p.add_argument("--max-open", type=int, default=None, help="open documents per client (default 4096)")
+    p.add_argument("--max-queued", type=int, default=None, help="waiting requests per client (default 32)")
+    p.add_argument("--max-frame-mb", type=float, default=None, help="largest frame (default 16)")
+    p.add_argument("--max-hello-bytes", type=int, default=None,
+                   help="largest frame a TCP client may send before its token is accepted (default 4096)")
+    p.add_argument("--hello-timeout", type=float, default=None, metavar="SECONDS",
+                   help="close a TCP client that has not sent a valid hello by then (default 5)")
+    p.add_argument("--max-unauthenticated", type=int, default=None,
+                   help="TCP connections held at once before their hello (default 64)")
+    p.add_argument("--max-clients", type=int, default=None, help="connections held at once (default 256)")
+    p.add_argument("--rate", type=float, default=None, metavar="CALLS_PER_S",
+                   help="calls a second per client on average; past it calls get `rate_limited` (default 200)")
+    p.add_argument("--rate-burst", type=int, default=None, help="calls per client in a burst (default 1000)")
+    p.add_argument("--idle-exit", type=float, default=None, metavar="SECONDS",
+                   help="exit after this long without clients (servers start daemons with 300)")
+
+
 def _engine_parser(sub) -> None:
-    """`ghostline engine` (lsp.daemon), declared here so that `ghostline serve` never imports the model."""
+    """`ghostline engine` (lsp.daemon) and `ghostline cluster` (lsp.cluster), declared here so that
+    `ghostline serve` never imports the model or Ray."""
     e = sub.add_parser("engine", help="run the engine daemon that language servers share (Unix socket, or TCP + token)")
-    e.add_argument("--model", default=None, help="gemma3-270m (default), smollm2-135m, a .gguf or a HF folder")
+    _model_flags(e)
     e.add_argument("--socket", default=None, help="Unix socket path (default: per model, in the runtime folder)")
     e.add_argument("--listen", default=None, metavar="HOST:PORT", type=_listen,
                    help="serve TCP instead (a team server): clients need the token ($GHOSTLINE_TOKEN, --token-file, or generated)")
-    e.add_argument("--token-file", default=None)
-    e.add_argument("--memory-budget-mb", type=float, default=None,
-                   help="all clients' KV caches together, least recently used evicted (default 2048)")
-    e.add_argument("--window-above", type=int, default=None,
-                   help="a document of more tokens is cached as a window around where its user works (default 16384)")
-    e.add_argument("--window-tokens", type=int, default=None, help="that window's size in tokens (default 4096)")
-    e.add_argument("--precision", choices=("fp32", "int8"), default="int8", help="layer weights (default int8)")
-    e.add_argument("--head", choices=("code", "full"), default="code",
-                   help="LM head over the code vocabulary (default) or the full vocabulary")
-    e.add_argument("--max-docs", type=int, default=None,
-                   help="cached documents per client, least recently used evicted past it (default 256)")
-    e.add_argument("--max-open", type=int, default=None, help="open documents per client (default 4096)")
-    e.add_argument("--max-queued", type=int, default=None, help="waiting requests per client (default 32)")
-    e.add_argument("--max-frame-mb", type=float, default=None, help="largest frame (default 16)")
-    e.add_argument("--max-hello-bytes", type=int, default=None,
-                   help="largest frame a TCP client may send before its token is accepted (default 4096)")
-    e.add_argument("--hello-timeout", type=float, default=None, metavar="SECONDS",
-                   help="close a TCP client that has not sent a valid hello by then (default 5)")
-    e.add_argument("--max-unauthenticated", type=int, default=None,
-                   help="TCP connections held at once before their hello (default 64)")
-    e.add_argument("--max-clients", type=int, default=None, help="connections held at once (default 256)")
-    e.add_argument("--rate", type=float, default=None, metavar="CALLS_PER_S",
-                   help="calls a second per client on average; past it calls get `rate_limited` (default 200)")
-    e.add_argument("--rate-burst", type=int, default=None, help="calls per client in a burst (default 1000)")
-    e.add_argument("--idle-exit", type=float, default=None, metavar="SECONDS",
-                   help="exit after this long without clients (servers start daemons with 300)")
+    _client_flags(e)
     e.add_argument("--stop", action="store_true", help="stop the running daemons of this user and exit")
     e.set_defaults(func=_engine)
+
+    c = sub.add_parser("cluster", help="serve editors from engine replicas on Ray Serve (TCP + token, as `engine --listen`)")
+    _model_flags(c)
+    c.add_argument("--listen", required=True, metavar="HOST:PORT", type=_listen,
+                   help="where editors connect (port 0: any free one); prints `engine: tcp://HOST:PORT` when ready")
+    c.add_argument("--replicas", type=int, default=1, help="engine replicas, one model each (default 1)")
+    c.add_argument("--autoscale", default=None, metavar="MIN..MAX",
+                   help="scale between MIN and MAX replicas on requests in flight (instead of --replicas)")
+    c.add_argument("--target-queue", type=float, default=2.0,
+                   help="requests in flight per replica the autoscaler aims for (default 2)")
+    c.add_argument("--cpus", type=float, default=1.0, help="CPUs reserved per replica (default 1)")
+    c.add_argument("--gpus", type=float, default=0.0, help="GPUs reserved per replica (default 0)")
+    c.add_argument("--address", default=None,
+                   help="join this Ray cluster (`ray start --head` printed it) instead of starting one here")
+    c.add_argument("--ray-cpus", type=int, default=None, help="CPUs of a Ray cluster started here (default: all)")
+    _client_flags(c)
+    c.set_defaults(func=_cluster)
 
 
 def main(argv=None) -> int:

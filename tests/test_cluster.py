@@ -1,0 +1,174 @@
+"""`ghostline cluster` on a real Ray cluster on loopback: SmolLM2 replicas on Ray Serve behind the
+ingress, driven by `RemoteEngine` exactly as a language server drives a team server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import signal
+import tempfile
+import threading
+import time
+
+import pytest
+
+# Ray reads its authentication settings once, when imported (the router imports it): the cluster's own token
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_urlsafe(32))
+
+from ghostline.lsp import cluster  # noqa: E402
+from ghostline.lsp.front import DaemonOptions  # noqa: E402
+from ghostline.lsp.remote import RemoteEngine, RequestOptions, Unavailable  # noqa: E402
+from ghostline.lsp.router import owner  # noqa: E402
+
+pytestmark = pytest.mark.slow
+TOKEN = "cluster-token-for-tests-only-0123"
+SRC = "def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n\n\ndef main():\n    "
+
+
+@pytest.fixture(scope="module")
+def ingress():
+    """Ray on loopback (its files in a short folder of its own), 1..2 autoscaled replicas, the ingress in a thread."""
+    temp = tempfile.mkdtemp(prefix="gl-ray-")
+    cluster.start_ray(None, temp, cpus=2)
+    try:
+        handle = cluster.deploy(cluster.ClusterOptions(model="smollm2-135m", autoscale=(1, 2), target_queue=1.0,
+                                                       upscale_delay_s=0.5, downscale_delay_s=900, cpus=0.5))
+        front = cluster.Ingress(handle, DaemonOptions(token=TOKEN), replicas=cluster.live_replicas)
+        ready = threading.Event()
+        thread = threading.Thread(target=lambda: asyncio.run(front.serve(host="127.0.0.1", port=0,
+                                                                          ready=lambda _: ready.set())), daemon=True)
+        thread.start()
+        assert ready.wait(30)
+        yield front
+        front.stop()
+        thread.join(10)
+    finally:
+        cluster._shutdown(True)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def client(front) -> RemoteEngine:
+    return RemoteEngine.connect(tuple(front.address), model=None, token=TOKEN)
+
+
+def assert_texts_match(engine: RemoteEngine) -> dict[str, str]:
+    """Every document's text on its replica equals the client's; the replica of each."""
+    where = {}
+    for uri, text in engine.docs.items():
+        seen = engine.describe(uri)
+        assert seen["text"] == text, uri
+        where[uri] = seen["replica"]
+    return where
+
+
+def two_replicas(front) -> None:
+    """Long completions in flight, above the autoscaler's target of one a replica, until a second runs."""
+    stop = threading.Event()
+
+    def load(k: int) -> None:
+        busy = client(front)
+        busy.open(f"file:///load{k}.py", SRC)
+        while not stop.is_set():
+            busy.complete(f"file:///load{k}.py", len(SRC), RequestOptions(max_tokens=64, multiline=True))
+        busy.disconnect()
+
+    threads = [threading.Thread(target=load, args=(k,), daemon=True) for k in range(4)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 120
+    while cluster.live_replicas() < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    stop.set()
+    for t in threads:
+        t.join(60)
+    assert cluster.live_replicas() == 2
+
+
+def test_the_ring_moves_only_what_a_new_replica_takes():
+    routes = [f"c1|file:///m{i}.py" for i in range(400)]
+    two = {r: owner(r, ["a", "b"]) for r in routes}
+    three = {r: owner(r, ["a", "b", "c"]) for r in routes}
+    moved = [r for r in routes if two[r] != three[r]]
+    assert all(three[r] == "c" for r in moved)
+    assert 0.2 < len(moved) / len(routes) < 0.5
+    assert 0.35 < sum(v == "a" for v in two.values()) / len(routes) < 0.65
+
+
+def test_the_cluster_refuses_a_client_without_the_token(ingress):
+    with pytest.raises(Unavailable):
+        RemoteEngine.connect(tuple(ingress.address), model=None, token="not-the-token")
+    with pytest.raises(Unavailable):
+        RemoteEngine.connect(tuple(ingress.address), model=None, token=None)
+
+
+def test_scaling_from_one_replica_to_two_keeps_every_text(ingress):
+    engine = client(ingress)
+    for i in range(12):
+        uri = f"file:///s{i}.py"
+        engine.open(uri, SRC + f"# {i}\n")
+        engine.edit(uri, [{"range": {"start": {"line": 0, "character": 4}, "end": {"line": 0, "character": 7}},
+                           "text": f"fib{i}"}])
+    assert cluster.live_replicas() == 1
+    assert len(set(assert_texts_match(engine).values())) == 1
+    moved = ingress.counts["moved"]
+
+    two_replicas(ingress)
+    assert cluster.live_replicas() == 2
+    where = assert_texts_match(engine)  # the documents the new replica owns are re-opened there, once
+    assert len(set(where.values())) == 2
+    moved_now = ingress.counts["moved"] - moved
+    assert 0 < moved_now < 12 + 4
+    assert engine.complete("file:///s3.py", len(engine.docs["file:///s3.py"])).stop_reason != "error"
+    engine.disconnect()
+
+
+def test_every_call_about_a_document_reaches_one_replica(ingress):
+    two_replicas(ingress)
+    engine = client(ingress)
+    uris = [f"file:///a{i}.py" for i in range(10)]
+    for uri in uris:
+        engine.open(uri, SRC)
+    first = assert_texts_match(engine)
+    assert len(set(first.values())) == 2
+    moved = ingress.counts["moved"]
+    for round_ in range(3):
+        for uri in uris:
+            engine.edit(uri, [{"range": {"start": {"line": 7, "character": 4}, "end": {"line": 7, "character": 4}},
+                               "text": f"x{round_} = 1\n    "}])
+            engine.complete(uri, len(engine.docs[uri]), RequestOptions(max_tokens=4))
+        assert assert_texts_match(engine) == first
+    assert ingress.counts["moved"] == moved  # nothing was re-opened: every call found its document
+    engine.disconnect()
+
+
+def test_a_replica_killed_mid_completion_costs_a_reopen_and_no_request(ingress):
+    two_replicas(ingress)
+    engine = client(ingress)
+    uris = [f"file:///k{i}.py" for i in range(8)]
+    for uri in uris:
+        engine.open(uri, SRC)
+    where = assert_texts_match(engine)
+    victim_uri = uris[0]
+    victim = where[victim_uri]
+    on_victim = [u for u in uris if where[u] == victim]
+    moved = ingress.counts["moved"]
+    answer = {}
+
+    def complete():
+        answer["out"] = engine.complete(victim_uri, len(SRC), RequestOptions(max_tokens=200, multiline=True))
+
+    thread = threading.Thread(target=complete)
+    thread.start()
+    time.sleep(0.5)
+    os.kill(int(victim.rsplit("/", 1)[1]), signal.SIGKILL)
+    thread.join(180)
+    assert answer["out"].stop_reason not in ("error", "cancelled")
+    after = assert_texts_match(engine)
+    assert victim not in after.values()
+    assert engine.complete(victim_uri, len(SRC), RequestOptions(max_tokens=8)).stop_reason != "error"
+    # each document the dead replica held was re-opened once (twice at most: again when its replacement joins)
+    assert len(on_victim) <= ingress.counts["moved"] - moved <= 2 * len(uris)
+    engine.disconnect()
