@@ -9,7 +9,7 @@ backends is the ingress hop's own cost. On the last cluster, a replica is killed
 while completions run on documents of real code (this Python's standard library): every request
 must be answered, each moved document re-opened, and every text equal to the client's.
 
-    python -m bench.cluster --tasks ../shared/data/edits-requests.jsonl --limit 40 --replicas 1,2
+    python -m bench.cluster --tasks ../shared/data/edits-requests.jsonl --limit 12 --replicas 1,2
 
 Lines on stderr as it goes, then one JSON line.
 """
@@ -56,7 +56,8 @@ class Backend:
         if kind == "engine":
             cmd += ["--listen", f"127.0.0.1:{free_port()}"]
         else:
-            cmd += ["--listen", "127.0.0.1:0", "--replicas", str(replicas), "--cpus", str(args.cpus)]
+            cpus = args.cpus or max(1, (os.cpu_count() or 1) // replicas)  # the cores shared out, as the daemon has them all
+            cmd += ["--listen", "127.0.0.1:0", "--replicas", str(replicas), "--cpus", str(cpus)]
         self.name = "daemon" if kind == "engine" else f"cluster-{replicas}"
         self.t0 = time.perf_counter()
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(args.log_dir / f"{self.name}.log", "w"),
@@ -144,7 +145,7 @@ async def replay(backend: Backend, tasks: list[dict], editors: int, args, env: d
 def kill_one(backend: Backend, token: str, docs: int) -> dict:
     """Completions on `docs` real files; one replica killed mid-way; every answer and text checked."""
     engine = backend.engine(token)
-    files = stdlib_files(docs)
+    files = stdlib_files(docs, max_chars=6000)
     for path, text in files:
         engine.open(f"file://{path}", text)
     where = {u: engine.describe(u)["replica"] for u in engine.docs}
@@ -183,8 +184,8 @@ def run(args) -> dict:
     token_file.write_text(token)
     token_file.chmod(0o600)
     env = dict(os.environ, GHOSTLINE_TOKEN=token, GHOSTLINE_RUNTIME_DIR=str(args.log_dir))
-    tasks = read_tasks(args.tasks, args.limit)
-    out = {"model": args.model, "tasks": len(tasks), "editors": args.editors, "backends": {},
+    tasks = [t for t in read_tasks(args.tasks) if len(t["before"]) <= args.max_chars][: args.limit]
+    out = {"model": args.model, "tasks": len(tasks), "max_chars": args.max_chars, "editors": args.editors, "backends": {},
            "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"}
     kinds = [("engine", 1)] + [("cluster", int(n)) for n in args.replicas.split(",")]
     for i, (kind, n) in enumerate(kinds):
@@ -215,11 +216,14 @@ def run(args) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.cluster", description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", required=True, help="EVAL task file (the `edits` set)")
-    p.add_argument("--limit", type=int, default=40)
+    p.add_argument("--limit", type=int, default=12)
+    p.add_argument("--max-chars", type=int, default=6000,
+                   help="only tasks whose file is this short (each task first encodes its whole file)")
     p.add_argument("--replicas", default="1,2", help="cluster sizes to run, comma-separated")
     p.add_argument("--editors", type=int, default=3, help="editors at once in the concurrent run")
-    p.add_argument("--cpus", type=float, default=1.0, help="CPUs reserved per replica")
-    p.add_argument("--kill-docs", type=int, default=12, help="documents in the replica-kill run (0: skip it)")
+    p.add_argument("--cpus", type=float, default=None,
+                   help="CPUs per replica (its torch threads); default: the machine's cores shared out among the replicas")
+    p.add_argument("--kill-docs", type=int, default=8, help="documents in the replica-kill run (0: skip it)")
     p.add_argument("--model", default="gemma3-270m")
     out = run(p.parse_args(argv))
     print(json.dumps(out))

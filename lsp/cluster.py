@@ -141,19 +141,21 @@ class Ingress(Front):
 
     what = "cluster ingress"
 
-    def __init__(self, handle, options: DaemonOptions | None = None, *, replicas=None):
+    def __init__(self, handle, options: DaemonOptions | None = None, *, replicas=None, model: str = ""):
         super().__init__(options)
+        self.model = model
         self.handle = handle.options(stream=True)
         self.replicas = replicas  # () -> live replica count, for `status`
         self.prefix = secrets.token_hex(4)  # this ingress's clients, apart from another ingress's
         self.held: dict[int, dict[str, Held]] = {}
         self.versions = itertools.count(1)
+        self._own = itertools.count(2**62)  # ids of the ingress's own requests (re-opens), apart from clients' ids
         self.counts: Counter = Counter()
         self.calls = {"open": self._open, "edit": self._edit, "close": self._close, "complete": self._complete,
                       "inspect": self._inspect, "cancel": self._cancel, "status": self._status}
 
     def _about(self) -> dict:
-        return {"model": "", "cluster": True}
+        return {"model": self.model, "cluster": True}
 
     def _forget(self, s: Session) -> None:
         for task in list(s.inflight.values()):
@@ -247,7 +249,7 @@ class Ingress(Front):
                         s.send(wire.error(rid, "edit", str(exc)))
                         return
                     held.version += 1
-                await self._deliver(s, rid, uri, held, dict(msg, id=rid or 0))
+                await self._deliver(s, rid, uri, held, dict(msg, id=next(self._own) if rid is None else rid))
         except asyncio.CancelledError:
             if rid is not None:
                 s.send({"id": rid, "ok": {"text": "", "stop_reason": "cancelled"} if kind == "complete" else None})
@@ -265,7 +267,7 @@ class Ingress(Front):
         for attempt in range(ATTEMPTS):
             try:
                 if attempt and msg["call"] != "open":  # the replica named now gets the text first
-                    reopen = {"id": 0, "call": "open", "args": {"uri": uri, "text": held.text}}
+                    reopen = {"id": next(self._own), "call": "open", "args": {"uri": uri, "text": held.text}}
                     opened = await self._one(reopen, route, client, held, replay=None)
                     self.counts["moved"] += 1
                     log.info("client %d: %s re-opened on %s", s.id, uri, held.replica)
@@ -295,8 +297,8 @@ class Ingress(Front):
                 err = reply.get("error") if isinstance(reply.get("error"), dict) else None
                 if err is not None and err.get("code") == "moved":
                     raise Moved(err.get("message", ""))
-                if err is not None and msg["id"] == 0:
-                    raise RuntimeError(f"re-open failed: {err.get('message')}")
+                if err is not None and replay is None:
+                    raise RuntimeError(f"{msg['call']} failed: {err.get('message')}")
                 if replay is not None:
                     if msg["call"] == "inspect" and isinstance(reply.get("ok"), dict):
                         reply["ok"]["replica"] = name
@@ -341,8 +343,9 @@ class ClusterOptions:
 
 
 def start_ray(address: str | None, temp_dir: str, *, cpus: int | None = None) -> None:
-    """Join the Ray cluster at `address`, or start one on this machine (its own token, its files
-    under `temp_dir`, nothing in the home folder)."""
+    """Join the Ray cluster at `address`, or start one on this host: on loopback, with a token of its
+    own, its files under `temp_dir` and nothing in the home folder. (A cluster of several machines is
+    started with `ray start --head` and joined with `address`.)"""
     if address is None:
         if "ray" in sys.modules and "RAY_AUTH_MODE" not in os.environ:  # Ray reads it once, on import
             raise RuntimeError("start Ray here before importing it, or set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN")
@@ -352,7 +355,7 @@ def start_ray(address: str | None, temp_dir: str, *, cpus: int | None = None) ->
 
     if address is None:
         ray.init(num_cpus=cpus, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False,
-                 object_store_memory=128 * 2**20, namespace=APP)
+                 object_store_memory=128 * 2**20, namespace=APP, _node_ip_address="127.0.0.1")
     else:
         ray.init(address=address, log_to_driver=False, namespace=APP)
 
@@ -416,7 +419,7 @@ def run(args) -> int:
         n = f"{options.autoscale[0]}..{options.autoscale[1]}" if options.autoscale else options.replicas
         print(f"deploying {n} engine replica(s) of {options.model or 'the default model'} ...", file=sys.stderr, flush=True)
         handle = deploy(options)
-        ingress = Ingress(handle, front, replicas=live_replicas)
+        ingress = Ingress(handle, front, replicas=live_replicas, model=options.model or "gemma3-270m")
 
         def ready(_front):
             h, p = ingress.address
@@ -430,16 +433,18 @@ def run(args) -> int:
 
         asyncio.run(main())
     finally:
-        _shutdown(args.address is None)
+        shutdown(args.address is None)
         shutil.rmtree(temp, ignore_errors=True)
     return 0
 
 
-def _shutdown(ours: bool) -> None:
+def shutdown(ours: bool) -> None:
+    """Stop what this command started: the whole local Ray cluster, or only our application on a joined one."""
     with contextlib.suppress(Exception):
-        from ray import serve
+        if not ours:
+            from ray import serve
 
-        serve.delete(APP) if not ours else serve.shutdown()
+            serve.delete(APP, _blocking=False)
     with contextlib.suppress(Exception):
         import ray
 
