@@ -1,4 +1,4 @@
-"""AdaDec benchmark (issue 6): greedy vs AdaDec vs beam search on multi-line suggestions.
+"""AdaDec benchmark: greedy vs AdaDec vs beam search on multi-line suggestions.
 
 Two sets:
   tasks      ../shared/EVAL.md tasks: open `before`, apply the edit, complete at the cursor in

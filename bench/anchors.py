@@ -15,7 +15,7 @@
   from the edit arriving to the completion's text.
 
 Both are benchmark-only: neither package is a dependency of the product. llama-cpp-python is installed
-by `make anchors` (a CPU build without AMX: the default native build dies with SIGILL on this CPU). A
+by `make anchors` (a CPU build without AMX: the default native build dies with SIGILL on CPUs without AMX). A
 missing package raises `Missing`, which the benchmark reports and skips.
 
 Runners take the task list and yield one row per task: {"id", "ms", "em", "es", "pred"} (+ "error").

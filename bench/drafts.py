@@ -1,4 +1,4 @@
-"""Drafts benchmark (issue 4): k suggestions per request, after an edit (../shared/EVAL.md: open
+"""Drafts benchmark: k suggestions per request, after an edit (../shared/EVAL.md: open
 `before`, apply `changes` as one edit, complete one line at `cursor`).
 
   greedy             1 draft, the reference

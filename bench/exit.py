@@ -1,4 +1,4 @@
-"""Early-exit benchmark (issue 5): greedy vs greedy+halt vs greedy+exit vs both, on multi-line
+"""Early-exit benchmark: greedy vs greedy+halt vs greedy+exit vs both, on multi-line
 suggestions (up to 64 tokens) after the edit (../shared/EVAL.md set-up).
 
     python -m bench.exit --tasks ../shared/data/edits-requests.jsonl [--limit N] [--shard i/n --out rows.jsonl]

@@ -1,4 +1,4 @@
-"""One-call GPU session: check the Triton kernels against their references, then time the engine.
+"""One GPU run: check the Triton kernels against their references, then time the engine.
 
     python -m bench.gpu            # on a CUDA machine: checks, then timings (about 3-5 minutes)
     python -m bench.gpu --smoke    # anywhere: tiny shapes, few iterations (CPU: kernels interpreted)
@@ -397,7 +397,7 @@ def run_timings(name: str, cfg, *, hf, model, runner, runner_ng, runner_gemv, ct
     def part(key, fn):
         try:
             fn()
-        except Exception as exc:  # keep the session's other numbers
+        except Exception as exc:  # keep the run's other numbers
             res[f"error_{key}"] = f"{type(exc).__name__}: {exc}"
             traceback.print_exc()
 

@@ -1,4 +1,4 @@
-"""Where the time goes between an edit and its one-line suggestion (issue 10), in process.
+"""Where the time goes between an edit and its one-line suggestion, in process.
 
 For each task (../shared/EVAL.md: open `before`, apply `changes` as one edit, complete one line at
 the cursor) the edit and the completion are timed whole and split into parts by wrapping the

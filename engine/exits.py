@@ -14,8 +14,8 @@ Terms, as used below:
   about a fifth of a layer and say how sure the exit head is (entropy, top probability, margin).
 - controller: at each candidate layer, a logistic regression on the normalised hidden and the mini
   head's three logit features gives P(exit): that the exit head agrees with the full model (SEC's
-  label, that it predicts the true token, saved fewer layers for the same harm on held-out code:
-  NOTES.md, ninth session); at layer L, another one on the logits' entropy, top probability and top-two margin
+  label, that it predicts the true token, saved fewer layers for the same harm on held-out
+  code); at layer L, another one on the logits' entropy, top probability and top-two margin
   gives P(stop): that no layer's head predicts the true token, SEC's stop label. (The hidden state
   itself as a stop feature over-fits: held-out precision fell.) A step *exits* at the first
   candidate layer whose P(exit) clears the exit threshold, *stops* (the suggestion ends before the

@@ -55,7 +55,7 @@ class Int8Linear(nn.Module):
     """A drop-in for `nn.Linear` (weights [out, in], optional fp32 bias) with int8 rows.
 
     `prefill=True` also keeps the weights in bf16 (2 bytes a weight more) for products of many rows
-    (encoding): on this CPU oneDNN's bf16 matrix product (AVX512-BF16) runs ~3x faster there than
+    (encoding): on a CPU with AVX512-BF16, oneDNN's bf16 matrix product runs ~3x faster there than
     `_weight_int8pack_mm`, while decode steps keep reading the int8 rows."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, prefill: bool = False):
@@ -211,7 +211,7 @@ def _logits(x: torch.Tensor, bufs: dict[str, torch.Tensor], n: int, int8: bool) 
 
 
 def fast_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX): only then do bf16
+    """Whether the CPU we run on multiplies bf16 matrices natively (AVX512-BF16 or AMX): only then do bf16
     prefill weights beat `_weight_int8pack_mm` (elsewhere bf16 products are emulated and slower)."""
     try:
         with open("/proc/cpuinfo") as f:

@@ -1,11 +1,11 @@
 """The code vocabulary: the tokens that occur in real code, rows of the shortlist head (engine.quant).
 
 Most of Gemma 3's 262,144 tokens are words of natural languages that code rarely uses; the head over
-all of them is 63% of a decode step's weight reads. We count a tokenizer's ids over source files on
-this machine (the stdlib, installed packages, editor runtimes, a workspace) and keep every id seen,
+all of them is 63% of a decode step's weight reads. We count a tokenizer's ids over source files at
+hand (the stdlib, installed packages, editor runtimes, a workspace) and keep every id seen,
 plus the special, whitespace and one- or two-character ASCII tokens, as a sorted int32 array. The
 engine adds each open document's own ids on top, so a name the context uses can always be chosen.
-How often the full head's argmax falls outside: `python -m bench.vocab` (bench/RESULTS.md).
+How often the full head's argmax falls outside: `python -m bench.weights` (bench/RESULTS.md, "Fast weights").
 """
 
 from __future__ import annotations

@@ -94,7 +94,7 @@ def _engine(args) -> int:
 
 def _listen(value: str) -> str:
     host, _, port = value.rpartition(":")
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    if not port.isdigit() or not 0 <= int(port) < 65536:  # 0: any free port
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
     return value
 
@@ -162,6 +162,8 @@ def _engine_parser(sub) -> None:
                    help="scale between MIN and MAX replicas on requests in flight (instead of --replicas)")
     c.add_argument("--target-queue", type=float, default=2.0,
                    help="requests in flight per replica the autoscaler aims for (default 2)")
+    c.add_argument("--target-p95-ms", type=float, default=1500.0,
+                   help="with --autoscale, add a replica while completions' p95 is above this (0: off; default 1500)")
     c.add_argument("--cpus", type=float, default=1.0, help="CPUs reserved per replica (default 1)")
     c.add_argument("--gpus", type=float, default=0.0, help="GPUs reserved per replica (default 0)")
     c.add_argument("--address", default=None,

@@ -25,10 +25,11 @@ import signal
 import sys
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from ghostline.engine.text import EditError, apply_changes
+from ghostline.lsp.autoscaler import P95
 from ghostline.lsp import wire
 from ghostline.lsp.front import (DaemonOptions, Front, RequestError, Session, TokenBucket, arg, daemon_options,
                                   edit_changes, engine_options, load_token, uri_of)
@@ -36,6 +37,7 @@ from ghostline.lsp.front import (DaemonOptions, Front, RequestError, Session, To
 log = logging.getLogger("ghostline.cluster")
 APP = "ghostline"
 DEPLOYMENT = "engine"
+LATENCY_WINDOW_S = 30.0  # completions a replica's latency metric covers
 ATTEMPTS = 6  # tries of one call across moves and replica deaths before the editor gets an error
 
 
@@ -69,6 +71,7 @@ class Replica:
         self.sessions: dict[str, ReplicaSession] = {}
         self._ids = itertools.count(1)
         self.name = _replica_name()
+        self.latencies: deque[tuple[float, float]] = deque(maxlen=512)  # (when, ms) of recent completions
 
     async def call(self, msg: dict, *, route: str, client: str, version: int):
         """Run one request of `client` about the document `route` names; yield its answers (partials,
@@ -96,6 +99,8 @@ class Replica:
             while not done:
                 reply = await q.get()
                 done = "partial" not in reply
+                if done and kind == "complete" and isinstance(reply.get("ok"), dict):
+                    self.latencies.append((time.monotonic(), float(reply["ok"].get("ms") or 0.0)))
                 yield self.name, reply
         finally:
             s.waiting.pop(rid, None)
@@ -104,6 +109,12 @@ class Replica:
                 job.cancel()
             if not s.docs and not s.inflight:
                 self.sessions.pop(client, None)
+
+    def record_autoscaling_stats(self) -> dict:
+        """This replica's completion p95 over the last `LATENCY_WINDOW_S` (Ray Serve autoscaling metric)."""
+        since = time.monotonic() - LATENCY_WINDOW_S
+        recent = sorted(ms for at, ms in self.latencies if at >= since)
+        return {P95: recent[int(0.95 * (len(recent) - 1))] if recent else 0.0}
 
     async def check_health(self) -> None:
         if self.daemon.loop is not None and not self.daemon.scheduler.alive:
@@ -144,7 +155,9 @@ class Ingress(Front):
     def __init__(self, handle, options: DaemonOptions | None = None, *, replicas=None, model: str = ""):
         super().__init__(options)
         self.model = model
-        self.handle = handle.options(stream=True)
+        # every call streams its answers (partials, then the last); straight to the replica over gRPC
+        # (`_by_reference=False`), which halves the hop against passing through Ray's object store
+        self.handle = handle.options(stream=True, _by_reference=False)
         self.replicas = replicas  # () -> live replica count, for `status`
         self.prefix = secrets.token_hex(4)  # this ingress's clients, apart from another ingress's
         self.held: dict[int, dict[str, Held]] = {}
@@ -319,6 +332,7 @@ class ClusterOptions:
     replicas: int = 1
     autoscale: tuple[int, int] | None = None  # (min, max) replicas, scaled on queue length
     target_queue: float = 2.0  # requests in flight per replica the autoscaler aims for
+    target_p95_ms: float | None = 1500.0  # and a replica more while completions' p95 is above this (None: off)
     upscale_delay_s: float = 5.0  # load above the target this long adds a replica
     downscale_delay_s: float = 60.0  # load below it this long removes one (its documents move)
     cpus: float = 1.0  # per replica
@@ -334,6 +348,9 @@ class ClusterOptions:
             lo, hi = self.autoscale
             if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi and hi >= 1):
                 raise ValueError(f"autoscale must be MIN..MAX with 0 <= MIN <= MAX, MAX >= 1, not {lo}..{hi}")
+        if self.target_p95_ms is not None and (isinstance(self.target_p95_ms, bool) or not isinstance(
+                self.target_p95_ms, (int, float)) or self.target_p95_ms <= 0):
+            raise ValueError(f"target_p95_ms must be a positive number, not {self.target_p95_ms!r}")
         for name in ("target_queue", "cpus", "gpus", "upscale_delay_s", "downscale_delay_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
@@ -369,7 +386,9 @@ def deploy(options: ClusterOptions):
     o = options
     scale = ({"autoscaling_config": {"min_replicas": o.autoscale[0], "max_replicas": o.autoscale[1],
                                      "target_ongoing_requests": o.target_queue, "upscale_delay_s": o.upscale_delay_s,
-                                     "downscale_delay_s": o.downscale_delay_s}}
+                                     "downscale_delay_s": o.downscale_delay_s,
+                                     "policy": {"policy_function": "ghostline.lsp.autoscaler:LatencyPolicy",
+                                                "policy_kwargs": {"target_p95_ms": o.target_p95_ms}}}}
              if o.autoscale else {"num_replicas": o.replicas})
     app = serve.deployment(Replica).options(
         name=DEPLOYMENT, max_ongoing_requests=o.max_ongoing, health_check_period_s=2.0, health_check_timeout_s=30.0,
@@ -397,7 +416,8 @@ def cluster_options(args) -> ClusterOptions:
             raise ValueError(f"--autoscale takes MIN..MAX, not {args.autoscale!r}")
         autoscale = (int(lo), int(hi))
     return ClusterOptions(model=args.model, replicas=args.replicas, autoscale=autoscale, cpus=args.cpus,
-                          gpus=args.gpus, target_queue=args.target_queue, engine=engine_options(args))
+                          gpus=args.gpus, target_queue=args.target_queue, target_p95_ms=args.target_p95_ms or None,
+                          engine=engine_options(args))
 
 
 def run(args) -> int:

@@ -25,10 +25,10 @@ class Settings:
     time_cap_ms: int | None = 1500  # return what is there once a suggestion takes longer
     drafts: int = 3  # suggestions per request (superposed decoding: about the cost of one)
     decoder: str = "greedy"  # one-line: greedy | lookup, self, lookup+self (speculation: the same text, faster)
-    decoder_multiline: str = "lookup"  # multi-line: those or adadec (pause and re-rank, issue 6)
-    halt: bool = False  # end a suggestion before a token the early-exit controller expects to be wrong (issue 5)
+    decoder_multiline: str = "lookup"  # multi-line: those or adadec (pause and re-rank)
+    halt: bool = False  # end a suggestion before a token the early-exit controller expects to be wrong
     halt_threshold: float | None = None  # P(stop) cut-off in 0..1; null: the model's calibrated one
-    exit: bool = False  # read confident tokens from an early layer (greedy decoder, drafts 1; issue 5)
+    exit: bool = False  # read confident tokens from an early layer (greedy decoder, drafts 1)
     exit_threshold: float | None = None  # P(exit) cut-off in 0..1; null: the model's calibrated one
     gate: bool = True  # withhold a suggestion the user would likely keep nothing of (the show gate)
     gate_strength: float = 1.0  # 0: show everything, 1: the calibrated threshold, up to 4: stricter

@@ -104,5 +104,5 @@ def test_engine_adadec_decoder(tiny_engine_factory):
     assert same.tokens == plain.tokens and eng.last_adadec.paused == 0  # not calibrated: inf threshold
     paused = eng.complete("a", len(text), CompletionOptions(multiline=True, max_tokens=8, decoder="adadec",
                                                             adadec=AdaDecParams(threshold=0.0)))
-    assert eng.last_adadec.paused == eng.last_adadec.steps > 0 and paused.text is not None
+    assert eng.last_adadec.paused == eng.last_adadec.steps == len(paused.tokens) > 0
     assert eng.docs["a"].cache.length == len(eng.docs["a"].ids)  # scratch rolled back, cache intact

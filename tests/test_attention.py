@@ -68,8 +68,6 @@ def test_bf16_prefill_attention_matches_oracle(case):
     kw = dict(scale=hd**-0.5, window=case["window"])
     lo, hi = sa._key_range(S, start, int(qpos[0]), int(qpos[-1]), kw["window"])
     out = step.prefill_attention(q, K, V, start, lo, hi, qpos, **kw)
-    if not (case["window"] and "runs" in case):  # (far-apart runs go one call each)
-        assert torch.equal(sa.flash_attention(q, (K, V, start), qpos, bf16=True, **kw), out)
     assert step.prefill_attention(q, K, V, start, lo, hi, qpos.flip(0), **kw) is None  # positions must increase
     rounded = [t.bfloat16().float() for t in (q, K, V)]
     ref = sa.flash_attention(rounded[0], (rounded[1], rounded[2], start), qpos, **kw)

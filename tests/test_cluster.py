@@ -19,6 +19,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_urlsafe(32))
 
 from ghostline.lsp import cluster  # noqa: E402
+from ghostline.lsp.autoscaler import P95, LatencyPolicy  # noqa: E402
 from ghostline.lsp.front import DaemonOptions  # noqa: E402
 from ghostline.lsp.remote import RemoteEngine, RequestOptions, Unavailable  # noqa: E402
 from ghostline.lsp.router import owner  # noqa: E402
@@ -178,3 +179,21 @@ def test_a_replica_killed_mid_completion_costs_a_reopen_and_no_request(ingress):
     # each document the dead replica held was re-opened once (twice at most: again when its replacement joins)
     assert len(on_victim) <= ingress.counts["moved"] - moved <= 2 * len(uris)
     engine.disconnect()
+
+
+class Ctx:
+    """What the autoscaling policy reads of Ray Serve's AutoscalingContext."""
+
+    def __init__(self, running: int, requests: float, p95s: list[float], target: float = 2.0):
+        self.current_num_replicas, self.target_num_replicas, self.total_num_requests = running, running, requests
+        self.aggregated_metrics = {P95: {f"r{i}": v for i, v in enumerate(p95s)}}
+        self.config = type("Config", (), {"get_target_ongoing_requests": lambda _self: target})()
+
+
+def test_the_autoscaler_adds_a_replica_for_a_queue_or_for_slow_completions():
+    policy = LatencyPolicy(target_p95_ms=1000)
+    assert policy(Ctx(2, 4, [300, 400]))[0] == 2  # at the target queue, fast: as many as run
+    assert policy(Ctx(2, 8, [300, 400]))[0] == 4  # twice the queue: twice the replicas
+    assert policy(Ctx(2, 1, [1800, 1400]))[0] == 3  # a short queue but slow: one more
+    assert policy(Ctx(2, 1, [0.0]))[0] == 0.5  # idle: Ray Serve's bounds and delays decide how far down
+    assert LatencyPolicy(None)(Ctx(2, 1, [5000]))[0] == 0.5  # the latency rule off

@@ -97,6 +97,10 @@ def test_cancel_between_steps_and_time_cap(tiny_engine_factory):
     again = eng.complete("c", 400, CompletionOptions(multiline=True, max_tokens=30))
     first = eng.complete("c", 400, CompletionOptions(multiline=True, max_tokens=30))
     assert again.tokens == first.tokens  # the scratch was rolled back: no trace of earlier requests
+    capped = eng.complete("c", 400, CompletionOptions(multiline=True, max_tokens=30, time_cap_ms=1e-6))
+    assert first.text.strip() and len(first.tokens) > 1
+    shown = next(i for i in range(1, len(first.tokens) + 1) if eng.tok.decode(first.tokens[:i]).strip())
+    assert capped.stop_reason == "time_cap" and capped.tokens == first.tokens[:shown]  # past the cap: stop at the first text
 
 
 def test_stream_can_be_abandoned(tiny_engine_factory):

@@ -2,7 +2,7 @@
 
 On the CPU these run its uncaptured steps through the torch references (the Triton kernels inside
 the same steps are checked under the interpreter in test_kernels.py). The captured CUDA graphs need
-a GPU: those tests are skipped here and `python -m bench.gpu` checks them on a lent one.
+a GPU: those tests are skipped here and `python -m bench.gpu` checks them on a machine with one.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from tests.conftest import tiny_hf
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA GPU here: the captured-graph path runs only on one "
-                                                 "(bench.gpu checks it on a lent GPU)")
+                                                 "(bench.gpu checks it on a GPU machine)")
 KINDS = ["gemma3", "llama", "llama3"]
 VOCAB = 300
 

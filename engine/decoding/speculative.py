@@ -89,7 +89,7 @@ class MatchGoodput:
     verify cost, (1 + sum_i<k P(first i + 1 accepted)) / cost[k], k = 0 when nothing pays.
 
     `cost[k]`: a verify step of 1 + k tokens against a decode step. On a CPU extra rows are not free
-    (their int8 products, attention and head rows); the default is what this machine measured at a
+    (their int8 products, attention and head rows); the default was measured on a 2-core AMD EPYC at a
     3,194-token context with the one-call C step (bench/RESULTS.md). The odds depend on the match:
     a long suffix match (>= `long_match` tokens) whose every earlier occurrence went on the same way
     is a copy (first token right 80-92 % of the time on the requests tasks, later ones more often),
