@@ -1,6 +1,6 @@
 """A decode or verify step's layer on the CPU in two C calls (`kernels/step.c`), int8 weights.
 
-A decode step on this CPU is bound by reading the weights (~0.1 GB of int8 layers), yet the eager
+A decode step on a laptop- or server-class CPU is bound by reading the weights (~0.1 GB of int8 layers), yet the eager
 torch layer spends as long again on ~60 small operations and their Python calls, and its batched
 attention products run at a third of the memory speed. The C layer does the same arithmetic as
 `engine.model.Block` over `engine.quant`'s int8 weights with fp32 activations: input norm, fused
@@ -363,7 +363,7 @@ class ScratchStep:
     """Every layer of a decode or verify step over a scratch area (engine.cache.ScratchCache, batch 1)
     in one C call: the same numbers as the per-layer FusedLayer calls, without ~60 returns to Python
     a step (their tensors, ctypes calls and cache bookkeeping cost about as much as the layers'
-    arithmetic on this CPU)."""
+    arithmetic on a 2-core AMD EPYC)."""
 
     def __init__(self, layers: list[FusedLayer]):
         self.fused = layers  # they hold the weights the structs point into
