@@ -111,6 +111,23 @@ def with_signal(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
+def same_completion(engine: RemoteEngine, n: int = 40) -> dict:
+    """One completion asked `n` times of one cached document (a stdlib file, 16 tokens): the engine's
+    work is the same every time, so backends differ only by the way there and the CPU left to it."""
+    (path, text), = stdlib_files(1, max_chars=6000)
+    uri = f"file://{path}"
+    engine.open(uri, text)
+    engine.describe(uri)
+    at = text.index("\n", len(text) // 2)
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        engine.complete(uri, at, RequestOptions(max_tokens=16))
+        times.append((time.perf_counter() - t) * 1e3)
+    engine.close(uri)
+    return {"p50_ms": round(pct(times, 50), 1), "p95_ms": round(pct(times, 95), 1)}
+
+
 def bare_round_trip(engine: RemoteEngine, n: int = 200) -> dict:
     """`inspect` of a small document: the request's way there and back, no model work."""
     uri = "file:///bench/probe.py"
@@ -193,8 +210,13 @@ def run(args) -> dict:
         try:
             log(f"{backend.name}: ready in {backend.start_s:.1f} s on {backend.target}", flush=True)
             engine = backend.engine(token)
-            fig = {"start_s": round(backend.start_s, 1), "bare_round_trip": bare_round_trip(engine)}
+            fig = {"start_s": round(backend.start_s, 1), "bare_round_trip": bare_round_trip(engine),
+                   "same_completion": same_completion(engine)}
             engine.disconnect()
+            log(f"{backend.name}: bare {fig['bare_round_trip']} same completion {fig['same_completion']}", flush=True)
+            if not tasks:
+                out["backends"][backend.name] = fig
+                continue
             fig["alone"] = asyncio.run(replay(backend, tasks, 1, args, env))
             log(f"{backend.name}: alone {fig['alone']}", flush=True)
             fig["together"] = asyncio.run(replay(backend, tasks, args.editors, args, env))
@@ -209,7 +231,10 @@ def run(args) -> dict:
     if "daemon" in b and "cluster-1" in b:
         out["hop_ms"] = {"bare_p50": round(b["cluster-1"]["bare_round_trip"]["p50_ms"]
                                            - b["daemon"]["bare_round_trip"]["p50_ms"], 2),
-                         "completion_p50": round(b["cluster-1"]["alone"]["p50_ms"] - b["daemon"]["alone"]["p50_ms"], 1)}
+                         "same_completion_p50": round(b["cluster-1"]["same_completion"]["p50_ms"]
+                                                      - b["daemon"]["same_completion"]["p50_ms"], 1),
+                         "completion_p50": round(b["cluster-1"]["alone"]["p50_ms"] - b["daemon"]["alone"]["p50_ms"], 1)
+                         if "alone" in b["daemon"] else None}
     return out
 
 

@@ -335,6 +335,7 @@ class ClusterOptions:
     target_p95_ms: float | None = 1500.0  # and a replica more while completions' p95 is above this (None: off)
     upscale_delay_s: float = 5.0  # load above the target this long adds a replica
     downscale_delay_s: float = 60.0  # load below it this long removes one (its documents move)
+    look_back_s: float = 30.0  # the load the autoscaler sees is averaged over this long
     cpus: float = 1.0  # per replica
     gpus: float = 0.0  # per replica
     max_ongoing: int = 64  # requests one replica holds at once
@@ -351,7 +352,7 @@ class ClusterOptions:
         if self.target_p95_ms is not None and (isinstance(self.target_p95_ms, bool) or not isinstance(
                 self.target_p95_ms, (int, float)) or self.target_p95_ms <= 0):
             raise ValueError(f"target_p95_ms must be a positive number, not {self.target_p95_ms!r}")
-        for name in ("target_queue", "cpus", "gpus", "upscale_delay_s", "downscale_delay_s"):
+        for name in ("target_queue", "cpus", "gpus", "upscale_delay_s", "downscale_delay_s", "look_back_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"{name} must be a number >= 0, not {value!r}")
@@ -387,6 +388,8 @@ def deploy(options: ClusterOptions):
     scale = ({"autoscaling_config": {"min_replicas": o.autoscale[0], "max_replicas": o.autoscale[1],
                                      "target_ongoing_requests": o.target_queue, "upscale_delay_s": o.upscale_delay_s,
                                      "downscale_delay_s": o.downscale_delay_s,
+                                     "look_back_period_s": max(o.look_back_s, 1e-3),
+                                     "metrics_interval_s": min(10.0, max(o.look_back_s / 3, 0.5)),
                                      "policy": {"policy_function": "ghostline.lsp.autoscaler:LatencyPolicy",
                                                 "policy_kwargs": {"target_p95_ms": o.target_p95_ms}}}}
              if o.autoscale else {"num_replicas": o.replicas})

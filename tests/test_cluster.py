@@ -36,7 +36,8 @@ def ingress():
     cluster.start_ray(None, temp, cpus=2)
     try:
         handle = cluster.deploy(cluster.ClusterOptions(model="smollm2-135m", autoscale=(1, 2), target_queue=1.0,
-                                                       upscale_delay_s=0.5, downscale_delay_s=900, cpus=0.5))
+                                                       upscale_delay_s=0.5, downscale_delay_s=900, look_back_s=2.0,
+                                                       cpus=0.5))
         front = cluster.Ingress(handle, DaemonOptions(token=TOKEN), replicas=cluster.live_replicas)
         ready = threading.Event()
         thread = threading.Thread(target=lambda: asyncio.run(front.serve(host="127.0.0.1", port=0,
