@@ -127,13 +127,18 @@ def test_scaling_from_one_replica_to_two_keeps_every_text(ingress):
     engine.disconnect()
 
 
-def test_every_call_about_a_document_reaches_one_replica(ingress):
-    two_replicas(ingress)
-    engine = client(ingress)
-    uris = [f"file:///a{i}.py" for i in range(10)]
+def spread(front, name: str, n: int):
+    """A client with `n` documents open on two replicas: (engine, uris, where each is)."""
+    two_replicas(front)
+    engine = client(front)
+    uris = [f"file:///{name}{i}.py" for i in range(n)]
     for uri in uris:
         engine.open(uri, SRC)
-    first = assert_texts_match(engine)
+    return engine, uris, assert_texts_match(engine)
+
+
+def test_every_call_about_a_document_reaches_one_replica(ingress):
+    engine, uris, first = spread(ingress, "a", 10)
     assert len(set(first.values())) == 2
     moved = ingress.counts["moved"]
     for round_ in range(3):
@@ -147,12 +152,7 @@ def test_every_call_about_a_document_reaches_one_replica(ingress):
 
 
 def test_a_replica_killed_mid_completion_costs_a_reopen_and_no_request(ingress):
-    two_replicas(ingress)
-    engine = client(ingress)
-    uris = [f"file:///k{i}.py" for i in range(8)]
-    for uri in uris:
-        engine.open(uri, SRC)
-    where = assert_texts_match(engine)
+    engine, uris, where = spread(ingress, "k", 8)
     victim_uri = uris[0]
     victim = where[victim_uri]
     on_victim = [u for u in uris if where[u] == victim]
