@@ -214,13 +214,11 @@ def run(args) -> dict:
                    "same_completion": same_completion(engine)}
             engine.disconnect()
             log(f"{backend.name}: bare {fig['bare_round_trip']} same completion {fig['same_completion']}", flush=True)
-            if not tasks:
-                out["backends"][backend.name] = fig
-                continue
-            fig["alone"] = asyncio.run(replay(backend, tasks, 1, args, env))
-            log(f"{backend.name}: alone {fig['alone']}", flush=True)
-            fig["together"] = asyncio.run(replay(backend, tasks, args.editors, args, env))
-            log(f"{backend.name}: {args.editors} editors {fig['together']}", flush=True)
+            if tasks:
+                fig["alone"] = asyncio.run(replay(backend, tasks, 1, args, env))
+                log(f"{backend.name}: alone {fig['alone']}", flush=True)
+                fig["together"] = asyncio.run(replay(backend, tasks, args.editors, args, env))
+                log(f"{backend.name}: {args.editors} editors {fig['together']}", flush=True)
             if kind == "cluster" and n > 1 and i == len(kinds) - 1 and args.kill_docs:
                 fig["kill"] = kill_one(backend, token, args.kill_docs)
                 log(f"{backend.name}: replica killed {fig['kill']}", flush=True)

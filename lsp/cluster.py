@@ -73,9 +73,10 @@ class Replica:
         self.name = _replica_name()
         self.latencies: deque[tuple[float, float]] = deque(maxlen=512)  # (when, ms) of recent completions
 
-    async def call(self, msg: dict, *, route: str, client: str, version: int):
-        """Run one request of `client` about the document `route` names; yield its answers (partials,
-        then the last). A document not held at `version` (`version - 1` for an edit) is `moved`."""
+    async def call(self, msg: dict, *, route: str, holder: str | None, client: str, version: int):
+        """Run one request of `client` about the document `route` names (`route` and `holder` are the
+        router's); yield its answers (partials, then the last). A document not held at `version`
+        (`version - 1` for an edit) is `moved`."""
         d = self.daemon
         if d.loop is None:
             d.loop = asyncio.get_running_loop()
@@ -155,9 +156,7 @@ class Ingress(Front):
     def __init__(self, handle, options: DaemonOptions | None = None, *, replicas=None, model: str = ""):
         super().__init__(options)
         self.model = model
-        # every call streams its answers (partials, then the last); straight to the replica over gRPC
-        # (`_by_reference=False`), which halves the hop against passing through Ray's object store
-        self.handle = handle.options(stream=True, _by_reference=False)
+        self.deployment, self.handle = handle, None
         self.replicas = replicas  # () -> live replica count, for `status`
         self.prefix = secrets.token_hex(4)  # this ingress's clients, apart from another ingress's
         self.held: dict[int, dict[str, Held]] = {}
@@ -166,6 +165,12 @@ class Ingress(Front):
         self.counts: Counter = Counter()
         self.calls = {"open": self._open, "edit": self._edit, "close": self._close, "complete": self._complete,
                       "inspect": self._inspect, "cancel": self._cancel, "status": self._status}
+
+    def _starting(self) -> None:
+        # on the serving loop: Ray Serve's router runs on the loop that first uses the handle. Every
+        # call streams its answers (partials, then the last), straight to the replica over gRPC
+        # (`_by_reference=False`), which halves the hop against passing through Ray's object store.
+        self.handle = self.deployment.options(stream=True, _by_reference=False)
 
     def _about(self) -> dict:
         return {"model": self.model, "cluster": True}
@@ -302,7 +307,8 @@ class Ingress(Front):
 
     async def _one(self, msg: dict, route: str, client: str, held: Held, *, replay: Session | None):
         """One call on one replica; its answers go to `replay` (partials as they come); the last one's result."""
-        stream = self.handle.call.remote(msg, route=route, client=client, version=held.version)
+        stream = self.handle.call.remote(msg, route=route, holder=held.replica.split("/")[0] or None, client=client,
+                                         version=held.version)
         reply = {}
         try:
             async for name, reply in stream:
@@ -369,6 +375,7 @@ def start_ray(address: str | None, temp_dir: str, *, cpus: int | None = None) ->
             raise RuntimeError("start Ray here before importing it, or set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN")
         os.environ.setdefault("RAY_AUTH_MODE", "token")
         os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_urlsafe(32))
+        os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")  # Serve's router and replicas on one loop each
     import ray
 
     if address is None:

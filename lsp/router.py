@@ -1,8 +1,10 @@
 """Document affinity for the cluster: a consistent-hash ring, plugged into Ray Serve's request router.
 
-Every call about one (client, document) carries `route=`; `AffinityRouter` sends it to the replica
-that owns the route on a ring of the live replicas (`VNODES` points each). Adding or removing a
-replica moves only the routes it gains or loses; the ingress re-opens those documents there.
+Every call about one (client, document) carries `route=` and `holder=` (the replica that holds the
+document, if any); `AffinityRouter` sends it to the holder while it lives, else to the replica that
+owns the route on a ring of the live replicas (`VNODES` points each). So a document moves only when
+its replica dies or is drained, once, to the replica the ring names; a new replica takes new
+documents (spread by the ring), not the ones already placed.
 """
 
 from __future__ import annotations
@@ -27,11 +29,13 @@ def owner(route: str, replicas: list[str]) -> str:
 
 
 class AffinityRouter(RequestRouter):
-    """A request with `route=` goes to the route's owner among the live replicas; any other anywhere."""
+    """A request with `route=` goes to `holder=` (the replica that holds the document) while that one
+    lives, else to the route's owner among the live replicas; a request without a route anywhere."""
 
     async def choose_replicas(self, candidate_replicas, pending_request=None):
-        route = pending_request.kwargs.get("route") if pending_request is not None else None
+        kwargs = pending_request.kwargs if pending_request is not None else {}
+        route, holder = kwargs.get("route"), kwargs.get("holder")
         if route is None or not candidate_replicas:
             return [candidate_replicas]
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        return [[by_id[owner(route, sorted(by_id))]]]
+        return [[by_id[holder if holder in by_id else owner(route, sorted(by_id))]]]
