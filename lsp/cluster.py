@@ -79,8 +79,7 @@ class Replica:
         (`version - 1` for an edit) is `moved`."""
         d = self.daemon
         if d.loop is None:
-            d.loop = asyncio.get_running_loop()
-            d.scheduler.start()
+            d.adopt(asyncio.get_running_loop())
         s = self.sessions.get(client)
         if s is None:
             s = self.sessions[client] = ReplicaSession(next(self._ids))
@@ -96,7 +95,7 @@ class Replica:
         q = s.waiting[rid] = asyncio.Queue()
         done = False
         try:
-            d._dispatch(s, msg)
+            d.dispatch(s, msg)
             while not done:
                 reply = await q.get()
                 done = "partial" not in reply
@@ -253,7 +252,7 @@ class Ingress(Front):
 
     async def _forward(self, s: Session, rid: int | None, uri: str, held: Held, msg: dict, *,
                        text: str | None = None, changes=None) -> None:
-        """Send one call to the document's replica, in the document's order; re-open it where the ring
+        """Send one call to the document's replica, in the document's order; re-open it where the router
         says and ask again when that replica does not hold it."""
         kind = msg["call"]
         try:

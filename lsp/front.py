@@ -141,8 +141,13 @@ class Front:
         self.started = time.time()
         self.calls: dict = {}
 
+    def adopt(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Answer requests handed to `dispatch` on `loop`, with no socket of our own (a cluster replica)."""
+        self.loop = loop
+        self._starting()
+
     def _starting(self) -> None:
-        """Called once the socket listens, before clients are served."""
+        """Called once the socket listens (or `adopt`), before clients are served."""
 
     def _stopping(self) -> None:
         """Called after the last client was closed."""
@@ -278,9 +283,9 @@ class Front:
         except wire.FrameError as exc:
             s.send(wire.error(None, "bad_frame", str(exc)))
             return s.greeted or not s.tcp
-        return self._dispatch(s, msg)
+        return self.dispatch(s, msg)
 
-    def _dispatch(self, s: Session, msg: dict) -> bool:
+    def dispatch(self, s: Session, msg: dict) -> bool:
         """Answer one request (a map); False closes the connection."""
         rid, call, args = msg.get("id"), msg.get("call"), msg.get("args", {})
         if isinstance(rid, bool) or not isinstance(rid, int) or not 0 <= rid < 2**63:
