@@ -2,7 +2,8 @@
 
 `KVCache` holds one document: k/v [L, KV, capacity, hd], position = index, keys stored rotated,
 capacity grown in chunks. `ScratchCache` holds generated tokens: it attends to a prefix view of a
-`KVCache` (never a copy) plus its own rows, and is rolled back by `trim`.
+`KVCache` (never a copy) plus its own rows, and is rolled back by `trim`. `WithContext` puts
+separately encoded blocks (other files' chunks) before a document's prefix view.
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ class KVCache:
         else:
             self.k[layer].index_copy_(1, pos.to(self.device), k[0])
             self.v[layer].index_copy_(1, pos.to(self.device), v[0])
+        return self.segments(layer, end)
+
+    def segments(self, layer: int, end: int) -> list[Segment]:
+        """What a token after rows [0, end) attends to in `layer`: those rows, at positions 0.."""
         return [(self.k[layer, :, :end][None], self.v[layer, :, :end][None], 0)]
 
     def splice(self, start: int, end: int, m: int, *, inv_freq: torch.Tensor | None) -> None:
@@ -133,8 +138,7 @@ class ScratchCache:
         end = i + k.shape[2]
         self.k[layer, :, :, i:end] = k
         self.v[layer, :, :, i:end] = v
-        pk, pv = self.prefix.k[layer, :, : self.start], self.prefix.v[layer, :, : self.start]
-        return [(pk[None], pv[None], 0), (self.k[layer, :, :, :end], self.v[layer, :, :, :end], self.start)]
+        return self.prefix.segments(layer, self.start) + [(self.k[layer, :, :, :end], self.v[layer, :, :, :end], self.start)]
 
 
 class ForkCache:
@@ -159,9 +163,8 @@ class ForkCache:
         self.v[layer, :, :, i:end] = v
         self.length = max(self.length, end)
         b = self.base
-        pk, pv = b.prefix.k[layer, :, : b.start], b.prefix.v[layer, :, : b.start]
-        return [(pk[None], pv[None], 0), (b.k[layer, :, :, : b.length], b.v[layer, :, :, : b.length], b.start),
-                (self.k[layer, :, :, :end], self.v[layer, :, :, :end], self.start)]
+        return b.prefix.segments(layer, b.start) + [(b.k[layer, :, :, : b.length], b.v[layer, :, :, : b.length], b.start),
+                                                     (self.k[layer, :, :, :end], self.v[layer, :, :, :end], self.start)]
 
     def adopt(self, row: int, i: int) -> None:
         """Append the fork's row `row`, entry i (position start + i), to the base scratch: a token the
@@ -172,3 +175,31 @@ class ForkCache:
         b.k[:, 0, :, b.length] = self.k[:, row, :, i]
         b.v[:, 0, :, b.length] = self.v[:, row, :, i]
         b.length += 1
+
+
+class WithContext:
+    """A document's cache seen after context blocks: k/v [L, KV, C, hd] at positions start..start+C-1
+    (keys rotated there), then the document's rows from `skip` on at their own positions. With a
+    tokenizer that adds BOS, the context's row 0 is the BOS and the document's own (row 0) is
+    skipped (`skip=1`), so a token attends to BOS, context, document: the prompt a joint encode of
+    them would see, with every block encoded on its own. Read-only: a ScratchCache's prefix."""
+
+    def __init__(self, cache: KVCache, k: torch.Tensor, v: torch.Tensor, *, start: int, skip: int):
+        self.cache, self.ck, self.cv, self.start, self.skip = cache, k, v, start, skip
+        self.shape, self.dtype, self.device = cache.shape, cache.dtype, cache.device
+
+    @property
+    def k(self) -> torch.Tensor:
+        return self.cache.k
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.cache.v
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    def segments(self, layer: int, end: int) -> list[Segment]:
+        doc = [(self.k[layer, :, self.skip : end][None], self.v[layer, :, self.skip : end][None], self.skip)]
+        return [(self.ck[layer][None], self.cv[layer][None], self.start)] + (doc if end > self.skip else [])

@@ -23,9 +23,11 @@ from ghostline.engine.stops import Shown
 METHODS = ("superposed", "beam", "nucleus")  # CompletionOptions.decoder; any other name: superposed
 
 
-def stream_drafts(engine, doc, *, P: int, offset: int, heal: str, rules, opts, t0: float, should_stop=None) -> Iterator:
+def stream_drafts(engine, doc, *, P: int, offset: int, heal: str, rules, opts, t0: float, should_stop=None,
+                  prefix=None) -> Iterator:
     """Like `Engine.stream`, for k drafts: yields Completions whose `text` is the best draft so far;
-    the last one carries `drafts`. Called by `Engine.stream` once the context P is known."""
+    the last one carries `drafts`. Called by `Engine.stream` once the context P is known; `prefix`
+    the document's cache or a view of it after context blocks (`Engine.with_context`)."""
     from ghostline.engine.engine import Completion
 
     k, first = opts.drafts, doc.ids[P - 1]
@@ -47,7 +49,8 @@ def stream_drafts(engine, doc, *, P: int, offset: int, heal: str, rules, opts, t
     mask, method = engine._mask(heal), opts.decoder if opts.decoder in METHODS else "superposed"
     params = opts.superposed or SuperposedParams()
     batch = k if method == "beam" else 2 if method == "superposed" and params.anchor else 1
-    scratch = ScratchCache(doc.cache, P - 1, opts.max_tokens + 1, batch=batch)
+    prefix = doc.cache if prefix is None else prefix
+    scratch = ScratchCache(prefix, P - 1, opts.max_tokens + 1, batch=batch)
     common = dict(k=k, max_new=opts.max_tokens, finish=finish, first_mask=mask)
     if method == "superposed":
         gen = superposed(engine.model, scratch, first, context=doc.ids[max(0, P - 6) : P - 1], ngram=ngram,
@@ -81,7 +84,7 @@ def stream_drafts(engine, doc, *, P: int, offset: int, heal: str, rules, opts, t
             scratch.trim(0)
     exits = engine._exits(opts)
     if exits is not None and drafts and exits.halt_threshold < float("inf"):  # cut each draft where it would halt
-        cuts = halt_cuts(engine.model, doc.cache, P - 1, first, drafts=[d.ids for d in drafts],
+        cuts = halt_cuts(engine.model, prefix, P - 1, first, drafts=[d.ids for d in drafts],
                          rule=lambda logits: exits.p_stop(logits) >= exits.halt_threshold)
         for d, cut in zip(drafts, cuts):
             if cut < len(d.ids):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ghostline.engine.cache import KVCache, ScratchCache
+from ghostline.engine.cache import KVCache, ScratchCache, WithContext
 from ghostline.engine.calibration import find, load_json, load_vocab
 from ghostline.engine.decoding.adadec import AdaDecParams, AdaDecStats, adadec
 from ghostline.engine.decoding.early_exit import ExitStats, early_exit
@@ -34,6 +34,7 @@ from ghostline.engine.quant import quantize
 from ghostline.engine.stops import Shown, StopRules
 from ghostline.engine.text import apply_changes, to_change
 from ghostline.engine.tokenizer import Tokenizer
+from ghostline.kernels.rope_shift import apply_rope, delta_cos_sin
 
 log = logging.getLogger("ghostline.engine")
 
@@ -82,6 +83,7 @@ class CompletionOptions:
     exit_threshold: float | None = None  # P(exit) cut-off; None: the model's calibrated one
     gate: bool = False  # withhold a suggestion the user would likely keep nothing of (engine.gate; drafts > 1)
     gate_strength: float = 1.0  # 0: show everything, 1: the calibrated threshold, above: stricter
+    context: tuple[str, ...] = ()  # open documents (other files' chunks) attended over before the prefix, in order
 
 
 @dataclass
@@ -107,6 +109,8 @@ class Completion:
     confidence: float | None = None  # the show gate's P(the user keeps some of it), where it ran
     withheld: str = ""  # the best draft the gate withheld (stop_reason "gated"): for inspection only
     first_step: Confidence | None = None  # the first step's distribution at the cursor (k drafts)
+    context: list[str] = field(default_factory=list)  # the context documents attended over (encoded ones)
+    context_tokens: int = 0
 
 
 class Cancelled(Exception):
@@ -135,6 +139,7 @@ class Engine:
         self.trace_exits = False  # benchmarks: record every step's P(stop) in `last_exit.p_stop`
         self._head_cost: float | None = None  # the LM head's time in layers (`head_cost`)
         self._last_stats = None  # the last decode's stats object (its `halted` names the stop reason)
+        self._context_kv: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # the last context assembled
         self._clock = 0
 
     @classmethod
@@ -321,14 +326,18 @@ class Engine:
         heal = doc.text[doc.offsets[P - 1][1] : offset]  # text between the last kept token and the cursor
         line_start = doc.text.rfind("\n", 0, offset) + 1
         rules = StopRules(opts.multiline, doc.text[line_start:offset], _next_line(doc.text, offset))
+        prefix, used = self.with_context(doc, opts.context)
         if opts.drafts > 1:
-            yield from stream_drafts(self, doc, P=P, offset=offset, heal=heal, rules=rules, opts=opts, t0=t0,
-                                     should_stop=should_stop)
+            for out in stream_drafts(self, doc, P=P, offset=offset, heal=heal, rules=rules, opts=opts, t0=t0,
+                                     should_stop=should_stop, prefix=prefix):
+                out.context, out.context_tokens = used, _context_rows(prefix)
+                yield out
             return
         first = doc.ids[P - 1]
         view = Shown(self.tok, first, heal, rules)
-        gen, scratch = self._decoder(doc, P, opts, self._mask(heal), finish=lambda ids: view.finish(ids) is not None)
-        out = Completion("", ctx_tokens=P, heal=heal)
+        gen, scratch = self._decoder(doc, P, opts, self._mask(heal), finish=lambda ids: view.finish(ids) is not None,
+                                     prefix=prefix)
+        out = Completion("", ctx_tokens=P, heal=heal, context=used, context_tokens=_context_rows(prefix))
         try:
             for tok in gen:
                 if not out.tokens:
@@ -360,22 +369,60 @@ class Engine:
 
     # internals -----------------------------------------------------------------------------------
 
-    def _decoder(self, doc: Document, P: int, opts: CompletionOptions, mask, *, finish=None):
-        """The token generator for a request and the scratch cache it writes (rolled back by the caller)."""
+    def with_context(self, doc: Document, uris) -> tuple[KVCache | WithContext, list[str]]:
+        """`doc`'s cache seen after the context documents `uris` (open, encoded; others are skipped,
+        never encoded here: a request does not wait for context), and the uris used. Each block's
+        keys are rotated from its own positions to its place before the document (PIE's rotation);
+        the assembly is kept while the blocks stay unchanged."""
+        skip = 1 if self.tok.adds_bos else 0
+        blocks = [(u, d) for u in dict.fromkeys(uris) if u != doc.uri and (d := self.docs.get(u)) is not None
+                  and d.full is None and d.cache is not None and d.cache.length >= len(d.ids) > skip]
+        if not blocks:
+            return doc.cache, []
+        for _, d in blocks:
+            self._touch(d)
+        key = tuple((u, id(d.cache), hash(tuple(d.ids)), d.stale_count) for u, d in blocks)
+        if self._context_kv is None or self._context_kv[0] != key:
+            self._context_kv = (key, *self._assemble([d.cache for _, d in blocks], skip))
+        _, k, v = self._context_kv
+        return WithContext(doc.cache, k, v, start=skip - k.shape[2], skip=skip), [u for u, _ in blocks]
+
+    def _assemble(self, caches: list[KVCache], skip: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v [L, KV, C, hd]: the first block's BOS row (when `skip`), then every block's rows past
+        its BOS in order, keys rotated so the last row sits at position skip - 1."""
+        parts = [(c, 0, skip) for c in caches[:skip]] + [(c, skip, c.length) for c in caches]
+        C = sum(hi - lo for _, lo, hi in parts)
+        L, KV, hd = caches[0].shape
+        k = torch.empty(L, KV, C, hd, dtype=caches[0].dtype, device=caches[0].device)
+        v = torch.empty_like(k)
+        freqs, row = self.model.args.inv_freq, 0
+        for c, lo, hi in parts:
+            n, delta = hi - lo, (skip - C + row) - lo  # rows lo.. move to positions skip - C + row..
+            cos, sin = delta_cos_sin(delta, freqs, dtype=k.dtype)  # [L, hd]
+            k[:, :, row : row + n] = apply_rope(c.k[:, :, lo:hi], cos[:, None, None].to(k.device),
+                                                sin[:, None, None].to(k.device))
+            v[:, :, row : row + n] = c.v[:, :, lo:hi]
+            row += n
+        return k, v
+
+    def _decoder(self, doc: Document, P: int, opts: CompletionOptions, mask, *, finish=None, prefix=None):
+        """The token generator for a request and the scratch cache it writes (rolled back by the caller);
+        `prefix` the document's cache or a view of it after context (`with_context`)."""
         first = doc.ids[P - 1]
+        prefix = doc.cache if prefix is None else prefix
         exits = self._exits(opts)
         self._last_stats = None
         if opts.decoder == "greedy" and exits is not None:
-            scratch = ScratchCache(doc.cache, P - 1, opts.max_tokens + 1)
+            scratch = ScratchCache(prefix, P - 1, opts.max_tokens + 1)
             self.last_exit = self._last_stats = ExitStats(p_stop=[] if self.trace_exits else None)
             gen = early_exit(self.model, scratch, first, exits=exits, max_new=opts.max_tokens, first_mask=mask,
                              stats=self.last_exit)
             return gen, scratch
         if opts.decoder == "greedy":
-            scratch = ScratchCache(doc.cache, P - 1, opts.max_tokens + 1)
+            scratch = ScratchCache(prefix, P - 1, opts.max_tokens + 1)
             return greedy(self.model, scratch, first, max_new=opts.max_tokens, first_mask=mask), scratch
         if opts.decoder == "adadec":
-            scratch = ScratchCache(doc.cache, P - 1, opts.max_tokens + 1)
+            scratch = ScratchCache(prefix, P - 1, opts.max_tokens + 1)
             self.last_adadec = AdaDecStats()
             gen = adadec(self.model, scratch, first, max_new=opts.max_tokens, params=opts.adadec or self.adadec,
                          finish=finish, first_mask=mask, stats=self.last_adadec)
@@ -384,7 +431,7 @@ class Engine:
             if opts.draft_length not in DRAFT_RULES:
                 raise ValueError(f"draft_length must be one of {', '.join(DRAFT_RULES)}, not {opts.draft_length!r}")
             length = DRAFT_RULES[opts.draft_length]()
-            scratch = ScratchCache(doc.cache, P - 1, opts.max_tokens + length.k_max + 2)
+            scratch = ScratchCache(prefix, P - 1, opts.max_tokens + length.k_max + 2)
             lookup = PromptLookup()
             scope = scope_of(doc.uri)
             lookup.others = [d.array for d in self.docs.values() if d is not doc and scope_of(d.uri) == scope]
@@ -569,6 +616,11 @@ class Engine:
 
     def memory_bytes(self) -> int:
         return sum(d.cache.nbytes for d in self.docs.values() if d.cache is not None)
+
+
+def _context_rows(prefix) -> int:
+    """Rows of context a prefix view carries (0 for a document's own cache)."""
+    return prefix.ck.shape[2] if isinstance(prefix, WithContext) else 0
 
 
 def _either(a, b):
