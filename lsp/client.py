@@ -7,6 +7,7 @@ import asyncio
 import sys
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from lsprotocol import types
 from pygls.lsp.client import LanguageClient
@@ -67,6 +68,18 @@ class Client(LanguageClient):
         """The engine's view of a document, once every update sent before has been applied."""
         return await self.protocol.send_request_async("ghostline/inspect", {"uri": uri})
 
+    async def context_ready(self, uri: str, *, timeout: float = 60.0) -> dict:
+        """Wait until the server has sent the engine every context chunk chosen for `uri` (and read
+        the workspace); its context report."""
+        deadline = time.monotonic() + timeout
+        while True:
+            res = await self.inspect(uri)
+            ctx = (res["context"] if isinstance(res, dict) else res.context) or {}
+            ctx = ctx if isinstance(ctx, dict) else ctx._asdict()
+            if (not ctx.get("pending") and ctx.get("scanned", True)) or time.monotonic() > deadline:
+                return ctx
+            await asyncio.sleep(0.25)
+
     async def engine_text(self, uri: str) -> str:
         res = await self.inspect(uri)
         return res["text"] if isinstance(res, dict) else res.text
@@ -86,11 +99,12 @@ class Client(LanguageClient):
 @asynccontextmanager
 async def running_server(*, model: str = "smollm2-135m", options: dict | None = None, encodings=("utf-16",),
                          ready_timeout: float | None = 300, engine: str = "in-process", env: dict | None = None,
-                         command: list[str] | None = None, cwd: str | None = None):
+                         command: list[str] | None = None, cwd: str | None = None, folder: str | None = None):
     """A started, initialised server; its model is ready unless `ready_timeout` is None (then the
     client gets it while it loads). `engine` as the `--engine` flag (in-process by default, so tests
     and benchmarks of one server measure one process); `env`, `cwd` for the server; `command` runs
-    another installation's server (`[".../bin/ghostline", "serve"]`)."""
+    another installation's server (`[".../bin/ghostline", "serve"]`); `folder` the workspace folder
+    the editor opened."""
     client = Client()
     await client.start_io(*(command or SERVER), "--model", model, "--engine", engine, env=env, cwd=cwd)
     drain = asyncio.create_task(client.drain())
@@ -98,8 +112,10 @@ async def running_server(*, model: str = "smollm2-135m", options: dict | None = 
     caps = types.ClientCapabilities(
         general=types.GeneralClientCapabilities(position_encodings=list(encodings)),
         window=types.WindowClientCapabilities(work_done_progress=True))
+    root = Path(folder).resolve().as_uri() if folder else None
     result = await client.initialize_async(types.InitializeParams(
-        capabilities=caps, initialization_options=options or {}))
+        capabilities=caps, initialization_options=options or {}, root_uri=root,
+        workspace_folders=[types.WorkspaceFolder(uri=root, name=Path(folder).name)] if root else None))
     client.initialized(types.InitializedParams())
     client.init_result = result
     client.initialized_at = time.perf_counter()

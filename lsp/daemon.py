@@ -317,6 +317,7 @@ class Daemon(Front):
         uri, offset = self._known(s, args), arg(args, "offset", int)
         opts, stream = _completion_options(args.get("options") or {}), bool(args.get("stream", False))
         key = s.key(uri)
+        opts.context = tuple(s.key(u) for u in opts.context if u in s.docs)  # only the client's own documents
 
         def run(stop):
             doc = self.engine.docs.get(key)
@@ -333,7 +334,9 @@ class Daemon(Front):
             except Cancelled:  # stopped (or yielded) while encoding the document first
                 self._keep_progress(key)
                 raise
-            return _completion_dict(out)
+            reply = _completion_dict(out)
+            reply["context"] = [k.split("|", 1)[1] for k in reply.get("context", ())]
+            return reply
 
         job = Job("complete", run, uri)
         self._submit(s, rid, job)
@@ -424,7 +427,8 @@ def _completion_dict(out) -> dict:
         return {"text": "", "stop_reason": "no_context"}
     return {"text": out.text, "tokens": list(out.tokens), "stop_reason": out.stop_reason, "ctx_tokens": out.ctx_tokens,
             "heal": out.heal, "ms": out.ms, "first_token_ms": out.first_token_ms, "drafts": list(out.drafts),
-            "confidence": out.confidence, "withheld": out.withheld}
+            "confidence": out.confidence, "withheld": out.withheld, "context": list(out.context),
+            "context_tokens": out.context_tokens}
 
 
 def _completion_options(raw) -> CompletionOptions:
@@ -436,11 +440,12 @@ def _completion_options(raw) -> CompletionOptions:
               "decoder": lambda v: v in ("greedy", "lookup", "self", "lookup+self", "adadec"), "drafts": lambda v: is_int(v) and 1 <= v <= 8,
               "halt": lambda v: isinstance(v, bool), "exit": lambda v: isinstance(v, bool),
               "halt_threshold": _unit_or_none, "exit_threshold": _unit_or_none, "gate": lambda v: isinstance(v, bool),
-              "gate_strength": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 4}
+              "gate_strength": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 4,
+              "context": lambda v: isinstance(v, list) and len(v) <= 64 and all(isinstance(u, str) and 0 < len(u) <= MAX_URI for u in v)}
     for key, value in raw.items():
         if key not in checks or not checks[key](value):
             raise RequestError("bad_request", f"bad completion option {str(key)[:40]}={str(value)[:40]}")
-        setattr(opts, key, value)
+        setattr(opts, key, tuple(value) if key == "context" else value)
     return opts
 
 

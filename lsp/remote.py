@@ -70,6 +70,7 @@ class RequestOptions:
     exit_threshold: float | None = None
     gate: bool = False
     gate_strength: float = 1.0
+    context: tuple[str, ...] = ()
 
 
 @dataclass
@@ -86,6 +87,8 @@ class Suggestion:
     drafts: list[str] = field(default_factory=list)
     confidence: float | None = None
     withheld: str = ""
+    context: list[str] = field(default_factory=list)
+    context_tokens: int = 0
 
 
 @dataclass
@@ -434,6 +437,7 @@ class RemoteEngine:
             raise KeyError(f"document {uri!r} is not open")
         opts = options or RequestOptions()
         sent = {f.name: getattr(opts, f.name) for f in fields(RequestOptions)}
+        sent["context"] = list(sent["context"])
         args = {"uri": uri, "offset": offset, "stream": True, "options": sent}
         for _attempt in range(2):
             conn = self._connection()
@@ -516,4 +520,5 @@ def _completion(d) -> Suggestion:
     out = Suggestion(**{k: v for k, v in d.items() if k in names})
     out.text = out.text if isinstance(out.text, str) else ""
     out.drafts = [t for t in (out.drafts or []) if isinstance(t, str)]
+    out.context = [u for u in (out.context or []) if isinstance(u, str)] if isinstance(out.context, list) else []
     return out

@@ -18,12 +18,14 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lsprotocol import types
 from pygls.lsp.server import LanguageServer
 
 from ghostline.engine.text import Change, EditError
+from ghostline.lsp.context import Context, Options as ContextOptions
 from ghostline.lsp.positions import Mirror, chars_to_column, column_to_chars
 from ghostline.lsp.remote import DaemonError, RemoteEngine, RemoteOptions, RequestOptions, parse_target
 from ghostline.lsp.settings import Settings, SettingsError, check_setting
@@ -108,6 +110,7 @@ class GhostlineServer(LanguageServer):
         self.told: set[str] = set()  # causes of failed updates the editor has been shown (once each)
         self.unsynced: set[str] = set()  # documents whose resync failed: their next update re-opens them
         self.waiting_edits: dict[str, WaitingEdit] = {}  # per document, the queued edit later changes join
+        self.context = Context()  # other files' chunks a request attends over (lsp/context.py)
         self._edits_lock = threading.Lock()
 
     # plumbing ------------------------------------------------------------------------------------
@@ -315,9 +318,12 @@ class GhostlineServer(LanguageServer):
         self.soon(self.window_show_message, types.ShowMessageParams(type=types.MessageType.Warning, message=message))
 
     def _idle_refresh(self, should_stop) -> bool:
-        """Background work when quiet: refresh the stalest document that needs it."""
+        """Background work when quiet: send the context chunks a recent choice lacks, then refresh
+        the stalest document that needs it."""
         if self.engine is None:
             return False
+        if self.settings.context and self.context.idle(self.engine, should_stop):
+            return True
         for uri in list(self.engine.docs):
             if self.engine.needs_refresh(uri):
                 from ghostline.engine.engine import Cancelled
@@ -369,6 +375,26 @@ class GhostlineServer(LanguageServer):
             gate_strength=self.stats.gate_strength(self.settings.gate_strength, self.languages.get(uri),
                                                    document_kind(uri)),
         )
+
+    def context_options(self) -> ContextOptions:
+        s = self.settings
+        return ContextOptions(budget=s.context_budget if s.context else 0, workspace=s.context_workspace,
+                              open_files=s.context_open_files, edits=s.context_edits)
+
+    def prepare_context(self, uri: str, offset: int) -> None:
+        """After an edit: choose context for its place and send the engine what it lacks, in a job
+        that yields to any completion queued behind it (the rest is sent when idle)."""
+        mirror = self.mirrors.get(uri)
+        if not self.settings.context or mirror is None:
+            return
+        text = mirror.text
+
+        def run(stop):
+            if self.engine is None:
+                return 0
+            return self.context.prepare(self.engine, uri, text, offset, lambda: stop() or self.worker.waiting("complete"))
+
+        self.worker.submit("update", run, uri=uri)
 
     def completion_options(self, **values):
         """`CompletionOptions` for an in-process engine, the same fields for the daemon (no torch)."""
@@ -429,6 +455,8 @@ class GhostlineServer(LanguageServer):
         version, opts = mirror.version, self.options_for(mirror, offset, uri)
         if invoked:
             opts.gate = False  # asked for explicitly: the user wants a suggestion, not silence
+        if self.settings.context:
+            opts.context = self.context.for_request(uri, mirror.text, offset)
 
         def run(should_stop):
             if mirror.version != version:  # an edit arrived after the request: its offset is stale
@@ -447,6 +475,8 @@ class GhostlineServer(LanguageServer):
             if self.running.get(uri) is job:
                 del self.running[uri]
             self.settle()
+        if out is not None and opts.context:
+            self.context.answered(uri, opts.context, getattr(out, "context", None), getattr(out, "context_tokens", 0))
         if out is not None:
             self.outcomes[uri] = {"stop_reason": out.stop_reason, "confidence": getattr(out, "confidence", None),
                                   "withheld": getattr(out, "withheld", "")}
@@ -568,6 +598,8 @@ def build_server(*, model: str | None = None, engine: str | None = None) -> Ghos
             ls.settings = ls.settings.merged(params.initialization_options)
         except SettingsError as exc:
             log.error("initializationOptions rejected: %s", exc)
+        ls.context.chooser.opts = ls.context_options()
+        ls.context.folders = workspace_folders(params)
         ls.debounce.base_ms = ls.settings.debounce_ms
         if ls.settings.completion_items:  # advertised only then: the suggest widget would repeat the ghost text
             ls.feature(types.TEXT_DOCUMENT_COMPLETION, types.CompletionOptions(trigger_characters=[".", "(", " "]))(completion)
@@ -576,6 +608,10 @@ def build_server(*, model: str | None = None, engine: str | None = None) -> Ghos
     def initialized(ls: GhostlineServer, params):
         ls.worker.start()
         ls.start_engine()
+        if ls.settings.context and ls.settings.context_workspace and ls.context.folders:
+            threading.Thread(target=ls.context.scan, args=(list(ls.context.folders),), name="ghostline-workspace",
+                             daemon=True).start()
+            watch_files(ls)
 
     @server.feature(types.SHUTDOWN)
     def shutdown(ls: GhostlineServer, params):
@@ -592,6 +628,7 @@ def build_server(*, model: str | None = None, engine: str | None = None) -> Ghos
             ls.window_show_message(types.ShowMessageParams(type=types.MessageType.Error, message=f"Ghostline: {exc}"))
             return
         ls.debounce.base_ms = ls.settings.debounce_ms
+        ls.context.chooser.opts = ls.context_options()
         if ls.engine_mode != engine:
             log.warning("engine setting %s takes effect when the server restarts", ls.settings.engine)
         if ls.engine is not None:
@@ -605,6 +642,7 @@ def build_server(*, model: str | None = None, engine: str | None = None) -> Ghos
         text = doc.text
         ls.submit_update(doc.uri, lambda e: e.open(doc.uri, text))
         ls.track_open(doc.uri)
+        ls.context.opened(doc.uri, text)
 
     @server.feature(types.TEXT_DOCUMENT_DID_CHANGE)
     def did_change(ls: GhostlineServer, params: types.DidChangeTextDocumentParams):
@@ -637,6 +675,9 @@ def build_server(*, model: str | None = None, engine: str | None = None) -> Ghos
             return ls.resync(uri, "text differs from the client's after the change")
         ls.submit_edit(uri, changes)
         ls.after_change(uri, mirror)
+        end = changes[-1].start + len(changes[-1].text) if changes else 0
+        ls.context.changed(uri, text, text.count("\n", 0, end))
+        ls.prepare_context(uri, end)
 
     @server.feature(types.TEXT_DOCUMENT_DID_CLOSE)
     def did_close(ls: GhostlineServer, params: types.DidCloseTextDocumentParams):
@@ -644,6 +685,12 @@ def build_server(*, model: str | None = None, engine: str | None = None) -> Ghos
         for table in (ls.mirrors, ls.shown, ls.languages, ls.prefetch, ls.outcomes):
             table.pop(uri, None)
         ls.submit_update(uri, lambda e: e.close(uri))
+        ls.context.closed(uri)
+
+    @server.feature(types.WORKSPACE_DID_CHANGE_WATCHED_FILES)
+    def did_change_watched_files(ls: GhostlineServer, params: types.DidChangeWatchedFilesParams):
+        for ev in params.changes:
+            ls.context.watched(ev.uri, ev.type == types.FileChangeType.Deleted)
 
     @server.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
     async def inline_completion(ls: GhostlineServer, params: types.InlineCompletionParams):
@@ -700,13 +747,36 @@ def build_server(*, model: str | None = None, engine: str | None = None) -> Ghos
             if doc is None:
                 return None
             return {**doc, "errors": ls.errors, "cancelled_decodes": ls.worker.cancelled_decodes,
-                    "last_completion": ls.outcomes.get(uri)}
+                    "last_completion": ls.outcomes.get(uri), "context": ls.context.report(uri)}
 
         with ls._edits_lock:
             ls.waiting_edits.pop(uri, None)  # later edits queue behind this request: it sees the text as of now
         return await asyncio.wrap_future(ls.worker.submit("update", run, uri=uri).future)
 
     return server
+
+
+def workspace_folders(params: types.InitializeParams) -> list[Path]:
+    """The local folders of `workspaceFolders`, else `rootUri`/`rootPath`."""
+    from urllib.parse import unquote, urlparse
+
+    uris = [f.uri for f in params.workspace_folders or ()] or ([params.root_uri] if params.root_uri else [])
+    folders = [Path(unquote(urlparse(u).path)) for u in uris if urlparse(u).scheme == "file"]
+    if not folders and params.root_path:
+        folders = [Path(params.root_path)]
+    return [f for f in folders if f.is_dir()]
+
+
+def watch_files(ls: GhostlineServer) -> None:
+    """Ask the client to report changes to the workspace's files, where it can register watchers."""
+    caps = ls.client_capabilities.workspace
+    watched = getattr(caps, "did_change_watched_files", None) if caps else None
+    if not getattr(watched, "dynamic_registration", False):
+        return
+    options = types.DidChangeWatchedFilesRegistrationOptions(watchers=[types.FileSystemWatcher(glob_pattern="**/*")])
+    reg = types.Registration(id="ghostline-watch", method=types.WORKSPACE_DID_CHANGE_WATCHED_FILES,
+                             register_options=options)
+    ls.client_register_capability(types.RegistrationParams(registrations=[reg]))
 
 
 def _get(params, key: str):

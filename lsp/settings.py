@@ -41,6 +41,12 @@ class Settings:
     engine: str = "daemon"
     engine_token_file: str | None = None
     completion_items: bool = False  # also answer textDocument/completion (suggest-widget items); read at start
+    # context beyond the prefix: chunks of other files chosen for the cursor, encoded ahead of the request
+    context: bool = True
+    context_budget: int = 1536  # tokens of context a request attends over (estimated at 3.5 characters a token)
+    context_workspace: bool = True  # the workspace folders' files (read from disk, .gitignore respected)
+    context_open_files: bool = True  # the other open documents
+    context_edits: bool = True  # prefer the regions edited last
 
     def merged(self, raw) -> "Settings":
         """These settings updated by a client's dict; unknown keys are warned about, bad values raise."""
@@ -64,7 +70,7 @@ class Settings:
 
 def check_setting(name: str, value):
     ints = {"max_tokens": (1, 512), "max_tokens_multiline": (1, 1024), "debounce_ms": (0, 5000),
-            "drafts": (1, 8), "idle_refresh_ms": (50, 600000)}
+            "drafts": (1, 8), "idle_refresh_ms": (50, 600000), "context_budget": (0, 8192)}
     if name in ints:
         lo, hi = ints[name]
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
@@ -92,7 +98,8 @@ def check_setting(name: str, value):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 4:
             raise SettingsError(f"setting gate_strength must be a number in 0..4, got {value!r}")
         return float(value)
-    if name in ("halt", "exit", "gate", "completion_items"):
+    if name in ("halt", "exit", "gate", "completion_items", "context", "context_workspace", "context_open_files",
+                "context_edits"):
         if not isinstance(value, bool):
             raise SettingsError(f"setting {name} must be true or false, got {value!r}")
         return value

@@ -54,6 +54,11 @@ class EngineWorker:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
+    def waiting(self, kind: str | None = None) -> bool:
+        """Jobs (of `kind`) are queued: background work in a job yields to them."""
+        with self._q.mutex:
+            return any(job is not None and kind in (None, job.kind) for job in self._q.queue)
+
     def submit(self, kind: str, fn, *, uri: str | None = None) -> Job:
         job = Job(kind, fn, uri)
         self._q.put(job)

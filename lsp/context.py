@@ -1,0 +1,536 @@
+"""Context beyond the prefix: chunks of the workspace's files and of the other open documents, chosen
+for the text above the cursor within a token budget. Torch-free: the engine encodes each chosen chunk
+as a document of its own (kept current with PIE as its file changes) and attends over them before
+the prefix (`Engine.with_context`); this module only reads files and picks chunks.
+
+A chunk is `CHUNK_LINES` lines of one file under a `# path` line. The choice scores chunks by BM25
+over identifiers against the lines above the cursor, plus the chunks that define a name those lines
+use, plus the files the document imports and the regions edited last; it is deterministic, never
+takes the current file (its text above the cursor is the prefix already; below it is not evidence),
+and is kept while the cursor stays in one region (`Choice`), so the engine's work is not thrown away.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import logging
+import math
+import os
+import re
+import threading
+import time
+import zlib
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ghostline.engine.text import Change
+
+log = logging.getLogger("ghostline.context")
+
+CHUNK_LINES = 32
+QUERY_LINES = 30  # lines above the cursor the choice reads
+NEAR_LINES = 10  # a name's weight halves every this many lines above the cursor
+REGION_LINES = 16  # a choice is kept while the cursor stays in the same run of this many lines
+CHARS_PER_TOKEN = 3.5  # the budget's estimate (the language server has no tokenizer)
+MAX_FILE_BYTES = 512 * 1024
+MAX_FILES = 4000
+SKIP_DIRS = {".git", ".hg", ".svn", "node_modules", "__pycache__", ".venv", "venv", ".tox", ".mypy_cache",
+             ".pytest_cache", "build", "dist", "site-packages", ".eggs"}
+LANGUAGES = {".py": "python", ".pyi": "python", ".js": "js", ".jsx": "js", ".ts": "js", ".tsx": "js", ".go": "go",
+             ".rs": "rust", ".java": "java", ".kt": "kotlin", ".c": "c", ".h": "c", ".cc": "c", ".cpp": "c",
+             ".hpp": "c", ".rb": "ruby", ".lua": "lua", ".php": "php", ".cs": "csharp", ".swift": "swift",
+             ".scala": "scala", ".sh": "sh"}
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{2,}")
+_DEFINES = re.compile(r"^\s*(?:async\s+def|def|class|func|fn|function|struct|interface|type)\s+([A-Za-z_]\w*)"
+                      r"|^([A-Za-z_]\w*)\s*(?::[^=]*)?=(?!=)", re.M)
+_IMPORT = re.compile(r"^\s*(?:from\s+([\w.]+)\s+import\s+([\w, ()*]+)|import\s+([\w., ]+))", re.M)
+_COMMON = frozenset("""self cls def class return import from None True False and not for while with else elif
+    try except finally raise pass yield lambda async await print len str int dict list set tuple isinstance
+    the this that const let var function new null undefined""".split())
+
+
+def language_of(path: str) -> str | None:
+    return LANGUAGES.get(os.path.splitext(path)[1].lower())
+
+
+def identifiers(text: str) -> list[str]:
+    return [w for w in _IDENT.findall(text) if w not in _COMMON]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    path: str  # shown in the header: relative to the workspace folder, or the document's uri
+    first: int  # its first line (0-based) in the file
+    text: str  # "# path\n" + the lines
+    key: str  # the engine's document for it: stable across edits of its file (PIE updates it)
+
+
+@dataclass
+class _File:
+    path: str
+    language: str | None
+    module: str  # "pkg.mod" for pkg/mod.py
+    chunks: list[Chunk]
+    terms: list[Counter]  # per chunk
+    defines: list[set[str]]  # per chunk
+
+
+def _module(path: str) -> str:
+    stem = os.path.splitext(path)[0].replace("\\", "/")
+    if stem.endswith("/__init__"):
+        stem = stem[: -len("/__init__")]
+    return stem.strip("/").replace("/", ".")
+
+
+def chunk_file(path: str, text: str, *, comment: str = "#") -> list[Chunk]:
+    """A file's chunks of CHUNK_LINES lines (blank-only chunks dropped)."""
+    lines = text.split("\n")
+    out = []
+    for first in range(0, len(lines), CHUNK_LINES):
+        body = "\n".join(lines[first : first + CHUNK_LINES]).rstrip()
+        if body.strip():
+            key = f"ghostline-context:{zlib.crc32(path.encode()):08x}/{first}"
+            out.append(Chunk(path, first, f"{comment} {path}\n{body}\n", key))
+    return out
+
+
+class Library:
+    """Every file the choice may read, chunked and indexed: the workspace folders' files from disk and
+    the open documents (whose editor text replaces the disk copy)."""
+
+    def __init__(self):
+        self.files: dict[str, _File] = {}  # by path
+        self.df: Counter = Counter()  # chunks a term occurs in
+        self.chunks = 0
+        self.generation = 0  # bumped on every change (a kept choice is dropped)
+
+    def put(self, path: str, text: str) -> None:
+        self.drop(path)
+        lang = language_of(path)
+        comment = "//" if lang in ("js", "go", "rust", "java", "kotlin", "c", "csharp", "swift", "scala", "php") else "#"
+        chunks = chunk_file(path, text, comment=comment)
+        terms = [Counter(identifiers(c.text)) for c in chunks]
+        defines = [{a or b for a, b in _DEFINES.findall(c.text)} for c in chunks]
+        self.files[path] = _File(path, lang, _module(path), chunks, terms, defines)
+        for t in terms:
+            self.df.update(t.keys())
+        self.chunks += len(chunks)
+        self.generation += 1
+
+    def drop(self, path: str) -> None:
+        f = self.files.pop(path, None)
+        if f is None:
+            return
+        for t in f.terms:
+            self.df.subtract(t.keys())
+        self.chunks -= len(f.chunks)
+        self.generation += 1
+
+    def idf(self, term: str) -> float:
+        n = self.df.get(term, 0)
+        return math.log(1 + (self.chunks - n + 0.5) / (n + 0.5))
+
+
+@dataclass
+class Options:
+    budget: int = 1536  # tokens of context (estimated), the chunks nearest the prefix kept
+    workspace: bool = True  # chunks of the workspace folders' files
+    open_files: bool = True  # chunks of the other open documents
+    edits: bool = True  # prefer the regions edited last
+
+
+@dataclass
+class Choice:
+    chunks: list[Chunk]  # in prompt order: the best last, nearest the prefix
+    region: tuple  # (uri, region, generation) it was made for
+    scores: list[float] = field(default_factory=list)
+
+
+def imports(text: str) -> set[str]:
+    """Module names the text imports (`a.b` of `from a.b import c` and `import a.b`; with `c` too)."""
+    out = set()
+    for frm, names, plain in _IMPORT.findall(text):
+        if frm:
+            out.add(frm)
+            out.update(f"{frm}.{n.strip()}" for n in names.replace("(", "").replace(")", "").split(",") if n.strip())
+        for m in plain.split(","):
+            if m.strip():
+                out.add(m.split(" as ")[0].strip())
+    return out
+
+
+def choose(lib: Library, text: str, offset: int, *, path: str, opts: Options, open_paths: set[str],
+           edited: list[tuple[str, int]] = ()) -> list[tuple[float, Chunk]]:
+    """Chunks for a cursor at `offset` of `text` (the document at `path`), best first, within the
+    budget. Reads only the text before the cursor: the lines above it (the nearer, the more a name
+    weighs) and the document's imports."""
+    above = text[:offset]
+    query: Counter = Counter()
+    for d, line in enumerate(reversed(above.split("\n")[-QUERY_LINES - 1 :])):
+        for w in identifiers(line):
+            query[w] += 0.5 ** (d / NEAR_LINES)
+    if not query:
+        return []
+    lang = language_of(path)
+    wanted = imports(above)
+    recent = {}
+    for i, (p, line) in enumerate(edited):
+        recent.setdefault(p, []).append((line, 0.5 ** i))
+    k1, b, avg = 1.2, 0.75, CHUNK_LINES * 4.0
+    scored = []
+    for f in lib.files.values():
+        if f.path == path or (lang and f.language and f.language != lang):
+            continue
+        if f.path in open_paths and not opts.open_files or f.path not in open_paths and not opts.workspace:
+            continue
+        imported = f.module in wanted or any(w.endswith("." + f.module.rsplit(".", 1)[-1]) and w.startswith(
+            f.module.rsplit(".", 1)[0]) for w in wanted if "." in f.module)
+        for chunk, terms, defines in zip(f.chunks, f.terms, f.defines):
+            size = sum(terms.values())
+            s = 0.0
+            for term, qn in query.items():
+                n = terms.get(term)
+                if n:
+                    idf = lib.idf(term)
+                    s += qn * idf * n * (k1 + 1) / (n + k1 * (1 - b + b * size / avg))
+                    if term in defines:
+                        s += 2.0 * qn * idf  # it defines a name the cursor's code uses
+            if s <= 0:
+                continue
+            if imported:
+                s *= 1.3
+            if opts.edits:
+                s *= 1 + sum(w for line, w in recent.get(f.path, ()) if chunk.first <= line < chunk.first + CHUNK_LINES)
+            scored.append((s, chunk))
+    scored.sort(key=lambda sc: (-sc[0], sc[1].path, sc[1].first))
+    out, left, seen = [], opts.budget * CHARS_PER_TOKEN, set()
+    for s, chunk in scored:
+        body = chunk.text.split("\n", 1)[1]
+        if body in seen or len(chunk.text) > left:
+            continue
+        seen.add(body)
+        out.append((s, chunk))
+        left -= len(chunk.text)
+    return out
+
+
+class Chooser:
+    """The choice for a document's cursor, kept while the cursor stays in one region and the library
+    and edit history are unchanged; the edit history (the user's own order, newest first)."""
+
+    def __init__(self, lib: Library, opts: Options | None = None):
+        self.lib, self.opts = lib, opts or Options()
+        self.edited: deque[tuple[str, int]] = deque(maxlen=16)
+        self._kept: dict[str, Choice] = {}
+
+    def edit(self, path: str, line: int) -> None:
+        if not self.edited or self.edited[0] != (path, line):
+            self.edited.appendleft((path, line))
+
+    def __call__(self, uri: str, path: str, text: str, offset: int, open_paths: set[str]) -> Choice:
+        line = text.count("\n", 0, offset)
+        region = (uri, line // REGION_LINES, self.lib.generation, self.opts.budget)
+        kept = self._kept.get(uri)
+        if kept is not None and kept.region == region:
+            return kept
+        best = choose(self.lib, text, offset, path=path, opts=self.opts, open_paths=open_paths,
+                      edited=[e for e in self.edited if e[0] != path])
+        choice = Choice([c for _, c in reversed(best)], region, [s for s, _ in reversed(best)])
+        self._kept[uri] = choice
+        return choice
+
+    def forget(self, uri: str) -> None:
+        self._kept.pop(uri, None)
+
+
+class Held:
+    """The chunks the engine holds as documents, with the text each was sent, least recently used
+    first; at most `capacity` (the oldest closed past it). A chunk whose file changed is updated by
+    an edit replacing its text, so the engine re-encodes only the tokens that changed (PIE)."""
+
+    def __init__(self, capacity: int = 24):
+        self.capacity = capacity
+        self.texts: OrderedDict[str, str] = OrderedDict()
+
+    def ready(self, chunks: list[Chunk]) -> list[str]:
+        """The keys of `chunks` the engine holds with their current text, in order."""
+        return [c.key for c in chunks if self.texts.get(c.key) == c.text]
+
+    def missing(self, chunks: list[Chunk]) -> int:
+        return len(chunks) - len(self.ready(chunks))
+
+    def lost(self, keys) -> None:
+        """The engine no longer holds these (evicted, or an update failed): send them again when chosen."""
+        for key in keys:
+            self.texts.pop(key, None)
+
+    def sync(self, engine, chunks: list[Chunk], should_stop=lambda: False, *, lock=None) -> int:
+        """Send what the engine lacks of `chunks` (on the engine's thread), until `should_stop()`;
+        the chunks sent. `lock` guards this record (not the engine calls) against readers elsewhere."""
+        lock = lock or threading.Lock()
+        sent = 0
+        for c in chunks:
+            with lock:
+                old = self.texts.get(c.key)
+                if old == c.text:
+                    self.texts.move_to_end(c.key)
+                    continue
+                self.texts.pop(c.key, None)  # not usable until the engine has the new text
+            if should_stop():
+                break
+            try:
+                if old is None:
+                    engine.open(c.key, c.text, should_stop=should_stop)
+                else:
+                    engine.edit(c.key, [Change(0, len(old), c.text)], should_stop=should_stop)
+            except Exception as exc:  # a refused or stopped chunk costs its context, never the request
+                if type(exc).__name__ != "Cancelled":
+                    log.warning("context chunk %s:%d not sent: %s", c.path, c.first, exc)
+                if old is None:
+                    with contextlib.suppress(Exception):
+                        engine.close(c.key)  # a part-encoded chunk is of no use; sent whole when chosen again
+                    break
+                continue
+            with lock:
+                self.texts[c.key] = c.text
+            sent += 1
+        keep = {c.key for c in chunks}
+        with lock:
+            drop = [k for k in self.texts if k not in keep][: max(0, len(self.texts) - self.capacity)]
+            for key in drop:
+                del self.texts[key]
+        for key in drop:
+            try:
+                engine.close(key)
+            except Exception as exc:
+                log.warning("context chunk %s not closed: %s", key, exc)
+        return sent
+
+
+# the workspace on disk -----------------------------------------------------------------------------
+
+
+class Ignore:
+    """.gitignore rules (the common subset: globs, `dir/`, leading `/`, `!` re-includes, `**`) of one
+    folder and its subfolders' files."""
+
+    def __init__(self):
+        self.rules: list[tuple[str, str, bool, bool]] = []  # (base, pattern, negate, dir_only)
+
+    def read(self, folder: Path, base: str) -> None:
+        try:
+            lines = (folder / ".gitignore").read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            return
+        for raw in lines:
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            negate = line.startswith("!")
+            line = line[1:] if negate else line
+            dir_only = line.endswith("/")
+            line = line.rstrip("/")
+            anchored = "/" in line
+            self.rules.append((base, line.lstrip("/") if anchored else "**/" + line, negate, dir_only))
+
+    def ignored(self, rel: str, is_dir: bool) -> bool:
+        out = False
+        for base, pattern, negate, dir_only in self.rules:
+            if dir_only and not is_dir or base and not rel.startswith(base + "/"):
+                continue
+            sub = rel[len(base) + 1 :] if base else rel
+            if fnmatch.fnmatchcase(sub, pattern) or pattern.startswith("**/") and fnmatch.fnmatchcase(sub, pattern[3:]):
+                out = not negate
+        return out
+
+
+def scan(root: Path, *, max_files: int = MAX_FILES, should_stop=lambda: False) -> dict[str, str]:
+    """A workspace folder's source files (relative path -> text), .gitignore'd and hidden ones left
+    out, files over MAX_FILE_BYTES or not UTF-8 skipped, at most `max_files`."""
+    out: dict[str, str] = {}
+    ignore = Ignore()
+    for folder, dirs, files in os.walk(root):
+        if should_stop():
+            break
+        here = Path(folder)
+        rel_dir = "" if here == root else here.relative_to(root).as_posix()
+        ignore.read(here, rel_dir)
+        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith(".")
+                         and not ignore.ignored(f"{rel_dir}/{d}".lstrip("/"), True))
+        for name in sorted(files):
+            rel = f"{rel_dir}/{name}".lstrip("/")
+            if language_of(name) is None or name.startswith(".") or ignore.ignored(rel, False):
+                continue
+            try:
+                p = here / name
+                if p.is_symlink() or p.stat().st_size > MAX_FILE_BYTES:
+                    continue
+                out[rel] = p.read_bytes().decode("utf-8")
+            except (OSError, UnicodeDecodeError):
+                continue
+            if len(out) >= max_files:
+                log.warning("workspace %s: more than %d source files, the rest left out", root, max_files)
+                return out
+    return out
+
+
+def path_of(uri: str, folders: list[Path]) -> str:
+    """A document's path as chunks name it: relative to the workspace folder holding it, else the uri."""
+    from urllib.parse import unquote, urlparse
+
+    u = urlparse(uri)
+    if u.scheme != "file":
+        return uri
+    p = Path(unquote(u.path))
+    for root in folders:
+        try:
+            return p.relative_to(root).as_posix()
+        except ValueError:
+            continue
+    return p.as_posix()
+
+
+class Context:
+    """The language server's side of context: the library (workspace files, open documents), the
+    choice per document, and the chunks the engine holds. The event loop calls `opened`, `changed`,
+    `closed`, `watched`, `for_request`; the engine's thread `prepare` (after an edit) and `idle`."""
+
+    def __init__(self, opts: Options | None = None):
+        self.lib = Library()
+        self.chooser = Chooser(self.lib, opts)
+        self.held = Held()
+        self.folders: list[Path] = []
+        self.lock = threading.Lock()  # the library, the choices and `held` (the loop, the scan, the engine thread)
+        self.texts: dict[str, str] = {}  # open documents' texts not yet in the library (uri -> text)
+        self.wanted: dict[str, Choice] = {}  # a document's last choice with chunks the engine lacks
+        self.last: dict[str, dict] = {}  # per document, the context of its last request (inspect)
+        self.scanned = threading.Event()
+
+    @property
+    def opts(self) -> Options:
+        return self.chooser.opts
+
+    def scan(self, folders: list[Path]) -> None:
+        """Read the workspace folders into the library (call on a thread of its own)."""
+        t0 = time.monotonic()
+        n = 0
+        try:
+            for root in folders:
+                files = scan(root)
+                with self.lock:
+                    open_paths = {path_of(u, self.folders) for u in self.texts}
+                    for rel, text in files.items():
+                        if rel not in open_paths:  # an open document's editor text wins over the disk
+                            self.lib.put(rel, text)
+                n += len(files)
+            log.info("workspace: %d files, %d chunks read in %.1f s", n, self.lib.chunks, time.monotonic() - t0)
+        except Exception:
+            log.exception("reading the workspace failed; context comes from the open documents only")
+        finally:
+            self.scanned.set()
+
+    def opened(self, uri: str, text: str) -> None:
+        with self.lock:
+            self.texts[uri] = text
+
+    def changed(self, uri: str, text: str, line: int) -> None:
+        with self.lock:
+            self.texts[uri] = text
+            self.chooser.edit(path_of(uri, self.folders), line)
+
+    def closed(self, uri: str) -> None:
+        with self.lock:
+            self.texts.pop(uri, None)
+            self.wanted.pop(uri, None)
+            self.last.pop(uri, None)
+            self.chooser.forget(uri)
+            path = path_of(uri, self.folders)
+            if path == uri or not self._reread(path):
+                self.lib.drop(path)
+
+    def watched(self, uri: str, deleted: bool) -> None:
+        """A workspace file changed on disk (workspace/didChangeWatchedFiles)."""
+        with self.lock:
+            path = path_of(uri, self.folders)
+            if path == uri or uri in self.texts:
+                return
+            if deleted or not self._reread(path):
+                self.lib.drop(path)
+
+    def _reread(self, path: str) -> bool:
+        for root in self.folders:
+            p = root / path
+            try:
+                if language_of(path) and p.is_file() and p.stat().st_size <= MAX_FILE_BYTES:
+                    self.lib.put(path, p.read_bytes().decode("utf-8"))
+                    return True
+            except (OSError, UnicodeDecodeError):
+                continue
+        return False
+
+    def choice(self, uri: str, text: str, offset: int) -> Choice:
+        """The chunks for a cursor in `uri` (the other open documents' texts taken in first; the
+        document's own is not a source of its context)."""
+        with self.lock:
+            for other, t in list(self.texts.items()):
+                if other != uri:
+                    self.lib.put(path_of(other, self.folders), self.texts.pop(other))
+            open_paths = {path_of(u, self.folders) for u in self.texts} | {f for f in self.lib.files if "://" in f}
+            return self.chooser(uri, path_of(uri, self.folders), text, offset, open_paths)
+
+    def for_request(self, uri: str, text: str, offset: int) -> tuple[str, ...]:
+        """The chunks a request at `offset` attends over: those of its choice the engine holds; the
+        others are left for `idle` to send (a request never waits for context)."""
+        if self.opts.budget <= 0:
+            return ()
+        choice = self.choice(uri, text, offset)
+        with self.lock:
+            ready = self.held.ready(choice.chunks)
+            if len(ready) < len(choice.chunks):
+                self.wanted[uri] = choice
+            self.last[uri] = {"chosen": [f"{c.path}:{c.first + 1}" for c in choice.chunks], "ready": len(ready)}
+        return tuple(ready)
+
+    def answered(self, uri: str, asked: tuple[str, ...], used, tokens: int) -> None:
+        """After a completion: chunks the engine did not use (evicted) are sent again when chosen."""
+        with self.lock:
+            self.held.lost(set(asked) - set(used or ()))
+            if uri in self.last:
+                self.last[uri].update(used=len(used or ()), tokens=tokens)
+
+    def prepare(self, engine, uri: str, text: str, offset: int, should_stop) -> int:
+        """On the engine's thread after an edit: choose for the edit's place and send what the engine
+        lacks, yielding to any queued job."""
+        if self.opts.budget <= 0:
+            return 0
+        choice = self.choice(uri, text, offset)
+        return self._send(engine, uri, choice, should_stop)
+
+    def idle(self, engine, should_stop) -> bool:
+        """Background work: send the chunks a recent choice lacks; True when something was sent."""
+        with self.lock:
+            todo = [(u, c) for u, c in self.wanted.items() if self.held.missing(c.chunks)]
+        for uri, choice in reversed(todo):
+            if self._send(engine, uri, choice, should_stop):
+                return True
+        return False
+
+    def _send(self, engine, uri: str, choice: Choice, should_stop) -> int:
+        with self.lock:
+            self.wanted[uri] = choice
+        sent = self.held.sync(engine, choice.chunks, should_stop, lock=self.lock)
+        with self.lock:
+            if not self.held.missing(choice.chunks) and self.wanted.get(uri) is choice:
+                del self.wanted[uri]
+        return sent
+
+    def report(self, uri: str) -> dict:
+        with self.lock:
+            last = dict(self.last.get(uri) or {})
+            choice = self.wanted.get(uri)
+            last["pending"] = self.held.missing(choice.chunks) if choice is not None else 0
+            last["files"], last["chunks"] = len(self.lib.files), self.lib.chunks
+            last["scanned"] = self.scanned.is_set() or not self.folders
+        return last
