@@ -182,11 +182,15 @@ class WithContext:
     (keys rotated there), then the document's rows from `skip` on at their own positions. With a
     tokenizer that adds BOS, the context's row 0 is the BOS and the document's own (row 0) is
     skipped (`skip=1`), so a token attends to BOS, context, document: the prompt a joint encode of
-    them would see, with every block encoded on its own. Read-only: a ScratchCache's prefix."""
+    them would see, with every block encoded on its own. Optionally a tail: the document's rows from
+    `tail_at` on replaced by rows encoded over the context (`write_tail`), so the last lines before
+    the cursor have read it as a joint encode's would. Read-only otherwise: a ScratchCache's prefix."""
 
     def __init__(self, cache: KVCache, k: torch.Tensor, v: torch.Tensor, *, start: int, skip: int):
         self.cache, self.ck, self.cv, self.start, self.skip = cache, k, v, start, skip
         self.shape, self.dtype, self.device = cache.shape, cache.dtype, cache.device
+        self.tail_at: int | None = None
+        self.tk = self.tv = None  # [L, KV, R, hd] at positions tail_at..
 
     @property
     def k(self) -> torch.Tensor:
@@ -201,5 +205,34 @@ class WithContext:
         return self.cache.length
 
     def segments(self, layer: int, end: int) -> list[Segment]:
-        doc = [(self.k[layer, :, self.skip : end][None], self.v[layer, :, self.skip : end][None], self.skip)]
-        return [(self.ck[layer][None], self.cv[layer][None], self.start)] + (doc if end > self.skip else [])
+        stop = end if self.tail_at is None else min(end, self.tail_at)
+        out = [(self.ck[layer][None], self.cv[layer][None], self.start)]
+        if stop > self.skip:
+            out.append((self.k[layer, :, self.skip : stop][None], self.v[layer, :, self.skip : stop][None], self.skip))
+        if self.tail_at is not None and end > self.tail_at:
+            n = end - self.tail_at
+            out.append((self.tk[layer, :, :n][None], self.tv[layer, :, :n][None], self.tail_at))
+        return out
+
+    def write_tail(self, at: int, n: int) -> "_Tail":
+        """Make rows [at, at + n) the tail (to be written by a forward over `_Tail`)."""
+        L, KV, hd = self.shape
+        self.tail_at = at
+        self.tk = torch.zeros(L, KV, n, hd, dtype=self.dtype, device=self.device)
+        self.tv = torch.zeros_like(self.tk)
+        return _Tail(self)
+
+
+class _Tail:
+    """The cache a forward of the tail's tokens writes: rows into the view's tail, attending to the
+    context, the document before the tail and the tail so far."""
+
+    def __init__(self, view: WithContext):
+        self.view = view
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> list[Segment]:
+        w = self.view
+        i, end = int(pos[0]) - w.tail_at, int(pos[-1]) + 1
+        w.tk[layer, :, i : i + k.shape[2]] = k[0]
+        w.tv[layer, :, i : i + k.shape[2]] = v[0]
+        return w.segments(layer, end)

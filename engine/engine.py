@@ -84,6 +84,7 @@ class CompletionOptions:
     gate: bool = False  # withhold a suggestion the user would likely keep nothing of (engine.gate; drafts > 1)
     gate_strength: float = 1.0  # 0: show everything, 1: the calibrated threshold, above: stricter
     context: tuple[str, ...] = ()  # open documents (other files' chunks) attended over before the prefix, in order
+    context_tail: int = 0  # with context: the last tokens before the cursor encoded again over it, per request
 
 
 @dataclass
@@ -326,7 +327,7 @@ class Engine:
         heal = doc.text[doc.offsets[P - 1][1] : offset]  # text between the last kept token and the cursor
         line_start = doc.text.rfind("\n", 0, offset) + 1
         rules = StopRules(opts.multiline, doc.text[line_start:offset], _next_line(doc.text, offset))
-        prefix, used = self.with_context(doc, opts.context)
+        prefix, used = self.with_context(doc, opts.context, tail=opts.context_tail, P=P)
         if opts.drafts > 1:
             for out in stream_drafts(self, doc, P=P, offset=offset, heal=heal, rules=rules, opts=opts, t0=t0,
                                      should_stop=should_stop, prefix=prefix):
@@ -369,11 +370,12 @@ class Engine:
 
     # internals -----------------------------------------------------------------------------------
 
-    def with_context(self, doc: Document, uris) -> tuple[KVCache | WithContext, list[str]]:
+    def with_context(self, doc: Document, uris, *, tail: int = 0, P: int = 0) -> tuple[KVCache | WithContext, list[str]]:
         """`doc`'s cache seen after the context documents `uris` (open, encoded; others are skipped,
         never encoded here: a request does not wait for context), and the uris used. Each block's
         keys are rotated from its own positions to its place before the document (PIE's rotation);
-        the assembly is kept while the blocks stay unchanged."""
+        the assembly is kept while the blocks stay unchanged. `tail` > 0: the `tail` tokens before
+        token P - 1 (the one a decode starts from) are encoded again over the context."""
         skip = 1 if self.tok.adds_bos else 0
         blocks = [(u, d) for u in dict.fromkeys(uris) if u != doc.uri and (d := self.docs.get(u)) is not None
                   and d.full is None and d.cache is not None and d.cache.length >= len(d.ids) > skip]
@@ -385,7 +387,13 @@ class Engine:
         if self._context_kv is None or self._context_kv[0] != key:
             self._context_kv = (key, *self._assemble([d.cache for _, d in blocks], skip))
         _, k, v = self._context_kv
-        return WithContext(doc.cache, k, v, start=skip - k.shape[2], skip=skip), [u for u, _ in blocks]
+        view = WithContext(doc.cache, k, v, start=skip - k.shape[2], skip=skip)
+        at = max(skip, P - 1 - tail)
+        if tail > 0 and at < P - 1:
+            with torch.no_grad():
+                self.model(torch.tensor([doc.ids[at : P - 1]], device=k.device), torch.arange(at, P - 1),
+                           view.write_tail(at, P - 1 - at), return_hidden=True, last_only=True)
+        return view, [u for u, _ in blocks]
 
     def _assemble(self, caches: list[KVCache], skip: int) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v [L, KV, C, hd]: the first block's BOS row (when `skip`), then every block's rows past

@@ -245,10 +245,11 @@ void ghostline_qkv(const Layer *L, const float *x, long T, const float *cos, con
 
 /* Keys and values the caller's cache holds: segment i has rows [0, n[i]) at positions start[i]..,
    kv head j's row r at K[i] + j * stride[i] + r * hd. */
+#define NSEG 6 /* segments an attention call reads at most (kernels/step.py's MAX_SEGMENTS) */
 typedef struct {
     long count;
-    const float *K[4], *V[4];
-    long n[4], start[4], stride[4];
+    const float *K[NSEG], *V[NSEG];
+    long n[NSEG], start[NSEG], stride[NSEG];
 } Segments;
 
 #define SPLIT 2 /* key parts per query: fixed, so a query's sums never depend on the thread count */
@@ -333,7 +334,7 @@ static inline void accumulate(float *acc, const float *w, const float *v, long n
 static void attend_rows(const Layer *L, const Segments *S, long j, const float *q, long T, const long *qpos,
                         float *out, float *scores, float *part_acc, int threads) {
     long hd = L->hd, H = L->H, G = H / L->KV, C = S->count;
-    long lo[MAXT][4], base[MAXT][5], chunk[MAXT], total[MAXT], off[MAXT], widest = 0, so = 0;
+    long lo[MAXT][NSEG], base[MAXT][NSEG + 1], chunk[MAXT], total[MAXT], off[MAXT], widest = 0, so = 0;
     for (long t = 0; t < T; t++) {
         base[t][0] = 0;
         for (long i = 0; i < C; i++) {

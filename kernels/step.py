@@ -251,7 +251,7 @@ class _Layer(ctypes.Structure):
                 + [("threads", ctypes.c_int)])
 
 
-MAX_SEGMENTS = 4
+MAX_SEGMENTS = 6  # step.c's NSEG
 
 
 class _Segments(ctypes.Structure):

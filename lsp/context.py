@@ -490,7 +490,9 @@ class Context:
             ready = self.held.ready(choice.chunks)
             if len(ready) < len(choice.chunks):
                 self.wanted[uri] = choice
-            self.last[uri] = {"chosen": [f"{c.path}:{c.first + 1}" for c in choice.chunks], "ready": len(ready)}
+            held = set(ready)
+            self.last[uri] = {"chosen": [f"{c.path}:{c.first + 1}" for c in choice.chunks],
+                              "asked": [f"{c.path}:{c.first + 1}" for c in choice.chunks if c.key in held]}
         return tuple(ready)
 
     def answered(self, uri: str, asked: tuple[str, ...], used, tokens: int) -> None:

@@ -45,9 +45,10 @@ def encoded_at(model, ids: list[int], x0: int) -> Rows:
 
 
 @torch.no_grad()
-def reference(model, tok, blocks: list[str], doc_ids: list[int], P: int, n: int) -> tuple[list[int], torch.Tensor]:
+def reference(model, tok, blocks: list[str], doc_ids: list[int], P: int, n: int, *, tail: int = 0) -> tuple[list[int], torch.Tensor]:
     """Greedy ids after [BOS?] + blocks + doc[skip:P], every block encoded alone at its final place
-    (attending to a BOS right before it), the document encoded alone; and the first step's logits."""
+    (attending to a BOS right before it), the document encoded alone but for its last `tail` tokens
+    before P - 1, encoded over everything before them; and the first step's logits."""
     skip = 1 if tok.adds_bos else 0
     ids = [tok.encode(b)[0] for b in blocks]
     C = skip + sum(len(i) - skip for i in ids)
@@ -60,9 +61,12 @@ def reference(model, tok, blocks: list[str], doc_ids: list[int], P: int, n: int)
         x += len(keep)
     assert x == skip
     doc = encoded_at(model, doc_ids[: P - 1], 0)
-    k = torch.cat(ks + [doc.k[:, :, skip:]], 2)
-    v = torch.cat(vs + [doc.v[:, :, skip:]], 2)
+    at = max(skip, P - 1 - tail)
+    k = torch.cat(ks + [doc.k[:, :, skip:at]], 2)
+    v = torch.cat(vs + [doc.v[:, :, skip:at]], 2)
     rows, out, tok_id, first = Rows(k, v, skip - C), [], doc_ids[P - 1], None
+    if at < P - 1:
+        model(torch.tensor([doc_ids[at : P - 1]]), torch.arange(at, P - 1), rows)
     for pos in range(P - 1, P - 1 + n):
         logits = model(torch.tensor([[tok_id]]), torch.tensor([pos]), rows)[0, -1]
         first = logits if first is None else first
@@ -71,8 +75,8 @@ def reference(model, tok, blocks: list[str], doc_ids: list[int], P: int, n: int)
     return out, first
 
 
-def engine_for(tokenizer) -> Engine:
-    cfg, hf = tiny_hf("gemma3", tokenizer.vocab_size, seed=3)
+def engine_for(tokenizer, kind: str = "gemma3") -> Engine:
+    cfg, hf = tiny_hf(kind, tokenizer.vocab_size, seed=3)
     return Engine(build(cfg, hf.state_dict()), tokenizer, EngineOptions())
 
 
@@ -85,8 +89,9 @@ def tokenizer(request, smol):
     return load("gemma3-270m").tokenizer
 
 
-def _greedy(eng: Engine, context=()):
-    return eng.complete("doc", len(DOC), CompletionOptions(multiline=True, max_tokens=8, context=tuple(context)))
+def _greedy(eng: Engine, context=(), tail: int = 0):
+    return eng.complete("doc", len(DOC), CompletionOptions(multiline=True, max_tokens=8, context=tuple(context),
+                                                           context_tail=tail))
 
 
 def test_attending_over_blocks_equals_the_naive_reference(tokenizer):
@@ -109,6 +114,31 @@ def test_attending_over_blocks_equals_the_naive_reference(tokenizer):
         alone = eng.model(torch.tensor([[doc.ids[P - 1]]]), torch.tensor([P - 1]), ScratchCache(doc.cache, P - 1, 2))[0, -1]
     assert torch.allclose(got, first, atol=2e-4), (got - first).abs().max()
     assert not torch.allclose(alone, first, atol=1e-2)  # the context does change what the model sees
+
+
+@pytest.mark.parametrize("tail", [5, 1000])
+def test_a_tail_encoded_over_the_context_equals_the_naive_reference(tokenizer, tail):
+    eng = engine_for(tokenizer, "llama")  # every layer global: the tail's keys read the context
+    for uri, text in BLOCKS.items():
+        eng.open(uri, text)
+    eng.open("doc", DOC)
+    out = _greedy(eng, BLOCKS, tail=tail)
+    plain = _greedy(eng, BLOCKS)
+    doc = eng.docs["doc"]
+    P = doc.token_at(len(DOC))
+    want, _ = reference(eng.model, tokenizer, list(BLOCKS.values()), doc.ids, P, len(out.tokens), tail=tail)
+    assert out.tokens == want[: len(out.tokens)] and len(out.tokens) >= 3
+    other, _ = reference(eng.model, tokenizer, list(BLOCKS.values()), doc.ids, P, len(plain.tokens))
+    assert plain.tokens == other[: len(plain.tokens)]
+    assert eng.docs["doc"].cache.length == len(doc.ids)  # the document's own cache is untouched
+    from ghostline.engine.cache import ScratchCache
+
+    view, _ = eng.with_context(doc, tuple(BLOCKS), tail=tail, P=P)
+    bare, _ = eng.with_context(doc, tuple(BLOCKS))
+    with torch.no_grad():
+        a = eng.model(torch.tensor([[doc.ids[P - 1]]]), torch.tensor([P - 1]), ScratchCache(view, P - 1, 2))[0, -1]
+        b = eng.model(torch.tensor([[doc.ids[P - 1]]]), torch.tensor([P - 1]), ScratchCache(bare, P - 1, 2))[0, -1]
+    assert not torch.allclose(a, b, atol=1e-3)  # the tail did read the context
 
 
 def test_a_block_edited_then_refreshed_equals_the_reference_of_its_new_text(tokenizer):
