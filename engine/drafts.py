@@ -24,14 +24,15 @@ METHODS = ("superposed", "beam", "nucleus")  # CompletionOptions.decoder; any ot
 
 
 def stream_drafts(engine, doc, *, P: int, offset: int, heal: str, rules, opts, t0: float, should_stop=None,
-                  prefix=None) -> Iterator:
+                  prompt=None) -> Iterator:
     """Like `Engine.stream`, for k drafts: yields Completions whose `text` is the best draft so far;
-    the last one carries `drafts`. Called by `Engine.stream` once the context P is known; `prefix`
-    the document's cache or a view of it after context blocks (`Engine.with_context`)."""
-    from ghostline.engine.engine import Completion
+    the last one carries `drafts`. Called by `Engine.stream` once the context P is known; `prompt`
+    what the decode continues (`Engine.prompt`; by default the document's cache and its token P - 1)."""
+    from ghostline.engine.engine import Completion, Prompt
 
-    k, first = opts.drafts, doc.ids[P - 1]
-    view = Shown(engine.tok, first, heal, rules)
+    prompt = prompt or Prompt(doc.cache, P - 1, doc.ids[P - 1])
+    k, first, start, prefix = opts.drafts, prompt.first, prompt.start, prompt.prefix
+    view = Shown(engine.tok, doc.ids[P - 1], heal, rules)
     shown, finish = view.text, view.finish
 
     line_end = doc.text.find("\n", offset)
@@ -49,12 +50,11 @@ def stream_drafts(engine, doc, *, P: int, offset: int, heal: str, rules, opts, t
     mask, method = engine._mask(heal), opts.decoder if opts.decoder in METHODS else "superposed"
     params = opts.superposed or SuperposedParams()
     batch = k if method == "beam" else 2 if method == "superposed" and params.anchor else 1
-    prefix = doc.cache if prefix is None else prefix
-    scratch = ScratchCache(prefix, P - 1, opts.max_tokens + 1, batch=batch)
+    scratch = ScratchCache(prefix, start, opts.max_tokens + 1, batch=batch)
     common = dict(k=k, max_new=opts.max_tokens, finish=finish, first_mask=mask)
     if method == "superposed":
         gen = superposed(engine.model, scratch, first, context=doc.ids[max(0, P - 6) : P - 1], ngram=ngram,
-                         params=params, on_first=on_first, **common)
+                         params=params, on_first=on_first, last=doc.ids[P - 1], **common)
     elif method == "beam":
         gen = beam_search(engine.model, scratch, first, **common)
     else:
@@ -84,7 +84,7 @@ def stream_drafts(engine, doc, *, P: int, offset: int, heal: str, rules, opts, t
             scratch.trim(0)
     exits = engine._exits(opts)
     if exits is not None and drafts and exits.halt_threshold < float("inf"):  # cut each draft where it would halt
-        cuts = halt_cuts(engine.model, prefix, P - 1, first, drafts=[d.ids for d in drafts],
+        cuts = halt_cuts(engine.model, prefix, start, first, drafts=[d.ids for d in drafts],
                          rule=lambda logits: exits.p_stop(logits) >= exits.halt_threshold)
         for d, cut in zip(drafts, cuts):
             if cut < len(d.ids):

@@ -29,6 +29,7 @@ from ghostline.engine.document import STRATEGIES, Document, token_hunks
 from ghostline.engine.drafts import stream_drafts
 from ghostline.engine.exits import EXITS_FILE, Exits
 from ghostline.engine.gate import GATE_FILE, Confidence, Gate
+from ghostline.engine.infill import SUFFIX_TOKENS, detect, suffix_text
 from ghostline.engine.ngram import NgramIndex, PromptLookup, scope_of
 from ghostline.engine.quant import quantize
 from ghostline.engine.stops import Shown, StopRules
@@ -85,6 +86,7 @@ class CompletionOptions:
     gate_strength: float = 1.0  # 0: show everything, 1: the calibrated threshold, above: stricter
     context: tuple[str, ...] = ()  # open documents (other files' chunks) attended over before the prefix, in order
     context_tail: int = 0  # with context: the last tokens before the cursor encoded again over it, per request
+    infill: bool = False  # fill in the middle: the text after the cursor in the prompt (models with FIM tokens)
 
 
 @dataclass
@@ -114,6 +116,17 @@ class Completion:
     context_tokens: int = 0
 
 
+@dataclass
+class Prompt:
+    """What a decode continues: the cache (or view) it attends to, and the token it feeds first,
+    at position `start`; the context documents the view holds."""
+
+    prefix: KVCache | WithContext
+    start: int
+    first: int
+    used: list[str] = field(default_factory=list)
+
+
 class Cancelled(Exception):
     """Raised when a `should_stop` callback asks an encode to stop; the document stays consistent."""
 
@@ -141,6 +154,10 @@ class Engine:
         self._head_cost: float | None = None  # the LM head's time in layers (`head_cost`)
         self._last_stats = None  # the last decode's stats object (its `halted` names the stop reason)
         self._context_kv: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # the last context assembled
+        self.infill = detect(tokenizer.hf) if hasattr(tokenizer, "hf") else None  # the model's FIM tokens
+        if self.infill is not None:
+            self.tok.eos_ids = self.tok.eos_ids | self.infill.stops
+        self._preludes: dict[int, KVCache] = {}  # [BOS] + a token, encoded once (FIM's prefix marker)
         self._clock = 0
 
     @classmethod
@@ -327,18 +344,17 @@ class Engine:
         heal = doc.text[doc.offsets[P - 1][1] : offset]  # text between the last kept token and the cursor
         line_start = doc.text.rfind("\n", 0, offset) + 1
         rules = StopRules(opts.multiline, doc.text[line_start:offset], _next_line(doc.text, offset))
-        prefix, used = self.with_context(doc, opts.context, tail=opts.context_tail, P=P)
+        prompt = self.prompt(doc, P, offset, opts)
         if opts.drafts > 1:
             for out in stream_drafts(self, doc, P=P, offset=offset, heal=heal, rules=rules, opts=opts, t0=t0,
-                                     should_stop=should_stop, prefix=prefix):
-                out.context, out.context_tokens = used, _context_rows(prefix)
+                                     should_stop=should_stop, prompt=prompt):
+                out.context, out.context_tokens = prompt.used, _context_rows(prompt.prefix)
                 yield out
             return
-        first = doc.ids[P - 1]
-        view = Shown(self.tok, first, heal, rules)
+        view = Shown(self.tok, doc.ids[P - 1], heal, rules)
         gen, scratch = self._decoder(doc, P, opts, self._mask(heal), finish=lambda ids: view.finish(ids) is not None,
-                                     prefix=prefix)
-        out = Completion("", ctx_tokens=P, heal=heal, context=used, context_tokens=_context_rows(prefix))
+                                     prompt=prompt)
+        out = Completion("", ctx_tokens=P, heal=heal, context=prompt.used, context_tokens=_context_rows(prompt.prefix))
         try:
             for tok in gen:
                 if not out.tokens:
@@ -370,30 +386,64 @@ class Engine:
 
     # internals -----------------------------------------------------------------------------------
 
-    def with_context(self, doc: Document, uris, *, tail: int = 0, P: int = 0) -> tuple[KVCache | WithContext, list[str]]:
+    def prompt(self, doc: Document, P: int, offset: int, opts: CompletionOptions) -> Prompt:
+        """What a decode at `offset` continues, tokens [0, P) of `doc` before it: the document's cache
+        and its token P - 1; or a view with the context documents before the prefix (`with_context`),
+        the last `context_tail` tokens encoded again over them, and with `infill` (a model with FIM
+        tokens) `<SUF>` and the text after the cursor encoded after the prefix, `<MID>` fed first."""
+        infill = self.infill if opts.infill else None
+        plain = Prompt(doc.cache, P - 1, doc.ids[P - 1])
+        if not opts.context and infill is None:
+            return plain
+        view, used = self.with_context(doc, opts.context, prelude=infill.prefix if infill else None)
+        if view is doc.cache:
+            return plain
+        skip, tail = view.skip, opts.context_tail if used else 0
+        if infill is None:
+            at = max(skip, P - 1 - tail)
+            ids, first = doc.ids[at : P - 1], doc.ids[P - 1]
+        else:
+            at = max(skip, P - tail)
+            suffix = self.tok.encode(suffix_text(doc.text, offset))[0][skip:][:SUFFIX_TOKENS]
+            ids, first = doc.ids[at:P] + [infill.suffix] + suffix, infill.middle
+        if ids:
+            with torch.no_grad():
+                self.model(torch.tensor([ids], device=view.ck.device), torch.arange(at, at + len(ids)),
+                           view.write_tail(at, len(ids)), return_hidden=True, last_only=True)
+        return Prompt(view, at + len(ids), first, used)
+
+    def with_context(self, doc: Document, uris, *, prelude: int | None = None) -> tuple[KVCache | WithContext, list[str]]:
         """`doc`'s cache seen after the context documents `uris` (open, encoded; others are skipped,
-        never encoded here: a request does not wait for context), and the uris used. Each block's
-        keys are rotated from its own positions to its place before the document (PIE's rotation);
-        the assembly is kept while the blocks stay unchanged. `tail` > 0: the `tail` tokens before
-        token P - 1 (the one a decode starts from) are encoded again over the context."""
+        never encoded here: a request does not wait for context) and, last, the token `prelude`;
+        and the uris used. Each block's keys are rotated from its own positions to its place before
+        the document (PIE's rotation); the assembly is kept while the blocks stay unchanged."""
         skip = 1 if self.tok.adds_bos else 0
-        blocks = [(u, d) for u in dict.fromkeys(uris) if u != doc.uri and (d := self.docs.get(u)) is not None
+        blocks = [(u, d.cache) for u in dict.fromkeys(uris) if u != doc.uri and (d := self.docs.get(u)) is not None
                   and d.full is None and d.cache is not None and d.cache.length >= len(d.ids) > skip]
+        key = tuple((u, id(c), hash(tuple(self.docs[u].ids)), self.docs[u].stale_count) for u, c in blocks)
+        for u, _ in blocks:
+            self._touch(self.docs[u])
+        if prelude is not None:
+            blocks.append(("", self._prelude(prelude)))
+            key += (prelude,)
         if not blocks:
             return doc.cache, []
-        for _, d in blocks:
-            self._touch(d)
-        key = tuple((u, id(d.cache), hash(tuple(d.ids)), d.stale_count) for u, d in blocks)
         if self._context_kv is None or self._context_kv[0] != key:
-            self._context_kv = (key, *self._assemble([d.cache for _, d in blocks], skip))
+            self._context_kv = (key, *self._assemble([c for _, c in blocks], skip))
         _, k, v = self._context_kv
-        view = WithContext(doc.cache, k, v, start=skip - k.shape[2], skip=skip)
-        at = max(skip, P - 1 - tail)
-        if tail > 0 and at < P - 1:
-            with torch.no_grad():
-                self.model(torch.tensor([doc.ids[at : P - 1]], device=k.device), torch.arange(at, P - 1),
-                           view.write_tail(at, P - 1 - at), return_hidden=True, last_only=True)
-        return view, [u for u, _ in blocks]
+        return WithContext(doc.cache, k, v, start=skip - k.shape[2], skip=skip), [u for u, _ in blocks if u]
+
+    @torch.no_grad()
+    def _prelude(self, token: int) -> KVCache:
+        """[BOS] + `token` encoded, once per token."""
+        if token not in self._preludes:
+            ids = ([self.tok.bos_id] if self.tok.adds_bos else []) + [token]
+            cache = self.new_cache()
+            cache.reserve(len(ids))
+            cache.length = len(ids)
+            self.model(torch.tensor([ids]), torch.arange(len(ids)), cache, return_hidden=True, last_only=True)
+            self._preludes[token] = cache
+        return self._preludes[token]
 
     def _assemble(self, caches: list[KVCache], skip: int) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v [L, KV, C, hd]: the first block's BOS row (when `skip`), then every block's rows past
@@ -413,24 +463,24 @@ class Engine:
             row += n
         return k, v
 
-    def _decoder(self, doc: Document, P: int, opts: CompletionOptions, mask, *, finish=None, prefix=None):
-        """The token generator for a request and the scratch cache it writes (rolled back by the caller);
-        `prefix` the document's cache or a view of it after context (`with_context`)."""
-        first = doc.ids[P - 1]
-        prefix = doc.cache if prefix is None else prefix
+    def _decoder(self, doc: Document, P: int, opts: CompletionOptions, mask, *, finish=None, prompt: Prompt | None = None):
+        """The token generator for a request and the scratch cache it writes (rolled back by the caller),
+        continuing `prompt` (by default the document's cache and its token P - 1)."""
+        prompt = prompt or Prompt(doc.cache, P - 1, doc.ids[P - 1])
+        prefix, first, start = prompt.prefix, prompt.first, prompt.start
         exits = self._exits(opts)
         self._last_stats = None
         if opts.decoder == "greedy" and exits is not None:
-            scratch = ScratchCache(prefix, P - 1, opts.max_tokens + 1)
+            scratch = ScratchCache(prefix, start, opts.max_tokens + 1)
             self.last_exit = self._last_stats = ExitStats(p_stop=[] if self.trace_exits else None)
             gen = early_exit(self.model, scratch, first, exits=exits, max_new=opts.max_tokens, first_mask=mask,
                              stats=self.last_exit)
             return gen, scratch
         if opts.decoder == "greedy":
-            scratch = ScratchCache(prefix, P - 1, opts.max_tokens + 1)
+            scratch = ScratchCache(prefix, start, opts.max_tokens + 1)
             return greedy(self.model, scratch, first, max_new=opts.max_tokens, first_mask=mask), scratch
         if opts.decoder == "adadec":
-            scratch = ScratchCache(prefix, P - 1, opts.max_tokens + 1)
+            scratch = ScratchCache(prefix, start, opts.max_tokens + 1)
             self.last_adadec = AdaDecStats()
             gen = adadec(self.model, scratch, first, max_new=opts.max_tokens, params=opts.adadec or self.adadec,
                          finish=finish, first_mask=mask, stats=self.last_adadec)
@@ -439,7 +489,7 @@ class Engine:
             if opts.draft_length not in DRAFT_RULES:
                 raise ValueError(f"draft_length must be one of {', '.join(DRAFT_RULES)}, not {opts.draft_length!r}")
             length = DRAFT_RULES[opts.draft_length]()
-            scratch = ScratchCache(prefix, P - 1, opts.max_tokens + length.k_max + 2)
+            scratch = ScratchCache(prefix, start, opts.max_tokens + length.k_max + 2)
             lookup = PromptLookup()
             scope = scope_of(doc.uri)
             lookup.others = [d.array for d in self.docs.values() if d is not doc and scope_of(d.uri) == scope]

@@ -24,7 +24,7 @@ from ghostline.engine.document import STRATEGIES
 from ghostline.engine.engine import Cancelled, CompletionOptions, Engine, EngineOptions
 from ghostline.engine.text import EditError
 from ghostline.lsp import wire
-from ghostline.lsp.front import (DaemonOptions, Front, RequestError, Session, TokenBucket, arg, daemon_options,
+from ghostline.lsp.front import (MAX_URI, DaemonOptions, Front, RequestError, Session, TokenBucket, arg, daemon_options,
                                   edit_changes, engine_options, is_int, load_token, uri_of)
 from ghostline.lsp.wire import ALREADY_RUNNING, lock_holder, take_lock
 from ghostline.lsp.worker import Job
@@ -441,7 +441,8 @@ def _completion_options(raw) -> CompletionOptions:
               "halt": lambda v: isinstance(v, bool), "exit": lambda v: isinstance(v, bool),
               "halt_threshold": _unit_or_none, "exit_threshold": _unit_or_none, "gate": lambda v: isinstance(v, bool),
               "gate_strength": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 4,
-              "context": lambda v: isinstance(v, list) and len(v) <= 64 and all(isinstance(u, str) and 0 < len(u) <= MAX_URI for u in v)}
+              "context": lambda v: isinstance(v, list) and len(v) <= 64 and all(isinstance(u, str) and 0 < len(u) <= MAX_URI for u in v),
+              "context_tail": lambda v: is_int(v) and 0 <= v <= 512, "infill": lambda v: isinstance(v, bool)}
     for key, value in raw.items():
         if key not in checks or not checks[key](value):
             raise RequestError("bad_request", f"bad completion option {str(key)[:40]}={str(value)[:40]}")

@@ -71,6 +71,8 @@ class RequestOptions:
     gate: bool = False
     gate_strength: float = 1.0
     context: tuple[str, ...] = ()
+    context_tail: int = 0
+    infill: bool = False
 
 
 @dataclass

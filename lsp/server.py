@@ -374,6 +374,8 @@ class GhostlineServer(LanguageServer):
             gate=self.settings.gate,
             gate_strength=self.stats.gate_strength(self.settings.gate_strength, self.languages.get(uri),
                                                    document_kind(uri)),
+            context_tail=self.settings.context_tail,
+            infill=self.settings.fim,
         )
 
     def context_options(self) -> ContextOptions:

@@ -47,6 +47,8 @@ class Settings:
     context_workspace: bool = True  # the workspace folders' files (read from disk, .gitignore respected)
     context_open_files: bool = True  # the other open documents
     context_edits: bool = True  # prefer the regions edited last
+    context_tail: int = 0  # tokens before the cursor encoded again over the context per request (0: none)
+    fim: bool = True  # fill in the middle (the text after the cursor in the prompt) where the model has FIM tokens
 
     def merged(self, raw) -> "Settings":
         """These settings updated by a client's dict; unknown keys are warned about, bad values raise."""
@@ -70,7 +72,7 @@ class Settings:
 
 def check_setting(name: str, value):
     ints = {"max_tokens": (1, 512), "max_tokens_multiline": (1, 1024), "debounce_ms": (0, 5000),
-            "drafts": (1, 8), "idle_refresh_ms": (50, 600000), "context_budget": (0, 8192)}
+            "drafts": (1, 8), "idle_refresh_ms": (50, 600000), "context_budget": (0, 8192), "context_tail": (0, 512)}
     if name in ints:
         lo, hi = ints[name]
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
@@ -99,7 +101,7 @@ def check_setting(name: str, value):
             raise SettingsError(f"setting gate_strength must be a number in 0..4, got {value!r}")
         return float(value)
     if name in ("halt", "exit", "gate", "completion_items", "context", "context_workspace", "context_open_files",
-                "context_edits"):
+                "context_edits", "fim"):
         if not isinstance(value, bool):
             raise SettingsError(f"setting {name} must be true or false, got {value!r}")
         return value

@@ -108,7 +108,7 @@ def test_attending_over_blocks_equals_the_naive_reference(tokenizer):
     # the same request's first-step logits through the engine's view equal the reference's
     from ghostline.engine.cache import ScratchCache
 
-    prefix, _ = eng.with_context(doc, tuple(BLOCKS))
+    prefix = eng.prompt(doc, P, len(DOC), CompletionOptions(context=tuple(BLOCKS))).prefix
     with torch.no_grad():
         got = eng.model(torch.tensor([[doc.ids[P - 1]]]), torch.tensor([P - 1]), ScratchCache(prefix, P - 1, 2))[0, -1]
         alone = eng.model(torch.tensor([[doc.ids[P - 1]]]), torch.tensor([P - 1]), ScratchCache(doc.cache, P - 1, 2))[0, -1]
@@ -133,8 +133,8 @@ def test_a_tail_encoded_over_the_context_equals_the_naive_reference(tokenizer, t
     assert eng.docs["doc"].cache.length == len(doc.ids)  # the document's own cache is untouched
     from ghostline.engine.cache import ScratchCache
 
-    view, _ = eng.with_context(doc, tuple(BLOCKS), tail=tail, P=P)
-    bare, _ = eng.with_context(doc, tuple(BLOCKS))
+    view = eng.prompt(doc, P, len(DOC), CompletionOptions(context=tuple(BLOCKS), context_tail=tail)).prefix
+    bare = eng.prompt(doc, P, len(DOC), CompletionOptions(context=tuple(BLOCKS))).prefix
     with torch.no_grad():
         a = eng.model(torch.tensor([[doc.ids[P - 1]]]), torch.tensor([P - 1]), ScratchCache(view, P - 1, 2))[0, -1]
         b = eng.model(torch.tensor([[doc.ids[P - 1]]]), torch.tensor([P - 1]), ScratchCache(bare, P - 1, 2))[0, -1]

@@ -82,18 +82,20 @@ def superposed(
     params: SuperposedParams | None = None,
     first_mask: torch.Tensor | None = None,
     on_first: Callable[[torch.Tensor], None] | None = None,
+    last: int | None = None,
 ) -> Iterator[list[Draft]]:
     """Yield, after each step, the best k drafts so far (finished and alive, best first). `first`
     is the last context token, fed at `cache.start`; `context` the ids before it (n-gram tails).
     The scratch has batch 1 (batch 2 with `params.anchor`). Stop by closing the generator; the
     last list yielded is the answer. `on_first(logits)` sees the first step's logits at the cursor
-    (temperature 1, masked; the show gate reads them)."""
+    (temperature 1, masked; the show gate reads them). `last`: the last id of the text before the
+    drafts where that is not `first` (a fill-in-the-middle marker is fed first), for the n-gram tails."""
     p = params or SuperposedParams()
     rows = 2 if p.anchor else 1
     if cache.k.shape[1] != rows:
         raise ValueError(f"superposed decoding needs a scratch of batch {rows}, got {cache.k.shape[1]}")
     use_ngram = ngram is not None and p.alpha > 0
-    head = list(context[-5:]) + [first]
+    head = list(context[-5:]) + [first if last is None else last]
     lead = Draft([], 0.0) if p.anchor else None  # anchor: the greedy draft, in row 0
     alive, done = ([] if p.anchor else [Draft([], 0.0)]), {}  # done: text -> best finished draft with it
     width = k - 1 if p.anchor else k  # superposed drafts

@@ -1,0 +1,95 @@
+"""Fill-in-the-middle on tiny random models whose tokenizers are given each convention's tokens: the
+tokens found, and the prompt (`<PRE>` before the cached prefix, `<SUF>` + the text after the cursor
+encoded per request, `<MID>` fed first) equal to a naive reference of the same layout."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from ghostline.engine.engine import CompletionOptions, Engine, EngineOptions
+from ghostline.engine.infill import CONVENTIONS, detect, suffix_text
+from ghostline.engine.model import build
+from ghostline.engine.tokenizer import Tokenizer
+from tests.conftest import tiny_hf
+from tests.test_context import Rows, encoded_at
+
+DOC = "def area(width, height):\n    return width * \n\n\nprint(area(3, 4))\n"
+CURSOR = DOC.index("* ") + 2
+
+
+def fim_tokenizer(smol, convention: int) -> Tokenizer:
+    hf = copy.deepcopy(smol.tokenizer.hf)
+    pre, suf, mid, stops = CONVENTIONS[convention]
+    hf.add_special_tokens({"additional_special_tokens": [pre, suf, mid, stops[0]]})
+    return Tokenizer(hf)
+
+
+def engine_for(tok: Tokenizer) -> Engine:
+    cfg, hf = tiny_hf("llama", tok.vocab_size, seed=5)
+    return Engine(build(cfg, hf.state_dict()), tok, EngineOptions())
+
+
+@pytest.mark.parametrize("convention", range(len(CONVENTIONS)))
+def test_each_convention_is_found(smol, convention):
+    tok = fim_tokenizer(smol, convention)
+    found = detect(tok.hf)
+    vocab = tok.hf.get_vocab()
+    pre, suf, mid, stops = CONVENTIONS[convention]
+    assert (found.prefix, found.suffix, found.middle) == (vocab[pre], vocab[suf], vocab[mid])
+    assert vocab[stops[0]] in found.stops
+
+
+def test_models_without_fim_tokens_have_none(smol):
+    assert detect(smol.tokenizer.hf) is None
+
+
+@torch.no_grad()
+def naive(model, tok: Tokenizer, infill, doc_ids: list[int], P: int, suffix: list[int], n: int) -> list[int]:
+    """Greedy ids after [BOS?] <PRE> (encoded alone), doc[skip:P] (encoded alone), then <SUF> suffix
+    <MID> encoded over all of it."""
+    skip = 1 if tok.adds_bos else 0
+    pre = encoded_at(model, ([tok.bos_id] if skip else []) + [infill.prefix], -1)  # <PRE> ends at 0 or -1
+    doc = encoded_at(model, doc_ids[:P], 0)
+    rows = Rows(torch.cat([pre.k, doc.k[:, :, skip:]], 2), torch.cat([pre.v, doc.v[:, :, skip:]], 2), -1)
+    tail = [infill.suffix] + suffix
+    model(torch.tensor([tail]), torch.arange(P, P + len(tail)), rows)
+    out, tid = [], infill.middle
+    for pos in range(P + len(tail), P + len(tail) + n):
+        tid = int(model(torch.tensor([[tid]]), torch.tensor([pos]), rows)[0, -1].argmax())
+        out.append(tid)
+    return out
+
+
+def test_the_fim_prompt_equals_the_naive_reference(smol):
+    tok = fim_tokenizer(smol, 0)
+    eng = engine_for(tok)
+    eng.open("a.py", DOC)
+    opts = dict(multiline=True, max_tokens=8)
+    out = eng.complete("a.py", CURSOR, CompletionOptions(**opts, infill=True))
+    plain = eng.complete("a.py", CURSOR, CompletionOptions(**opts))
+    doc = eng.docs["a.py"]
+    P = doc.token_at(CURSOR)
+    skip = 1 if tok.adds_bos else 0
+    suffix = tok.encode(suffix_text(DOC, CURSOR))[0][skip:]
+    assert suffix_text(DOC, CURSOR) == DOC[CURSOR:]
+    want = naive(eng.model, tok, eng.infill, doc.ids, P, suffix, len(out.tokens))
+    assert out.tokens == want and len(out.tokens) >= 3
+    assert out.tokens != plain.tokens  # the suffix changed what the model wrote
+    prompt = eng.prompt(doc, P, CURSOR, CompletionOptions(infill=True))
+    assert prompt.first == eng.infill.middle and prompt.start == P + 1 + len(suffix)
+
+
+def test_infill_asked_of_a_model_without_fim_tokens_changes_nothing(smol):
+    eng = engine_for(smol.tokenizer)
+    eng.open("a.py", DOC)
+    a = eng.complete("a.py", CURSOR, CompletionOptions(multiline=True, max_tokens=6, infill=True))
+    b = eng.complete("a.py", CURSOR, CompletionOptions(multiline=True, max_tokens=6))
+    assert a.tokens == b.tokens and eng.infill is None
+
+
+def test_the_suffix_is_bounded():
+    text = "x = 1\n" * 100
+    assert suffix_text(text, 2).count("\n") == 13
