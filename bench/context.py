@@ -104,7 +104,9 @@ def _row(task: dict, mode: str, shown: str, ms: float, info: dict, **extra) -> d
             "chosen": ctx.get("chosen"), "asked": ctx.get("asked"), "used": ctx.get("used"), "context_tokens": ctx.get("tokens"), **extra}
 
 
-async def run_tasks(args, tasks: list[dict], ws: dict, record, log) -> dict:
+async def run_tasks(args, tasks: list[dict], ws: dict, record, log, prior: dict | None = None) -> dict:
+    """Run `tasks` through one server; `prior`: earlier `context` rows by id (the chunks `reencode` copies)."""
+    prior = prior or {}
     folder = Path(tempfile.mkdtemp(prefix="ghostline-context-bench-"))
     options = {"multiline": "never", **json.loads(args.options)}
     modes = args.modes
@@ -159,6 +161,8 @@ async def run_tasks(args, tasks: list[dict], ws: dict, record, log) -> dict:
                         lib.put(p, t)
                     chunks = {f"{ch.path}:{ch.first + 1}": ch for f in lib.files.values() for ch in f.chunks}
                     served = next((r["asked"] for r in rows if r["mode"] == "context"), None)
+                    if served is None and task["id"] in prior:
+                        served = prior[task["id"]].get("asked")
                     if served is None:  # no context run to copy: the same code, here
                         budget = json.loads(args.options).get("context_budget", Options.budget)
                         served = [f"{ch.path}:{ch.first + 1}" for ch in
@@ -263,7 +267,8 @@ def main(argv=None) -> int:
             rows.append(row)
             append_row(args.out, row)
 
-        extra = asyncio.run(run_tasks(args, tasks, ws, record, print)) if tasks else {}
+        prior = {r["id"]: r for r in rows if r["mode"] == "context"}
+        extra = asyncio.run(run_tasks(args, tasks, ws, record, print, prior)) if tasks else {}
         result = report(rows, extra)
     print(table(result))
     print(json.dumps(result))

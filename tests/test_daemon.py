@@ -332,6 +332,28 @@ def test_clients_see_only_their_documents_and_leaving_frees_them(tiny):
         one.close()
 
 
+def test_context_travels_and_a_client_attends_only_over_its_own_documents(tiny):
+    """A completion's context names the client's own documents; another client's of the same name
+    (or one it never opened) is not read, and the reply names them as the client does."""
+    chunk = "ctx:lib.py"
+    with serving(tiny) as daemon:
+        one = RemoteEngine.connect(str(daemon.address), model=None, status=lambda *a: None)
+        two = RemoteEngine.connect(str(daemon.address), model=None, status=lambda *a: None)
+        one.open(URI, PY)
+        two.open(URI, PY)
+        two.open(chunk, "def sub(a, b):\n    return a - b\n")  # the other client's, under the name one asks for
+        opts = dict(multiline=True, max_tokens=6, time_cap_ms=None)
+        alone = one.complete(URI, len(PY), CompletionOptions(**opts, context=(chunk, "ctx:nowhere")))
+        assert alone.context == [] and alone.context_tokens == 0
+        one.open(chunk, "def sub(a, b):\n    return a - b\n")
+        used = one.complete(URI, len(PY), CompletionOptions(**opts, context=(chunk,)))
+        assert used.context == [chunk] and used.context_tokens > 5
+        with pytest.raises(DaemonError, match="bad completion option"):
+            one.complete(URI, len(PY), CompletionOptions(**opts, context=("x" * 5000,)))
+        one.disconnect()
+        two.disconnect()
+
+
 def test_opens_that_yield_to_each_other_finish_and_equal_an_uninterrupted_encode(tiny_engine_factory):
     big = PY * 12  # ~500 tokens: many chunks of 8, each one a chance to yield to the other client
     reference = tiny_engine_factory("llama", encode_chunk=8)

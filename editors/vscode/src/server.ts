@@ -38,6 +38,12 @@ export interface ServerSettings {
   memory_budget_mb: number;
   idle_refresh_ms: number;
   completion_items: boolean;
+  context: boolean;
+  context_budget: number;
+  context_workspace: boolean;
+  context_open_files: boolean;
+  context_edits: boolean;
+  fim: boolean;
 }
 
 /** Settings the server reads only when it starts: changing one restarts it. */
@@ -80,6 +86,12 @@ export function serverSettings(get: Get): ServerSettings {
     memory_budget_mb: get('memoryBudgetMb', 2048),
     idle_refresh_ms: get('idleRefreshMs', 600),
     completion_items: get('completionItems', false),
+    context: get('context', true),
+    context_budget: get('contextBudget', 1536),
+    context_workspace: get('contextWorkspace', true),
+    context_open_files: get('contextOpenFiles', true),
+    context_edits: get('contextEdits', true),
+    fim: get('fim', true),
   };
 }
 
