@@ -64,7 +64,6 @@ class Chunk:
     path: str  # shown in the header: relative to the workspace folder, or the document's uri
     first: int  # its first line (0-based) in the file
     text: str  # "# path\n" + the lines
-    key: str  # the engine's document for it: stable across edits of its file (PIE updates it)
 
 
 @dataclass
@@ -91,8 +90,7 @@ def chunk_file(path: str, text: str, *, comment: str = "#") -> list[Chunk]:
     for first in range(0, len(lines), CHUNK_LINES):
         body = "\n".join(lines[first : first + CHUNK_LINES]).rstrip()
         if body.strip():
-            key = f"ghostline-context:{zlib.crc32(path.encode()):08x}/{first}"
-            out.append(Chunk(path, first, f"{comment} {path}\n{body}\n", key))
+            out.append(Chunk(path, first, f"{comment} {path}\n{body}\n"))
     return out
 
 
@@ -246,67 +244,66 @@ class Chooser:
 
 
 class Held:
-    """The chunks the engine holds as documents, with the text each was sent, least recently used
-    first; at most `capacity` (the oldest closed past it). A chunk whose file changed is updated by
-    an edit replacing its text, so the engine re-encodes only the tokens that changed (PIE)."""
+    """Per editor document, one engine document that holds its chosen chunks' text, joined: the
+    context the document's requests attend over. A new choice is an edit replacing that text, so the
+    engine encodes only the chunks new in it and rotates the ones that moved (PIE); their tokens read
+    each other as one prompt would (chunks encoded each on their own were measured worse). Until an
+    edit lands, requests attend over the text held before: near context rather than none."""
 
-    def __init__(self, capacity: int = 24):
-        self.capacity = capacity
-        self.texts: OrderedDict[str, str] = OrderedDict()
+    def __init__(self):
+        self.held: dict[str, tuple[str, list[str]]] = {}  # owner uri -> (text sent, its chunks' names)
 
-    def ready(self, chunks: list[Chunk]) -> list[str]:
-        """The keys of `chunks` the engine holds with their current text, in order."""
-        return [c.key for c in chunks if self.texts.get(c.key) == c.text]
+    @staticmethod
+    def key(owner: str) -> str:
+        return f"ghostline-context:{zlib.crc32(owner.encode()):08x}"
 
-    def missing(self, chunks: list[Chunk]) -> int:
-        return len(chunks) - len(self.ready(chunks))
+    @staticmethod
+    def text(chunks: list[Chunk]) -> str:
+        return "".join(c.text for c in chunks)
 
-    def lost(self, keys) -> None:
-        """The engine no longer holds these (evicted, or an update failed): send them again when chosen."""
-        for key in keys:
-            self.texts.pop(key, None)
+    def ready(self, owner: str) -> tuple[str, ...]:
+        """The engine document to attend over for `owner` (none before its first context landed)."""
+        return (self.key(owner),) if owner in self.held else ()
 
-    def sync(self, engine, chunks: list[Chunk], should_stop=lambda: False, *, lock=None) -> int:
-        """Send what the engine lacks of `chunks` (on the engine's thread), until `should_stop()`;
-        the chunks sent. `lock` guards this record (not the engine calls) against readers elsewhere."""
+    def names(self, owner: str) -> list[str]:
+        return list(self.held.get(owner, ("", []))[1])
+
+    def current(self, owner: str, chunks: list[Chunk]) -> bool:
+        return owner in self.held and self.held[owner][0] == self.text(chunks)
+
+    def lost(self, owner: str) -> None:
+        """The engine no longer holds it (evicted, an update failed): sent again when next chosen."""
+        self.held.pop(owner, None)
+
+    def sync(self, engine, owner: str, chunks: list[Chunk], should_stop=lambda: False, *, lock=None) -> bool:
+        """Make the engine's context document for `owner` hold `chunks` (on the engine's thread),
+        unless `should_stop()` first; True when it was sent. `lock` guards this record (not the
+        engine calls) against readers on other threads."""
         lock = lock or threading.Lock()
-        sent = 0
-        for c in chunks:
-            with lock:
-                old = self.texts.get(c.key)
-                if old == c.text:
-                    self.texts.move_to_end(c.key)
-                    continue
-                self.texts.pop(c.key, None)  # not usable until the engine has the new text
-            if should_stop():
-                break
-            try:
-                if old is None:
-                    engine.open(c.key, c.text, should_stop=should_stop)
-                else:
-                    engine.edit(c.key, [Change(0, len(old), c.text)], should_stop=should_stop)
-            except Exception as exc:  # a refused or stopped chunk costs its context, never the request
-                if type(exc).__name__ != "Cancelled":
-                    log.warning("context chunk %s:%d not sent: %s", c.path, c.first, exc)
-                if old is None:
-                    with contextlib.suppress(Exception):
-                        engine.close(c.key)  # a part-encoded chunk is of no use; sent whole when chosen again
-                    break
-                continue
-            with lock:
-                self.texts[c.key] = c.text
-            sent += 1
-        keep = {c.key for c in chunks}
+        key, text = self.key(owner), self.text(chunks)
         with lock:
-            drop = [k for k in self.texts if k not in keep][: max(0, len(self.texts) - self.capacity)]
-            for key in drop:
-                del self.texts[key]
-        for key in drop:
-            try:
-                engine.close(key)
-            except Exception as exc:
-                log.warning("context chunk %s not closed: %s", key, exc)
-        return sent
+            old = self.held.get(owner, (None, []))[0]
+        if old == text or should_stop():
+            return False
+        try:
+            if old is None:
+                engine.open(key, text, should_stop=should_stop)
+            else:
+                engine.edit(key, [Change(0, len(old), text)], should_stop=should_stop)
+        except Exception as exc:  # a refused or stopped update costs context, never the request
+            if type(exc).__name__ != "Cancelled":
+                log.warning("context of %s not sent: %s", owner, exc)
+            if old is None:
+                with contextlib.suppress(Exception):
+                    engine.close(key)  # a part-encoded context is of no use; sent whole next time
+            return False
+        with lock:
+            self.held[owner] = (text, [f"{c.path}:{c.first + 1}" for c in chunks])
+        return True
+
+    def drop(self, owner: str) -> str | None:
+        """Forget `owner`'s context; the engine document to close, if one was sent."""
+        return self.key(owner) if self.held.pop(owner, None) is not None else None
 
 
 # the workspace on disk -----------------------------------------------------------------------------
@@ -407,6 +404,7 @@ class Context:
         self.wanted: dict[str, Choice] = {}  # a document's last choice with chunks the engine lacks
         self.last: dict[str, dict] = {}  # per document, the context of its last request (inspect)
         self.scanned = threading.Event()
+        self.open: set[str] = set()  # the editor's open documents
 
     @property
     def opts(self) -> Options:
@@ -434,14 +432,17 @@ class Context:
     def opened(self, uri: str, text: str) -> None:
         with self.lock:
             self.texts[uri] = text
+            self.open.add(uri)
 
     def changed(self, uri: str, text: str, line: int) -> None:
         with self.lock:
             self.texts[uri] = text
             self.chooser.edit(path_of(uri, self.folders), line)
 
-    def closed(self, uri: str) -> None:
+    def closed(self, uri: str) -> str | None:
+        """`uri` was closed; the engine document of its context to close, if any."""
         with self.lock:
+            self.open.discard(uri)
             self.texts.pop(uri, None)
             self.wanted.pop(uri, None)
             self.last.pop(uri, None)
@@ -449,6 +450,7 @@ class Context:
             path = path_of(uri, self.folders)
             if path == uri or not self._reread(path):
                 self.lib.drop(path)
+            return self.held.drop(uri)
 
     def watched(self, uri: str, deleted: bool) -> None:
         """A workspace file changed on disk (workspace/didChangeWatchedFiles)."""
@@ -481,58 +483,55 @@ class Context:
             return self.chooser(uri, path_of(uri, self.folders), text, offset, open_paths)
 
     def for_request(self, uri: str, text: str, offset: int) -> tuple[str, ...]:
-        """The chunks a request at `offset` attends over: those of its choice the engine holds; the
-        others are left for `idle` to send (a request never waits for context)."""
+        """The context document a request at `offset` attends over: the one the engine holds for
+        `uri`, whatever choice it holds; a newer choice is left for `idle` to send (a request never
+        waits for context)."""
         if self.opts.budget <= 0:
             return ()
         choice = self.choice(uri, text, offset)
         with self.lock:
-            ready = self.held.ready(choice.chunks)
-            if len(ready) < len(choice.chunks):
+            if not self.held.current(uri, choice.chunks):
                 self.wanted[uri] = choice
-            held = set(ready)
             self.last[uri] = {"chosen": [f"{c.path}:{c.first + 1}" for c in choice.chunks],
-                              "asked": [f"{c.path}:{c.first + 1}" for c in choice.chunks if c.key in held]}
-        return tuple(ready)
+                              "asked": self.held.names(uri)}
+            return self.held.ready(uri)
 
     def answered(self, uri: str, asked: tuple[str, ...], used, tokens: int) -> None:
-        """After a completion: chunks the engine did not use (evicted) are sent again when chosen."""
+        """After a completion: a context the engine did not use (evicted) is sent again."""
         with self.lock:
-            self.held.lost(set(asked) - set(used or ()))
+            if asked and not used:
+                self.held.lost(uri)
             if uri in self.last:
-                self.last[uri].update(used=len(used or ()), tokens=tokens)
+                self.last[uri].update(used=len(self.last[uri].get("asked", [])) if used else 0, tokens=tokens)
 
-    def prepare(self, engine, uri: str, text: str, offset: int, should_stop) -> int:
-        """On the engine's thread after an edit: choose for the edit's place and send what the engine
-        lacks, yielding to any queued job."""
+    def prepare(self, engine, uri: str, text: str, offset: int, should_stop) -> bool:
+        """On the engine's thread after an edit: choose for the edit's place and send it, unless a
+        completion is waiting (then `idle` sends it)."""
         if self.opts.budget <= 0:
-            return 0
-        choice = self.choice(uri, text, offset)
-        return self._send(engine, uri, choice, should_stop)
+            return False
+        return self._send(engine, uri, self.choice(uri, text, offset), should_stop)
 
     def idle(self, engine, should_stop) -> bool:
-        """Background work: send the chunks a recent choice lacks; True when something was sent."""
+        """Background work: send a choice the engine lacks; True when one was sent."""
         with self.lock:
-            todo = [(u, c) for u, c in self.wanted.items() if self.held.missing(c.chunks)]
-        for uri, choice in reversed(todo):
-            if self._send(engine, uri, choice, should_stop):
-                return True
-        return False
+            todo = [(u, c) for u, c in self.wanted.items() if not self.held.current(u, c.chunks)]
+        return any(self._send(engine, uri, choice, should_stop) for uri, choice in reversed(todo[-1:]))
 
-    def _send(self, engine, uri: str, choice: Choice, should_stop) -> int:
+    def _send(self, engine, uri: str, choice: Choice, should_stop) -> bool:
         with self.lock:
+            if uri not in self.open:  # closed since the choice was made
+                return False
             self.wanted[uri] = choice
-        sent = self.held.sync(engine, choice.chunks, should_stop, lock=self.lock)
+        sent = self.held.sync(engine, uri, choice.chunks, should_stop, lock=self.lock)
         with self.lock:
-            if not self.held.missing(choice.chunks) and self.wanted.get(uri) is choice:
+            if self.held.current(uri, choice.chunks) and self.wanted.get(uri) is choice:
                 del self.wanted[uri]
         return sent
 
     def report(self, uri: str) -> dict:
         with self.lock:
             last = dict(self.last.get(uri) or {})
-            choice = self.wanted.get(uri)
-            last["pending"] = self.held.missing(choice.chunks) if choice is not None else 0
+            last["pending"] = int(uri in self.wanted)
             last["files"], last["chunks"] = len(self.lib.files), self.lib.chunks
             last["scanned"] = self.scanned.is_set() or not self.folders
         return last

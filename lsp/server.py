@@ -687,7 +687,9 @@ def build_server(*, model: str | None = None, engine: str | None = None) -> Ghos
         for table in (ls.mirrors, ls.shown, ls.languages, ls.prefetch, ls.outcomes):
             table.pop(uri, None)
         ls.submit_update(uri, lambda e: e.close(uri))
-        ls.context.closed(uri)
+        key = ls.context.closed(uri)
+        if key is not None:
+            ls.submit_update(key, lambda e: e.close(key))
 
     @server.feature(types.WORKSPACE_DID_CHANGE_WATCHED_FILES)
     def did_change_watched_files(ls: GhostlineServer, params: types.DidChangeWatchedFilesParams):

@@ -58,7 +58,7 @@ def test_the_choice_is_deterministic_within_budget_and_ranks_the_definition_firs
     opts = Options(budget=200)
     a = choose(lib, DOC, len(DOC), path="app.py", opts=opts, open_paths=set())
     b = choose(library(extra=12), DOC, len(DOC), path="app.py", opts=opts, open_paths=set())
-    assert [c.key for _, c in a] == [c.key for _, c in b] and a
+    assert [(c.path, c.first) for _, c in a] == [(c.path, c.first) for _, c in b] and a
     assert sum(len(c.text) for _, c in a) <= 200 * CHARS_PER_TOKEN
     assert a[0][1].path == "api/http.py"  # defines fetch_json, which the cursor's line calls
     assert [s for s, _ in a] == sorted((s for s, _ in a), reverse=True)
@@ -73,7 +73,7 @@ def test_nothing_from_the_current_file_or_below_the_cursor_line():
     got = choose(lib, below, cut, path="app.py", opts=opts, open_paths=set())
     assert all(c.path != "app.py" for _, c in got)
     after = choose(lib, DOC + "Response(status).ok()\nrecord = parse", cut, path="app.py", opts=opts, open_paths=set())
-    assert [c.key for _, c in after] == [c.key for _, c in got]  # the rest of the line and below: not read
+    assert after == got  # the rest of the line and below: not read
 
 
 def test_imports_and_recent_edits_raise_a_chunk():
@@ -130,27 +130,27 @@ def test_chunks_are_whole_lines_under_their_path():
     chunks = chunk_file("m/x.py", text)
     assert [c.first for c in chunks] == [0, 32, 64]
     assert chunks[1].text.startswith("# m/x.py\nline_32 = 32\n") and chunks[1].text.endswith("line_63 = 63\n")
-    assert chunk_file("m/x.py", text.replace("line_40", "LINE_40"))[1].key == chunks[1].key  # stable: PIE updates it
 
 
-def test_held_chunks_follow_their_files_in_the_engine(tiny_engine_factory):
+def test_a_documents_context_is_one_engine_document_a_new_choice_edits(tiny_engine_factory):
     eng = tiny_engine_factory("gemma3")
-    held = Held(capacity=3)
+    held = Held()
     lib = library(extra=3)
     chunks = [c for f in lib.files.values() for c in f.chunks][:5]
-    assert held.sync(eng, chunks[:2]) == 2
-    assert held.ready(chunks[:2]) == [c.key for c in chunks[:2]]
-    assert eng.text(chunks[0].key) == chunks[0].text
-    lib.put("api/http.py", HTTP.replace("fetch_json", "get_json"))  # the file changed: its chunk is edited
-    new = lib.files["api/http.py"].chunks[0]
-    assert new.key == chunks[0].key and held.ready([new]) == []
-    before = eng.docs[new.key].cache
-    assert held.sync(eng, [new]) == 1
-    assert eng.text(new.key) == new.text and eng.docs[new.key].cache is before  # PIE on the same cache
-    assert held.sync(eng, chunks[2:5]) == 3  # past capacity: the least recently used are closed
-    assert len(held.texts) == 3 and all(c.key in eng.docs for c in chunks[2:5])
-    assert not any(c.key in eng.docs for c in chunks[:2])
-    assert held.sync(eng, chunks[:1], should_stop=lambda: True) == 0 and chunks[0].key not in eng.docs
+    assert held.ready("file:///a.py") == () and not held.current("file:///a.py", chunks[:2])
+    assert held.sync(eng, "file:///a.py", chunks[:2])
+    key = Held.key("file:///a.py")
+    assert held.ready("file:///a.py") == (key,) and held.current("file:///a.py", chunks[:2])
+    assert eng.text(key) == chunks[0].text + chunks[1].text
+    assert held.names("file:///a.py") == [f"{c.path}:{c.first + 1}" for c in chunks[:2]]
+    cache = eng.docs[key].cache
+    assert held.sync(eng, "file:///a.py", [chunks[1], chunks[2]])  # a new choice: an edit of the same document
+    assert eng.text(key) == chunks[1].text + chunks[2].text and eng.docs[key].cache is cache
+    assert not held.sync(eng, "file:///a.py", [chunks[1], chunks[2]])  # nothing new: nothing sent
+    assert not held.sync(eng, "file:///a.py", chunks[3:], should_stop=lambda: True)
+    assert held.ready("file:///a.py") == (key,) and not held.current("file:///a.py", chunks[3:])  # the older one serves
+    assert held.sync(eng, "file:///b.py", chunks[3:]) and Held.key("file:///b.py") in eng.docs
+    assert held.drop("file:///a.py") == key and held.drop("file:///a.py") is None
 
 
 @pytest.mark.parametrize("budget", [0, 1])

@@ -5,11 +5,10 @@ and nothing written to the user's files."""
 from __future__ import annotations
 
 import asyncio
-import zlib
-
 from lsprotocol import types
 
 from ghostline.lsp.client import running_server
+from ghostline.lsp.context import Held
 
 HTTP = '''def fetch_json(session, url, timeout=10):
     """GET a URL and decode its JSON body."""
@@ -33,7 +32,7 @@ def test_workspace_context_reaches_the_engine_and_follows_the_disk(tmp_path):
     (tmp_path / "app.py").write_text(APP)
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     uri = (tmp_path / "app.py").as_uri()
-    key = f"ghostline-context:{zlib.crc32(b'api/http.py'):08x}/0"
+    key = Held.key(uri)
 
     async def main():
         opts = {"debounce_ms": 0, "drafts": 1, "gate": False, "context_budget": 512}
@@ -60,6 +59,8 @@ def test_workspace_context_reaches_the_engine_and_follows_the_disk(tmp_path):
             await c.inline(uri, 5, 37)
             last = _dict(await c.inspect(uri))
             assert _dict(last["context"])["used"] == 1  # still the earlier request's: this one asked for none
+            c.text_document_did_close(types.DidCloseTextDocumentParams(text_document=types.TextDocumentIdentifier(uri=uri)))
+            assert await c.inspect(key) is None  # its context went with it
 
     asyncio.run(main())
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == {
