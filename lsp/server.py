@@ -111,6 +111,7 @@ class GhostlineServer(LanguageServer):
         self.unsynced: set[str] = set()  # documents whose resync failed: their next update re-opens them
         self.waiting_edits: dict[str, WaitingEdit] = {}  # per document, the queued edit later changes join
         self.context = Context()  # other files' chunks a request attends over (lsp/context.py)
+        self.context_reading = False  # the workspace folders are being (or were) read
         self._edits_lock = threading.Lock()
 
     # plumbing ------------------------------------------------------------------------------------
@@ -383,6 +384,17 @@ class GhostlineServer(LanguageServer):
         return ContextOptions(budget=s.context_budget if s.context else 0, workspace=s.context_workspace,
                               open_files=s.context_open_files, edits=s.context_edits)
 
+    def read_workspace(self) -> None:
+        """Once context from the workspace is wanted: read its folders on a thread of their own and
+        ask the editor to report changes to its files."""
+        s = self.settings
+        if self.context_reading or not (s.context and s.context_workspace and self.context.folders):
+            return
+        self.context_reading = True
+        threading.Thread(target=self.context.scan, args=(list(self.context.folders),), name="ghostline-workspace",
+                         daemon=True).start()
+        watch_files(self)
+
     def prepare_context(self, uri: str, offset: int) -> None:
         """After an edit: choose context for its place and send the engine what it lacks, in a job
         that yields to any completion queued behind it (the rest is sent when idle)."""
@@ -610,10 +622,7 @@ def build_server(*, model: str | None = None, engine: str | None = None) -> Ghos
     def initialized(ls: GhostlineServer, params):
         ls.worker.start()
         ls.start_engine()
-        if ls.settings.context and ls.settings.context_workspace and ls.context.folders:
-            threading.Thread(target=ls.context.scan, args=(list(ls.context.folders),), name="ghostline-workspace",
-                             daemon=True).start()
-            watch_files(ls)
+        ls.read_workspace()
 
     @server.feature(types.SHUTDOWN)
     def shutdown(ls: GhostlineServer, params):
@@ -631,6 +640,7 @@ def build_server(*, model: str | None = None, engine: str | None = None) -> Ghos
             return
         ls.debounce.base_ms = ls.settings.debounce_ms
         ls.context.chooser.opts = ls.context_options()
+        ls.read_workspace()
         if ls.engine_mode != engine:
             log.warning("engine setting %s takes effect when the server restarts", ls.settings.engine)
         if ls.engine is not None:

@@ -42,7 +42,8 @@ class Settings:
     engine_token_file: str | None = None
     completion_items: bool = False  # also answer textDocument/completion (suggest-widget items); read at start
     # context beyond the prefix: chunks of other files chosen for the cursor, encoded ahead of the request
-    context: bool = True
+    # (off: measured worse than the prefix alone with the embedded model, bench/RESULTS.md)
+    context: bool = False
     context_budget: int = 1536  # tokens of context a request attends over (estimated at 3.5 characters a token)
     context_workspace: bool = True  # the workspace folders' files (read from disk, .gitignore respected)
     context_open_files: bool = True  # the other open documents

@@ -35,7 +35,7 @@ def test_workspace_context_reaches_the_engine_and_follows_the_disk(tmp_path):
     key = Held.key(uri)
 
     async def main():
-        opts = {"debounce_ms": 0, "drafts": 1, "gate": False, "context_budget": 512}
+        opts = {"debounce_ms": 0, "drafts": 1, "gate": False, "context": True, "context_budget": 512}
         async with running_server(options=opts, folder=str(tmp_path)) as c:
             c.open(uri, APP)
             await c.inspect(uri)

@@ -86,7 +86,7 @@ export function serverSettings(get: Get): ServerSettings {
     memory_budget_mb: get('memoryBudgetMb', 2048),
     idle_refresh_ms: get('idleRefreshMs', 600),
     completion_items: get('completionItems', false),
-    context: get('context', true),
+    context: get('context', false),
     context_budget: get('contextBudget', 1536),
     context_workspace: get('contextWorkspace', true),
     context_open_files: get('contextOpenFiles', true),
