@@ -1,7 +1,8 @@
 """Context beyond the prefix: chunks of the workspace's files and of the other open documents, chosen
-for the text above the cursor within a token budget. Torch-free: the engine encodes each chosen chunk
-as a document of its own (kept current with PIE as its file changes) and attends over them before
-the prefix (`Engine.with_context`); this module only reads files and picks chunks.
+for the text above the cursor within a token budget. Torch-free: per editor document the engine holds
+one context document of the chosen chunks (`Held`; a new choice is a PIE edit of it) and a request
+attends over it before the prefix (`Engine.with_context`); this module reads files, picks chunks and
+keeps the record of what the engine holds.
 
 A chunk is `CHUNK_LINES` lines of one file under a `# path` line. The choice scores chunks by BM25
 over identifiers against the lines above the cursor, plus the chunks that define a name those lines
