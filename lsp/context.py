@@ -23,7 +23,7 @@ import threading
 import time
 import zlib
 from collections import Counter, OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ghostline.engine.text import Change
@@ -144,7 +144,6 @@ class Options:
 class Choice:
     chunks: list[Chunk]  # in prompt order: the best last, nearest the prefix
     region: tuple  # (uri, region, generation) it was made for
-    scores: list[float] = field(default_factory=list)
 
 
 def imports(text: str) -> set[str]:
@@ -236,7 +235,7 @@ class Chooser:
             return kept
         best = choose(self.lib, text, offset, path=path, opts=self.opts, open_paths=open_paths,
                       edited=[e for e in self.edited if e[0] != path])
-        choice = Choice([c for _, c in reversed(best)], region, [s for s, _ in reversed(best)])
+        choice = Choice([c for _, c in reversed(best)], region)
         self._kept[uri] = choice
         return choice
 
