@@ -420,8 +420,9 @@ class RemoteEngine:
             return conn.call(call, args)
         except ConnectionLost:
             self._connection()
-        except wire.FrameTooLarge:
-            log.warning("%s is too large for the engine daemon: no completions for it", args.get("uri"))
+        except wire.FrameTooLarge as exc:  # nothing was sent: the daemon holds what it held
+            raise DaemonError("too_large", f"{args.get('uri')} is too large for the engine daemon ({exc}): "
+                                           "no completions for it until it is smaller") from None
         return None
 
     # completion ----------------------------------------------------------------------------------

@@ -467,8 +467,14 @@ def test_remote_engine_against_a_team_server(tiny):
         assert remote.describe(URI)["text"] == PY.replace("def add", "def plus") == remote.docs[URI]
         out = remote.complete(URI, len(PY) + 1, CompletionOptions(max_tokens=4))
         assert out.stop_reason not in ("unavailable", "cancelled") and out.tokens
-        remote.open("file:///big.py", "x = 1\n" * 4000)  # over the daemon's frame limit: never sent
-        assert remote.complete("file:///big.py", 10).text == "" and remote.describe("file:///big.py") is None
+        with pytest.raises(DaemonError, match="too_large"):
+            remote.open("file:///big.py", "x = 1\n" * 4000)  # over the daemon's frame limit: never sent
+        assert "file:///big.py" not in remote.docs and remote.describe("file:///big.py") is None
+        held = remote.docs[URI]
+        with pytest.raises(DaemonError, match="too_large"):
+            remote.edit(URI, [Change(0, 0, "x = 1\n" * 4000)])  # refused here: the record stays the daemon's
+        remote.edit(URI, [Change(0, 0, "# one\n")])
+        assert remote.describe(URI)["text"] == "# one\n" + held == remote.docs[URI]
         with pytest.raises(EditError):
             remote.edit(URI, [Change(5, 1, "x")])  # refused here, as the engine would
         assert remote.describe(URI)["text"] == remote.docs[URI]
