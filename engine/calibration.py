@@ -143,7 +143,8 @@ def calibrate_exits(model, tokenizer, name: str, roots: Iterable[Path], *, exclu
     rows = np.load(out / "vocab.npy") if out is not None and (out / "vocab.npy").is_file() else load_vocab(name)
     if rows is None:
         raise FileNotFoundError(f"no code vocabulary for {name}: run the `vocab` step first")
-    states = collect(model, tokenizer, code_files(roots, exclude=exclude), budget=budget, progress=progress)
+    forced = teacher_forced(model, tokenizer, code_files(roots, exclude=exclude), tokens_per_file=768)
+    states = collect(model, forced, budget=budget, progress=progress)
     layers = default_layers(model.args.n_layers)
     exits = fit(states, RowHead(model, torch.as_tensor(rows, dtype=torch.long)), layers=layers,
                 report_layers=layers, progress=progress)
@@ -181,7 +182,7 @@ def collect_gate(engine, files: list[Path], *, tasks: int = 400, drafts: int = 3
                  progress: Callable[[str], None] = print) -> list[dict]:
     """The product's k-draft decode at each cursor task (gate off): the gate's features, whether the
     user would keep some of the first line (the accept model), and how many characters."""
-    from ghostline.engine.engine import CompletionOptions
+    from ghostline.engine.completion import CompletionOptions
     from ghostline.engine.gate import accepted, features
 
     rows, uri = [], "file:///calibration/gate.py"

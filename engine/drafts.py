@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 
 from ghostline.engine.cache import ScratchCache
+from ghostline.engine.completion import Completion, Prompt
 from ghostline.engine.decoding.beam import beam_search
 from ghostline.engine.decoding.nucleus import nucleus
 from ghostline.engine.decoding.superposed import SuperposedParams, halt_cuts, superposed
@@ -28,8 +29,6 @@ def stream_drafts(engine, doc, *, P: int, offset: int, heal: str, rules, opts, t
     """Like `Engine.stream`, for k drafts: yields Completions whose `text` is the best draft so far;
     the last one carries `drafts`. Called by `Engine.stream` once the context P is known; `prompt`
     what the decode continues (`Engine.prompt`; by default the document's cache and its token P - 1)."""
-    from ghostline.engine.engine import Completion, Prompt
-
     prompt = prompt or Prompt(doc.cache, P - 1, doc.ids[P - 1])
     k, first, start, prefix = opts.drafts, prompt.first, prompt.start, prompt.prefix
     view = Shown(engine.tok, doc.ids[P - 1], heal, rules)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -225,13 +226,12 @@ class States:
 
 
 @torch.no_grad()
-def collect(model, tokenizer, files: list[Path], *, tokens_per_file: int = 768, budget: int = 24_000,
+def collect(model, forced: Iterable[tuple[Path, list[int], object]], *, budget: int = 24_000,
             progress=print) -> States:
-    """Run the files through the model (teacher forcing) and keep every layer's normalised hidden."""
-    from ghostline.engine.calibration import teacher_forced
-
+    """Run files through the model (teacher forcing: `forced` yields each file's path, ids and an empty
+    cache sized for them, as `engine.calibration.teacher_forced`) and keep every layer's normalised hidden."""
     hs, ts, fs, seen = [], [], [], 0
-    for n, (path, ids, cache) in enumerate(teacher_forced(model, tokenizer, files, tokens_per_file=tokens_per_file)):
+    for n, (path, ids, cache) in enumerate(forced):
         for s in range(0, len(ids) - 1, 256):
             e = min(len(ids), s + 256)
             states: list[torch.Tensor] = []

@@ -1,9 +1,11 @@
 """One import namespace: from the repository root, `kernels`, `engine` and `lsp` stay whatever the
 environment has (Hugging Face's `kernels` for transformers), and the language server imports without
-torch (a server on the engine daemon is a small process)."""
+torch (a server on the engine daemon is a small process), and no module imports itself back through
+another (no import circles, deferred imports included)."""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -46,3 +48,77 @@ def test_language_server_imports_without_torch():
     proc = python(code)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "[]"
+
+
+PACKAGES = {"ghostline": ROOT / "ghostline", "ghostline.engine": ROOT / "engine", "ghostline.lsp": ROOT / "lsp",
+            "ghostline.kernels": ROOT / "kernels"}
+
+
+def modules() -> dict[str, Path]:
+    """Every module of the product by its import name."""
+    found = {}
+    for package, folder in PACKAGES.items():
+        for path in folder.rglob("*.py"):
+            parts = [p for p in path.relative_to(folder).with_suffix("").parts if p != "__init__"]
+            found[".".join([package, *parts])] = path
+    return found
+
+
+def imported(path: Path, known: dict[str, Path]) -> set[str]:
+    """The product's modules `path` imports anywhere (deferred imports inside functions too; not the
+    ones under `if TYPE_CHECKING:`, which never run)."""
+    out = set()
+
+    def walk(node):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                continue
+            if isinstance(child, ast.ImportFrom) and (child.module or "").startswith("ghostline"):
+                for alias in child.names:
+                    sub = f"{child.module}.{alias.name}"
+                    out.add(sub if sub in known else child.module)
+            elif isinstance(child, ast.Import):
+                out.update(a.name for a in child.names if a.name.startswith("ghostline"))
+            walk(child)
+
+    walk(ast.parse(path.read_text()))
+    return {m for m in out if m in known}
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_circles():
+    known = modules()
+    graph = {name: imported(path, known) - {name} for name, path in known.items()}
+    assert len(graph) > 40 and graph["ghostline.engine.engine"], "the import graph was not read"
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert circles(graph) == []
