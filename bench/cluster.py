@@ -35,7 +35,8 @@ from bench.lsp_replay import edits
 from bench.soak import stdlib_files
 from bench.tasks import pct, read_tasks
 from ghostline.lsp.client import running_server
-from ghostline.lsp.remote import RemoteEngine, RequestOptions
+from ghostline.engine.completion import CompletionOptions
+from ghostline.lsp.remote import RemoteEngine
 
 
 def log(*a, **k):
@@ -122,7 +123,7 @@ def same_completion(engine: RemoteEngine, n: int = 40) -> dict:
     times = []
     for _ in range(n):
         t = time.perf_counter()
-        engine.complete(uri, at, RequestOptions(max_tokens=16))
+        engine.complete(uri, at, CompletionOptions(max_tokens=16))
         times.append((time.perf_counter() - t) * 1e3)
     engine.close(uri)
     return {"p50_ms": round(pct(times, 50), 1), "p95_ms": round(pct(times, 95), 1)}
@@ -173,7 +174,7 @@ def kill_one(backend: Backend, token: str, docs: int) -> dict:
     def complete(uri, text):
         nonlocal answered
         try:
-            engine.complete(uri, len(text) // 2, RequestOptions(max_tokens=48, multiline=True))
+            engine.complete(uri, len(text) // 2, CompletionOptions(max_tokens=48, multiline=True))
             answered += 1
         except Exception as exc:
             errors.append(repr(exc)[:200])

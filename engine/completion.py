@@ -1,10 +1,11 @@
-"""The completion contract: what a request asks (`CompletionOptions`), what an update did
-(`UpdateStats`), what a completion returns (`Completion`) and what a decode continues (`Prompt`).
-Plain dataclasses, no torch: the engine, its decoders and the servers share them."""
+"""The completion contract: what a request asks (`CompletionOptions`, with its decoders, limits and
+checks), what an update did (`UpdateStats`), what a completion returns (`Completion`) and what a
+decode continues (`Prompt`). Plain dataclasses, no torch: the engine, its decoders, the language
+server's settings, the remote client and the daemon all use these, and nothing repeats them."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -12,6 +13,55 @@ if TYPE_CHECKING:
     from ghostline.engine.decoding.adadec import AdaDecParams
     from ghostline.engine.decoding.superposed import SuperposedParams
     from ghostline.engine.gate import Confidence
+
+
+SPECULATIVE = ("lookup", "self", "lookup+self")  # decoders that verify drafts (same output as greedy)
+DECODERS = ("greedy", "adadec") + SPECULATIVE
+LIMITS = {"max_tokens": (1, 1024), "drafts": (1, 8), "gate_strength": (0, 4), "context_tail": (0, 512)}
+MAX_CONTEXT_DOCS = 64  # context documents one request may name
+MAX_URI = 4096  # characters of a document's uri
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_option(name: str, value, *, label: str | None = None):
+    """`value` for option `name` as the engine takes it; ValueError saying what is allowed (of `label`,
+    by default the option's name)."""
+    label = label or name
+    if name in ("multiline", "halt", "exit", "gate", "infill"):
+        if not isinstance(value, bool):
+            raise ValueError(f"{label} must be true or false, got {value!r}")
+        return value
+    if name in ("max_tokens", "drafts", "context_tail"):
+        lo, hi = LIMITS[name]
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise ValueError(f"{label} must be an integer in {lo}..{hi}, got {value!r}")
+        return value
+    if name == "gate_strength":
+        lo, hi = LIMITS[name]
+        if not _number(value) or not lo <= value <= hi:
+            raise ValueError(f"{label} must be a number in {lo}..{hi}, got {value!r}")
+        return float(value)
+    if name == "time_cap_ms":
+        if value is not None and (not _number(value) or value <= 0):
+            raise ValueError(f"{label} must be a positive number or null, got {value!r}")
+        return value
+    if name in ("halt_threshold", "exit_threshold"):
+        if value is not None and (not _number(value) or not 0 <= value <= 1):
+            raise ValueError(f"{label} must be a number in 0..1 or null, got {value!r}")
+        return None if value is None else float(value)
+    if name == "decoder":
+        if value not in DECODERS:
+            raise ValueError(f"{label} must be one of {', '.join(DECODERS)}, got {value!r}")
+        return value
+    if name == "context":
+        if (not isinstance(value, (list, tuple)) or len(value) > MAX_CONTEXT_DOCS
+                or not all(isinstance(u, str) and 0 < len(u) <= MAX_URI for u in value)):
+            raise ValueError(f"{label} must be a list of at most {MAX_CONTEXT_DOCS} document uris")
+        return tuple(value)
+    raise ValueError(f"unknown completion option {name!r}")
 
 
 @dataclass
@@ -33,6 +83,22 @@ class CompletionOptions:
     context: tuple[str, ...] = ()  # open documents (other files' chunks) attended over before the prefix, in order
     context_tail: int = 0  # with context: the last tokens before the cursor encoded again over it, per request
     infill: bool = False  # fill in the middle: the text after the cursor in the prompt (models with FIM tokens)
+
+    def to_wire(self) -> dict:
+        """The options that travel to an engine server (plain values; parameters objects stay local)."""
+        return {name: list(getattr(self, name)) if name == "context" else getattr(self, name) for name in WIRE_OPTIONS}
+
+    @classmethod
+    def from_wire(cls, raw) -> "CompletionOptions":
+        """Options from a request's map, each checked (`check_option`); ValueError names the bad one."""
+        if not isinstance(raw, dict):
+            raise ValueError("options must be a map")
+        values = {}
+        for key, value in raw.items():
+            if key not in WIRE_OPTIONS:
+                raise ValueError(f"unknown completion option {str(key)[:40]!r}")
+            values[key] = check_option(key, value)
+        return cls(**values)
 
 
 @dataclass
@@ -61,6 +127,17 @@ class Completion:
     context: list[str] = field(default_factory=list)  # the context documents attended over (encoded ones)
     context_tokens: int = 0
 
+    def to_wire(self) -> dict:
+        """What an engine server sends back (all but `first_step`, which stays in the engine)."""
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), list) else v
+                for f in fields(self) if f.name != "first_step"}
+
+    @classmethod
+    def from_wire(cls, raw: dict) -> "Completion":
+        """A completion from a server's answer (unknown keys ignored, missing ones defaulted)."""
+        names = {f.name for f in fields(cls)} - {"first_step"}
+        return cls(**{"text": "", **{k: v for k, v in raw.items() if k in names}})
+
 
 @dataclass
 class Prompt:
@@ -71,3 +148,6 @@ class Prompt:
     start: int
     first: int
     used: list[str] = field(default_factory=list)
+
+
+WIRE_OPTIONS = tuple(f.name for f in fields(CompletionOptions) if f.name not in ("adadec", "superposed", "draft_length"))

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ghostline.engine.cache import KVCache, ScratchCache, WithContext
-from ghostline.engine.completion import Completion, CompletionOptions, Prompt, UpdateStats
+from ghostline.engine.completion import DECODERS, SPECULATIVE, Completion, CompletionOptions, Prompt, UpdateStats
 from ghostline.engine.calibration import find, load_json, load_vocab
 from ghostline.engine.decoding.adadec import AdaDecParams, AdaDecStats, adadec
 from ghostline.engine.decoding.early_exit import ExitStats, early_exit
@@ -63,7 +63,6 @@ class EngineOptions:
 
 
 PRECISIONS = ("fp32", "int8")
-SPECULATIVE = ("lookup", "self", "lookup+self")  # decoders that verify drafts (same output as greedy)
 HEADS = ("full", "code")
 REWRITE_TOKENS = 32  # a single change replacing more tokens than this by more is diffed inside
 CHARS_PER_TOKEN = 8  # a text of more code points than this per token of `window_above` surely is long (not tokenised)
@@ -448,7 +447,7 @@ class Engine:
                               max_new=opts.max_tokens, first_mask=mask, stats=self.last_spec, length=length,
                               halt=halt)
             return gen, scratch
-        raise ValueError(f"unknown decoder {opts.decoder!r} (greedy, adadec, {', '.join(SPECULATIVE)})")
+        raise ValueError(f"unknown decoder {opts.decoder!r} ({', '.join(DECODERS)})")
 
     def head_cost(self) -> float:
         """The LM head's cost in decoder layers (for self-speculation's choice of depth), timed once."""

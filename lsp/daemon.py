@@ -21,11 +21,12 @@ from collections import Counter, deque
 from pathlib import Path
 
 from ghostline.engine.document import STRATEGIES
-from ghostline.engine.engine import Cancelled, CompletionOptions, Engine, EngineOptions
+from ghostline.engine.completion import CompletionOptions
+from ghostline.engine.engine import Cancelled, Engine, EngineOptions
 from ghostline.engine.text import EditError
 from ghostline.lsp import wire
-from ghostline.lsp.front import (MAX_URI, DaemonOptions, Front, RequestError, Session, TokenBucket, arg, daemon_options,
-                                  edit_changes, engine_options, is_int, load_token, uri_of)
+from ghostline.lsp.front import (DaemonOptions, Front, RequestError, Session, TokenBucket, arg, daemon_options, edit_changes,
+                                  engine_options, load_token, uri_of)
 from ghostline.lsp.wire import ALREADY_RUNNING, lock_holder, take_lock
 from ghostline.lsp.worker import Job
 
@@ -423,40 +424,14 @@ def _cache_bytes(engine: Engine) -> int:
 
 
 def _completion_dict(out) -> dict:
-    if out is None:
-        return {"text": "", "stop_reason": "no_context"}
-    return {"text": out.text, "tokens": list(out.tokens), "stop_reason": out.stop_reason, "ctx_tokens": out.ctx_tokens,
-            "heal": out.heal, "ms": out.ms, "first_token_ms": out.first_token_ms, "drafts": list(out.drafts),
-            "confidence": out.confidence, "withheld": out.withheld, "context": list(out.context),
-            "context_tokens": out.context_tokens}
+    return {"text": "", "stop_reason": "no_context"} if out is None else out.to_wire()
 
 
 def _completion_options(raw) -> CompletionOptions:
-    if not isinstance(raw, dict):
-        raise RequestError("bad_request", "options must be a map")
-    opts = CompletionOptions()
-    checks = {"multiline": lambda v: isinstance(v, bool), "max_tokens": lambda v: is_int(v) and 1 <= v <= 1024,
-              "time_cap_ms": lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0),
-              "decoder": lambda v: v in ("greedy", "lookup", "self", "lookup+self", "adadec"), "drafts": lambda v: is_int(v) and 1 <= v <= 8,
-              "halt": lambda v: isinstance(v, bool), "exit": lambda v: isinstance(v, bool),
-              "halt_threshold": _unit_or_none, "exit_threshold": _unit_or_none, "gate": lambda v: isinstance(v, bool),
-              "gate_strength": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 4,
-              "context": lambda v: isinstance(v, list) and len(v) <= 64 and all(isinstance(u, str) and 0 < len(u) <= MAX_URI for u in v),
-              "context_tail": lambda v: is_int(v) and 0 <= v <= 512, "infill": lambda v: isinstance(v, bool)}
-    for key, value in raw.items():
-        if key not in checks or not checks[key](value):
-            raise RequestError("bad_request", f"bad completion option {str(key)[:40]}={str(value)[:40]}")
-        setattr(opts, key, tuple(value) if key == "context" else value)
-    return opts
-
-
-
-def _unit_or_none(v) -> bool:
-    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1)
-
-
-
-
+    try:
+        return CompletionOptions.from_wire(raw)
+    except ValueError as exc:
+        raise RequestError("bad_request", f"bad completion option: {str(exc)[:120]}") from None
 
 
 # locks and the command ---------------------------------------------------------------------------

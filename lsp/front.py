@@ -23,11 +23,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ghostline.engine.completion import MAX_URI
 from ghostline.engine.text import Change
 from ghostline.lsp import wire
 
 log = logging.getLogger("ghostline.front")
-MAX_URI = 4096
 
 
 @dataclass

@@ -20,9 +20,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 
+from ghostline.engine.completion import Completion, CompletionOptions
 from ghostline.engine.text import EditError, to_change
 from ghostline.lsp import wire
 from ghostline.lsp.wire import ALREADY_RUNNING, lock_holder
@@ -53,44 +54,6 @@ class RemoteOptions:
     precision: str = "int8"  # for a daemon we start (the `precision` and `head` settings)
     head: str = "code"
     max_retry_s: float = 30.0  # longest wait between attempts to reach an unavailable daemon
-
-
-@dataclass
-class RequestOptions:
-    """What a completion asks for: the fields of `engine.engine.CompletionOptions` that travel."""
-
-    multiline: bool = False
-    max_tokens: int = 48
-    time_cap_ms: float | None = None
-    decoder: str = "greedy"
-    drafts: int = 1
-    halt: bool = False
-    halt_threshold: float | None = None
-    exit: bool = False
-    exit_threshold: float | None = None
-    gate: bool = False
-    gate_strength: float = 1.0
-    context: tuple[str, ...] = ()
-    context_tail: int = 0
-    infill: bool = False
-
-
-@dataclass
-class Suggestion:
-    """A completion as the daemon sends it: the fields of `engine.engine.Completion`."""
-
-    text: str = ""
-    tokens: list[int] = field(default_factory=list)
-    stop_reason: str = ""
-    ctx_tokens: int = 0
-    heal: str = ""
-    ms: float = 0.0
-    first_token_ms: float = 0.0
-    drafts: list[str] = field(default_factory=list)
-    confidence: float | None = None
-    withheld: str = ""
-    context: list[str] = field(default_factory=list)
-    context_tokens: int = 0
 
 
 @dataclass
@@ -427,21 +390,20 @@ class RemoteEngine:
 
     # completion ----------------------------------------------------------------------------------
 
-    def complete(self, uri: str, offset: int, options=None, *, should_stop=None) -> Suggestion:
-        """As `Engine.complete`; `options` a RequestOptions or CompletionOptions."""
-        out = Suggestion()
+    def complete(self, uri: str, offset: int, options: CompletionOptions | None = None, *,
+                 should_stop=None) -> Completion:
+        """As `Engine.complete`."""
+        out = Completion("")
         for out in self.stream(uri, offset, options, should_stop=should_stop):
             pass
         return out
 
-    def stream(self, uri: str, offset: int, options=None, *, should_stop=None) -> Iterator[Suggestion]:
+    def stream(self, uri: str, offset: int, options: CompletionOptions | None = None, *,
+               should_stop=None) -> Iterator[Completion]:
         """As `Engine.stream`; a completion cut short by a dying daemon is asked again of the new one."""
         if uri not in self.docs:
             raise KeyError(f"document {uri!r} is not open")
-        opts = options or RequestOptions()
-        sent = {f.name: getattr(opts, f.name) for f in fields(RequestOptions)}
-        sent["context"] = list(sent["context"])
-        args = {"uri": uri, "offset": offset, "stream": True, "options": sent}
+        args = {"uri": uri, "offset": offset, "stream": True, "options": (options or CompletionOptions()).to_wire()}
         for _attempt in range(2):
             conn = self._connection()
             if conn is None:
@@ -455,9 +417,9 @@ class RemoteEngine:
             except KeyError as exc:  # the daemon does not hold it (too large to send): no suggestion
                 log.warning("engine daemon: %s", exc)
                 break
-        yield Suggestion(stop_reason="unavailable")
+        yield Completion("", stop_reason="unavailable")
 
-    def _stream(self, conn: Connection, args: dict, should_stop) -> Iterator[Suggestion]:
+    def _stream(self, conn: Connection, args: dict, should_stop) -> Iterator[Completion]:
         rid, q = conn.request("complete", args)
         cancelled = False
         try:
@@ -517,10 +479,8 @@ class RemoteEngine:
         return conn
 
 
-def _completion(d) -> Suggestion:
-    d = d if isinstance(d, dict) else {}
-    names = {f.name for f in fields(Suggestion)}
-    out = Suggestion(**{k: v for k, v in d.items() if k in names})
+def _completion(d) -> Completion:
+    out = Completion.from_wire(d if isinstance(d, dict) else {})
     out.text = out.text if isinstance(out.text, str) else ""
     out.drafts = [t for t in (out.drafts or []) if isinstance(t, str)]
     out.context = [u for u in (out.context or []) if isinstance(u, str)] if isinstance(out.context, list) else []

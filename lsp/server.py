@@ -24,16 +24,17 @@ from typing import TYPE_CHECKING
 from lsprotocol import types
 from pygls.lsp.server import LanguageServer
 
+from ghostline.engine.completion import CompletionOptions
 from ghostline.engine.text import Change, EditError
 from ghostline.lsp.context import Context, Options as ContextOptions
 from ghostline.lsp.positions import Mirror, chars_to_column, column_to_chars
-from ghostline.lsp.remote import DaemonError, RemoteEngine, RemoteOptions, RequestOptions, parse_target
+from ghostline.lsp.remote import DaemonError, RemoteEngine, RemoteOptions, parse_target
 from ghostline.lsp.settings import Settings, SettingsError, check_setting
 from ghostline.lsp.stats import Stats, document_kind
 from ghostline.lsp.worker import EngineWorker
 
 if TYPE_CHECKING:
-    from ghostline.engine.engine import CompletionOptions, Engine
+    from ghostline.engine.engine import Engine
 
 log = logging.getLogger("ghostline.server")
 VERSION = "0.1.0"
@@ -362,7 +363,7 @@ class GhostlineServer(LanguageServer):
             elif not before.strip():
                 prev = mirror.text[:line_start].rstrip().rsplit("\n", 1)[-1]
                 multiline = prev.rstrip().endswith(":")  # first line of a block body
-        return self.completion_options(
+        return CompletionOptions(
             multiline=multiline,
             max_tokens=self.settings.max_tokens_multiline if multiline else self.settings.max_tokens,
             time_cap_ms=self.settings.time_cap_ms,
@@ -410,13 +411,6 @@ class GhostlineServer(LanguageServer):
 
         self.worker.submit("update", run, uri=uri)
 
-    def completion_options(self, **values):
-        """`CompletionOptions` for an in-process engine, the same fields for the daemon (no torch)."""
-        if isinstance(self.engine, RemoteEngine):
-            return RequestOptions(**values)
-        from ghostline.engine.engine import CompletionOptions
-
-        return CompletionOptions(**values)
 
     def type_through(self, uri: str, mirror: Mirror, offset: int) -> list[str] | None:
         """The rest of the shown drafts the user typed the beginning of (no new decode); at the shown

@@ -8,6 +8,8 @@ import logging
 import re
 from dataclasses import dataclass
 
+from ghostline.engine.completion import check_option
+
 log = logging.getLogger("ghostline.settings")
 
 
@@ -71,17 +73,27 @@ class Settings:
         return dataclasses.replace(self, **values)
 
 
+# settings that are completion options (engine.completion checks them), and the option each sets
+OPTIONS = {"max_tokens": "max_tokens", "max_tokens_multiline": "max_tokens", "drafts": "drafts",
+           "time_cap_ms": "time_cap_ms", "decoder": "decoder", "decoder_multiline": "decoder", "halt": "halt",
+           "halt_threshold": "halt_threshold", "exit": "exit", "exit_threshold": "exit_threshold", "gate": "gate",
+           "gate_strength": "gate_strength", "context_tail": "context_tail"}
+
+
 def check_setting(name: str, value):
-    ints = {"max_tokens": (1, 512), "max_tokens_multiline": (1, 1024), "debounce_ms": (0, 5000),
-            "drafts": (1, 8), "idle_refresh_ms": (50, 600000), "context_budget": (0, 8192), "context_tail": (0, 512)}
+    if name in OPTIONS:
+        if name == "decoder" and value == "adadec":
+            raise SettingsError("setting decoder: adadec pauses at uncertain tokens, for multi-line suggestions "
+                                "(decoder_multiline) only")
+        try:
+            return check_option(OPTIONS[name], value, label=f"setting {name}")
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
+    ints = {"debounce_ms": (0, 5000), "idle_refresh_ms": (50, 600000), "context_budget": (0, 8192)}
     if name in ints:
         lo, hi = ints[name]
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
             raise SettingsError(f"setting {name} must be an integer in {lo}..{hi}, got {value!r}")
-        return value
-    if name == "time_cap_ms":
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
-            raise SettingsError(f"setting time_cap_ms must be a positive number or null, got {value!r}")
         return value
     if name == "memory_budget_mb":
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
@@ -92,24 +104,10 @@ def check_setting(name: str, value):
         if value not in allowed:
             raise SettingsError(f"setting {name} must be one of {', '.join(allowed)}, got {value!r}")
         return value
-    if name in ("decoder", "decoder_multiline"):
-        allowed = ("greedy", "lookup", "self", "lookup+self") + (("adadec",) if name == "decoder_multiline" else ())
-        if value not in allowed:
-            raise SettingsError(f"setting {name} must be one of {', '.join(allowed)}, got {value!r}")
-        return value
-    if name == "gate_strength":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 4:
-            raise SettingsError(f"setting gate_strength must be a number in 0..4, got {value!r}")
-        return float(value)
-    if name in ("halt", "exit", "gate", "completion_items", "context", "context_workspace", "context_open_files",
-                "context_edits", "fim"):
+    if name in ("completion_items", "context", "context_workspace", "context_open_files", "context_edits", "fim"):
         if not isinstance(value, bool):
             raise SettingsError(f"setting {name} must be true or false, got {value!r}")
         return value
-    if name in ("halt_threshold", "exit_threshold"):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1):
-            raise SettingsError(f"setting {name} must be a number in 0..1 or null, got {value!r}")
-        return None if value is None else float(value)
     if name == "multiline":
         if value not in ("auto", "always", "never"):
             raise SettingsError(f"setting multiline must be auto, always or never, got {value!r}")

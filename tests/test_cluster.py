@@ -19,10 +19,11 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_urlsafe(32))
 os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
 
+from ghostline.engine.completion import CompletionOptions  # noqa: E402
 from ghostline.lsp import cluster  # noqa: E402
 from ghostline.lsp.autoscaler import P95, LatencyPolicy  # noqa: E402
 from ghostline.lsp.front import DaemonOptions  # noqa: E402
-from ghostline.lsp.remote import RemoteEngine, RequestOptions, Unavailable  # noqa: E402
+from ghostline.lsp.remote import RemoteEngine, Unavailable  # noqa: E402
 from ghostline.lsp.router import owner  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -75,7 +76,7 @@ def two_replicas(front) -> None:
         busy = client(front)
         busy.open(f"file:///load{k}.py", SRC)
         while not stop.is_set():
-            busy.complete(f"file:///load{k}.py", len(SRC), RequestOptions(max_tokens=64, multiline=True))
+            busy.complete(f"file:///load{k}.py", len(SRC), CompletionOptions(max_tokens=64, multiline=True))
         busy.disconnect()
 
     threads = [threading.Thread(target=load, args=(k,), daemon=True) for k in range(4)]
@@ -147,7 +148,7 @@ def test_every_call_about_a_document_reaches_one_replica(ingress):
         for uri in uris:
             engine.edit(uri, [{"range": {"start": {"line": 7, "character": 4}, "end": {"line": 7, "character": 4}},
                                "text": f"x{round_} = 1\n    "}])
-            engine.complete(uri, len(engine.docs[uri]), RequestOptions(max_tokens=4))
+            engine.complete(uri, len(engine.docs[uri]), CompletionOptions(max_tokens=4))
         assert assert_texts_match(engine) == first
     assert ingress.counts["moved"] == moved  # nothing was re-opened: every call found its document
     engine.disconnect()
@@ -163,7 +164,7 @@ def test_a_replica_killed_mid_completion_costs_a_reopen_and_no_request(ingress):
 
     def complete(uri):  # every document at once: the dead replica's are re-opened side by side
         try:
-            answers[uri] = engine.complete(uri, len(SRC), RequestOptions(max_tokens=64, multiline=True))
+            answers[uri] = engine.complete(uri, len(SRC), CompletionOptions(max_tokens=64, multiline=True))
         except Exception as exc:
             errors.append(exc)
 
@@ -178,7 +179,7 @@ def test_a_replica_killed_mid_completion_costs_a_reopen_and_no_request(ingress):
     assert all(answers[u].stop_reason not in ("error", "cancelled") for u in uris)
     after = assert_texts_match(engine)
     assert victim not in after.values()
-    assert engine.complete(victim_uri, len(SRC), RequestOptions(max_tokens=8)).stop_reason != "error"
+    assert engine.complete(victim_uri, len(SRC), CompletionOptions(max_tokens=8)).stop_reason != "error"
     deadline = time.monotonic() + 120  # Serve starts a replacement; nothing placed moves to it
     while cluster.live_replicas() < 2 and time.monotonic() < deadline:
         time.sleep(0.5)
