@@ -124,18 +124,19 @@ class Completion:
     confidence: float | None = None  # the show gate's P(the user keeps some of it), where it ran
     withheld: str = ""  # the best draft the gate withheld (stop_reason "gated"): for inspection only
     first_step: Confidence | None = None  # the first step's distribution at the cursor (k drafts)
+    draft_logps: list[float] = field(default_factory=list)  # each draft's mean log-probability per token (k drafts)
     context: list[str] = field(default_factory=list)  # the context documents attended over (encoded ones)
     context_tokens: int = 0
 
     def to_wire(self) -> dict:
-        """What an engine server sends back (all but `first_step`, which stays in the engine)."""
+        """What an engine server sends back (all but what the show gate read, which stays in the engine)."""
         return {f.name: list(v) if isinstance(v := getattr(self, f.name), list) else v
-                for f in fields(self) if f.name != "first_step"}
+                for f in fields(self) if f.name not in LOCAL}
 
     @classmethod
     def from_wire(cls, raw: dict) -> "Completion":
         """A completion from a server's answer (unknown keys ignored, missing ones defaulted)."""
-        names = {f.name for f in fields(cls)} - {"first_step"}
+        names = {f.name for f in fields(cls)} - LOCAL
         return cls(**{"text": "", **{k: v for k, v in raw.items() if k in names}})
 
 
@@ -151,3 +152,4 @@ class Prompt:
 
 
 WIRE_OPTIONS = tuple(f.name for f in fields(CompletionOptions) if f.name not in ("adadec", "superposed", "draft_length"))
+LOCAL = {"first_step", "draft_logps"}  # Completion fields that stay in the engine

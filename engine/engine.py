@@ -121,7 +121,10 @@ class Engine:
         if (path := find(loaded.source.stem, EXITS_FILE)) is not None:
             engine.exits = Exits.load(path)
         if (path := find(loaded.source.stem, GATE_FILE)) is not None:
-            engine.gate = Gate.load(path)
+            try:
+                engine.gate = Gate.load(path)
+            except ValueError as exc:  # fitted for other features: no gate until recalibrated
+                log.warning("show gate not used: %s", exc)
         engine.loaded = loaded
         loaded.tokenizer.warm()  # token healing's table, ahead of the first completion typed mid-word
         return engine

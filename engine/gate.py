@@ -11,6 +11,8 @@ Features (`features`), all known when the decode ends:
 - the first step's distribution at the cursor (temperature 1): top probability, top-1 minus top-2,
   entropy;
 - the drafts' agreement: the share of drafts whose first line starts with the best one's first word;
+- the whole drafts: the best one's mean log-probability per token, and how far the second one's
+  is below it;
 - the best draft's first line: length (log), whether it is one word or less;
 - the context: typing mid-word, text to the right of the cursor, the cursor at the
   line's indentation, the suggestion spanning several lines.
@@ -27,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 GATE_FILE = "gate.json"
-FEATURES = ("first_p", "first_margin", "first_entropy", "agree", "log_len", "one_word", "mid_word", "right_text",
-            "at_indent", "multiline")
+FEATURES = ("first_p", "first_margin", "first_entropy", "agree", "mean_logp", "logp_gap", "log_len", "one_word",
+            "mid_word", "right_text", "at_indent", "multiline")
 _WORD = re.compile(r"\s*(?:\w+|\S)")
 
 
@@ -74,14 +76,18 @@ def first_word(text: str) -> str:
     return m.group().strip() if m else ""
 
 
-def features(conf: Confidence, drafts: list[str], *, line_before: str, line_after: str, multiline: bool) -> np.ndarray:
-    """The gate's feature vector (in FEATURES' order) for a decode whose drafts are best first."""
+def features(conf: Confidence, drafts: list[str], *, line_before: str, line_after: str, multiline: bool,
+             logps: list[float] = ()) -> np.ndarray:
+    """The gate's feature vector (in FEATURES' order) for a decode whose drafts are best first; `logps`
+    the drafts' mean log-probabilities per token, in the same order."""
     best = drafts[0] if drafts else ""
     line = best.split("\n", 1)[0]
     word = first_word(best)
     agree = sum(1 for d in drafts if first_word(d) == word) / len(drafts) if drafts else 0.0
     words = _WORD.findall(line)
-    return np.array([conf.first_p, conf.first_margin, conf.first_entropy, agree, math.log1p(len(line.strip())),
+    mean_logp = logps[0] if logps else 0.0
+    gap = logps[0] - logps[1] if len(logps) > 1 else 0.0
+    return np.array([conf.first_p, conf.first_margin, conf.first_entropy, agree, mean_logp, gap, math.log1p(len(line.strip())),
                      float(len(words) <= 1), float(line_before[-1:].isalnum() or line_before[-1:] == "_"),
                      float(bool(line_after.strip())),
                      float(not line_before.strip()), float(multiline and "\n" in best.strip())], dtype=np.float64)
