@@ -77,7 +77,7 @@ def run_tasks(engine: Engine, tasks: list[dict], methods, *, max_tokens: int, wi
         parts = []
         for m in methods:
             got = engine.complete(URI, offset, options(m, max_tokens=max_tokens, width=width))
-            st = getattr(engine, "last_adadec", None) if m == "adadec" else None
+            st = got.stats if m == "adadec" else None
             b_em, b_es = block_score(got.text, ref)
             rows[m].append({"em": em(first_line(got.text), task["target"]), "es": es(first_line(got.text), task["target"]),
                             "block_em": b_em, "block_es": b_es, "ms": got.ms,

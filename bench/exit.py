@@ -48,7 +48,7 @@ def run(engine: Engine, offset: int, opts: CompletionOptions) -> dict:
     texts, out = {0: ""}, None
     for out in engine.stream(URI, offset, opts):
         texts[len(out.tokens)] = out.text
-    st = engine.last_exit if (opts.halt or opts.exit) else None
+    st = out.stats if (opts.halt or opts.exit) else None
     n_layers = engine.model.args.n_layers
     return {"text": out.text, "tokens": len(out.tokens), "ms": out.ms, "reason": out.stop_reason,
             "texts": {str(k): v for k, v in texts.items()},

@@ -55,10 +55,10 @@ def run_task(engine: Engine, task: dict, *, max_tokens: int) -> dict:
                                                                draft_length=rule))
         r = {"ms": out.ms, "tokens": out.tokens}
         if decoder != "greedy":
-            st = engine.last_spec
+            st = out.stats
             r |= {"steps": st.steps, "accepted": st.accepted, "proposed": st.proposed}
         if decoder in ("self", "lookup+self"):
-            r["layer"] = engine.last_early.layer
+            r["layer"] = out.stats.layer
         row[method] = r
     engine.close("doc")
     return row

@@ -124,7 +124,8 @@ class Completion:
     confidence: float | None = None  # the show gate's P(the user keeps some of it), where it ran
     withheld: str = ""  # the best draft the gate withheld (stop_reason "gated"): for inspection only
     first_step: Confidence | None = None  # the first step's distribution at the cursor (k drafts)
-    draft_logps: list[float] = field(default_factory=list)  # each draft's mean log-probability per token (k drafts)
+    draft_scores: list[float] = field(default_factory=list)  # each draft's decoding score per token (k drafts)
+    stats: object | None = None  # the decoder's statistics (ExitStats, AdaDecStats or SpecStats), where it keeps any
     context: list[str] = field(default_factory=list)  # the context documents attended over (encoded ones)
     context_tokens: int = 0
 
@@ -152,4 +153,4 @@ class Prompt:
 
 
 WIRE_OPTIONS = tuple(f.name for f in fields(CompletionOptions) if f.name not in ("adadec", "superposed", "draft_length"))
-LOCAL = {"first_step", "draft_logps"}  # Completion fields that stay in the engine
+LOCAL = {"first_step", "draft_scores", "stats"}  # Completion fields that stay in the engine

@@ -91,9 +91,8 @@ class Engine:
         self.adadec = AdaDecParams()  # threshold inf (greedy) until `load` finds the model's calibration
         self.exits: Exits | None = None  # exit heads + controller, when the model was calibrated for them
         self.gate: Gate | None = None  # the show gate, when the model was calibrated for it
-        self.trace_exits = False  # benchmarks: record every step's P(stop) in `last_exit.p_stop`
+        self.trace_exits = False  # benchmarks: record every step's P(stop) in the completion's `stats.p_stop`
         self._head_cost: float | None = None  # the LM head's time in layers (`head_cost`)
-        self._last_stats = None  # the last decode's stats object (its `halted` names the stop reason)
         self._context_kv: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # the last context assembled
         self.infill = detect(tokenizer.hf) if hasattr(tokenizer, "hf") else None  # the model's FIM tokens
         if self.infill is not None:
@@ -296,9 +295,10 @@ class Engine:
                 yield out
             return
         view = Shown(self.tok, doc.ids[P - 1], heal, rules)
-        gen, scratch = self._decoder(doc, P, opts, self._mask(heal), finish=lambda ids: view.finish(ids) is not None,
-                                     prompt=prompt)
-        out = Completion("", ctx_tokens=P, heal=heal, context=prompt.used, context_tokens=_context_rows(prompt.prefix))
+        gen, scratch, stats = self._decoder(doc, P, opts, self._mask(heal),
+                                            finish=lambda ids: view.finish(ids) is not None, prompt=prompt)
+        out = Completion("", ctx_tokens=P, heal=heal, context=prompt.used, context_tokens=_context_rows(prompt.prefix),
+                         stats=stats)
         try:
             for tok in gen:
                 if not out.tokens:
@@ -321,7 +321,7 @@ class Engine:
                     break
                 yield out
             else:
-                out.stop_reason = "halt" if getattr(self._last_stats, "halted", False) else "max_tokens"
+                out.stop_reason = "halt" if getattr(stats, "halted", False) else "max_tokens"
         finally:
             gen.close()
             scratch.trim(0)
@@ -408,27 +408,27 @@ class Engine:
         return k, v
 
     def _decoder(self, doc: Document, P: int, opts: CompletionOptions, mask, *, finish=None, prompt: Prompt | None = None):
-        """The token generator for a request and the scratch cache it writes (rolled back by the caller),
-        continuing `prompt` (by default the document's cache and its token P - 1)."""
+        """The token generator for a request, the scratch cache it writes (rolled back by the caller) and
+        the statistics it keeps (None for plain greedy), continuing `prompt` (by default the document's
+        cache and its token P - 1)."""
         prompt = prompt or Prompt(doc.cache, P - 1, doc.ids[P - 1])
         prefix, first, start = prompt.prefix, prompt.first, prompt.start
         exits = self._exits(opts)
-        self._last_stats = None
         if opts.decoder == "greedy" and exits is not None:
             scratch = ScratchCache(prefix, start, opts.max_tokens + 1)
-            self.last_exit = self._last_stats = ExitStats(p_stop=[] if self.trace_exits else None)
+            stats = ExitStats(p_stop=[] if self.trace_exits else None)
             gen = early_exit(self.model, scratch, first, exits=exits, max_new=opts.max_tokens, first_mask=mask,
-                             stats=self.last_exit)
-            return gen, scratch
+                             stats=stats)
+            return gen, scratch, stats
         if opts.decoder == "greedy":
             scratch = ScratchCache(prefix, start, opts.max_tokens + 1)
-            return greedy(self.model, scratch, first, max_new=opts.max_tokens, first_mask=mask), scratch
+            return greedy(self.model, scratch, first, max_new=opts.max_tokens, first_mask=mask), scratch, None
         if opts.decoder == "adadec":
             scratch = ScratchCache(prefix, start, opts.max_tokens + 1)
-            self.last_adadec = AdaDecStats()
+            stats = AdaDecStats()
             gen = adadec(self.model, scratch, first, max_new=opts.max_tokens, params=opts.adadec or self.adadec,
-                         finish=finish, first_mask=mask, stats=self.last_adadec)
-            return gen, scratch
+                         finish=finish, first_mask=mask, stats=stats)
+            return gen, scratch, stats
         if opts.decoder in SPECULATIVE:
             if opts.draft_length not in DRAFT_RULES:
                 raise ValueError(f"draft_length must be one of {', '.join(DRAFT_RULES)}, not {opts.draft_length!r}")
@@ -437,19 +437,17 @@ class Engine:
             lookup = PromptLookup()
             scope = scope_of(doc.uri)
             lookup.others = [d.array for d in self.docs.values() if d is not doc and scope_of(d.uri) == scope]
-            proposer = lookup
+            proposer, early = lookup, None
             if opts.decoder != "lookup":
                 if self.exits is None:
                     raise ValueError(f"decoder {opts.decoder!r} needs the model's exit heads: run `ghostline calibrate --steps exits`")
                 early = EarlyLayers(self.model, scratch, self.exits, head_cost=self.head_cost())
-                self.last_early = early
                 proposer = early if opts.decoder == "self" else Chain(lookup, early)
-            self.last_spec = self._last_stats = SpecStats()
+            stats = SpecStats()
             halt = None if exits is None else (lambda rows: exits.p_stop(rows) >= exits.halt_threshold)
             gen = speculative(self.model, scratch, first, context=doc.ids[: P - 1], proposer=proposer,
-                              max_new=opts.max_tokens, first_mask=mask, stats=self.last_spec, length=length,
-                              halt=halt)
-            return gen, scratch
+                              max_new=opts.max_tokens, first_mask=mask, stats=stats, length=length, halt=halt)
+            return (gen if early is None else _noting_layer(gen, stats, early)), scratch, stats
         raise ValueError(f"unknown decoder {opts.decoder!r} ({', '.join(DECODERS)})")
 
     def head_cost(self) -> float:
@@ -623,6 +621,14 @@ class Engine:
 def _context_rows(prefix) -> int:
     """Rows of context a prefix view carries (0 for a document's own cache)."""
     return prefix.ck.shape[2] if isinstance(prefix, WithContext) else 0
+
+
+def _noting_layer(gen: Iterator[int], stats: SpecStats, early: EarlyLayers) -> Iterator[int]:
+    """`gen`'s tokens; when it ends (or is closed), the layer self-speculation proposed from last."""
+    try:
+        yield from gen
+    finally:
+        stats.layer = early.layer
 
 
 def _either(a, b):

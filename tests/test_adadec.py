@@ -101,8 +101,8 @@ def test_engine_adadec_decoder(tiny_engine_factory):
     eng.open("a", text)
     plain = eng.complete("a", len(text), CompletionOptions(multiline=True, max_tokens=8))
     same = eng.complete("a", len(text), CompletionOptions(multiline=True, max_tokens=8, decoder="adadec"))
-    assert same.tokens == plain.tokens and eng.last_adadec.paused == 0  # not calibrated: inf threshold
+    assert same.tokens == plain.tokens and same.stats.paused == 0  # not calibrated: inf threshold
     paused = eng.complete("a", len(text), CompletionOptions(multiline=True, max_tokens=8, decoder="adadec",
                                                             adadec=AdaDecParams(threshold=0.0)))
-    assert eng.last_adadec.paused == eng.last_adadec.steps == len(paused.tokens) > 0
+    assert paused.stats.paused == paused.stats.steps == len(paused.tokens) > 0
     assert eng.docs["a"].cache.length == len(eng.docs["a"].ids)  # scratch rolled back, cache intact

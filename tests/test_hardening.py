@@ -19,6 +19,7 @@ import torch
 from lsprotocol import types
 
 from ghostline.engine import engine as engine_module
+from ghostline.engine.decoding.speculative import SpecStats
 from ghostline.engine.engine import CompletionOptions, Engine, EngineOptions
 from ghostline.engine.model import build
 from ghostline.engine.ngram import PromptLookup
@@ -453,7 +454,15 @@ def test_a_second_client_does_not_change_the_first_clients_completions(code_head
             corpora.append(len(self.others))
             return super().propose(context, k)
 
+    spec_stats = []
+
+    class Stats(SpecStats):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            spec_stats.append(self)
+
     monkeypatch.setattr(engine_module, "PromptLookup", Lookup)
+    monkeypatch.setattr(engine_module, "SpecStats", Stats)
     asks = {"greedy": {"multiline": True, "max_tokens": 12},
             "lookup": {"multiline": True, "max_tokens": 12, "decoder": "lookup"},
             "drafts": {"multiline": True, "max_tokens": 8, "drafts": 3}}
@@ -464,7 +473,7 @@ def test_a_second_client_does_not_change_the_first_clients_completions(code_head
             done = conn.call("complete", {"uri": URI, "offset": len(PY), "options": opts})
             out[name] = (done["tokens"], done["drafts"])
             if name == "lookup":
-                s = engine.last_spec
+                s = spec_stats[-1]
                 out["lookup_stats"] = (s.steps, s.proposed, s.accepted, list(s.history), set(corpora))
                 corpora.clear()
         return out

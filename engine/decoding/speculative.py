@@ -34,6 +34,7 @@ class SpecStats:
     accepted: int = 0
     history: list[int] = field(default_factory=list)  # accepted per step
     halted: bool = False
+    layer: int | None = None  # self-speculation: the exit layer proposing when the decode ended
 
     @property
     def mean_accepted(self) -> float:
