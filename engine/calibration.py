@@ -200,7 +200,7 @@ def collect_gate(engine, files: list[Path], *, tasks: int = 400, drafts: int = 3
         line_start = text.rfind("\n", 0, task["offset"]) + 1
         line_end = text.find("\n", task["offset"])
         x = features(conf, out.drafts, line_before=text[line_start : task["offset"]],
-                     line_after=text[task["offset"] : line_end], multiline=False, logps=out.draft_logps)
+                     line_after=text[task["offset"] : line_end], multiline=False, scores=out.draft_scores)
         kept = accepted(out.text, task["target"])
         rows.append({"path": task["path"], "x": x.tolist(), "kept": int(bool(kept.strip())), "chars": len(kept)})
         if len(rows) % 10 == 0:

@@ -98,11 +98,11 @@ def stream_drafts(engine, doc, *, P: int, offset: int, heal: str, rules, opts, t
                                           "halt" if halted else "max_tokens")
     out.first_step = conf[0] if conf else None
     by_text = {t: d for d, t in reversed(list(zip(drafts, texts)))}  # the best draft of each text
-    out.draft_logps = [by_text[t].score / max(1, len(by_text[t].ids)) for t in out.drafts if t in by_text]
+    out.draft_scores = [by_text[t].score / max(1, len(by_text[t].ids)) for t in out.drafts if t in by_text]
     if engine.gate is not None and conf and out.drafts:
         line_start = doc.text.rfind("\n", 0, offset) + 1
         x = features(conf[0], out.drafts, line_before=doc.text[line_start:offset],
-                     line_after=doc.text[offset:line_end], multiline=opts.multiline, logps=out.draft_logps)
+                     line_after=doc.text[offset:line_end], multiline=opts.multiline, scores=out.draft_scores)
         out.confidence = float(engine.gate.p_kept(x)[0])
         if opts.gate and out.confidence < engine.gate.threshold_at(opts.gate_strength):
             out.withheld = out.drafts[0]

@@ -11,8 +11,9 @@ Features (`features`), all known when the decode ends:
 - the first step's distribution at the cursor (temperature 1): top probability, top-1 minus top-2,
   entropy;
 - the drafts' agreement: the share of drafts whose first line starts with the best one's first word;
-- the whole drafts: the best one's mean log-probability per token, and how far the second one's
-  is below it;
+- the whole drafts: the best one's decoding score per token (k-draft decoding's score: for superposed
+  drafts the sharpened model log-probability mixed with the n-gram tables'), and how far the second
+  one's is below it;
 - the best draft's first line: length (log), whether it is one word or less;
 - the context: typing mid-word, text to the right of the cursor, the cursor at the
   line's indentation, the suggestion spanning several lines.
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 GATE_FILE = "gate.json"
-FEATURES = ("first_p", "first_margin", "first_entropy", "agree", "mean_logp", "logp_gap", "log_len", "one_word",
+FEATURES = ("first_p", "first_margin", "first_entropy", "agree", "mean_score", "score_gap", "log_len", "one_word",
             "mid_word", "right_text", "at_indent", "multiline")
 _WORD = re.compile(r"\s*(?:\w+|\S)")
 
@@ -77,17 +78,17 @@ def first_word(text: str) -> str:
 
 
 def features(conf: Confidence, drafts: list[str], *, line_before: str, line_after: str, multiline: bool,
-             logps: list[float] = ()) -> np.ndarray:
-    """The gate's feature vector (in FEATURES' order) for a decode whose drafts are best first; `logps`
-    the drafts' mean log-probabilities per token, in the same order."""
+             scores: list[float] = ()) -> np.ndarray:
+    """The gate's feature vector (in FEATURES' order) for a decode whose drafts are best first; `scores`
+    the drafts' decoding scores per token, in the same order."""
     best = drafts[0] if drafts else ""
     line = best.split("\n", 1)[0]
     word = first_word(best)
     agree = sum(1 for d in drafts if first_word(d) == word) / len(drafts) if drafts else 0.0
     words = _WORD.findall(line)
-    mean_logp = logps[0] if logps else 0.0
-    gap = logps[0] - logps[1] if len(logps) > 1 else 0.0
-    return np.array([conf.first_p, conf.first_margin, conf.first_entropy, agree, mean_logp, gap, math.log1p(len(line.strip())),
+    mean_score = scores[0] if scores else 0.0
+    gap = scores[0] - scores[1] if len(scores) > 1 else 0.0
+    return np.array([conf.first_p, conf.first_margin, conf.first_entropy, agree, mean_score, gap, math.log1p(len(line.strip())),
                      float(len(words) <= 1), float(line_before[-1:].isalnum() or line_before[-1:] == "_"),
                      float(bool(line_after.strip())),
                      float(not line_before.strip()), float(multiline and "\n" in best.strip())], dtype=np.float64)
@@ -171,6 +172,17 @@ def outcome(p: np.ndarray, y: np.ndarray, chars: np.ndarray, threshold: float) -
             "accept_pct": 100 * (show & (y == 1)).sum() / max(1, show.sum())}
 
 
+def threshold_for(p: np.ndarray, y: np.ndarray, chars: np.ndarray, *, keep_chars: float) -> float:
+    """The strictest threshold on P(kept) that still keeps `keep_chars` of the characters users would
+    keep if everything were shown (rows with p < 0 are never shown)."""
+    full = outcome(p, y, chars, 0.0)["chars_saved"]
+    best = 0.0
+    for t in np.unique(p[p >= 0]):
+        if outcome(p, y, chars, t)["chars_saved"] >= keep_chars * full:
+            best = max(best, float(t))
+    return best
+
+
 def fit(X: np.ndarray, y: np.ndarray, chars: np.ndarray, held_out: np.ndarray, *, keep_chars: float = 0.92,
         min_auc: float = 0.6) -> Gate:
     """Fit on the rows not `held_out`, choose the threshold on the held-out rows: the strictest that
@@ -187,11 +199,7 @@ def fit(X: np.ndarray, y: np.ndarray, chars: np.ndarray, held_out: np.ndarray, *
         raise ValueError(f"the gate does not generalise: held-out AUC {score:.3f} < {min_auc}")
     yh, ch = y[held_out], chars[held_out]
     full = outcome(p, yh, ch, 0.0)
-    best = 0.0
-    for t in np.unique(p):
-        if outcome(p, yh, ch, t)["chars_saved"] >= keep_chars * full["chars_saved"]:
-            best = max(best, float(t))
-    gate.threshold = best
+    best = gate.threshold = threshold_for(p, yh, ch, keep_chars=keep_chars)
     gate.meta = {"train": int(train.sum()), "held_out": int(held_out.sum()), "held_out_auc": round(score, 4),
                  "keep_chars": keep_chars, "ungated": _rounded(full), "gated": _rounded(outcome(p, yh, ch, best))}
     return gate

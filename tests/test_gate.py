@@ -146,16 +146,16 @@ def test_server_withholds_what_the_gate_rejects():
         (user_folder(resolve("smollm2-135m").stem) / "gate.json").unlink()
 
 
-def test_the_gate_reads_each_drafts_mean_log_probability(tiny_engine_factory):
+def test_the_gate_reads_each_drafts_score_per_token(tiny_engine_factory):
     eng = tiny_engine_factory("llama")
     eng.open("file:///a.py", TEXT)
     eng.gate = gate_with(0.4)
     out = eng.complete("file:///a.py", len(TEXT), CompletionOptions(max_tokens=6, drafts=3, gate=True))
-    assert len(out.draft_logps) == len(out.drafts) >= 2 and all(lp <= 0 for lp in out.draft_logps)
+    assert len(out.draft_scores) == len(out.drafts) >= 2 and all(lp <= 0 for lp in out.draft_scores)
     n = len(FEATURES)
     w = [0.0] * n
-    w[FEATURES.index("mean_logp")], w[FEATURES.index("logp_gap")] = 1.0, 0.5
+    w[FEATURES.index("mean_score")], w[FEATURES.index("score_gap")] = 1.0, 0.5
     eng.gate = Gate([0.0] * n, [1.0] * n, w, 0.0, 0.0)
     again = eng.complete("file:///a.py", len(TEXT), CompletionOptions(max_tokens=6, drafts=3, gate=True))
-    lp = again.draft_logps
+    lp = again.draft_scores
     assert again.confidence == pytest.approx(1 / (1 + np.exp(-(lp[0] + 0.5 * (lp[0] - lp[1])))))
