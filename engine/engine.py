@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -25,11 +25,10 @@ from ghostline.engine.decoding.adadec import AdaDecParams, AdaDecStats, adadec
 from ghostline.engine.decoding.early_exit import ExitStats, early_exit
 from ghostline.engine.decoding.greedy import greedy
 from ghostline.engine.decoding.speculative import DRAFT_RULES, Chain, EarlyLayers, SpecStats, speculative
-from ghostline.engine.decoding.superposed import SuperposedParams
 from ghostline.engine.document import STRATEGIES, Document, token_hunks
 from ghostline.engine.drafts import stream_drafts
 from ghostline.engine.exits import EXITS_FILE, Exits
-from ghostline.engine.gate import GATE_FILE, Confidence, Gate
+from ghostline.engine.gate import GATE_FILE, Gate
 from ghostline.engine.infill import SUFFIX_TOKENS, detect, suffix_text
 from ghostline.engine.ngram import NgramIndex, PromptLookup, scope_of
 from ghostline.engine.quant import quantize
