@@ -26,7 +26,6 @@ import time
 
 import torch
 
-from bench.plot import scatter_png
 from bench.tasks import append_row, cursor_offset, em, es, first_line, mean, pct, read_tasks, saved_rows, shard
 from ghostline.engine.decoding.superposed import SuperposedParams
 from ghostline.engine.engine import CompletionOptions, Engine, EngineOptions
@@ -153,8 +152,13 @@ def main(argv=None) -> int:
 def report(results: dict, *, plot: str | None, k: int) -> int:
     print(table(results))
     if plot:
+        from bench.plot import scatter_png
+
         points = {m: (r["ms_per_request"], r["best_of_k_em"]) for m, r in results.items()}
-        scatter_png(points, plot, xlabel="ms per request", ylabel=f"best-of-{k} EM %")
+        scatter_png(points, plot, xlabel="time per request (ms, mean)", ylabel=f"best-of-{k} EM (%)",
+                    title=f"Drafts: best-of-{k} exact match against time per request", legend_title="method",
+                    caption=f"bench.drafts: {k} drafts per request, first line of each draft against the target.")
+        print(f"plot -> {plot}")
     print(json.dumps(results))
     return 0
 

@@ -158,7 +158,10 @@ def report(rows: list[dict], *, default_halt: float | None, plot: str | None) ->
 
         pts = {("off" if math.isinf(s["threshold"]) else f"{s['threshold']:.2f}"): (s["shown_chars"], s["shown_precision"])
                for s in table}
-        scatter_png(pts, plot, xlabel="CHARS SHOWN PER SUGGESTION", ylabel="SHOWN TEXT PRECISION % (HALT THRESHOLD)")
+        scatter_png(pts, plot, xlabel="characters shown per suggestion (mean)", ylabel="shown text precision (%)",
+                    title="Halting: precision of the shown text across halt thresholds", line=True,
+                    legend_title="halt threshold", caption="bench.exit: a traced greedy run's per-step P(stop) "
+                    "cut at each threshold; precision = characters matching the author's text / characters shown.")
         print(f"plot -> {plot}")
     return result
 

@@ -1,81 +1,100 @@
-"""A labelled scatter plot as a PNG with the standard library only (zlib + a 3x5 pixel font), so
-benchmarks can draw their figure without matplotlib in the environment."""
+"""Benchmark figures with matplotlib (Agg backend, PNG).
+
+matplotlib is imported on first use, so a benchmark run without `--plot` never needs it (it is the
+`bench` extra of pyproject.toml, in requirements.lock). Every figure has a title, a subtitle naming
+the hardware the numbers came from, labelled axes with units, a legend and a caption saying how the
+numbers were made; `save` writes it at `DPI` without a timestamp, so a figure redrawn from the same
+rows is the same file.
+"""
 
 from __future__ import annotations
 
-import struct
-import zlib
+import textwrap
 
-# 3x5 glyphs: five rows, each a 3-bit number (4 = left pixel)
-FONT = {
-    "0": "75557", "1": "26227", "2": "71747", "3": "71717", "4": "55711", "5": "74717", "6": "74757",
-    "7": "71111", "8": "75757", "9": "75717", ".": "00002", "%": "51245", "-": "00700", " ": "00000",
-    "_": "00007", "/": "11244", "(": "24442", ")": "21112", "=": "07070", "+": "02720", ":": "02020",
-    "A": "25755", "B": "65656", "C": "34443", "D": "65556", "E": "74647", "F": "74644", "G": "34553",
-    "H": "55755", "I": "72227", "J": "11152", "K": "55655", "L": "44447", "M": "57755", "N": "65555",
-    "O": "25552", "P": "65644", "Q": "25563", "R": "65655", "S": "34216", "T": "72222", "U": "55557",
-    "V": "55552", "W": "55775", "X": "55255", "Y": "55222", "Z": "71247",
-}
-COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
+DPI = 110
+# one colour per system or method, the same in every figure
+COLORS = {"ghostline": "#1f77b4", "llamacpp": "#ff7f0e", "hf": "#d62728", "greedy": "#7f7f7f",
+          "superposed": "#1f77b4", "superposed_rerank": "#17becf", "nucleus": "#ff7f0e", "beam": "#9467bd",
+          "full": "#d62728", "prefix": "#ff7f0e", "pie": "#1f77b4", "naive": "#7f7f7f", "halt": "#2ca02c",
+          "exit": "#9467bd"}
+CYCLE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#17becf", "#7f7f7f")
 
-
-class Canvas:
-    def __init__(self, w: int, h: int):
-        self.w, self.h = w, h
-        self.px = bytearray(b"\xff" * (w * h * 3))
-
-    def dot(self, x: int, y: int, c) -> None:
-        if 0 <= x < self.w and 0 <= y < self.h:
-            i = (y * self.w + x) * 3
-            self.px[i : i + 3] = bytes(c)
-
-    def rect(self, x0: int, y0: int, x1: int, y1: int, c) -> None:
-        for y in range(y0, y1):
-            for x in range(x0, x1):
-                self.dot(x, y, c)
-
-    def text(self, x: int, y: int, s: str, c=(0, 0, 0), *, scale: int = 2) -> None:
-        for ch in s.upper():
-            for r, bits in enumerate(FONT.get(ch, FONT[" "])):
-                for col in range(3):
-                    if int(bits) & (4 >> col):
-                        self.rect(x + col * scale, y + r * scale, x + (col + 1) * scale, y + (r + 1) * scale, c)
-            x += 4 * scale
-
-    def png(self) -> bytes:
-        raw = b"".join(b"\x00" + bytes(self.px[y * self.w * 3 : (y + 1) * self.w * 3]) for y in range(self.h))
-
-        def chunk(kind: bytes, data: bytes) -> bytes:
-            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-        head = struct.pack(">IIBBBBB", self.w, self.h, 8, 2, 0, 0, 0)
-        return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", head) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+PALETTE = 96  # colours of a saved PNG
+_TITLE_IN, _SUBTITLE_IN, _CAPTION_LINE_IN = 0.38, 0.2, 0.19  # inches a line takes
+_SUBTITLE_CHARS_IN, _CAPTION_CHARS_IN = 14, 17  # characters a line holds per inch of width
 
 
-def scatter_png(points: dict[str, tuple[float, float]], path: str, *, xlabel: str, ylabel: str,
-                w: int = 640, h: int = 400) -> None:
-    """One labelled point per name, axes from 0 with 5 ticks each."""
-    cv = Canvas(w, h)
-    left, right, top, bottom = 70, w - 20, 40, h - 50
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8,
+                         "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True,
+                         "grid.alpha": 0.3, "grid.linewidth": 0.6})
+    return plt
+
+
+def figure(ncols: int = 1, *, nrows: int = 1, width: float = 9.0, height: float = 5.0, **kw):
+    """A figure of `nrows` x `ncols` panels: (fig, [axes], row by row)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, height), layout="constrained", squeeze=False, **kw)
+    return fig, [ax for row in axes for ax in row]
+
+
+def save(fig, path: str, *, title: str, subtitle: str = "", caption: str = "") -> None:
+    """Title and subtitle above the panels, the caption below them, then the PNG at `path`."""
+    plt = pyplot()
+    width, height = fig.get_size_inches()
+    lines = textwrap.wrap(caption, int(width * _CAPTION_CHARS_IN), break_on_hyphens=False) if caption else []
+    sub = textwrap.wrap(subtitle, int(width * _SUBTITLE_CHARS_IN), break_on_hyphens=False) if subtitle else []
+    top = _TITLE_IN + len(sub) * _SUBTITLE_IN
+    bottom = len(lines) * _CAPTION_LINE_IN + (0.08 if lines else 0.0)
+    fig.get_layout_engine().set(rect=(0.0, bottom / height, 1.0, 1.0 - (top + bottom) / height))
+    fig.text(0.01, 1.0 - 0.08 / height, title, ha="left", va="top", fontsize=12, fontweight="bold")
+    if sub:
+        fig.text(0.01, 1.0 - (_TITLE_IN + 0.02) / height, "\n".join(sub), ha="left", va="top", fontsize=9,
+                 color="#444444", linespacing=1.25)
+    if lines:
+        fig.text(0.01, 0.04 / height, "\n".join(lines), ha="left", va="bottom", fontsize=7.5, color="#444444",
+                 linespacing=1.3)
+    # an adaptive palette keeps a chart's PNG small (flat colours, anti-aliased text) at no visible cost
+    from io import BytesIO
+
+    from PIL import Image
+
+    buf = BytesIO()
+    fig.savefig(buf, dpi=DPI, format="png", metadata={"Software": None})
+    plt.close(fig)
+    buf.seek(0)
+    Image.open(buf).convert("RGB").quantize(colors=PALETTE, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+
+
+def scatter_png(points: dict[str, tuple[float, float]], path: str, *, xlabel: str, ylabel: str, title: str = "",
+                subtitle: str = "", caption: str = "", line: bool = False, legend_title: str | None = None,
+                w: int = 880, h: int = 520) -> None:
+    """One labelled point per name (x, y), axes from 0. Each point its own colour and legend entry;
+    with `line` (a sweep of one parameter) the points are joined in the given order, in one colour."""
+    fig, (ax,) = figure(width=w / DPI, height=h / DPI)
     xmax = max(x for x, _ in points.values()) * 1.15 or 1.0
     ymax = max(y for _, y in points.values()) * 1.15 or 1.0
-    sx = lambda x: int(left + (right - left) * x / xmax)  # noqa: E731
-    sy = lambda y: int(bottom - (bottom - top) * y / ymax)  # noqa: E731
-    grey = (120, 120, 120)
-    cv.rect(left, top, left + 1, bottom + 1, grey)
-    cv.rect(left, bottom, right, bottom + 1, grey)
-    for i in range(6):
-        xv, yv = xmax * i / 5, ymax * i / 5
-        cv.rect(sx(xv), bottom, sx(xv) + 1, bottom + 5, grey)
-        label = f"{xv:.0f}"
-        cv.text(min(sx(xv) - 4 * len(label), w - 8 * len(label) - 2), bottom + 10, label, grey)
-        cv.rect(left - 5, sy(yv), left, sy(yv) + 1, grey)
-        cv.text(8, sy(yv) - 5, f"{yv:.1f}", grey)
-    cv.text(left + (right - left) // 2 - 4 * 2 * len(xlabel) // 2, h - 22, xlabel)
-    cv.text(left, 12, ylabel)
+    if line:
+        xs, ys = zip(*points.values())
+        ax.plot(xs, ys, color=CYCLE[0], linewidth=1.2, marker="o", markersize=6, label=legend_title or "sweep")
+    placed: list[tuple[float, float]] = []
     for i, (name, (x, y)) in enumerate(points.items()):
-        c = COLORS[i % len(COLORS)]
-        cv.rect(sx(x) - 4, sy(y) - 4, sx(x) + 5, sy(y) + 5, c)
-        cv.text(min(sx(x) + 9, w - 8 * len(name) - 2), sy(y) - 5, name, c)
-    with open(path, "wb") as f:
-        f.write(cv.png())
+        color = CYCLE[0] if line else COLORS.get(name, CYCLE[i % len(CYCLE)])
+        if not line:
+            ax.scatter([x], [y], s=46, color=color, label=name, zorder=3, edgecolors="white", linewidths=0.6)
+        crowded = any(abs(x - px) < 0.12 * xmax and abs(y - py) < 0.05 * ymax for px, py in placed)
+        ax.annotate(name, (x, y), xytext=(6, -12 if crowded else 4), textcoords="offset points", fontsize=8,
+                    color=color)
+        placed.append((x, y))
+    ax.set_xlim(0, xmax)
+    ax.set_ylim(0, ymax)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(title=None if line else legend_title, loc="best", frameon=False)
+    save(fig, path, title=title or f"{ylabel} against {xlabel}", subtitle=subtitle, caption=caption)
