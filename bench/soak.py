@@ -137,6 +137,22 @@ def send_changes(client: Client, doc: Doc, changes: list[tuple[int, int, str]]) 
 # processes ------------------------------------------------------------------------------------------
 
 
+def daemon_status(runtime: Path) -> dict | None:
+    """The daemon's own account (`status`: where its engine thread's time went), over its socket."""
+    from ghostline.lsp.remote import connect
+
+    for sock in (runtime / "ghostline").glob("*.sock"):
+        try:
+            conn, _ = connect(str(sock), model=None)
+            try:
+                return conn.call("status", {})
+            finally:
+                conn.close()
+        except Exception as exc:  # a daemon between restarts: the figures are missing, not the run
+            print(f"daemon status: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return None
+
+
 def pids_matching(needle: str) -> list[int]:
     out = []
     for d in Path("/proc").iterdir():
@@ -245,14 +261,12 @@ class Soak:
     async def check(self, clients: list[tuple[Client, list[Doc]]], label: str) -> None:
         for c, docs in clients:
             for doc in docs:
-                expected = doc.text  # the requests below queue behind every change sent so far
                 try:
-                    got = await asyncio.wait_for(c.inspect(doc.uri), 120)
+                    expected, got = await _inspected(c, doc)
                     t0 = time.monotonic()
                     while got is None and time.monotonic() - t0 < 120:  # the engine is restarting
                         await asyncio.sleep(1.0)
-                        expected = doc.text
-                        got = await asyncio.wait_for(c.inspect(doc.uri), 120)
+                        expected, got = await _inspected(c, doc)
                     got = got["text"] if isinstance(got, dict) else got.text
                 except Exception as exc:
                     self.counts["check_errors"] += 1
@@ -362,6 +376,7 @@ class Soak:
                 for line in bytes(c.stderr).decode(errors="replace").splitlines():
                     if " ERROR " in line or "WARNING" in line or "resync" in line:
                         print(f"server {i}: {line[:300]}", file=sys.stderr)
+            daemon = daemon_status(self.runtime)
             await asyncio.sleep(3.0)  # threads of finished requests wind down
             end = {pid: proc_stats(pid) for pid in server_pids + self.daemon_pids()}
             self.stop = True
@@ -372,6 +387,7 @@ class Soak:
                   for pid in start if start.get(pid) and end.get(pid)}
         lat = sorted(self.latencies)
         return {**out, **self.counts, "daemon_pids_seen": len(self.daemons),
+                "daemon_busy_s": (daemon or {}).get("busy_s"), "daemon_wait_ms_p50": (daemon or {}).get("wait_ms_p50"),
                 "after_kill_ms_max": round(max(self.after_kill), 1) if self.after_kill else None,
                 "recovered": len(self.daemons) > self.counts["kills"] and self.end_ok,
                 "latency_ms_p50": round(statistics.median(lat), 1) if lat else None,
@@ -400,6 +416,14 @@ class Soak:
         return {"doc": doc, "lines": doc.text.count("\n"), "chars": len(doc.text),
                 "normal_next_completion_ms": round(normal_ms, 1), "normal_answered": bool(res and res.items),
                 "big_first_suggestion_s": None if first is None else round(first, 1)}
+
+
+async def _inspected(client: Client, doc: Doc) -> tuple[str, object]:
+    """The client's text of `doc` and the engine's view of it, the request sent before anything else
+    runs (an edit sent between the two would make the engine's text newer than the one compared)."""
+    fut = asyncio.wrap_future(client.protocol.send_request("ghostline/inspect", {"uri": doc.uri}))
+    expected = doc.text
+    return expected, await asyncio.wait_for(fut, 120)
 
 
 async def _invoked(client: Client, doc: Doc, offset: int):
@@ -510,6 +534,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="gemma3-270m")
     p.add_argument("--engine", default="daemon", help="the servers' --engine (daemon: one shared daemon)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--daemon-log", type=Path, help="keep a copy of the daemon's log here")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="ghostline-soak-") as tmp:
         runtime = Path(tmp) / "run"
@@ -522,6 +547,9 @@ def main(argv=None) -> int:
             result = strangers(args, env)
         else:
             result = asyncio.run(Soak(args, env, runtime).run())
+            if args.daemon_log:
+                logs = sorted((runtime / "ghostline").glob("*.log"))
+                args.daemon_log.write_bytes(b"".join(p.read_bytes() for p in logs))
             for pid in pids_matching(f"ghostline engine --socket {runtime}"):
                 os.kill(pid, signal.SIGTERM)
     print(json.dumps(result))

@@ -97,6 +97,47 @@ class KVCache:
         return c
 
 
+class Holes:
+    """A document cache seen without some of its rows: the rows of a deferred edit a request skips
+    to keep its encode within budget (their K/V is missing). A forward over it writes into the cache
+    and attends to the runs of rows between the holes, each at its own positions."""
+
+    one_plane = False  # several key segments: not for a step that reads one prefix plane
+    MAX_GAPS = 3  # the rows read stay in at most 4 runs (the C step reads 6 segments, scratch rows included)
+
+    def __init__(self, cache: KVCache, holes: list[int]):
+        self.cache, self.shape, self.dtype, self.device = cache, cache.shape, cache.dtype, cache.device
+        gaps: list[list[int]] = []  # [start, end) runs of holes, in order
+        for h in holes:
+            if gaps and gaps[-1][1] == h:
+                gaps[-1][1] = h + 1
+            else:
+                gaps.append([h, h + 1])
+        # past MAX_GAPS, the gaps are joined across all but the longest runs of rows between them
+        keep = sorted(sorted(range(1, len(gaps)), key=lambda i: gaps[i][0] - gaps[i - 1][1])[-(self.MAX_GAPS - 1):])
+        self.gaps = [(gaps[i][0], gaps[j - 1][1]) for i, j in zip([0, *keep], [*keep, len(gaps)])] if gaps else []
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> list[Segment]:
+        self.cache.update(layer, k, v, pos)
+        return self.segments(layer, int(pos[-1]) + 1)
+
+    def segments(self, layer: int, end: int) -> list[Segment]:
+        k, v, out, row = self.cache.k[layer], self.cache.v[layer], [], 0
+        for g0, g1 in self.gaps:
+            if g0 >= end:
+                break
+            if g0 > row:
+                out.append((k[:, row:g0][None], v[:, row:g0][None], row))
+            row = g1
+        if row < end:
+            out.append((k[:, row:end][None], v[:, row:end][None], row))
+        return out
+
+
 class ScratchCache:
     """Rows for generated tokens [L, B, KV, cap, hd] at positions start.., over prefix rows [0, start).
 
@@ -185,6 +226,8 @@ class WithContext:
     them would see, with every block encoded on its own. Optionally a tail: the document's rows from
     `tail_at` on replaced by rows encoded over the context (`write_tail`), so the last lines before
     the cursor have read it as a joint encode's would. Read-only otherwise: a ScratchCache's prefix."""
+
+    one_plane = False  # context blocks before the document: not for a step that reads one prefix plane
 
     def __init__(self, cache: KVCache, k: torch.Tensor, v: torch.Tensor, *, start: int, skip: int):
         self.cache, self.ck, self.cv, self.start, self.skip = cache, k, v, start, skip

@@ -3,7 +3,9 @@
 Edits (PIE): re-tokenise the new text, diff the ids against the old ones, and for each changed span
 `[i, j)` replaced by `m` new tokens keep the prefix, move the suffix by `delta = m - (j - i)` rotating
 its keys, and encode only the new tokens. The suffix keeps K/V computed against the old text: those
-tokens are *stale* until `refresh` re-encodes them.
+tokens are *stale* until `refresh` re-encodes them. The new tokens' rows are *missing* (no K/V yet)
+until encoded: at once, or, for a deferred edit, when a completion first reads them (rows before its
+cursor) or the engine is idle, so a storm of edits costs only what the completions read.
 
 Long documents (more than the engine's `window_tokens`): only a window of whole lines around where
 the user works is tokenised and cached (`text`, `ids`, `cache` are the window's; `full` is the whole
@@ -19,6 +21,7 @@ import numpy as np
 from rapidfuzz.distance import Indel
 
 STRATEGIES = ("pie", "naive", "prefix", "full")
+FRESH, STALE, MISSING = 0, 1, 2  # a row's state in `Document.stale`
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,7 @@ class Document:
         self.uri, self.text, self.offsets = uri, text, offsets
         self.ids = ids
         self.cache = None  # engine.cache.KVCache once encoded; None when evicted
-        self.stale = bytearray(len(ids))  # 1 where the cached K/V saw an older text
+        self.stale = bytearray(len(ids))  # per row: FRESH, STALE (its K/V saw an older text) or MISSING
         self.last_used = 0.0
         self.full: str | None = None  # a long document's whole text; `text` is then its cached window
         self.base = 0  # where `text` starts in `full` (code points)
@@ -97,21 +100,32 @@ class Document:
 
     @property
     def stale_count(self) -> int:
-        return self.stale.count(1)
+        """Rows whose K/V is not what a full encode would give (stale or missing)."""
+        return len(self.stale) - self.stale.count(FRESH)
+
+    @property
+    def missing_count(self) -> int:
+        return self.stale.count(MISSING)
 
     @property
     def first_stale(self) -> int:
-        i = self.stale.find(1)
-        return len(self.ids) if i < 0 else i
+        marks = np.frombuffer(self.stale, dtype=np.uint8)
+        i = int(np.argmax(marks != FRESH)) if len(marks) else 0
+        return i if len(marks) and marks[i] != FRESH else len(self.ids)
+
+    def missing_before(self, end: int) -> list[int]:
+        """The missing rows below `end`, in order."""
+        marks = np.frombuffer(self.stale, dtype=np.uint8)[:end]
+        return np.flatnonzero(marks == MISSING).tolist()
 
     def splice_stale(self, h: Hunk, *, suffix_stale: bool) -> None:
-        """Mirror one hunk in the stale mask (indices already in the new layout above the hunk). The
-        hunk's new rows are stale until their encode has run (it marks them fresh)."""
+        """Mirror one hunk in the stale mask (indices already in the new layout above the hunk): its
+        new rows are missing until encoded; with `suffix_stale`, the fresh rows after it turn stale."""
         m, cut = h.new_end - h.new_start, h.new_start + (h.old_end - h.old_start)
         suffix = self.stale[cut:]
         if suffix_stale:
-            suffix = bytearray(b"\x01" * len(suffix))
-        self.stale = self.stale[: h.new_start] + bytearray(b"\x01" * m) + suffix
+            suffix = suffix.replace(bytes([FRESH]), bytes([STALE]))
+        self.stale = self.stale[: h.new_start] + bytearray([MISSING]) * m + suffix
 
     def token_at(self, offset: int) -> int:
         """Index of the first token that ends after `offset` (tokens before it lie wholly before)."""

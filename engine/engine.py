@@ -18,14 +18,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ghostline.engine.cache import KVCache, ScratchCache, WithContext
+from ghostline.engine.cache import Holes, KVCache, ScratchCache, WithContext
 from ghostline.engine.completion import DECODERS, SPECULATIVE, Completion, CompletionOptions, Prompt, UpdateStats
 from ghostline.engine.calibration import find, load_json, load_vocab
 from ghostline.engine.decoding.adadec import AdaDecParams, AdaDecStats, adadec
 from ghostline.engine.decoding.early_exit import ExitStats, early_exit
 from ghostline.engine.decoding.greedy import greedy
 from ghostline.engine.decoding.speculative import DRAFT_RULES, Chain, EarlyLayers, SpecStats, speculative
-from ghostline.engine.document import STRATEGIES, Document, token_hunks
+from ghostline.engine.document import FRESH, MISSING, STALE, STRATEGIES, Document, token_hunks
 from ghostline.engine.drafts import stream_drafts
 from ghostline.engine.exits import EXITS_FILE, Exits
 from ghostline.engine.gate import GATE_FILE, Gate
@@ -49,9 +49,13 @@ class EngineOptions:
     head: str = "full"  # full | code (the LM head over the code vocabulary + the documents' tokens)
     window_above: int = 16384  # a document of more tokens is cached as a window around where the user works ...
     window_tokens: int = 4096  # ... of this many tokens
+    window_first: int = 512  # a window placed where little is cached starts this small, then grows when idle
+    mend_budget: int = 128  # a completion encodes at most this many missing rows first (deferred edits; the rest when idle)
 
     def __post_init__(self):
-        for name in ("window_above", "window_tokens"):
+        if isinstance(self.mend_budget, bool) or not isinstance(self.mend_budget, int) or self.mend_budget < 1:
+            raise ValueError(f"mend_budget must be a positive integer, not {self.mend_budget!r}")
+        for name in ("window_above", "window_tokens", "window_first"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 256:
                 raise ValueError(f"{name} must be an integer of at least 256, not {value!r}")
@@ -63,6 +67,7 @@ class EngineOptions:
 
 PRECISIONS = ("fp32", "int8")
 HEADS = ("full", "code")
+BACKGROUND_CHUNK = 64  # rows a forward of background work (a request arriving waits for at most one)
 REWRITE_TOKENS = 32  # a single change replacing more tokens than this by more is diffed inside
 CHARS_PER_TOKEN = 8  # a text of more code points than this per token of `window_above` surely is long (not tokenised)
 
@@ -156,19 +161,37 @@ class Engine:
     def text(self, uri: str) -> str:
         return self._doc(uri).whole
 
-    def edit(self, uri: str, changes: list, *, strategy: str = "pie", should_stop=None) -> UpdateStats:
+    def edit(self, uri: str, changes: list, *, strategy: str = "pie", encode: bool = True,
+             should_stop=None) -> UpdateStats:
         """Apply LSP-style changes (ranges in code points, in order); update the cache by `strategy`:
         `pie` (move + rotate the suffix), `naive` (move it unrotated), `prefix` (re-encode from the
-        first change), `full` (re-encode everything). A bad change raises EditError and changes nothing."""
+        first change), `full` (re-encode everything). `encode=False` (pie, naive) leaves the new rows
+        missing: the next completion encodes those before its cursor, `refresh` the rest. A document
+        grown past `window_above` tokens becomes a window around the last change. A bad change raises
+        EditError and changes nothing."""
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}")
         t0 = time.perf_counter()
         doc = self._doc(uri)
         if doc.full is not None:
-            return self._edit_window(doc, changes, strategy, should_stop, t0)
-        return self._retext(doc, apply_changes(doc.text, changes), len(changes) > 1, strategy, should_stop, t0)
+            return self._edit_window(doc, changes, strategy, encode, should_stop, t0)
+        text, focus = doc.text, 0
+        for raw in changes:
+            c = to_change(text, raw)
+            text, focus = text[: c.start] + c.text + text[c.end :], c.start + len(c.text)
+        if len(text) > CHARS_PER_TOKEN * self.options.window_above:
+            return self._grown(doc, text, focus, t0)
+        return self._retext(doc, text, len(changes) > 1, strategy, should_stop, t0, encode=encode, focus=focus)
 
-    def _edit_window(self, doc: Document, changes: list, strategy: str, should_stop, t0: float) -> UpdateStats:
+    def _grown(self, doc: Document, text: str, focus: int, t0: float) -> UpdateStats:
+        """A document grown past `window_above` tokens: from now on a window around the last change
+        (`focus`) is cached, keeping the rows it already has (moved and rotated); the rest is plain text."""
+        doc.full, doc.base = text, 0
+        self._place(doc, focus)
+        return UpdateStats("window", stale=doc.stale_count, ms=(time.perf_counter() - t0) * 1e3)
+
+    def _edit_window(self, doc: Document, changes: list, strategy: str, encode: bool, should_stop,
+                     t0: float) -> UpdateStats:
         """Apply changes to a long document: those inside the window update it (PIE), those above it
         move it, those below cost nothing; one across its edge drops it (placed again when needed)."""
         full, base, window, local = doc.full, doc.base, doc.text, 0
@@ -190,40 +213,43 @@ class Engine:
             self._set_window(doc, 0, "")
         if not (placed and local):
             return UpdateStats(strategy, ms=(time.perf_counter() - t0) * 1e3)
-        return self._retext(doc, window, local > 1, strategy, should_stop, t0)
+        return self._retext(doc, window, local > 1, strategy, should_stop, t0, encode=encode)
 
-    def _retext(self, doc: Document, new_text: str, multi: bool, strategy: str, should_stop, t0: float) -> UpdateStats:
-        """Make `new_text` the document's (cached) text, updating the cache by `strategy`."""
+    def _retext(self, doc: Document, new_text: str, multi: bool, strategy: str, should_stop, t0: float, *,
+                encode: bool = True, focus: int | None = None) -> UpdateStats:
+        """Make `new_text` the document's (cached) text, updating the cache by `strategy`; past
+        `window_above` tokens (and given the last change's end `focus`), a window around it instead."""
         uri = doc.uri
-        ids, offsets = self.tok.encode(new_text)
+        ids, offsets = self.tok.reencode(doc.text, doc.ids, doc.offsets, new_text) if doc.ids else self.tok.encode(new_text)
+        if focus is not None and doc.full is None and len(ids) > self.options.window_above:
+            return self._grown(doc, new_text, focus, t0)
         hunks = token_hunks(doc.ids, ids, multi=multi)
         if not multi and len(hunks) == 1 and min(hunks[0].old_end - hunks[0].old_start,
                                                    hunks[0].new_end - hunks[0].new_start) > REWRITE_TOKENS:
             hunks = token_hunks(doc.ids, ids, multi=True)  # one big replacement (a reload from disk): what changed in it
-        old_len, old_ids = len(doc.ids), doc.ids
+        old_len = len(doc.ids)
         doc.text, doc.ids, doc.offsets = new_text, ids, offsets
         self.ngrams.update(uri, ids)
         self._include(ids, uri)
         stats = UpdateStats(strategy, hunks=len(hunks), delta=len(ids) - old_len)
         self._touch(doc)
-        if doc.cache is not None and hunks and doc.cache.length < old_len:
-            self._encode(doc, doc.cache.length, old_len, None, ids=old_ids)  # a stopped encode: finish it first
         if doc.cache is None or not hunks:
-            doc.stale = doc.stale[: len(ids)] + bytearray(max(0, len(ids) - len(doc.stale)))
+            doc.stale = doc.stale[: len(ids)] + bytearray([MISSING]) * max(0, len(ids) - len(doc.stale))
         elif strategy == "full":
             stats.encoded = self._encode_all(doc, should_stop)
         elif strategy == "prefix":
             first = hunks[0].new_start
-            doc.cache.trim(first)
-            doc.stale = doc.stale[:first] + bytearray(b"\x01" * (len(ids) - first))
-            stats.encoded = self._encode(doc, first, len(ids), should_stop)
+            self._resize(doc)
+            doc.stale[first:] = bytearray([MISSING]) * (len(ids) - first)
+            stats.encoded = self._run(doc, list(range(first, len(ids))), should_stop)
         else:
             freqs = self.model.args.inv_freq if strategy == "pie" else None
             for h in hunks:
                 m = h.new_end - h.new_start
                 doc.cache.splice(h.new_start, h.new_start + h.old_end - h.old_start, m, inv_freq=freqs)
                 doc.splice_stale(h, suffix_stale=True)
-            stats.encoded = self._encode_spans(doc, [(h.new_start, h.new_end) for h in hunks])
+            if encode:
+                stats.encoded = self._run(doc, doc.missing_before(len(ids)), should_stop)
         stats.stale = doc.stale_count
         stats.ms = (time.perf_counter() - t0) * 1e3
         return stats
@@ -233,18 +259,37 @@ class Engine:
         s, o = doc.stale_count, self.options
         return doc.cache is not None and s >= o.refresh_stale_min and s >= o.refresh_stale_share * len(doc.ids)
 
-    def refresh(self, uri: str, *, should_stop=None) -> UpdateStats:
-        """Re-encode from the first stale token to the end, so the cache equals a full encode."""
+    def refresh(self, uri: str, *, should_stop=None, chunk: int | None = None) -> UpdateStats:
+        """Re-encode from the first stale or missing row to the end, so the cache equals a full encode."""
         t0 = time.perf_counter()
         doc = self._doc(uri)
         if doc.cache is None:
             n = self._encode_all(doc, should_stop)
         else:
-            first = doc.first_stale
-            doc.cache.trim(first)
-            n = self._encode(doc, first, len(doc.ids), should_stop)
-            doc.stale = bytearray(len(doc.ids))
+            first = doc.first_stale  # rows after it are re-encoded over a changed row: stale until then
+            doc.stale[first:] = doc.stale[first:].replace(bytes([FRESH]), bytes([STALE]))
+            n = self._run(doc, list(range(first, len(doc.ids))), should_stop, chunk=chunk)
         return UpdateStats("refresh", encoded=n, ms=(time.perf_counter() - t0) * 1e3)
+
+    def background(self, uri: str, *, should_stop=None) -> UpdateStats | None:
+        """One piece of the work a document is due while nothing else waits, or None: encode its
+        missing rows (deferred edits below a cursor), grow a window placed small by a chunk, or
+        refresh it once enough rows are stale (`needs_refresh`). It runs `BACKGROUND_CHUNK` rows a
+        forward, so a request that arrives waits for at most one; stopped (Cancelled), the rows done
+        are kept."""
+        doc = self._doc(uri)
+        if doc.cache is None:
+            return None
+        t0 = time.perf_counter()
+        if doc.missing_count:
+            kind, n = "mend", self._run(doc, doc.missing_before(len(doc.ids)), should_stop, chunk=BACKGROUND_CHUNK)
+        elif self._can_grow(doc):
+            kind, n = "grow", self._grow(doc, should_stop)
+        elif self.needs_refresh(uri):
+            return self.refresh(uri, should_stop=should_stop, chunk=BACKGROUND_CHUNK)
+        else:
+            return None
+        return UpdateStats(kind, encoded=n, stale=doc.stale_count, ms=(time.perf_counter() - t0) * 1e3)
 
     # completion ----------------------------------------------------------------------------------
 
@@ -271,11 +316,8 @@ class Engine:
             if self._misplaced(doc, offset):
                 self._place(doc, offset)
             offset -= doc.base
-        encode_stop = _either(should_stop, should_yield)
         if doc.cache is None:
-            self._encode_all(doc, encode_stop)
-        elif doc.cache.length < len(doc.ids):  # an encode stopped part-way: encode the rest
-            self._encode(doc, doc.cache.length, len(doc.ids), encode_stop)
+            self._allocate(doc)
         self._scope_head(uri)
         P = doc.token_at(offset)  # tokens [0, P) lie wholly before the cursor
         if P > 1 and _in_word(doc.text, offset) and doc.offsets[P - 1][1] == offset:
@@ -283,10 +325,11 @@ class Engine:
         if P == 0:
             yield Completion("", stop_reason="no_context")
             return
+        prefix = self._readable(doc, P - 1, _either(should_stop, should_yield))
         heal = doc.text[doc.offsets[P - 1][1] : offset]  # text between the last kept token and the cursor
         line_start = doc.text.rfind("\n", 0, offset) + 1
         rules = StopRules(opts.multiline, doc.text[line_start:offset], _next_line(doc.text, offset))
-        prompt = self.prompt(doc, P, offset, opts)
+        prompt = self.prompt(doc, P, offset, opts, prefix)
         if opts.drafts > 1:
             for out in stream_drafts(self, doc, P=P, offset=offset, heal=heal, rules=rules, opts=opts, t0=t0,
                                      should_stop=should_stop, prompt=prompt):
@@ -329,14 +372,17 @@ class Engine:
 
     # internals -----------------------------------------------------------------------------------
 
-    def prompt(self, doc: Document, P: int, offset: int, opts: CompletionOptions) -> Prompt:
+    def prompt(self, doc: Document, P: int, offset: int, opts: CompletionOptions,
+               prefix: KVCache | Holes | None = None) -> Prompt:
         """What a decode at `offset` continues, tokens [0, P) of `doc` before it: the document's cache
-        and its token P - 1; or a view with the context documents before the prefix (`with_context`),
+        (or `prefix`, a view of it without its holes) and its token P - 1; or, with no holes, a view
+        with the context documents before the prefix (`with_context`),
         the last `context_tail` tokens encoded again over them, and with `infill` (a model with FIM
         tokens) `<SUF>` and the text after the cursor encoded after the prefix, `<MID>` fed first."""
         infill = self.infill if opts.infill else None
-        plain = Prompt(doc.cache, P - 1, doc.ids[P - 1])
-        if not opts.context and infill is None:
+        prefix = doc.cache if prefix is None else prefix
+        plain = Prompt(prefix, P - 1, doc.ids[P - 1])
+        if (not opts.context and infill is None) or prefix is not doc.cache:
             return plain
         view, used = self.with_context(doc, opts.context, prelude=infill.prefix if infill else None)
         if view is doc.cache:
@@ -362,7 +408,7 @@ class Engine:
         the document (PIE's rotation); the assembly is kept while the blocks stay unchanged."""
         skip = 1 if self.tok.adds_bos else 0
         blocks = [(u, d.cache) for u in dict.fromkeys(uris) if u != doc.uri and (d := self.docs.get(u)) is not None
-                  and d.full is None and d.cache is not None and d.cache.length >= len(d.ids) > skip]
+                  and d.full is None and d.cache is not None and len(d.ids) > skip and not d.missing_count]
         key = tuple((u, id(c), hash(tuple(self.docs[u].ids)), self.docs[u].stale_count) for u, c in blocks)
         for u, _ in blocks:
             self._touch(self.docs[u])
@@ -505,8 +551,22 @@ class Engine:
 
     def _place(self, doc: Document, focus: int) -> None:
         """Cache a window of a long document around code point `focus`: up to `window_tokens`, three
-        quarters of them above the focus (what a completion reads), cut at line starts."""
-        W, full = self.options.window_tokens, doc.full
+        quarters of them above the focus (what a completion reads), cut at line starts. The rows the
+        cache has are kept (moved and rotated). Where more than `window_first` * 3/4 of the tokens above
+        the focus would be new (a jump, a first placement), the window starts with `window_first`
+        tokens, so the completion that placed it encodes little, and `refresh` grows it upward later."""
+        old = (doc.base, doc.base + len(doc.text)) if doc.cache is not None and doc.ids else (0, 0)
+        c0, c1, new_above = self._span(doc.full, focus, self.options.window_tokens, old)
+        first = min(self.options.window_first, self.options.window_tokens)
+        if new_above > first * 3 // 4:
+            c0, c1, _ = self._span(doc.full, focus, first, old)
+        self._set_window(doc, c0, doc.full[c0:c1])
+        log.info("%s: cached window %d..%d of %d chars (%d tokens, %d to encode)", doc.uri, c0, c1, len(doc.full),
+                 len(doc.ids), doc.missing_count)
+
+    def _span(self, full: str, focus: int, W: int, old: tuple[int, int]) -> tuple[int, int, int]:
+        """Code points [c0, c1) of a window of about W tokens around `focus`, three quarters above it,
+        cut at line starts; and how many of its tokens above the focus lie outside `old` (code points)."""
         lo, hi = max(0, focus - CHARS_PER_TOKEN * W * 3 // 4), min(len(full), focus + CHARS_PER_TOKEN * W // 4)
         lo = full.rfind("\n", 0, lo) + 1 if lo > 0 else 0
         _, offsets = self.tok.encode(full[lo:hi])
@@ -522,15 +582,40 @@ class Engine:
         if c1 < len(full):
             nl = full.rfind("\n", focus, c1)
             c1 = nl + 1 if nl >= 0 else c1
-        self._set_window(doc, c0, full[c0:c1])
-        log.info("%s: cached window %d..%d of %d chars (%d tokens)", doc.uri, c0, c1, len(full), len(doc.ids))
+        new = sum(1 for b, _ in offsets[s:at] if lo + b >= c0 and not old[0] <= lo + b < old[1])
+        return c0, c1, new
 
     def _set_window(self, doc: Document, base: int, text: str) -> None:
+        """Make full[base:] the window's start and `text` its text: from the rows the cache has where
+        there are some (PIE, the new rows missing), else uncached."""
+        if doc.cache is not None and doc.ids and text:
+            doc.base = base
+            self._retext(doc, text, True, "pie", None, time.perf_counter(), encode=False)
+            return
         ids, offsets = self.tok.encode(text) if text else ([], [])
         doc.base, doc.text, doc.ids, doc.offsets = base, text, ids, offsets
         doc.cache, doc.stale = None, bytearray(len(ids))
         self.ngrams.open(doc.uri, ids)
         self._include(ids, doc.uri)
+
+    def _can_grow(self, doc: Document) -> bool:
+        """A window placed small with text above it and room to grow."""
+        return (doc.full is not None and doc.cache is not None and doc.base > 0
+                and len(doc.ids) + self.options.encode_chunk <= self.options.window_tokens)
+
+    def _grow(self, doc: Document, should_stop) -> int:
+        """Extend a window upward by about one encode chunk of whole lines and encode the new rows."""
+        full, base, chunk = doc.full, doc.base, self.options.encode_chunk
+        lo = full.rfind("\n", 0, max(0, base - CHARS_PER_TOKEN * chunk)) + 1
+        _, offsets = self.tok.encode(full[lo:base])
+        c0 = lo + offsets[-chunk][0] if len(offsets) > chunk else lo
+        if c0 > lo and full[c0 - 1] != "\n":
+            nl = full.find("\n", c0, base)
+            c0 = nl + 1 if 0 <= nl < base else lo
+        if should_stop is not None and should_stop():
+            raise Cancelled(f"growing the window of {doc.uri} stopped")
+        self._set_window(doc, c0, full[c0 : base + len(doc.text)])
+        return self._run(doc, doc.missing_before(len(doc.ids)), should_stop, chunk=BACKGROUND_CHUNK)
 
     def _doc(self, uri: str) -> Document:
         doc = self.docs.get(uri)
@@ -555,50 +640,62 @@ class Engine:
         a = self.model.args
         return KVCache(a.n_layers, a.n_kv_heads, a.head_dim, dtype=self.model.embed_tokens.weight.dtype)
 
-    def _encode_all(self, doc: Document, should_stop) -> int:
+    def _readable(self, doc: Document, end: int, should_stop) -> KVCache | Holes:
+        """The document's rows [0, end) for a decode to read, its missing rows encoded first: at most
+        `mend_budget` of them, those nearest `end`. Past the budget the others stay missing, out of the
+        returned view (holes), and the rows encoded over them are stale; `background` mends them."""
+        missing, budget = doc.missing_before(end), self.options.mend_budget
+        if len(missing) <= budget:
+            self._run(doc, missing, should_stop)
+            return doc.cache
+        view = Holes(doc.cache, missing[:-budget])
+        self._run(doc, missing[-budget:], should_stop, cache=view, mark=STALE)
+        return view
+
+    def _allocate(self, doc: Document) -> None:
+        """A new cache for the document, every row missing; other documents' caches past the memory
+        budget are dropped."""
         doc.cache = self.new_cache()
-        doc.stale = bytearray(b"\x01" * len(doc.ids))  # fresh chunk by chunk as the encode gets there
-        n = self._encode(doc, 0, len(doc.ids), should_stop)
+        self._resize(doc)
+        doc.stale = bytearray([MISSING]) * len(doc.ids)
         self._evict(keep=doc)
-        return n
+
+    def _resize(self, doc: Document) -> None:
+        doc.cache.reserve(len(doc.ids))
+        doc.cache.length = len(doc.ids)
+
+    def _encode_all(self, doc: Document, should_stop) -> int:
+        self._allocate(doc)
+        return self._run(doc, list(range(len(doc.ids))), should_stop)
 
     @torch.no_grad()
-    def _encode(self, doc: Document, start: int, end: int, should_stop, *, ids: list[int] | None = None) -> int:
-        """Run ids[start:end] (the document's by default) through the model into rows start..end (rows
-        before are its context); each chunk done is fresh. Stopped, the cache keeps the rows done and
-        ends there (`length`), so the next encode resumes instead of starting over."""
-        cache, chunk, ids = doc.cache, self.options.encode_chunk, doc.ids if ids is None else ids
-        cache.reserve(max(cache.length, end))
-        cache.length = max(cache.length, end)
-        for s in range(start, end, chunk):
-            e = min(end, s + chunk)
-            try:
-                if should_stop is not None and should_stop():
-                    raise Cancelled(f"encoding {doc.uri} stopped at token {s} of {end}")
-                self.model(torch.tensor([ids[s:e]]), torch.arange(s, e), cache, return_hidden=True, last_only=True)
-            except BaseException:
-                cache.trim(s)  # rows past s are not valid: mark them stale, keep the prefix
-                doc.stale[s:] = b"\x01" * (len(doc.stale) - s)
-                raise
-            doc.stale[s:e] = bytes(e - s)  # `stale` is laid out like `ids` (during an edit: the old ones)
-        return end - start
-
-    @torch.no_grad()
-    def _encode_spans(self, doc: Document, spans: list[tuple[int, int]]) -> int:
-        """Run the new tokens of an edit's hunks (rows [start, end) each, in order, already spliced
-        in) through the model together, `encode_chunk` tokens a forward. Each token attends to the
-        rows before its own position, so it sees the hunks before it as hunk-by-hunk encoding would,
-        in one forward instead of one per hunk (small hunks would each re-read all the weights).
-        The rows stay marked stale until their chunk's forward has returned, so a failure part-way
-        leaves them for `refresh` to mend."""
-        pos = [p for s, e in spans for p in range(s, e)]
-        chunk = self.options.encode_chunk
+    def _run(self, doc: Document, pos: list[int], should_stop, *, cache: KVCache | Holes | None = None,
+             mark: int = FRESH, chunk: int | None = None) -> int:
+        """Encode the document's rows `pos` (increasing) through the model, `encode_chunk` rows a
+        forward; each row attends to the rows before its position, so every missing row below the
+        last must be in `pos` (or a hole of `cache`, a view of the document's). Rows of several spans
+        go together: one forward instead of one per span (small spans would each re-read all the
+        weights). A chunk's rows are `mark` (fresh) once its forward has returned; `should_stop()`,
+        polled before each chunk, raises Cancelled and keeps the rows done; a failed forward leaves its
+        rows missing."""
+        cache = doc.cache if cache is None else cache
+        chunk = min(chunk or self.options.encode_chunk, self.options.encode_chunk)
         for i in range(0, len(pos), chunk):
             part = pos[i : i + chunk]
-            self.model(torch.tensor([[doc.ids[p] for p in part]]), torch.tensor(part), doc.cache, return_hidden=True,
-                       last_only=True)
-            for p in part:
-                doc.stale[p] = 0
+            if should_stop is not None and should_stop():
+                raise Cancelled(f"encoding {doc.uri} stopped at row {part[0]} ({i} of {len(pos)} done)")
+            try:
+                self.model(torch.tensor([[doc.ids[p] for p in part]]), torch.tensor(part), cache,
+                           return_hidden=True, last_only=True)
+            except BaseException:
+                for p in part:
+                    doc.stale[p] = MISSING
+                raise
+            if part[-1] - part[0] + 1 == len(part):
+                doc.stale[part[0] : part[-1] + 1] = bytes([mark]) * len(part)
+            else:
+                for p in part:
+                    doc.stale[p] = mark
         return len(pos)
 
     def _evict(self, *, keep: Document) -> None:

@@ -35,6 +35,42 @@ class Tokenizer:
             ids, offsets = [self.bos_id] + ids, [(0, 0)] + offsets
         return ids, offsets
 
+    def reencode(self, old: str, ids: list[int], offsets: list[tuple[int, int]], new: str, *,
+                 margin: int = 8) -> tuple[list[int], list[tuple[int, int]]]:
+        """`encode(new)`, given `old`'s encoding: only the whole lines around where the texts differ
+        (with `margin` unchanged tokens each side) are encoded again, the tokens before and after are
+        kept (offsets after the change shifted), so a keystroke in a long file costs what its lines
+        cost. Where the stretch encoded again does not reproduce the kept tokens at both of its ends
+        (a token across its edge), all of `new` is encoded."""
+        n_old, n_new = len(old), len(new)
+        if min(n_old, n_new) < 4096:
+            return self.encode(new)
+        p = _common_prefix(old, new)
+        q = _common_prefix(old[p:][::-1], new[p:][::-1])  # common suffix, not overlapping the prefix
+        first = 1 if self.adds_bos else 0
+        before = bisect.bisect_right(offsets, p, lo=first, key=_end)  # tokens [.., before) end before the change
+        after = bisect.bisect_left(offsets, n_old - q, lo=first, key=_start)  # [after, ..) start after it
+        i = max(first, before - margin)
+        while i > first and old[offsets[i][0] - 1] != "\n":
+            i -= 1
+        j = min(len(ids), max(after, before) + margin)
+        while j < len(ids) and old[offsets[j][0] - 1] != "\n":
+            j += 1
+        a = 0 if i == first else offsets[i][0]
+        b = offsets[j][0] if j < len(ids) else n_old
+        shift = n_new - n_old
+        if not (a <= p and b >= n_old - q):
+            return self.encode(new)
+        enc = self.hf.backend_tokenizer.encode(new[a : b + shift], add_special_tokens=False)
+        mid_ids, mid_offs = list(enc.ids), [(s + a, e + a) for s, e in enc.offsets]
+        head, tail = max(0, before - i), max(0, j - max(after, before))  # kept tokens it must reproduce
+        if (len(mid_ids) < head + tail or mid_ids[:head] != ids[i : i + head] or mid_offs[:head] != offsets[i : i + head]
+                or mid_ids[len(mid_ids) - tail :] != ids[j - tail : j]
+                or [(s - shift, e - shift) for s, e in mid_offs[len(mid_offs) - tail :]] != offsets[j - tail : j]):
+            return self.encode(new)
+        return (ids[:i] + mid_ids + ids[j:],
+                offsets[:i] + mid_offs + [(s + shift, e + shift) for s, e in offsets[j:]])
+
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
@@ -74,3 +110,23 @@ class Tokenizer:
         mask[order[lo:hi]] = True
         mask[torch.tensor([i for i in self.eos_ids if i < size], dtype=torch.long)] = False
         return mask
+
+
+def _common_prefix(a: str, b: str) -> int:
+    """Length of the longest common prefix, by bisection over C-speed slice comparisons."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _start(span: tuple[int, int]) -> int:
+    return span[0]
+
+
+def _end(span: tuple[int, int]) -> int:
+    return span[1]

@@ -377,8 +377,8 @@ class ScratchStep:
         """A batch-1 step of at most MAX_ROWS tokens over a ScratchCache (fp32, CPU)."""
         return (x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] == 1 and x.shape[1] <= MAX_ROWS
                 and hasattr(cache, "claim") and cache.k.shape[1] == 1 and cache.k.dtype == torch.float32
-                and cache.k.device.type == "cpu" and cache.prefix.k.dtype == torch.float32 and _load() is not None
-                and getattr(cache.prefix, "ck", None) is None)  # one prefix plane: no context blocks before it
+                and getattr(cache.prefix, "one_plane", True)  # no context blocks or holes in the prefix
+                and cache.k.device.type == "cpu" and cache.prefix.k.dtype == torch.float32 and _load() is not None)
 
     def _span(self, layers: range | None) -> tuple[int, int]:
         first, stop = (0, len(self.fused)) if layers is None else (layers.start, layers.stop)

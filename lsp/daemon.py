@@ -56,6 +56,8 @@ class Scheduler:
         self._stopping = False
         self.current: tuple[object, Job] | None = None
         self.counts: Counter = Counter()
+        self.busy_s: Counter = Counter()  # engine-thread seconds by kind of work ("idle": background)
+        self.waits_ms: deque[float] = deque(maxlen=256)  # recent completions: submitted -> started
         self._thread = threading.Thread(target=self._run, name="ghostline-engine", daemon=True)
 
     def start(self) -> None:
@@ -145,6 +147,8 @@ class Scheduler:
         if not job.future.running() and not job.future.set_running_or_notify_cancel():
             return
         start, polls, yielded = time.monotonic(), 0, False
+        if job.kind == "complete":
+            self.waits_ms.append((start - job.queued) * 1e3)
 
         def should_yield() -> bool:  # polled before each chunk: the first chunk always runs (progress)
             nonlocal polls, yielded
@@ -165,6 +169,8 @@ class Scheduler:
                 job.future.set_exception(exc)
         except BaseException as exc:  # the client hears of it; the thread lives on
             job.future.set_exception(exc)
+        finally:
+            self.busy_s[job.kind] += time.monotonic() - start
 
     def _interactive_waiting(self, client, uri) -> bool:
         """An edit or completion of another document (of any client) waits."""
@@ -175,11 +181,14 @@ class Scheduler:
     def _idle(self) -> None:
         if self.idle is None:
             return
+        start = time.monotonic()
         try:
             while not self._turns and not self._stopping and self.idle(lambda: bool(self._turns) or self._stopping):
                 pass
         except Exception:  # background work must never take the engine thread down
             log.exception("idle work failed")
+        finally:
+            self.busy_s["idle"] += time.monotonic() - start
 
 
 # the daemon --------------------------------------------------------------------------------------
@@ -287,7 +296,6 @@ class Daemon(Front):
             return dataclasses.asdict(run(stop))
         except Cancelled:
             key = s.key(job.uri)
-            self._keep_progress(key)
             if job.cancelled.is_set():
                 raise
             finish = Job("encode", None, job.uri)
@@ -302,9 +310,8 @@ class Daemon(Front):
             raise RequestError("bad_request", f"strategy must be one of {STRATEGIES}")
         key = s.key(uri)
 
-        def run(stop):
-            self._ensure_cached(key)
-            return dataclasses.asdict(self.engine.edit(key, changes, strategy=strategy))
+        def run(stop):  # the new rows are encoded by the completion that reads them, or when idle
+            return dataclasses.asdict(self.engine.edit(key, changes, strategy=strategy, encode=False))
 
         self._submit(s, rid, Job("update", run, uri))
 
@@ -324,39 +331,18 @@ class Daemon(Front):
             doc = self.engine.docs.get(key)
             if doc is not None and doc.cache is None:
                 self._fit(s, key)
-            self._ensure_cached(key)
-            sent, out = None, None
-            try:
-                for out in self.engine.stream(key, offset, opts, should_stop=stop, should_yield=job.should_yield):
-                    now = (out.text, tuple(out.drafts))
-                    if stream and now != sent:
-                        sent = now
-                        self._threadsafe(s.send, {"id": rid, "partial": {"text": out.text, "drafts": list(out.drafts)}})
-            except Cancelled:  # stopped (or yielded) while encoding the document first
-                self._keep_progress(key)
-                raise
+            sent, out = None, None  # stopped or yielded while encoding the rows it reads, it raises Cancelled
+            for out in self.engine.stream(key, offset, opts, should_stop=stop, should_yield=job.should_yield):
+                now = (out.text, tuple(out.drafts))
+                if stream and now != sent:
+                    sent = now
+                    self._threadsafe(s.send, {"id": rid, "partial": {"text": out.text, "drafts": list(out.drafts)}})
             reply = _completion_dict(out)
             reply["context"] = [k.split("|", 1)[1] for k in reply.get("context", ())]
             return reply
 
         job = Job("complete", run, uri)
         self._submit(s, rid, job)
-
-    def _ensure_cached(self, key: str) -> None:
-        """Re-encode the rest of a document whose encode was stopped part-way (its cache ends early),
-        before anything decodes from it or moves its rows."""
-        doc = self.engine.docs.get(key)
-        if doc is not None and doc.cache is not None and doc.cache.length < len(doc.ids):
-            self.engine.refresh(key)
-
-    def _keep_progress(self, key: str) -> None:
-        """After an encode stopped part-way, every row its cache kept is current: unmark them, so
-        finishing resumes where it stopped (the engine leaves the rows it just encoded marked stale,
-        and finishing would start over each time)."""
-        doc = self.engine.docs.get(key)
-        if doc is not None and doc.cache is not None:
-            n = min(doc.cache.length, len(doc.stale))
-            doc.stale[:n] = bytes(n)
 
     def _cancel(self, s: Session, rid: int, args: dict) -> None:
         job = s.inflight.get(arg(args, "id", int))
@@ -381,6 +367,8 @@ class Daemon(Front):
             "budget_mb": self.engine.options.memory_budget_mb,
             "queued": sum(self.scheduler.waiting(c) for c in list(self.clients.values())),
             "cancelled": counts["cancelled"], "preempted": counts["preempted"], "refreshed": counts["refreshed"],
+            "busy_s": {k: round(v, 1) for k, v in self.scheduler.busy_s.items()},
+            "wait_ms_p50": _median(self.scheduler.waits_ms),
             "you": {"client": s.id, "docs": len(s.docs), "queued": self.scheduler.waiting(s)}}})
 
     def _known(self, s: Session, args: dict) -> str:
@@ -390,20 +378,23 @@ class Daemon(Front):
         return uri
 
     def _refresh(self, should_stop) -> bool:
-        """Background work when every queue is empty: refresh the first document that needs it."""
-        for key, doc in list(self.engine.docs.items()):
-            partial = doc.cache is not None and doc.cache.length < len(doc.ids)
-            if partial or self.engine.needs_refresh(key):
-                try:
-                    stats = self.engine.refresh(key, should_stop=should_stop)
-                except Cancelled:
-                    self._keep_progress(key)
-                    self.scheduler.counts["preempted"] += 1
-                    return False
+        """Background work when every queue is empty: the most recently used document's that is due."""
+        for key in sorted(self.engine.docs, key=lambda k: -self.engine.docs[k].last_used):
+            try:
+                stats = self.engine.background(key, should_stop=should_stop)
+            except Cancelled:
+                self.scheduler.counts["preempted"] += 1
+                return False
+            if stats is not None:
                 self.scheduler.counts["refreshed"] += 1
-                log.info("refreshed %s: %d tokens in %.0f ms", key, stats.encoded, stats.ms)
+                log.info("%s %s: %d tokens in %.0f ms", stats.strategy, key, stats.encoded, stats.ms)
                 return True
         return False
+
+
+def _median(values) -> float | None:
+    ordered = sorted(values)
+    return round(ordered[len(ordered) // 2], 1) if ordered else None
 
 
 def describe(engine: Engine, uri: str) -> dict | None:
@@ -411,7 +402,8 @@ def describe(engine: Engine, uri: str) -> dict | None:
     doc = engine.docs.get(uri)
     if doc is None:
         return None
-    return {"text": doc.whole, "tokens": len(doc.ids), "stale": doc.stale_count, "cached": doc.cache is not None,
+    return {"text": doc.whole, "tokens": len(doc.ids), "stale": doc.stale_count, "missing": doc.missing_count,
+            "cached": doc.cache is not None,
             "window": None if doc.full is None else [doc.base, doc.base + len(doc.text)]}
 
 

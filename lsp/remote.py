@@ -313,7 +313,9 @@ class RemoteEngine:
         leaves the text recorded as the daemon holds it."""
         return self._record(uri, text, "open", {"uri": uri, "text": text})
 
-    def edit(self, uri: str, changes: list, *, strategy: str = "pie", should_stop=None) -> dict | None:
+    def edit(self, uri: str, changes: list, *, strategy: str = "pie", encode: bool = False,
+             should_stop=None) -> dict | None:
+        """As Engine.edit; the daemon always defers the encode (`encode` is accepted for the same call)."""
         text = self.docs.get(uri)
         if text is None:
             raise KeyError(f"document {uri!r} is not open")
@@ -331,11 +333,8 @@ class RemoteEngine:
     def text(self, uri: str) -> str:
         return self.docs[uri]
 
-    def needs_refresh(self, uri: str) -> bool:
-        return False  # the daemon refreshes stale caches in its own idle time
-
-    def refresh(self, uri: str, *, should_stop=None) -> None:
-        return None
+    def background(self, uri: str, *, should_stop=None) -> None:
+        return None  # the daemon does its documents' background work in its own idle time
 
     def describe(self, uri: str) -> dict | None:
         conn = self._connection()

@@ -264,7 +264,8 @@ class GhostlineServer(LanguageServer):
                     del self.waiting_edits[uri]
             return waiting.text
 
-        self.submit_update(uri, lambda engine: engine.edit(uri, waiting.changes), take=take)
+        # the new rows are encoded by the completion that reads them, or when idle
+        self.submit_update(uri, lambda engine: engine.edit(uri, waiting.changes, encode=False), take=take)
 
     def submit_update(self, uri: str, fn, *, take=None) -> None:
         """Run a document update on the engine thread. If it fails, whatever the cause, the document
@@ -320,21 +321,21 @@ class GhostlineServer(LanguageServer):
         self.soon(self.window_show_message, types.ShowMessageParams(type=types.MessageType.Warning, message=message))
 
     def _idle_refresh(self, should_stop) -> bool:
-        """Background work when quiet: send the context chunks a recent choice lacks, then refresh
-        the stalest document that needs it."""
+        """Background work when quiet: send the context chunks a recent choice lacks, then the first
+        document's that is due (`Engine.background`)."""
         if self.engine is None:
             return False
         if self.settings.context and self.context.idle(self.engine, should_stop):
             return True
         for uri in list(self.engine.docs):
-            if self.engine.needs_refresh(uri):
-                from ghostline.engine.engine import Cancelled
+            from ghostline.engine.engine import Cancelled
 
-                try:
-                    stats = self.engine.refresh(uri, should_stop=should_stop)
-                    log.info("refreshed %s: %d tokens in %.0f ms", uri, stats.encoded, stats.ms)
-                except Cancelled:
-                    return False
+            try:
+                stats = self.engine.background(uri, should_stop=should_stop)
+            except Cancelled:
+                return False
+            if stats is not None:
+                log.info("%s %s: %d tokens in %.0f ms", stats.strategy, uri, stats.encoded, stats.ms)
                 return True
         return False
 
@@ -680,6 +681,9 @@ def build_server(*, model: str | None = None, engine: str | None = None) -> Ghos
         if not OTHER_BREAKS.search(text) and ls.workspace.get_text_document(uri).source != text:
             return ls.resync(uri, "text differs from the client's after the change")
         ls.submit_edit(uri, changes)
+        running = ls.running.pop(uri, None)
+        if running is not None:  # its answer is for a text that is gone: free the engine for the next
+            running.cancel()
         ls.after_change(uri, mirror)
         end = changes[-1].start + len(changes[-1].text) if changes else 0
         ls.context.changed(uri, text, text.count("\n", 0, end))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ class Job:
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
     should_yield: Callable[[], bool] = field(default=lambda: False)  # set by a scheduler that time-slices encodes
+    queued: float = field(default_factory=time.monotonic)  # when it was submitted
 
     def cancel(self) -> None:
         self.cancelled.set()

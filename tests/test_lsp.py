@@ -10,6 +10,7 @@ import time
 
 import pytest
 from lsprotocol import types
+from pygls.exceptions import JsonRpcRequestCancelled
 
 from ghostline.lsp.client import SERVER, running_server
 
@@ -73,7 +74,10 @@ def test_cancel_coalescing_and_bad_input():
             first = asyncio.ensure_future(c.inline(URI, 9, 4))
             await asyncio.sleep(0.01)
             second = await c.inline(URI, 9, 4)
-            assert not (await first).items  # superseded by the newer request
+            try:  # superseded by the newer request: no items, or cancelled if it was already decoding
+                assert not (await first).items
+            except JsonRpcRequestCancelled:
+                pass
             assert second.items
             # $/cancelRequest of an in-flight request
             fut = c.protocol.send_request("textDocument/inlineCompletion", types.InlineCompletionParams(

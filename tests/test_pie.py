@@ -191,24 +191,25 @@ def test_random_edits_keep_text_ids_and_cache_consistent(tiny_engine_factory, ed
 
 
 def test_a_stopped_encode_resumes_and_nothing_reads_missing_rows(tiny_engine_factory):
-    """An open stopped after two chunks keeps those rows (fresh); refresh encodes only the rest; an
-    edit or a completion on a part-encoded document first encodes the rest, so both equal the same
-    steps on a document encoded in one go."""
+    """An open stopped after two chunks keeps those rows (fresh), the rest missing; refresh encodes
+    only the rest; an edit of a part-encoded document encodes every missing row; a completion
+    encodes only the missing rows before its cursor. Each equals the same steps on a document
+    encoded in one go."""
     from ghostline.engine.engine import Cancelled, CompletionOptions
 
     text = SAMPLE[:1200]
     ref = tiny_engine_factory("llama", encode_chunk=64)
     ref.open("d", text)
-    eng = tiny_engine_factory("llama", encode_chunk=64)
+    eng = tiny_engine_factory("llama", encode_chunk=64, mend_budget=4096)  # no budget: every row it reads
     calls = iter(range(100))
     with pytest.raises(Cancelled):
         eng.open("d", text, should_stop=lambda: next(calls) >= 2)
     doc = eng.docs["d"]
-    assert doc.cache.length == 128 and doc.first_stale == 128 and doc.stale_count == len(doc.ids) - 128
+    assert doc.first_stale == 128 and doc.missing_count == doc.stale_count == len(doc.ids) - 128
     calls = iter(range(100))
     with pytest.raises(Cancelled):
         eng.refresh("d", should_stop=lambda: next(calls) >= 1)  # one more chunk, then stopped again
-    assert doc.cache.length == 192 and doc.first_stale == 192
+    assert doc.first_stale == 192 and doc.missing_count == len(doc.ids) - 192
     assert eng.refresh("d").encoded == len(doc.ids) - 192
     torch.testing.assert_close(doc.cache.state[0], ref.docs["d"].cache.state[0], rtol=0, atol=1e-5)
 
@@ -217,17 +218,51 @@ def test_a_stopped_encode_resumes_and_nothing_reads_missing_rows(tiny_engine_fac
         eng.open("d", text, should_stop=lambda: next(calls) >= 1)
     change = [{"range": {"start": {"line": 3, "character": 0}, "end": {"line": 3, "character": 0}}, "text": "x = 1\n"}]
     eng.edit("d", change)
-    ref.edit("d", change)
-    assert eng.docs["d"].cache.length == len(eng.docs["d"].ids)
-    torch.testing.assert_close(eng.docs["d"].cache.state[0], ref.docs["d"].cache.state[0], rtol=0, atol=1e-5)
+    doc = eng.docs["d"]
+    assert doc.missing_count == 0 and doc.cache.length == len(doc.ids)
+    eng.refresh("d")
+    fresh = tiny_engine_factory("llama", encode_chunk=64)
+    fresh.open("d", eng.text("d"))
+    torch.testing.assert_close(doc.cache.state[0], fresh.docs["d"].cache.state[0], rtol=0, atol=1e-5)
 
     calls = iter(range(100))
     with pytest.raises(Cancelled):
         eng.open("d", text, should_stop=lambda: next(calls) >= 1)
     opts = CompletionOptions(max_tokens=6)
     ref.open("d", text)
-    assert eng.complete("d", 900, opts).tokens == ref.complete("d", 900, opts).tokens
-    assert eng.docs["d"].cache.length == len(eng.docs["d"].ids)
+    assert eng.complete("d", 700, opts).tokens == ref.complete("d", 700, opts).tokens
+    doc = eng.docs["d"]
+    P = doc.token_at(700)
+    assert 0 < doc.missing_count and doc.first_stale >= P - 1 and doc.cache.length == len(doc.ids)
+
+
+def test_a_deferred_edit_encodes_what_the_completion_reads_and_equals_the_eager_edit(tiny_engine_factory):
+    """`encode=False` leaves the new rows missing: a completion below them encodes them (rows above
+    the cursor only) and answers as after an eager edit; `refresh` encodes the rest, and the cache
+    then equals the eager edit's."""
+    from ghostline.engine.engine import CompletionOptions
+
+    lazy, eager = tiny_engine_factory("gemma3", encode_chunk=32), tiny_engine_factory("gemma3", encode_chunk=32)
+    text = SAMPLE[:1500]
+    for eng in (lazy, eager):
+        eng.open("a", text)
+    first = [{"range": {"start": {"line": 4, "character": 0}, "end": {"line": 4, "character": 0}}, "text": "import json\n"}]
+    below = [{"range": {"start": {"line": 30, "character": 0}, "end": {"line": 30, "character": 0}},
+              "text": "    data = json.loads(raw)\n"}]
+    stats = lazy.edit("a", first + below, encode=False)
+    eager.edit("a", first + below)
+    doc = lazy.docs["a"]
+    assert stats.encoded == 0 and 0 < doc.missing_count <= stats.stale
+    lines = eager.text("a").split("\n")
+    cursor = sum(len(x) + 1 for x in lines[:9]) + len(lines[9])  # the end of line 9, between the edits
+    opts = CompletionOptions(max_tokens=8)
+    assert lazy.complete("a", cursor, opts).tokens == eager.complete("a", cursor, opts).tokens
+    P = doc.token_at(cursor)
+    assert doc.missing_count > 0 and doc.first_stale < P  # the rows below the cursor wait ...
+    assert not any(m == 2 for m in doc.stale[:P])  # ... those above it were encoded
+    assert lazy.background("a").strategy == "mend"  # what the engine does when idle
+    assert doc.missing_count == 0 and doc.stale == eager.docs["a"].stale
+    assert states_close(doc.cache, eager.docs["a"].cache, 0) < 1e-5
 
 
 SHIFTS = [(48, 5, 20, 30), (48, 30, 44, 2), (48, 10, 30, 17), (48, 12, 40, 5), (48, 20, 47, 21), (48, 5, 45, 4),
@@ -266,3 +301,36 @@ def test_a_rewrite_of_many_lines_encodes_only_what_changed_inside(tiny_engine_fa
     ref.open("a", eng.text("a"))
     assert eng.docs["a"].ids == ref.docs["a"].ids
     assert states_close(eng.docs["a"].cache, ref.docs["a"].cache, 0) < 1e-5
+
+
+def test_a_completion_encodes_at_most_its_budget_and_never_reads_the_rows_it_skips(tiny_engine_factory):
+    """Past `mend_budget` missing rows before the cursor, a completion encodes the nearest ones only;
+    the others are left out of what it reads (whatever they hold, the answer is the same), and the
+    background work encodes them, after which a refresh equals a full encode."""
+    from ghostline.engine.document import MISSING
+    from ghostline.engine.engine import CompletionOptions
+
+    text = SAMPLE[:1500]
+    at = text.index("\n", 600) + 1
+    paste = SAMPLE[2000:2400]
+    answers = []
+    for poison in (float("nan"), 1e4):
+        eng = tiny_engine_factory("gemma3", encode_chunk=16, mend_budget=24)
+        eng.open("a", text)
+        eng.edit("a", [Change(at, at, paste)], encode=False)
+        doc = eng.docs["a"]
+        missing = doc.missing_before(len(doc.ids))
+        assert len(missing) > 24
+        doc.cache.k[:, :, missing] = poison
+        doc.cache.v[:, :, missing] = poison
+        out = eng.complete("a", at + len(paste), CompletionOptions(max_tokens=8))
+        answers.append(out.tokens)
+        done = [p for p in missing if doc.stale[p] != MISSING]
+        skipped = [p for p in missing if doc.stale[p] == MISSING and p < done[-1]]
+        assert len(done) == 24 and skipped and max(skipped) < min(done)  # the 24 nearest the cursor
+    assert answers[0] == answers[1] and answers[0]
+    assert eng.background("a").strategy == "mend" and doc.missing_count == 0
+    eng.refresh("a")
+    ref = tiny_engine_factory("gemma3")
+    ref.open("a", eng.text("a"))
+    assert states_close(doc.cache, ref.docs["a"].cache, 0) < 1e-5

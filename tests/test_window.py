@@ -48,6 +48,40 @@ def test_long_document_opens_as_text_and_caches_a_window_at_the_cursor(tiny_engi
     window_equals_fresh(tiny_engine_factory, eng, "a", top)
 
 
+def test_a_window_placed_where_nothing_is_cached_starts_small_and_grows_when_idle(tiny_engine_factory):
+    """A completion far from any cached row encodes at most `window_first` tokens; idle refreshes
+    then grow the window upward chunk by chunk to `window_tokens`, and it stays a document."""
+    eng = tiny_engine_factory("llama", window_tokens=4 * W, window_above=W, window_first=W, encode_chunk=64)
+    eng.open("a", LONG)
+    end = len(LONG) - 40
+    eng.complete("a", end, OPTS)
+    doc = eng.docs["a"]
+    assert len(doc.ids) <= W and doc.base > 0
+    kinds = [eng.background("a") for _ in range(40)]
+    assert "grow" in {k.strategy for k in kinds if k} and kinds[-1] is None  # grown, then nothing due
+    assert 3 * W < len(doc.ids) <= 4 * W and doc.base + len(doc.text) >= end
+    assert LONG[doc.base - 1] == "\n" and LONG[doc.base : doc.base + len(doc.text)] == doc.text
+    window_equals_fresh(tiny_engine_factory, eng, "a", end)
+
+
+def test_a_document_grown_past_the_limit_becomes_a_window_around_the_edit(tiny_engine_factory):
+    """Edits that take a document past `window_above` tokens turn it into a window around the last
+    change that keeps the rows it had (only the new text is encoded)."""
+    eng = tiny_engine_factory("llama", window_tokens=W, window_above=W, encode_chunk=64)
+    short = SAMPLE[:600]
+    eng.open("a", short)
+    doc = eng.docs["a"]
+    assert doc.full is None
+    at = short.rindex("\n", 0, 400) + 1
+    paste = SAMPLE[2000:2600]
+    stats = eng.edit("a", [Change(at, at, paste)], encode=False)
+    text = short[:at] + paste + short[at:]
+    assert stats.strategy == "window" and doc.full == text == eng.text("a")
+    assert doc.base <= at + len(paste) <= doc.base + len(doc.text) and len(doc.ids) <= W
+    assert 0 < doc.missing_count < len(doc.ids)  # the pasted rows; the rest kept, moved and rotated
+    window_equals_fresh(tiny_engine_factory, eng, "a", at + len(paste))
+
+
 def test_a_short_document_is_not_windowed(tiny_engine_factory):
     eng = tiny_engine_factory("llama", window_tokens=W, window_above=W)
     eng.open("a", SAMPLE[:600])
@@ -96,13 +130,13 @@ def test_an_edit_across_the_window_edge_drops_it_until_the_next_completion(tiny_
 def test_encoding_a_window_yields_and_resumes(tiny_engine_factory):
     """`should_yield` stops the window's encode between chunks (Cancelled, rows kept); the next call
     encodes only the rest, and the completion equals one in a single go."""
-    eng = tiny_engine_factory("llama", window_tokens=W, window_above=W, encode_chunk=64)
+    eng = tiny_engine_factory("llama", window_tokens=W, window_above=W, encode_chunk=64, mend_budget=4096)
     eng.open("a", LONG)
     calls = iter(range(100))
     with pytest.raises(Cancelled):
         eng.complete("a", len(LONG) - 10, OPTS, should_yield=lambda: next(calls) >= 2)
     doc = eng.docs["a"]
-    assert doc.cache.length == 128 < len(doc.ids)
+    assert doc.first_stale == 128 and doc.missing_count > 0
     window_equals_fresh(tiny_engine_factory, eng, "a", len(LONG) - 10)
 
 
