@@ -388,6 +388,7 @@ class Soak:
         lat = sorted(self.latencies)
         return {**out, **self.counts, "daemon_pids_seen": len(self.daemons),
                 "daemon_busy_s": (daemon or {}).get("busy_s"), "daemon_wait_ms_p50": (daemon or {}).get("wait_ms_p50"),
+                "daemon_cache_mb_end": (daemon or {}).get("memory_mb"),
                 "after_kill_ms_max": round(max(self.after_kill), 1) if self.after_kill else None,
                 "recovered": len(self.daemons) > self.counts["kills"] and self.end_ok,
                 "latency_ms_p50": round(statistics.median(lat), 1) if lat else None,

@@ -35,12 +35,23 @@ class KVCache:
     def state(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[:, :, : self.length], self.v[:, :, : self.length]
 
+    def reserve_bytes(self, n: int) -> int:
+        """What `reserve(n)` allocates: 0 when n rows fit, else its new storage (held beside the old
+        one while the rows are copied)."""
+        if n <= self.capacity:
+            return 0
+        L, KV, hd = self.shape
+        return 2 * L * KV * self._grown(n) * hd * self.k.element_size()
+
+    def _grown(self, n: int) -> int:
+        return -(-(n + n // 8) // self.chunk) * self.chunk
+
     def reserve(self, n: int) -> None:
         """Make room for n rows (rows past `length` are undefined). Grown in whole chunks with an
         eighth to spare, so that a long document's edits seldom copy the whole cache."""
         if n <= self.capacity:
             return
-        cap = -(-(n + n // 8) // self.chunk) * self.chunk
+        cap = self._grown(n)
         L, KV, hd = self.shape
         k = torch.empty(L, KV, cap, hd, dtype=self.dtype, device=self.device)
         v = torch.empty_like(k)

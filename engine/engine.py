@@ -50,11 +50,14 @@ class EngineOptions:
     window_above: int = 16384  # a document of more tokens is cached as a window around where the user works ...
     window_tokens: int = 4096  # ... of this many tokens
     window_first: int = 512  # a window placed where little is cached starts this small, then grows when idle
-    mend_budget: int = 128  # a completion encodes at most this many missing rows first (deferred edits; the rest when idle)
+    mend_ms: float = 1500.0  # a completion spends about this long at most encoding the missing rows it reads ...
+    mend_budget: int = 0  # ... or encodes this many of them at most (0: as many as mend_ms allows)
 
     def __post_init__(self):
-        if isinstance(self.mend_budget, bool) or not isinstance(self.mend_budget, int) or self.mend_budget < 1:
-            raise ValueError(f"mend_budget must be a positive integer, not {self.mend_budget!r}")
+        if isinstance(self.mend_budget, bool) or not isinstance(self.mend_budget, int) or self.mend_budget < 0:
+            raise ValueError(f"mend_budget must be a non-negative integer, not {self.mend_budget!r}")
+        if isinstance(self.mend_ms, bool) or not isinstance(self.mend_ms, (int, float)) or not self.mend_ms > 0:
+            raise ValueError(f"mend_ms must be a positive number, not {self.mend_ms!r}")
         for name in ("window_above", "window_tokens", "window_first"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 256:
@@ -67,6 +70,7 @@ class EngineOptions:
 
 PRECISIONS = ("fp32", "int8")
 HEADS = ("full", "code")
+MEND_MIN_ROWS = 64  # a completion encodes at least this many missing rows, however slow the encode
 BACKGROUND_CHUNK = 64  # rows a forward of background work (a request arriving waits for at most one)
 REWRITE_TOKENS = 32  # a single change replacing more tokens than this by more is diffed inside
 CHARS_PER_TOKEN = 8  # a text of more code points than this per token of `window_above` surely is long (not tokenised)
@@ -103,6 +107,7 @@ class Engine:
             self.tok.eos_ids = self.tok.eos_ids | self.infill.stops
         self._preludes: dict[int, KVCache] = {}  # [BOS] + a token, encoded once (FIM's prefix marker)
         self._clock = 0
+        self.encode_rate: float | None = None  # rows a second the encode runs at, once measured
 
     @classmethod
     def load(cls, spec=None, *, options: EngineOptions | None = None, progress=None) -> "Engine":
@@ -244,6 +249,11 @@ class Engine:
             stats.encoded = self._run(doc, list(range(first, len(ids))), should_stop)
         else:
             freqs = self.model.args.inv_freq if strategy == "pie" else None
+            rows = peak = doc.cache.length
+            for h in hunks:
+                rows += (h.new_end - h.new_start) - (h.old_end - h.old_start)
+                peak = max(peak, rows)
+            self._make_room(doc, peak)
             for h in hunks:
                 m = h.new_end - h.new_start
                 doc.cache.splice(h.new_start, h.new_start + h.old_end - h.old_start, m, inv_freq=freqs)
@@ -641,10 +651,13 @@ class Engine:
         return KVCache(a.n_layers, a.n_kv_heads, a.head_dim, dtype=self.model.embed_tokens.weight.dtype)
 
     def _readable(self, doc: Document, end: int, should_stop) -> KVCache | Holes:
-        """The document's rows [0, end) for a decode to read, its missing rows encoded first: at most
-        `mend_budget` of them, those nearest `end`. Past the budget the others stay missing, out of the
-        returned view (holes), and the rows encoded over them are stale; `background` mends them."""
-        missing, budget = doc.missing_before(end), self.options.mend_budget
+        """The document's rows [0, end) for a decode to read, its missing rows encoded first: as many
+        as `mend_ms` allows at the encode rate measured so far (or `mend_budget`), those nearest `end`.
+        Past the budget the others stay missing, out of the returned view (holes), and the rows encoded
+        over them are stale; `background` mends them."""
+        missing, rate = doc.missing_before(end), self.encode_rate
+        budget = self.options.mend_budget or (
+            len(missing) if rate is None else max(MEND_MIN_ROWS, int(rate * self.options.mend_ms / 1e3)))
         if len(missing) <= budget:
             self._run(doc, missing, should_stop)
             return doc.cache
@@ -653,16 +666,22 @@ class Engine:
         return view
 
     def _allocate(self, doc: Document) -> None:
-        """A new cache for the document, every row missing; other documents' caches past the memory
-        budget are dropped."""
+        """A new cache for the document, every row missing."""
         doc.cache = self.new_cache()
         self._resize(doc)
         doc.stale = bytearray([MISSING]) * len(doc.ids)
-        self._evict(keep=doc)
 
     def _resize(self, doc: Document) -> None:
+        self._make_room(doc, len(doc.ids))
         doc.cache.reserve(len(doc.ids))
         doc.cache.length = len(doc.ids)
+
+    def _make_room(self, doc: Document, rows: int) -> None:
+        """Drop the least recently used other documents' caches so that `doc`'s growing to `rows` rows
+        keeps every cache, the old storage and the new one it is copied into, within the memory budget."""
+        need = doc.cache.reserve_bytes(rows)
+        if need:
+            self._evict(keep=doc, need=doc.cache.nbytes + need)
 
     def _encode_all(self, doc: Document, should_stop) -> int:
         self._allocate(doc)
@@ -685,8 +704,12 @@ class Engine:
             if should_stop is not None and should_stop():
                 raise Cancelled(f"encoding {doc.uri} stopped at row {part[0]} ({i} of {len(pos)} done)")
             try:
+                t0 = time.perf_counter()
                 self.model(torch.tensor([[doc.ids[p] for p in part]]), torch.tensor(part), cache,
                            return_hidden=True, last_only=True)
+                if len(part) >= 16:  # rows a second, smoothed: what a completion can encode in its budget
+                    rate = len(part) / max(time.perf_counter() - t0, 1e-6)
+                    self.encode_rate = rate if self.encode_rate is None else 0.8 * self.encode_rate + 0.2 * rate
             except BaseException:
                 for p in part:
                     doc.stale[p] = MISSING
@@ -698,15 +721,16 @@ class Engine:
                     doc.stale[p] = mark
         return len(pos)
 
-    def _evict(self, *, keep: Document) -> None:
+    def _evict(self, *, keep: Document, need: int) -> None:
+        """Drop the least recently used caches other than `keep`'s until theirs and `need` bytes fit
+        the memory budget (their documents are encoded again when next used)."""
         budget = self.options.memory_budget_mb * 2**20
-        cached = sorted((d for d in self.docs.values() if d.cache is not None), key=lambda d: d.last_used)
-        total = sum(d.cache.nbytes for d in cached)
-        for d in cached:
+        others = sorted((d for d in self.docs.values() if d.cache is not None and d is not keep),
+                        key=lambda d: d.last_used)
+        total = sum(d.cache.nbytes for d in others) + need
+        for d in others:
             if total <= budget:
                 break
-            if d is keep:
-                continue
             total -= d.cache.nbytes
             d.cache = None
 

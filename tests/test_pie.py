@@ -165,6 +165,29 @@ def test_memory_budget_evicts_least_recently_used(tiny_engine_factory):
     assert eng.docs["a"].cache is not None and out.ctx_tokens > 0
 
 
+def test_edits_that_grow_a_cache_keep_every_cache_within_the_budget(tiny_engine_factory):
+    """Growing a cache holds its old storage and the new one at once: the least recently used other
+    caches make room first, so the caches never exceed the budget, counting that copy."""
+    probe = tiny_engine_factory("llama")
+    probe.open("p", SAMPLE[:400])
+    unit, grown = probe.docs["p"].cache, len(probe.tok.encode(SAMPLE[:3000])[0])
+    budget = (1.5 * unit.nbytes + unit.nbytes + unit.reserve_bytes(grown)) / 2**20  # room for one other cache
+    eng = tiny_engine_factory("llama", memory_budget_mb=budget)
+    for name in "abc":
+        eng.open(name, SAMPLE[:400])
+    assert all(eng.docs[n].cache is not None for n in "abc")
+    peak, grow = [0], eng.docs["c"].cache.reserve
+
+    def reserve(n):  # the caches while "c" is copied into its new storage
+        peak[0] = max(peak[0], eng.memory_bytes() + eng.docs["c"].cache.reserve_bytes(n))
+        grow(n)
+
+    eng.docs["c"].cache.reserve = reserve
+    eng.edit("c", [Change(400, 400, SAMPLE[400:3000])], encode=False)
+    assert eng.docs["a"].cache is None and eng.docs["b"].cache is not None  # the oldest made room
+    assert peak[0] <= budget * 2**20 and eng.memory_bytes() <= budget * 2**20
+
+
 ALPHABET = "ab (_)\n\t:=éü😀x"
 
 
