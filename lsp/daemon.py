@@ -387,7 +387,8 @@ class Daemon(Front):
                 return False
             if stats is not None:
                 self.scheduler.counts["refreshed"] += 1
-                log.info("%s %s: %d tokens in %.0f ms", stats.strategy, key, stats.encoded, stats.ms)
+                log.log(logging.INFO if stats.strategy == "refresh" else logging.DEBUG,  # mends follow most edits
+                        "%s %s: %d tokens in %.0f ms", stats.strategy, key, stats.encoded, stats.ms)
                 return True
         return False
 

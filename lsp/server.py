@@ -335,7 +335,8 @@ class GhostlineServer(LanguageServer):
             except Cancelled:
                 return False
             if stats is not None:
-                log.info("%s %s: %d tokens in %.0f ms", stats.strategy, uri, stats.encoded, stats.ms)
+                log.log(logging.INFO if stats.strategy == "refresh" else logging.DEBUG,  # mends follow most edits
+                        "%s %s: %d tokens in %.0f ms", stats.strategy, uri, stats.encoded, stats.ms)
                 return True
         return False
 
