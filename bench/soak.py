@@ -424,7 +424,7 @@ async def _inspected(client: Client, doc: Doc) -> tuple[str, object]:
     runs (an edit sent between the two would make the engine's text newer than the one compared)."""
     fut = asyncio.wrap_future(client.protocol.send_request("ghostline/inspect", {"uri": doc.uri}))
     expected = doc.text
-    return expected, await asyncio.wait_for(fut, 120)
+    return expected, await asyncio.wait_for(asyncio.shield(fut), 120)  # a timeout leaves pygls' future alone
 
 
 async def _invoked(client: Client, doc: Doc, offset: int):
