@@ -152,14 +152,9 @@ def pie(out: Path) -> Path:
     left.legend(handles=[Patch(color="#555555", label="p50"), Patch(color="#555555", alpha=0.4, label="p95")],
                 loc="lower right", frameon=False)
 
-    x = range(len(order))
-    for i, (metric, label) in enumerate((("em", "exact match (EM)"), ("es", "edit similarity (ES)"))):
-        vals = [res[m][metric] for m in order]
-        xs = [j + (i - 0.5) * 0.38 for j in x]
-        right.bar(xs, vals, width=0.36, color=[COLORS[m] for m in order], alpha=0.45 if i == 0 else 1.0,
-                  hatch="//" if i == 0 else None, edgecolor="white", label=label)
-        for xx, v in zip(xs, vals):
-            right.text(xx, v + 0.8, f"{v:.1f}", ha="center", fontsize=7)
+    x = paired_bars(right, [([res[m][metric] for m in order], label) for metric, label in
+                            (("em", "exact match (EM)"), ("es", "edit similarity (ES)"))],
+                    [COLORS[m] for m in order], pad=0.8)
     right.set_xticks(list(x), [names[m] for m in order], fontsize=8)
     right.set_ylabel("first line against the target (%)")
     right.set_ylim(0, 55)
@@ -177,6 +172,18 @@ def pie(out: Path) -> Path:
     return path
 
 
+def paired_bars(ax, groups, colors, *, pad: float) -> range:
+    """Two bars a position (the first faint and hatched), each labelled with its value; the positions."""
+    x = range(len(colors))
+    for i, (vals, label) in enumerate(groups):
+        xs = [j + (i - 0.5) * 0.38 for j in x]
+        ax.bar(xs, vals, width=0.36, color=colors, alpha=0.45 if i == 0 else 1.0, hatch="//" if i == 0 else None,
+               edgecolor="white", label=label)
+        for xx, v in zip(xs, vals):
+            ax.text(xx, v + pad, f"{v:.1f}", ha="center", fontsize=7)
+    return x
+
+
 # (c) drafts -------------------------------------------------------------------------------------------
 
 def drafts(out: Path) -> Path:
@@ -188,14 +195,9 @@ def drafts(out: Path) -> Path:
              "nucleus": "nucleus (p 0.9, T 0.8)", "beam": "beam search (3 beams)"}
     methods = list(res)
     fig, (left, right) = figure(2, width=10.5, height=4.6)
-    x = range(len(methods))
-    for i, (key, label) in enumerate((("em", "top draft"), ("best_of_k_em", "best of the 3 drafts"))):
-        vals = [res[m][key] for m in methods]
-        xs = [j + (i - 0.5) * 0.38 for j in x]
-        left.bar(xs, vals, width=0.36, color=[COLORS[m] for m in methods], alpha=0.45 if i == 0 else 1.0,
-                 hatch="//" if i == 0 else None, edgecolor="white")
-        for xx, v in zip(xs, vals):
-            left.text(xx, v + 0.4, f"{v:.1f}", ha="center", fontsize=7)
+    x = paired_bars(left, [([res[m][key] for m in methods], label) for key, label in
+                           (("em", "top draft"), ("best_of_k_em", "best of the 3 drafts"))],
+                    [COLORS[m] for m in methods], pad=0.4)
     left.set_xticks(list(x), [names[m] for m in methods], fontsize=8, rotation=15, ha="right")
     left.set_ylabel("exact match of the first line (%)")
     left.set_ylim(0, 30)

@@ -33,7 +33,7 @@ from ghostline.engine.infill import SUFFIX_TOKENS, detect, suffix_text
 from ghostline.engine.ngram import NgramIndex, PromptLookup, scope_of
 from ghostline.engine.quant import quantize
 from ghostline.engine.stops import Shown, StopRules
-from ghostline.engine.text import apply_changes, to_change
+from ghostline.engine.text import to_change
 from ghostline.engine.tokenizer import Tokenizer
 from ghostline.kernels.rope_shift import apply_rope, delta_cos_sin
 
