@@ -240,8 +240,9 @@ def main(argv=None) -> int:
     p.add_argument("--depth", type=int, default=None, help="AdaDec look-ahead tokens (L; default: the engine's)")
     p.add_argument("--threshold", type=float, help="override the calibrated entropy threshold (nats)")
     p.add_argument("--margin", type=float, default=None, help="pause only when p1 - p2 < margin (default: the engine's)")
-    p.add_argument("--follow", action="store_true", default=None,
-                   help="commit the winner's rollout without pausing inside it (bounds the cost; our addition)")
+    p.add_argument("--follow", action=argparse.BooleanOptionalAction, default=None,
+                   help="commit the winner's rollout without pausing inside it (bounds the cost; our addition; "
+                        "default: the engine's, on)")
     p.add_argument("--humaneval", action="store_true", help="also run HumanEval pass@1")
     p.add_argument("--he-limit", type=int)
     p.add_argument("--methods", default=",".join(METHODS))

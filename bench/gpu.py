@@ -479,7 +479,7 @@ def run_timings(name: str, cfg, *, hf, model, runner, runner_ng, runner_gemv, ct
         res["step_cuda"] = timed(st.run, iters=it["step"], warmup=warm, device=device)
         toks = [first] + tokens.get("cuda", [0] * n)[: a.verify_tokens - 1]
         res["verify_cuda"] = timed(lambda: runner.verify(scratch, toks, scratch.start), iters=it["step"], warmup=warm, device=device)
-        res["verify_same"] = runner.verify(scratch, toks, scratch.start)[: len(toks) - 1] == toks[1:]
+        res["verify_same"] = runner.verify(scratch, toks, scratch.start)[0][: len(toks) - 1] == toks[1:]
 
     part("suggest_eager", suggest_eager)
     if runner_ng is not None:

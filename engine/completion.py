@@ -72,7 +72,7 @@ class CompletionOptions:
     decoder: str = "greedy"  # greedy | adadec | lookup, self, lookup+self (speculative: same output as greedy)
     adadec: AdaDecParams | None = None  # None: the model's calibrated threshold (engine.calibration)
     draft_length: str = "match"  # speculative decoders' draft length rule (engine.decoding.speculative)
-    drafts: int = 1  # > 1: k drafts (decoder superposed, the default, or beam | nucleus), see engine.drafts
+    drafts: int = 1  # > 1: k drafts (decoder superposed, the default, or beam | nucleus), see engine.decoders
     superposed: SuperposedParams | None = None  # None: the defaults
     halt: bool = False  # end the suggestion before a token the controller expects to be wrong (engine.exits)
     halt_threshold: float | None = None  # P(stop) cut-off; None: the model's calibrated one

@@ -26,6 +26,7 @@ for a given (mode, T, cache storage); a cache that grows (new storage) is captur
     for tok in runner.greedy(scratch, first, max_new=32): ...
     runner.encode(doc_cache, new_ids, start)        # PIE: encode the edited span over the prefix
     runner.verify(scratch, [tok] + draft, pos)      # one verify step of k+1 tokens
+    runner.speculative(scratch, first, context=ids, proposer=PromptLookup(), max_new=32)
 """
 
 from __future__ import annotations
@@ -35,11 +36,11 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ghostline.engine.cache import KVCache, ScratchCache
+from ghostline.engine.decoding.speculative import speculative
 from ghostline.kernels.fused import act_mul, gemv_triton, qk_rope_write, residual_norm
 from ghostline.kernels.segment_attention import static_attention, static_plan
 from ghostline.kernels.segment_attention import triton as _triton
@@ -330,9 +331,11 @@ class CudaRunner:
             yield int(toks[i])
 
     @torch.no_grad()
-    def verify(self, cache: ScratchCache, tokens: list[int], pos: int) -> list[int]:
-        """One verify step: tokens (the current token + a draft, at most `verify_tokens`) at
-        positions pos..; returns the greedy choice after each (the draft is padded to the fixed T)."""
+    def verify(self, cache: ScratchCache, tokens: list[int], pos: int, *,
+               logits: bool = False) -> tuple[list[int], torch.Tensor | None]:
+        """One verify step (`engine.decoding.speculative`'s verifier): tokens (the current token + a
+        draft, at most `verify_tokens`) at positions pos..; the greedy choice after each (the draft
+        is padded to the fixed T) and, with `logits`, a copy of their rows [T, V]."""
         T = self.verify_tokens
         if not 0 < len(tokens) <= T:
             raise ValueError(f"a verify step takes 1..{T} tokens")
@@ -346,40 +349,13 @@ class CudaRunner:
         self._set_meta(st, cache.start, cache.start, row0, len(tokens))
         st.run()
         cache.length = max(cache.length, row0 + len(tokens))
-        self._last_verify = st
-        return st.choice[: len(tokens)].tolist()
+        rows = st.logits[: len(tokens)].clone() if logits else None
+        return st.choice[: len(tokens)].tolist(), rows
 
-    @torch.no_grad()
-    def speculative(self, cache: ScratchCache, first: int, *, context: list[int], proposer, max_new: int,
-                    first_mask: torch.Tensor | None = None, stats=None, length=None) -> Iterator[int]:
-        """`engine.decoding.speculative` on static verify steps (drafts of at most verify_tokens - 1):
-        the same tokens as `greedy` whatever the proposer says."""
-        from ghostline.engine.decoding.speculative import DraftLength, SpecStats, accept
-
-        stats = stats if stats is not None else SpecStats()
-        length = length or DraftLength(k_max=self.verify_tokens - 1)
-        seq = np.asarray(list(context) + [first], dtype=np.int64)
-        tok, pos, produced = first, cache.start, 0
-        mask = None if first_mask is None else first_mask.to(self.device)
-        while produced < max_new:
-            k = min(length.k, max_new - produced - 1, self.verify_tokens - 1)
-            draft = proposer.propose(seq, k) if k > 0 and not (produced == 0 and mask is not None) else []
-            draft = list(draft)[:k]
-            choice = self.verify(cache, [tok] + draft, pos)
-            if produced == 0 and mask is not None:
-                logits = self._last_verify.logits[0].masked_fill(~mask, float("-inf"))
-                choice[0] = int(logits.argmax())
-            new = accept(draft, choice, stats=stats, length=length)
-            n = len(new) - 1
-            cache.trim(pos - cache.start + 1 + n)
-            pos += 1 + n
-            seq = np.concatenate([seq, np.asarray(new, dtype=np.int64)])
-            for t in new:
-                produced += 1
-                yield t
-                if produced >= max_new:
-                    return
-            tok = new[-1]
+    def speculative(self, cache: ScratchCache, first: int, **kw) -> Iterator[int]:
+        """`engine.decoding.speculative` with this runner's static verify steps (drafts of at most
+        verify_tokens - 1): the same tokens as `greedy` whatever the proposer says."""
+        return speculative(self.model, cache, first, verifier=self, **kw)
 
     # PIE -----------------------------------------------------------------------------------------
 

@@ -18,19 +18,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ghostline.engine.cache import Holes, KVCache, ScratchCache, WithContext
-from ghostline.engine.completion import DECODERS, SPECULATIVE, Completion, CompletionOptions, Prompt, UpdateStats
+from ghostline.engine.cache import Holes, KVCache, WithContext
+from ghostline.engine.completion import Completion, CompletionOptions, Prompt, UpdateStats
 from ghostline.engine.calibration import find, load_json, load_vocab
-from ghostline.engine.decoding.adadec import AdaDecParams, AdaDecStats, adadec
-from ghostline.engine.decoding.early_exit import ExitStats, early_exit
-from ghostline.engine.decoding.greedy import greedy
-from ghostline.engine.decoding.speculative import DRAFT_RULES, Chain, EarlyLayers, SpecStats, speculative
+from ghostline.engine.decoders import Request, decoder_for
+from ghostline.engine.decoding.adadec import AdaDecParams
 from ghostline.engine.document import FRESH, MISSING, STALE, STRATEGIES, Document, token_hunks
-from ghostline.engine.drafts import stream_drafts
 from ghostline.engine.exits import EXITS_FILE, Exits
 from ghostline.engine.gate import GATE_FILE, Gate
 from ghostline.engine.infill import SUFFIX_TOKENS, detect, suffix_text
-from ghostline.engine.ngram import NgramIndex, PromptLookup, scope_of
+from ghostline.engine.ngram import NgramIndex, scope_of
 from ghostline.engine.quant import quantize
 from ghostline.engine.stops import Shown, StopRules
 from ghostline.engine.text import to_change
@@ -139,9 +136,12 @@ class Engine:
 
     # documents -----------------------------------------------------------------------------------
 
-    def open(self, uri: str, text: str, *, should_stop: Callable[[], bool] | None = None) -> UpdateStats:
+    def open(self, uri: str, text: str, *, encode: bool = True,
+             should_stop: Callable[[], bool] | None = None) -> UpdateStats:
         """Open (or re-open) a document and encode it; a long one (`window_above`) is kept as plain
-        text until a completion places its window (`window_tokens`)."""
+        text until a completion places its window (`window_tokens`). `encode=False` leaves every row
+        missing, as a deferred edit does: the next completion encodes those before its cursor within
+        its budget, `background` the rest."""
         t0 = time.perf_counter()
         long = len(text) > CHARS_PER_TOKEN * self.options.window_above
         ids, offsets = ([], []) if long else self.tok.encode(text)
@@ -152,8 +152,13 @@ class Engine:
         self._include(doc.ids, uri)
         self.ngrams.open(uri, doc.ids)
         self._touch(doc)
-        n = 0 if long else self._encode_all(doc, should_stop)
-        return UpdateStats("window" if long else "open", encoded=n, ms=(time.perf_counter() - t0) * 1e3)
+        n = 0
+        if not long and encode:
+            n = self._encode_all(doc, should_stop)
+        elif not long:
+            self._allocate(doc)
+        return UpdateStats("window" if long else "open", encoded=n, stale=doc.stale_count,
+                           ms=(time.perf_counter() - t0) * 1e3)
 
     def close(self, uri: str) -> None:
         self.docs.pop(uri, None)
@@ -340,30 +345,22 @@ class Engine:
         line_start = doc.text.rfind("\n", 0, offset) + 1
         rules = StopRules(opts.multiline, doc.text[line_start:offset], _next_line(doc.text, offset))
         prompt = self.prompt(doc, P, offset, opts, prefix)
-        if opts.drafts > 1:
-            for out in stream_drafts(self, doc, P=P, offset=offset, heal=heal, rules=rules, opts=opts, t0=t0,
-                                     should_stop=should_stop, prompt=prompt):
-                out.context, out.context_tokens = prompt.used, _context_rows(prompt.prefix)
-                yield out
-            return
-        view = Shown(self.tok, doc.ids[P - 1], heal, rules)
-        gen, scratch, stats = self._decoder(doc, P, opts, self._mask(heal),
-                                            finish=lambda ids: view.finish(ids) is not None, prompt=prompt)
+        scope = scope_of(doc.uri)
+        req = Request(self.model, self.tok, doc, P, offset, opts, prompt, Shown(self.tok, doc.ids[P - 1], heal, rules),
+                      self._mask(heal), self._exits(opts), self.exits, self.head_cost, self.adadec, self.ngrams,
+                      [d.array for d in self.docs.values() if d is not doc and scope_of(d.uri) == scope],
+                      self.gate, self.trace_exits)
+        decode = decoder_for(opts)(req)
         out = Completion("", ctx_tokens=P, heal=heal, context=prompt.used, context_tokens=_context_rows(prompt.prefix),
-                         stats=stats)
+                         stats=decode.stats)
         try:
-            for tok in gen:
-                if not out.tokens:
+            for ids, text, reason in decode.steps:
+                if not out.first_token_ms:
                     out.first_token_ms = (time.perf_counter() - t0) * 1e3
-                if tok in self.tok.eos_ids:
-                    out.stop_reason = "eos"
-                    break
-                out.tokens.append(tok)
-                shown = view.text(out.tokens)
-                if shown is None:  # a character split across tokens: wait for the rest
+                out.tokens = ids
+                if text is None:  # a character split across tokens: wait for the rest
                     continue
-                out.text, reason = shown
-                out.ms = (time.perf_counter() - t0) * 1e3
+                out.text, out.ms = text, (time.perf_counter() - t0) * 1e3
                 if reason is None and opts.time_cap_ms is not None and out.ms > opts.time_cap_ms and out.text.strip():
                     reason = "time_cap"
                 if reason is None and should_stop is not None and should_stop():
@@ -372,11 +369,10 @@ class Engine:
                     out.stop_reason = reason
                     break
                 yield out
-            else:
-                out.stop_reason = "halt" if getattr(stats, "halted", False) else "max_tokens"
         finally:
-            gen.close()
-            scratch.trim(0)
+            decode.steps.close()
+            decode.scratch.trim(0)
+        decode.end(out)
         out.ms = (time.perf_counter() - t0) * 1e3
         yield out
 
@@ -461,49 +457,6 @@ class Engine:
             v[:, :, row : row + n] = c.v[:, :, lo:hi]
             row += n
         return k, v
-
-    def _decoder(self, doc: Document, P: int, opts: CompletionOptions, mask, *, finish=None, prompt: Prompt | None = None):
-        """The token generator for a request, the scratch cache it writes (rolled back by the caller) and
-        the statistics it keeps (None for plain greedy), continuing `prompt` (by default the document's
-        cache and its token P - 1)."""
-        prompt = prompt or Prompt(doc.cache, P - 1, doc.ids[P - 1])
-        prefix, first, start = prompt.prefix, prompt.first, prompt.start
-        exits = self._exits(opts)
-        if opts.decoder == "greedy" and exits is not None:
-            scratch = ScratchCache(prefix, start, opts.max_tokens + 1)
-            stats = ExitStats(p_stop=[] if self.trace_exits else None)
-            gen = early_exit(self.model, scratch, first, exits=exits, max_new=opts.max_tokens, first_mask=mask,
-                             stats=stats)
-            return gen, scratch, stats
-        if opts.decoder == "greedy":
-            scratch = ScratchCache(prefix, start, opts.max_tokens + 1)
-            return greedy(self.model, scratch, first, max_new=opts.max_tokens, first_mask=mask), scratch, None
-        if opts.decoder == "adadec":
-            scratch = ScratchCache(prefix, start, opts.max_tokens + 1)
-            stats = AdaDecStats()
-            gen = adadec(self.model, scratch, first, max_new=opts.max_tokens, params=opts.adadec or self.adadec,
-                         finish=finish, first_mask=mask, stats=stats)
-            return gen, scratch, stats
-        if opts.decoder in SPECULATIVE:
-            if opts.draft_length not in DRAFT_RULES:
-                raise ValueError(f"draft_length must be one of {', '.join(DRAFT_RULES)}, not {opts.draft_length!r}")
-            length = DRAFT_RULES[opts.draft_length]()
-            scratch = ScratchCache(prefix, start, opts.max_tokens + length.k_max + 2)
-            lookup = PromptLookup()
-            scope = scope_of(doc.uri)
-            lookup.others = [d.array for d in self.docs.values() if d is not doc and scope_of(d.uri) == scope]
-            proposer, early = lookup, None
-            if opts.decoder != "lookup":
-                if self.exits is None:
-                    raise ValueError(f"decoder {opts.decoder!r} needs the model's exit heads: run `ghostline calibrate --steps exits`")
-                early = EarlyLayers(self.model, scratch, self.exits, head_cost=self.head_cost())
-                proposer = early if opts.decoder == "self" else Chain(lookup, early)
-            stats = SpecStats()
-            halt = None if exits is None else (lambda rows: exits.p_stop(rows) >= exits.halt_threshold)
-            gen = speculative(self.model, scratch, first, context=doc.ids[: P - 1], proposer=proposer,
-                              max_new=opts.max_tokens, first_mask=mask, stats=stats, length=length, halt=halt)
-            return (gen if early is None else _noting_layer(gen, stats, early)), scratch, stats
-        raise ValueError(f"unknown decoder {opts.decoder!r} ({', '.join(DECODERS)})")
 
     def head_cost(self) -> float:
         """The LM head's cost in decoder layers (for self-speculation's choice of depth), timed once."""
@@ -741,14 +694,6 @@ class Engine:
 def _context_rows(prefix) -> int:
     """Rows of context a prefix view carries (0 for a document's own cache)."""
     return prefix.ck.shape[2] if isinstance(prefix, WithContext) else 0
-
-
-def _noting_layer(gen: Iterator[int], stats: SpecStats, early: EarlyLayers) -> Iterator[int]:
-    """`gen`'s tokens; when it ends (or is closed), the layer self-speculation proposed from last."""
-    try:
-        yield from gen
-    finally:
-        stats.layer = early.layer
 
 
 def _either(a, b):

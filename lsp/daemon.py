@@ -266,18 +266,23 @@ class Daemon(Front):
             s.send(wire.error(rid, "engine", f"{type(exc).__name__}: {exc}"))
 
     def _open(self, s: Session, rid: int, args: dict) -> None:
-        uri, text = uri_of(args), arg(args, "text", str)
+        uri, text, defer = uri_of(args), arg(args, "text", str), args.get("defer", False)
+        if not isinstance(defer, bool):
+            raise RequestError("bad_request", "argument 'defer' must be true or false")
         if uri not in s.docs and len(s.docs) >= self.options.max_open:
             raise RequestError("limit", f"more than {self.options.max_open} open documents")
         key = s.key(uri)
 
         def run(stop):
             self._fit(s, key)
-            return self.engine.open(key, text, should_stop=stop)
+            return self.engine.open(key, text, encode=not defer, should_stop=stop)
 
-        job = Job("encode", None, uri)
-        job.fn = lambda stop: self._encode(s, job, stop, run)
-        self._submit(s, rid, job)
+        if defer:  # its rows are encoded by the completions that read them, or when idle
+            self._submit(s, rid, Job("update", lambda stop: dataclasses.asdict(run(stop)), uri))
+        else:
+            job = Job("encode", None, uri)
+            job.fn = lambda stop: self._encode(s, job, stop, run)
+            self._submit(s, rid, job)
         s.docs.add(uri)
 
     def _fit(self, s: Session, key: str) -> None:

@@ -3,7 +3,8 @@ part of `Engine`'s surface the server uses, so the server's handlers do not care
 runs.
 
 `RemoteEngine` keeps the text it has sent of every open document. When the daemon dies it
-reconnects (starting a new daemon if it was a local one), re-opens those documents and carries on;
+reconnects (starting a new daemon if it was a local one), re-opens those documents (deferred: their rows
+are encoded as completions read them or when idle, so a restart does not wait for every file) and carries on;
 the editor sees `ghostline/status` go loading -> ready, never an error dialog. Nothing here imports
 torch, so a language server on the daemon stays small and starts fast.
 """
@@ -457,9 +458,9 @@ class RemoteEngine:
         self.status("loading", "engine daemon lost; reconnecting" if lost else "connecting to the engine daemon")
         try:
             conn, info = connect(self.target, model=self.model, token=self.token, options=self.remote)
-            for uri, text in list(self.docs.items()):
+            for uri, text in list(self.docs.items()):  # deferred: a resync must not wait for every encode
                 try:
-                    conn.call("open", {"uri": uri, "text": text})
+                    conn.call("open", {"uri": uri, "text": text, "defer": True})
                 except wire.FrameTooLarge:
                     pass
                 except (DaemonError, EditError, KeyError) as exc:  # one refused document: the others go on

@@ -6,7 +6,8 @@ A frame is a 4-byte big-endian length and that many bytes of msgpack holding one
 result), `partial` (a completion as it grows; more frames follow) or `error` (`{"code", "message"}`).
 An error about a frame that has no readable id carries `id: None`.
 
-Calls: `hello {version, client, token?}` (first, always; TCP needs the token), `open {uri, text}`,
+Calls: `hello {version, client, token?}` (first, always; TCP needs the token), `open {uri, text,
+defer?}` (`defer`: answer before encoding, the rows encoded when read or idle),
 `edit {uri, changes: [[start, end, text], ...]}` (code-point offsets, in order), `close {uri}`,
 `complete {uri, offset, options?, stream?}`, `cancel {id}`, `inspect {uri}`, `status {}`.
 

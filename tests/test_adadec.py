@@ -102,7 +102,11 @@ def test_engine_adadec_decoder(tiny_engine_factory):
     plain = eng.complete("a", len(text), CompletionOptions(multiline=True, max_tokens=8))
     same = eng.complete("a", len(text), CompletionOptions(multiline=True, max_tokens=8, decoder="adadec"))
     assert same.tokens == plain.tokens and same.stats.paused == 0  # not calibrated: inf threshold
-    paused = eng.complete("a", len(text), CompletionOptions(multiline=True, max_tokens=8, decoder="adadec",
-                                                            adadec=AdaDecParams(threshold=0.0)))
-    assert paused.stats.paused == paused.stats.steps == len(paused.tokens) > 0
+    every = eng.complete("a", len(text), CompletionOptions(multiline=True, max_tokens=8, decoder="adadec",
+                                                           adadec=AdaDecParams(threshold=0.0, follow=False)))
+    assert every.stats.paused == every.stats.steps == len(every.tokens) > 0
+    followed = eng.complete("a", len(text), CompletionOptions(multiline=True, max_tokens=8, decoder="adadec",
+                                                              adadec=AdaDecParams(threshold=0.0, depth=3)))
+    # what ships follows the winner's rollout: no pause inside the look-ahead a candidate was judged by
+    assert followed.stats.paused == math.ceil(len(followed.tokens) / 4) and len(followed.tokens) > 4
     assert eng.docs["a"].cache.length == len(eng.docs["a"].ids)  # scratch rolled back, cache intact

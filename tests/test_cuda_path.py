@@ -106,7 +106,7 @@ def test_verify_and_speculative_equal_greedy(kind):
     want = list(greedy(model, ScratchCache(cache, P, 31), ids[P], max_new=30))
     r = CudaRunner(model, scratch_rows=48, verify_tokens=6)
     scratch = r.scratch(cache, P, 40)
-    assert r.verify(scratch, [ids[P]] + want[:5], P)[:5] == want[:5]  # a right draft is accepted whole
+    assert r.verify(scratch, [ids[P]] + want[:5], P)[0][:5] == want[:5]  # a right draft is accepted whole
     scratch.trim(0)
     for proposer in (PromptLookup(), RandomDraft(1)):
         stats = SpecStats()
@@ -114,6 +114,16 @@ def test_verify_and_speculative_equal_greedy(kind):
                                  max_new=30, stats=stats))
         assert got == want
         assert stats.steps <= 30
+    mask = torch.ones(VOCAB, dtype=torch.bool)
+    mask[want[0]] = False  # token healing forbids greedy's first choice
+    healed = list(greedy(model, ScratchCache(cache, P, 31), ids[P], max_new=30, first_mask=mask))
+    got = list(r.speculative(r.scratch(cache, P, 40), ids[P], context=ids[:P], proposer=RandomDraft(2),
+                             max_new=30, first_mask=mask))
+    assert got == healed and got[0] != want[0]
+    cut = want[7]  # a halt rule that flags the row choosing this token ends the decode just before it
+    halted = list(r.speculative(r.scratch(cache, P, 40), ids[P], context=ids[:P], proposer=PromptLookup(),
+                                max_new=30, halt=lambda rows: rows.argmax(-1) == cut))
+    assert halted == want[: want.index(cut)]
 
 
 def test_rope_tables_follow_the_model_and_stay_fp32():

@@ -374,6 +374,27 @@ def test_opens_that_yield_to_each_other_finish_and_equal_an_uninterrupted_encode
             c.close()
 
 
+def test_a_deferred_open_answers_before_encoding_and_the_idle_daemon_mends_it(tiny_engine_factory):
+    """A resync after a restart opens with `defer`: the answer comes before any encoding; the rows are
+    encoded when idle (or by the completion that reads them) and the answer equals an eager open's."""
+    big = PY * 12
+    reference = tiny_engine_factory("llama")
+    reference.open(URI, big)
+    expected = reference.complete(URI, len(big), CompletionOptions(max_tokens=6)).text
+    engine = tiny_engine_factory("llama")
+    with serving(engine) as daemon:
+        conn = greeted(daemon)
+        with pytest.raises(DaemonError, match="defer"):
+            conn.call("open", {"uri": URI, "text": big, "defer": 1})
+        opened = conn.call("open", {"uri": URI, "text": big, "defer": True})
+        (doc,) = engine.docs.values()
+        assert opened["encoded"] == 0 and opened["stale"] == len(doc.ids) > 100  # every row missing
+        _wait(lambda: doc.missing_count == 0)  # read here, not asked: a request would postpone idle work
+        assert conn.call("inspect", {"uri": URI})["stale"] == 0
+        assert conn.call("complete", {"uri": URI, "offset": len(big), "options": {"max_tokens": 6}})["text"] == expected
+        conn.close()
+
+
 def test_per_client_limits(tiny):
     with serving(tiny, max_open=3, max_queued=1) as daemon:
         conn = greeted(daemon)

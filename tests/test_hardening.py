@@ -18,7 +18,7 @@ import pytest
 import torch
 from lsprotocol import types
 
-from ghostline.engine import engine as engine_module
+from ghostline.engine import decoders as decoders_module
 from ghostline.engine.decoding.speculative import SpecStats
 from ghostline.engine.document import MISSING
 from ghostline.engine.engine import CompletionOptions, Engine, EngineOptions
@@ -462,8 +462,8 @@ def test_a_second_client_does_not_change_the_first_clients_completions(code_head
             super().__init__(*args, **kwargs)
             spec_stats.append(self)
 
-    monkeypatch.setattr(engine_module, "PromptLookup", Lookup)
-    monkeypatch.setattr(engine_module, "SpecStats", Stats)
+    monkeypatch.setattr(decoders_module, "PromptLookup", Lookup)
+    monkeypatch.setattr(decoders_module, "SpecStats", Stats)
     asks = {"greedy": {"multiline": True, "max_tokens": 12},
             "lookup": {"multiline": True, "max_tokens": 12, "decoder": "lookup"},
             "drafts": {"multiline": True, "max_tokens": 8, "drafts": 3}}

@@ -324,7 +324,7 @@ def test_static_steps_with_kernels_equal_greedy(kind):
     assert list(r.greedy(r.scratch(cache, P, 19), ids[P], max_new=18)) == want
     g = CudaRunner(model, scratch_rows=24, kernels=True, gemv=True)  # decode products through gemv_triton
     assert list(g.greedy(g.scratch(cache, P, 19), ids[P], max_new=6)) == want[:6]
-    assert r.verify(r.scratch(cache, P, 19), [ids[P]] + want[:3], P)[:3] == want[:3]
+    assert r.verify(r.scratch(cache, P, 19), [ids[P]] + want[:3], P)[0][:3] == want[:3]
     new = [5, 6, 7, 8, 9]
     got, ref = cache.clone(), cache.clone()
     r.encode(got, new, 12)

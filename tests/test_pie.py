@@ -288,6 +288,26 @@ def test_a_deferred_edit_encodes_what_the_completion_reads_and_equals_the_eager_
     assert states_close(doc.cache, eager.docs["a"].cache, 0) < 1e-5
 
 
+def test_a_deferred_open_encodes_nothing_until_read_and_then_equals_an_eager_open(tiny_engine_factory):
+    """`open(encode=False)` (a daemon's resync after a restart) leaves every row missing; a completion
+    encodes the rows above its cursor and answers as after an eager open; `background` mends the rest."""
+    from ghostline.engine.engine import CompletionOptions
+
+    lazy, eager = tiny_engine_factory("gemma3", encode_chunk=32), tiny_engine_factory("gemma3", encode_chunk=32)
+    text = SAMPLE[:1500]
+    stats = lazy.open("a", text, encode=False)
+    eager.open("a", text)
+    doc = lazy.docs["a"]
+    assert stats.encoded == 0 and doc.missing_count == len(doc.ids) == stats.stale
+    opts = CompletionOptions(max_tokens=8)
+    assert lazy.complete("a", 700, opts).tokens == eager.complete("a", 700, opts).tokens
+    P = doc.token_at(700)
+    assert 0 < doc.missing_count and not any(m == 2 for m in doc.stale[: P - 1])  # row P - 1 is fed, not read
+    while lazy.background("a") is not None:
+        pass
+    assert doc.missing_count == 0 and states_close(doc.cache, eager.docs["a"].cache, 0) < 1e-5
+
+
 SHIFTS = [(48, 5, 20, 30), (48, 30, 44, 2), (48, 10, 30, 17), (48, 12, 40, 5), (48, 20, 47, 21), (48, 5, 45, 4),
           (48, 7, 7, 3)]  # (capacity, src, end, dst): disjoint, overlapping both ways, +-1, nothing to move
 

@@ -15,7 +15,7 @@ from ghostline.engine.cache import ScratchCache
 from ghostline.engine.decoding.beam import beam_search
 from ghostline.engine.decoding.greedy import greedy
 from ghostline.engine.decoding.superposed import SuperposedParams, superposed
-from ghostline.engine.drafts import keep
+from ghostline.engine.decoders import keep
 from ghostline.engine.engine import CompletionOptions
 from ghostline.engine.model import greedy_ids
 from ghostline.engine.ngram import NgramIndex, NgramTable

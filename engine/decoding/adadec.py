@@ -14,7 +14,7 @@ Terms, as used below:
   committed and the rollouts are dropped, except that the winner's entries, which are exactly what
   the greedy decode after it would compute, are adopted while the decode follows it: a pause costs the
   other rows of a batched forward, not a second run of the winner.
-- follow (our addition, off by default): the winner's rollout tokens are committed as they are, with
+- follow (our addition, on by default: the setting measured in bench/RESULTS.md): the winner's rollout tokens are committed as they are, with
   no new pause inside them (they were the look-ahead the candidate was judged by). A pause then costs
   at most `depth` batch-`width` forwards for up to `depth` + 1 tokens, which bounds AdaDec's cost by
   the ratio of a batch-`width` forward to a batch-1 one; without it, a pause inside an adopted run
@@ -43,7 +43,7 @@ class AdaDecParams:
     width: int = 3  # candidates per pause (B)
     depth: int = 5  # greedy look-ahead tokens per candidate (L)
     margin: float = 1.0  # pause only when p(top 1) - p(top 2) < margin; 1.0: entropy alone decides
-    follow: bool = False  # commit the winner's rollout without pausing inside it (see the module docstring)
+    follow: bool = True  # commit the winner's rollout without pausing inside it (see the module docstring)
 
 
 @dataclass

@@ -141,6 +141,25 @@ def accept(draft: list[int], choice: list[int], *, stats: SpecStats, length) -> 
     return draft[:n] + [choice[n]]
 
 
+class ForwardVerifier:
+    """The verify step as one forward of the model on the scratch cache (any draft length)."""
+
+    verify_tokens = None  # the most tokens one verify step takes (None: any)
+
+    def __init__(self, model):
+        self.model = model
+
+    def verify(self, cache: ScratchCache, tokens: list[int], pos: int, *,
+               logits: bool = False) -> tuple[list[int], torch.Tensor | None]:
+        """The greedy choice after each of `tokens` (fed at positions pos..), and with `logits` their
+        full-vocabulary rows [T, V]."""
+        h = self.model(torch.tensor([tokens]), torch.arange(pos, pos + len(tokens)), cache, return_hidden=True)[0]  # [T, D]
+        if not logits:
+            return greedy_ids(self.model, h).tolist(), None
+        rows = self.model.head(h)  # [T, V]
+        return rows.argmax(-1).tolist(), rows
+
+
 @torch.no_grad()
 def speculative(
     model,
@@ -154,27 +173,27 @@ def speculative(
     stats: SpecStats | None = None,
     length: DraftLength | RejectionRule | MatchGoodput | None = None,
     halt=None,
+    verifier=None,
 ) -> Iterator[int]:
     """Yield the same tokens as `greedy(model, cache, first, ...)`; `context` is the ids before
-    `first` (what the proposer may search). Stop by closing the generator."""
+    `first` (what the proposer may search). `verifier` runs the verify steps (by default one forward
+    of `model`; `engine.cuda.CudaRunner` has static ones). Stop by closing the generator."""
+    verifier = verifier or ForwardVerifier(model)
+    cap = verifier.verify_tokens  # None, or drafts of at most cap - 1 tokens
     stats = stats if stats is not None else SpecStats()
-    length = length or DraftLength()
+    length = length or (DraftLength() if cap is None else DraftLength(k_max=cap - 1))
     seq = np.asarray(list(context) + [first], dtype=np.int64)  # the proposer's view, grown as we go
     tok, pos, produced = first, cache.start, 0
     while produced < max_new:
-        k = min(length.k, max_new - produced - 1)
-        draft = proposer.propose(seq, k) if k > 0 and not (produced == 0 and first_mask is not None) else []
+        masked = produced == 0 and first_mask is not None  # token healing constrains the first token
+        k = min(length.k, max_new - produced - 1, max_new if cap is None else cap - 1)
+        draft = list(proposer.propose(seq, k))[:k] if k > 0 and not masked else []
         if draft and hasattr(length, "keep"):  # a rule that judges each draft by its match
             draft = draft[: length.keep(getattr(proposer, "match", None))]
-        inp = torch.tensor([[tok] + draft])
-        h = model(inp, torch.arange(pos, pos + len(draft) + 1), cache, return_hidden=True)[0]  # [1+k, D]
-        if halt is not None or (produced == 0 and first_mask is not None):  # rows of logits needed
-            logits = model.head(h)  # [1+k, V]
-            if produced == 0 and first_mask is not None:
-                logits[0] = logits[0].masked_fill(~first_mask, float("-inf"))
-            choice = logits.argmax(-1).tolist()
-        else:
-            choice = greedy_ids(model, h).tolist()
+        choice, logits = verifier.verify(cache, [tok] + draft, pos, logits=halt is not None or masked)
+        if masked:
+            logits[0] = logits[0].masked_fill(~first_mask.to(logits.device), float("-inf"))
+            choice[0] = int(logits[0].argmax())
         new = accept(draft, choice, stats=stats, length=length)
         n = len(new) - 1
         if hasattr(proposer, "observe"):  # a proposer that picks its own depth learns the acceptance
