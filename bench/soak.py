@@ -457,7 +457,7 @@ def strangers(args, env: dict) -> dict:
     """`--strangers` TCP connections that each announce a 16 MiB frame and send 2 MiB, without a
     token: the daemon's memory they cost, how soon they are closed, and whether a client with the
     token is served meanwhile."""
-    from ghostline.lsp import wire
+    from ghostline.engine.serving import wire
     from ghostline.lsp.remote import RemoteEngine
 
     with socket.socket() as s:

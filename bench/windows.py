@@ -29,7 +29,7 @@ from pathlib import Path
 from lsprotocol import types
 
 from bench.tasks import pct, read_tasks
-from ghostline.lsp import wire
+from ghostline.engine.serving import wire
 from ghostline.lsp.client import running_server
 
 

@@ -171,6 +171,15 @@ class Engine:
     def text(self, uri: str) -> str:
         return self._doc(uri).whole
 
+    def describe(self, uri: str) -> dict | None:
+        """The engine's view of one document, None if it is not open (`ghostline/inspect`, tests)."""
+        doc = self.docs.get(uri)
+        if doc is None:
+            return None
+        return {"text": doc.whole, "tokens": len(doc.ids), "stale": doc.stale_count, "missing": doc.missing_count,
+                "cached": doc.cache is not None,
+                "window": None if doc.full is None else [doc.base, doc.base + len(doc.text)]}
+
     def edit(self, uri: str, changes: list, *, strategy: str = "pie", encode: bool = True,
              should_stop=None) -> UpdateStats:
         """Apply LSP-style changes (ranges in code points, in order); update the cache by `strategy`:

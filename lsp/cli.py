@@ -87,7 +87,7 @@ def _stats(args) -> int:
 
 
 def _engine(args) -> int:
-    from ghostline.lsp.daemon import run
+    from ghostline.engine.serving.daemon import run
 
     return run(args)
 
@@ -101,7 +101,7 @@ def _listen(value: str) -> str:
 
 def _cluster(args) -> int:
     try:
-        from ghostline.lsp.cluster import run
+        from ghostline.engine.serving.cluster import run
     except ImportError as exc:
         print(f"ghostline cluster needs Ray Serve: pip install 'ghostline[cluster]' ({exc})", file=sys.stderr)
         return 2
@@ -142,7 +142,7 @@ def _client_flags(p) -> None:
 
 
 def _engine_parser(sub) -> None:
-    """`ghostline engine` (lsp.daemon) and `ghostline cluster` (lsp.cluster), declared here so that
+    """`ghostline engine` (engine.serving.daemon) and `ghostline cluster` (engine.serving.cluster), declared here so that
     `ghostline serve` never imports the model or Ray."""
     e = sub.add_parser("engine", help="run the engine daemon that language servers share (Unix socket, or TCP + token)")
     _model_flags(e)

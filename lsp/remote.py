@@ -26,8 +26,8 @@ from pathlib import Path
 
 from ghostline.engine.completion import Completion, CompletionOptions
 from ghostline.engine.text import EditError, to_change
-from ghostline.lsp import wire
-from ghostline.lsp.wire import ALREADY_RUNNING, lock_holder
+from ghostline.engine.serving import wire
+from ghostline.engine.serving.wire import ALREADY_RUNNING, lock_holder
 
 log = logging.getLogger("ghostline.remote")
 LOST = object()  # put in every waiting queue when the connection ends

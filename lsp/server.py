@@ -1,7 +1,7 @@
 """The language server: protocol glue between LSP clients and the engine.
 
 Handlers only translate: positions to code-point offsets, changes to engine edits, results to
-items. The model runs on the engine worker thread (`lsp.worker`); the server keeps each document's
+items. The model runs on the engine worker thread (`engine.serving.worker`); the server keeps each document's
 text (`Mirror`) so it can always resync the engine. The engine is in-process or, by default, the
 shared engine daemon (`lsp.remote.RemoteEngine`, same calls): the `engine` setting chooses.
 """
@@ -31,7 +31,7 @@ from ghostline.lsp.positions import Mirror, chars_to_column, column_to_chars
 from ghostline.lsp.remote import DaemonError, RemoteEngine, RemoteOptions, parse_target
 from ghostline.lsp.settings import Settings, SettingsError, check_setting
 from ghostline.lsp.stats import Stats, document_kind
-from ghostline.lsp.worker import EngineWorker
+from ghostline.engine.serving.worker import EngineWorker
 
 if TYPE_CHECKING:
     from ghostline.engine.engine import Engine
@@ -751,12 +751,7 @@ def build_server(*, model: str | None = None, engine: str | None = None) -> Ghos
         def run(_stop):
             if ls.engine is None:
                 return None
-            if isinstance(ls.engine, RemoteEngine):
-                doc = ls.engine.describe(uri)
-            else:
-                from ghostline.lsp.daemon import describe
-
-                doc = describe(ls.engine, uri)
+            doc = ls.engine.describe(uri)
             if doc is None:
                 return None
             return {**doc, "errors": ls.errors, "cancelled_decodes": ls.worker.cancelled_decodes,

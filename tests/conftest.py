@@ -43,7 +43,7 @@ def pytest_unconfigure(config):
 @pytest.fixture(scope="session", autouse=True)
 def runtime_dir(tmp_path_factory):
     """Engine daemons that servers under test start live in this session's own folder and end with it."""
-    from ghostline.lsp.daemon import stop_daemons
+    from ghostline.engine.serving.daemon import stop_daemons
 
     path = tmp_path_factory.mktemp("run")
     os.environ["GHOSTLINE_RUNTIME_DIR"] = str(path)

@@ -20,11 +20,11 @@ os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_urlsafe(32))
 os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
 
 from ghostline.engine.completion import CompletionOptions  # noqa: E402
-from ghostline.lsp import cluster  # noqa: E402
-from ghostline.lsp.autoscaler import P95, LatencyPolicy  # noqa: E402
-from ghostline.lsp.front import DaemonOptions  # noqa: E402
+from ghostline.engine.serving import cluster  # noqa: E402
+from ghostline.engine.serving.autoscaler import P95, LatencyPolicy  # noqa: E402
+from ghostline.engine.serving.front import DaemonOptions  # noqa: E402
 from ghostline.lsp.remote import RemoteEngine, Unavailable  # noqa: E402
-from ghostline.lsp.router import owner  # noqa: E402
+from ghostline.engine.serving.router import owner  # noqa: E402
 
 pytestmark = pytest.mark.slow
 TOKEN = "cluster-token-for-tests-only-0123"

@@ -21,13 +21,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ghostline.lsp import wire
+from ghostline.engine.serving import wire
 from ghostline.lsp.client import running_server
-from ghostline.lsp.daemon import Daemon, DaemonOptions, Scheduler, lock_holder, stop_daemons
+from ghostline.engine.serving.daemon import Daemon, DaemonOptions, Scheduler, lock_holder, stop_daemons
 from ghostline.engine.engine import Cancelled, CompletionOptions
 from ghostline.engine.text import Change, EditError
 from ghostline.lsp.remote import Connection, DaemonError, RemoteEngine
-from ghostline.lsp.worker import Job
+from ghostline.engine.serving.worker import Job
 
 PY = "def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n    return a * b\n\n\ndef sub(a, b):\n    "
 URI = "file:///tmp/ghostline-test/calc.py"

@@ -27,10 +27,10 @@ from ghostline.engine.ngram import PromptLookup
 from ghostline.engine.quant import ShortlistHead
 from ghostline.engine.text import Change
 from ghostline.kernels import step
-from ghostline.lsp import wire
+from ghostline.engine.serving import wire
 from ghostline.lsp.cli import _engine_parser
 from ghostline.lsp.client import running_server
-from ghostline.lsp.daemon import DaemonOptions, TokenBucket, daemon_options
+from ghostline.engine.serving.daemon import DaemonOptions, TokenBucket, daemon_options
 from ghostline.lsp.positions import Mirror
 from ghostline.lsp.remote import DaemonError, RemoteEngine
 from ghostline.lsp.server import GhostlineServer

@@ -1,7 +1,8 @@
 """One import namespace: from the repository root, `kernels`, `engine` and `lsp` stay whatever the
-environment has (Hugging Face's `kernels` for transformers), and the language server imports without
-torch (a server on the engine daemon is a small process), and no module imports itself back through
-another (no import circles, deferred imports included)."""
+environment has (Hugging Face's `kernels` for transformers); every module of the language server
+(`lsp/`) imports without torch (a server on the engine daemon is a small process); calls go down
+only (lsp -> engine -> kernels); and no module imports itself back through another (no import
+circles, deferred imports included)."""
 
 from __future__ import annotations
 
@@ -43,7 +44,9 @@ def test_language_server_imports_without_torch():
             "        raise ImportError(f'{name} is not importable in this test')\n"
             "    return real(name, *a, **k)\n"
             "builtins.__import__ = guard\n"
-            "import ghostline.lsp.server, ghostline.lsp.cli, ghostline.lsp.remote\n"
+            "import importlib, pathlib\n"
+            "for path in sorted(pathlib.Path('lsp').glob('*.py')):\n"
+            "    importlib.import_module('ghostline.lsp.' + path.stem)\n"
             "import sys; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))\n")
     proc = python(code)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -122,3 +125,14 @@ def test_no_import_circles():
     assert len(graph) > 40 and graph["ghostline.engine.engine"], "the import graph was not read"
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert circles(graph) == []
+
+
+def test_calls_go_down_only():
+    """lsp -> engine -> kernels: the engine (its serving included) never imports the language server,
+    the kernels import neither."""
+    known = modules()
+    below = {"ghostline.engine": ("ghostline.lsp",), "ghostline.kernels": ("ghostline.lsp", "ghostline.engine")}
+    upward = [(name, m) for name, path in known.items() for layer, above in below.items()
+              if name.startswith(layer + ".") for m in imported(path, known) if m.startswith(above)]
+    assert any(name.startswith("ghostline.engine.serving.") for name in known), "the serving modules were not found"
+    assert upward == []

@@ -1,7 +1,7 @@
 """The connection side of an engine server: frames in, frames out, and who may send them.
 
 `Front` accepts clients on a Unix socket (this user only) or on TCP (a token first), reads their
-frames (lsp.wire), checks every request's shape, and hands each call to the subclass's `calls`:
+frames (engine.serving.wire), checks every request's shape, and hands each call to the subclass's `calls`:
 `Daemon` (one engine in this process) or the cluster's ingress (engine replicas on Ray Serve).
 
 Before a TCP client has sent the token it may send one small frame (`hello_frame_bytes`), must do so
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ghostline.engine.completion import MAX_URI
 from ghostline.engine.text import Change
-from ghostline.lsp import wire
+from ghostline.engine.serving import wire
 
 log = logging.getLogger("ghostline.front")
 

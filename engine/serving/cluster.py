@@ -1,8 +1,8 @@
 """`ghostline cluster`: engine replicas on Ray Serve behind one ingress that editors reach as a team server.
 
-Editors connect to the ingress (`tcp://HOST:PORT` and the token: the daemon's protocol, `lsp.front`).
+Editors connect to the ingress (`tcp://HOST:PORT` and the token: the daemon's protocol, `engine.serving.front`).
 The ingress keeps each open document's text and a version, and forwards every call through a Ray
-Serve deployment handle; `lsp.router` (Ray Serve's request-router extension point) sends every call
+Serve deployment handle; `engine.serving.router` (Ray Serve's request-router extension point) sends every call
 about one (client, document) to one replica by consistent hashing over the live replicas. Each
 `Replica` is a `Daemon` without a socket: its own engine, scheduler, limits and answers.
 
@@ -29,9 +29,9 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from ghostline.engine.text import EditError, apply_changes
-from ghostline.lsp.autoscaler import P95
-from ghostline.lsp import wire
-from ghostline.lsp.front import (DaemonOptions, Front, RequestError, Session, TokenBucket, arg, daemon_options,
+from ghostline.engine.serving.autoscaler import P95
+from ghostline.engine.serving import wire
+from ghostline.engine.serving.front import (DaemonOptions, Front, RequestError, Session, TokenBucket, arg, daemon_options,
                                   edit_changes, engine_options, load_token, uri_of)
 
 log = logging.getLogger("ghostline.cluster")
@@ -64,7 +64,7 @@ class Replica:
 
     def __init__(self, model: str | None, engine_options: dict, daemon_options: dict):
         from ghostline.engine.engine import Engine, EngineOptions
-        from ghostline.lsp.daemon import Daemon
+        from ghostline.engine.serving.daemon import Daemon
 
         engine = Engine.load(model, options=EngineOptions(**engine_options), progress=lambda m: log.info("load: %s", m))
         self.daemon = Daemon(engine, DaemonOptions(**daemon_options))
@@ -396,13 +396,13 @@ def deploy(options: ClusterOptions):
                                      "downscale_delay_s": o.downscale_delay_s,
                                      "look_back_period_s": max(o.look_back_s, 1e-3),
                                      "metrics_interval_s": min(10.0, max(o.look_back_s / 3, 0.5)),
-                                     "policy": {"policy_function": "ghostline.lsp.autoscaler:LatencyPolicy",
+                                     "policy": {"policy_function": "ghostline.engine.serving.autoscaler:LatencyPolicy",
                                                 "policy_kwargs": {"target_p95_ms": o.target_p95_ms}}}}
              if o.autoscale else {"num_replicas": o.replicas})
     app = serve.deployment(Replica).options(
         name=DEPLOYMENT, max_ongoing_requests=o.max_ongoing, health_check_period_s=2.0, health_check_timeout_s=30.0,
         graceful_shutdown_timeout_s=5.0, ray_actor_options={"num_cpus": o.cpus, "num_gpus": o.gpus},
-        request_router_config=RequestRouterConfig(request_router_class="ghostline.lsp.router:AffinityRouter"), **scale,
+        request_router_config=RequestRouterConfig(request_router_class="ghostline.engine.serving.router:AffinityRouter"), **scale,
     ).bind(o.model, o.engine, o.daemon)
     serve.start(http_options={"location": "NoServer"})
     return serve.run(app, name=APP, route_prefix=None)

@@ -1,10 +1,10 @@
 """`ghostline engine`: one engine for every editor window (Unix socket), or for a team (TCP + token).
 
-The daemon loads the model once. Its event loop reads and writes frames (lsp.wire); every engine
+The daemon loads the model once. Its event loop reads and writes frames (engine.serving.wire); every engine
 call runs on one engine thread, the `Scheduler`, which serves one queue per client in turn. A
 client's documents live in the one `Engine` under a per-client name, so one memory budget with LRU
 eviction covers all clients, and no client sees another's documents. A client that disconnects has
-its documents freed. Connections, the token and the limits on strangers are `lsp.front`'s.
+its documents freed. Connections, the token and the limits on strangers are `engine.serving.front`'s.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from ghostline.engine.document import STRATEGIES
 from ghostline.engine.completion import CompletionOptions
 from ghostline.engine.engine import Cancelled, Engine, EngineOptions
 from ghostline.engine.text import EditError
-from ghostline.lsp import wire
-from ghostline.lsp.front import (DaemonOptions, Front, RequestError, Session, TokenBucket, arg, daemon_options, edit_changes,
+from ghostline.engine.serving import wire
+from ghostline.engine.serving.front import (DaemonOptions, Front, RequestError, Session, TokenBucket, arg, daemon_options, edit_changes,
                                   engine_options, load_token, uri_of)
-from ghostline.lsp.wire import ALREADY_RUNNING, lock_holder, take_lock
-from ghostline.lsp.worker import Job
+from ghostline.engine.serving.wire import ALREADY_RUNNING, lock_holder, take_lock
+from ghostline.engine.serving.worker import Job
 
 log = logging.getLogger("ghostline.daemon")
 __all__ = ["Daemon", "DaemonOptions", "RequestError", "Scheduler", "TokenBucket", "daemon_options", "edit_changes", "run"]
@@ -359,7 +359,7 @@ class Daemon(Front):
     def _inspect(self, s: Session, rid: int, args: dict) -> None:
         uri = uri_of(args)
         key = s.key(uri)
-        self._submit(s, rid, Job("update", lambda stop: describe(self.engine, key), uri))
+        self._submit(s, rid, Job("update", lambda stop: self.engine.describe(key), uri))
 
     def _status(self, s: Session, rid: int, args: dict) -> None:
         loaded = getattr(self.engine, "loaded", None)
@@ -401,16 +401,6 @@ class Daemon(Front):
 def _median(values) -> float | None:
     ordered = sorted(values)
     return round(ordered[len(ordered) // 2], 1) if ordered else None
-
-
-def describe(engine: Engine, uri: str) -> dict | None:
-    """The engine's view of one document (for `ghostline/inspect`, tests and bug reports)."""
-    doc = engine.docs.get(uri)
-    if doc is None:
-        return None
-    return {"text": doc.whole, "tokens": len(doc.ids), "stale": doc.stale_count, "missing": doc.missing_count,
-            "cached": doc.cache is not None,
-            "window": None if doc.full is None else [doc.base, doc.base + len(doc.text)]}
 
 
 def _cache_bytes(engine: Engine) -> int:
