@@ -170,7 +170,8 @@ def proc_stats(pid: int) -> dict | None:
     try:
         status = Path(f"/proc/{pid}/status").read_text()
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        return {"rss_mb": int(fields["VmRSS"].split()[0]) / 1024, "hwm_mb": int(fields["VmHWM"].split()[0]) / 1024,
+        mb = lambda key: int(fields.get(key, "0 kB").split()[0]) / 1024  # noqa: E731
+        return {"rss_mb": mb("VmRSS"), "hwm_mb": mb("VmHWM"), "anon_mb": mb("RssAnon"), "file_mb": mb("RssFile"),
                 "threads": int(fields["Threads"]), "fds": len(os.listdir(f"/proc/{pid}/fd"))}
     except (OSError, KeyError, ValueError):
         return None
@@ -195,15 +196,21 @@ class Soak:
         return pids_matching(f"ghostline engine --socket {self.runtime}")
 
     async def sample(self, servers: list[int]) -> None:
+        log = open(self.args.rss_log, "a") if self.args.rss_log else None  # noqa: SIM115 (closed below)
+        t0 = time.monotonic()
         while not self.stop:
             for pid in self.daemon_pids():
                 self.daemons.add(pid)
                 if (st := proc_stats(pid)) is not None:
                     self.peak["daemon"] = max(self.peak["daemon"], st["rss_mb"])
+                    if log is not None:
+                        log.write(json.dumps({"t": round(time.monotonic() - t0, 1), "pid": pid, **st}) + "\n")
             for pid in servers:
                 if (st := proc_stats(pid)) is not None:
                     self.peak["server"] = max(self.peak["server"], st["rss_mb"])
             await asyncio.sleep(0.5)
+        if log is not None:
+            log.close()
 
     async def complete(self, client: Client, doc: Doc, n: int) -> None:
         pos = position(doc.text, line_starts(doc.text), snap(doc.text, min(doc.cursor, len(doc.text))))
@@ -535,6 +542,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="gemma3-270m")
     p.add_argument("--engine", default="daemon", help="the servers' --engine (daemon: one shared daemon)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rss-log", help="append the daemon's memory (RSS, anonymous, file-backed) every half second here")
     p.add_argument("--daemon-log", type=Path, help="keep a copy of the daemon's log here")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="ghostline-soak-") as tmp:

@@ -44,12 +44,13 @@ DECODERS = {"greedy": "greedy", "ngram": "lookup", "self": "self", "both": "look
             "ngram-draft-verify": "lookup"}  # the last: Draft&Verify's draft-length rule instead of the default
 
 
-def run_task(engine: Engine, task: dict, *, max_tokens: int) -> dict:
+def run_task(engine: Engine, task: dict, *, max_tokens: int, methods=tuple(DECODERS)) -> dict:
     engine.open("doc", task["before"])
     engine.edit("doc", task["changes"])
     offset = cursor_offset(task)
     row = {"id": task["id"]}
-    for method, decoder in DECODERS.items():
+    for method in methods:
+        decoder = DECODERS[method]
         rule = "draft-verify" if method.endswith("-draft-verify") else "match"
         out = engine.complete("doc", offset, CompletionOptions(multiline=True, max_tokens=max_tokens, decoder=decoder,
                                                                draft_length=rule))
@@ -106,6 +107,32 @@ def simulate(contexts: list[np.ndarray], outputs: list[list[int]], *, row_cost: 
     return {"row_cost": row_cost, "speedup": round(tokens / work, 3), "tokens_per_step": round(tokens / steps, 3)}
 
 
+def acceptance(contexts: list[np.ndarray], outputs: list[list[int]], *, k: int = 8, long_match: int = 5) -> dict:
+    """Prompt lookup's drafts of up to `k` tokens replayed against greedy outputs, by the kind of match
+    behind each (MatchGoodput's: a copy is a match of >= `long_match` tokens whose occurrences agree,
+    anything else a guess): how often draft token i is right given the ones before it were. What
+    MatchGoodput's priors are (one rate per kind, pooled over positions)."""
+    hits, tries = np.zeros((2, k)), np.zeros((2, k))
+    for ctx, out in zip(contexts, outputs):
+        lookup, seq, done = PromptLookup(), ctx, 0
+        while done < len(out):
+            draft = lookup.propose(seq, min(k, len(out) - done))
+            m = lookup.match
+            kind = int(m is not None and m.n >= long_match and m.agree)
+            n = 0
+            while n < len(draft) and draft[n] == out[done + n]:
+                n += 1
+            reached = min(len(draft), n + 1)
+            tries[kind, :reached] += 1
+            hits[kind, :n] += 1
+            seq = np.concatenate([seq, np.asarray(out[done : done + n + 1], dtype=seq.dtype)])
+            done += n + 1
+    return {name: {"drafts": int(tries[i, 0]), "first": round(hits[i, 0] / tries[i, 0], 3) if tries[i, 0] else None,
+                   "pooled": round(hits[i].sum() / tries[i].sum(), 3) if tries[i].sum() else None,
+                   "by_position": [round(h / t, 3) if t else None for h, t in zip(hits[i], tries[i])]}
+            for i, name in enumerate(("guess", "copy"))}
+
+
 def verify_costs(engine: Engine, task: dict, *, rows: int = 9, repeat: int = 20) -> dict:
     """ms of a verify step of T = 1..rows tokens at the task's cursor, the best of `repeat`."""
     import time
@@ -139,7 +166,13 @@ def main(argv=None) -> int:
     p.add_argument("--row-cost", type=float, nargs="+", default=[0.0, 0.08, 0.14, 0.2, 0.3],
                    help="with --simulate: a verify row's cost against a decode step")
     p.add_argument("--verify-costs", type=int, nargs="+", metavar="I", help="time verify steps at these tasks' cursors")
+    p.add_argument("--acceptance", action="store_true",
+                   help="with --simulate: prompt lookup's acceptance by kind of match (MatchGoodput's priors)")
+    p.add_argument("--methods", default=",".join(DECODERS), help=f"some of {', '.join(DECODERS)}")
     args = p.parse_args(argv)
+    methods = tuple(m for m in args.methods.split(",") if m)
+    if "greedy" not in methods or not set(methods) <= set(DECODERS):
+        p.error(f"--methods: greedy and any of {', '.join(DECODERS)}")
     if args.verify_costs:
         if not args.tasks:
             p.error("--verify-costs needs --tasks")
@@ -166,6 +199,15 @@ def main(argv=None) -> int:
                 cursor = cursor_offset(task)
                 contexts.append(np.asarray(ids[: sum(1 for o in offsets if o[1] <= cursor)], dtype=np.int64))
                 outputs.append(rows[task["id"]]["greedy"]["tokens"])
+        if args.acceptance:
+            result = acceptance(contexts, outputs)
+            print(f"{len(contexts)} tasks")
+            print("| match | drafts | first token right | any draft token right given the earlier ones |")
+            print("|---|---|---|---|")
+            for kind, r in result.items():
+                print(f"| {kind} | {r['drafts']} | {r['first']} | {r['pooled']} |")
+            print(json.dumps(result))
+            return 0
         results = [simulate(contexts, outputs, row_cost=b, max_tokens=args.max_tokens) for b in args.row_cost]
         print(f"{len(contexts)} tasks")
         print("| verify row cost (of a decode step) | tokens per step | speedup over greedy |")
@@ -180,9 +222,9 @@ def main(argv=None) -> int:
         if not args.tasks:
             p.error("--tasks is required unless --summarize")
         engine = Engine.load(args.model, options=EngineOptions(precision=args.precision, head=args.head))
-        rows = run_rows(args, lambda task: run_task(engine, task, max_tokens=args.max_tokens), lambda row: " | ".join(
-            f"{m} {len(row[m]['tokens'])} tok {row[m]['ms']:.0f}ms" for m in DECODERS) + " | identical="
-            + str(all(row[m]["tokens"] == row["greedy"]["tokens"] for m in DECODERS)))
+        rows = run_rows(args, lambda task: run_task(engine, task, max_tokens=args.max_tokens, methods=methods),
+                        lambda row: " | ".join(f"{m} {len(row[m]['tokens'])} tok {row[m]['ms']:.0f}ms" for m in methods)
+                        + " | identical=" + str(all(row[m]["tokens"] == row["greedy"]["tokens"] for m in methods)))
     print(json.dumps(summarize(rows)))
     return 0
 

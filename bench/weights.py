@@ -1,4 +1,4 @@
-"""Fast weights benchmark (issue 10): what a decode step costs and what it agrees on, per variant.
+"""Fast weights benchmark: what a decode step costs and what it agrees on, per variant.
 
   fp32/full  the reference: fp32 layers, the full 262k-row head
   fp32/code  fp32 layers, the head over the code vocabulary (engine.vocab) + the file's tokens

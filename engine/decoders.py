@@ -33,7 +33,7 @@ from ghostline.engine.gate import Confidence, Gate, features
 from ghostline.engine.ngram import NgramIndex, PromptLookup
 from ghostline.engine.stops import Shown
 
-Step = tuple[list[int], "str | None", "str | None"]  # (ids so far, shown text or None, stop reason or None)
+Step = tuple[list[int], str | None, str | None]  # (ids so far, shown text or None, stop reason or None)
 DRAFT_METHODS = ("superposed", "beam", "nucleus")  # k drafts: CompletionOptions.decoder; any other: superposed
 
 
