@@ -14,7 +14,7 @@ ids out); this module is where their ids meet the document's text.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -55,7 +55,7 @@ class Request:
     head_cost: Callable[[], float]  # the LM head's cost in decoder layers
     adadec: AdaDecParams  # the model's calibrated AdaDec parameters
     ngrams: NgramIndex
-    others: list = field(default_factory=list)  # token arrays of the other documents in its scope
+    others: Callable[[], list] = list  # the other documents' token arrays in its scope (asked only by prompt lookup)
     gate: Gate | None = None
     trace_exits: bool = False  # record every step's P(stop) (benchmarks)
 
@@ -137,7 +137,7 @@ def speculative_decoder(req: Request) -> Decode:
     length = DRAFT_RULES[opts.draft_length]()
     scratch = req.scratch(opts.max_tokens + length.k_max + 2)
     lookup = PromptLookup()
-    lookup.others = req.others
+    lookup.others = req.others()
     proposer, early = lookup, None
     if opts.decoder != "lookup":
         if req.exit_heads is None:

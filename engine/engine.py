@@ -357,7 +357,7 @@ class Engine:
         scope = scope_of(doc.uri)
         req = Request(self.model, self.tok, doc, P, offset, opts, prompt, Shown(self.tok, doc.ids[P - 1], heal, rules),
                       self._mask(heal), self._exits(opts), self.exits, self.head_cost, self.adadec, self.ngrams,
-                      [d.array for d in self.docs.values() if d is not doc and scope_of(d.uri) == scope],
+                      lambda: [d.array for d in self.docs.values() if d is not doc and scope_of(d.uri) == scope],
                       self.gate, self.trace_exits)
         decode = decoder_for(opts)(req)
         out = Completion("", ctx_tokens=P, heal=heal, context=prompt.used, context_tokens=_context_rows(prompt.prefix),
