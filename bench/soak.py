@@ -197,14 +197,18 @@ class Soak:
 
     async def sample(self, servers: list[int]) -> None:
         log = open(self.args.rss_log, "a") if self.args.rss_log else None  # noqa: SIM115 (closed below)
-        t0 = time.monotonic()
+        t0, n = time.monotonic(), 0
         while not self.stop:
+            n += 1
+            own = {}  # every 2 s the daemon's own account: cache bytes and what the allocator holds
+            if log is not None and n % 4 == 0 and (status := await asyncio.to_thread(daemon_status, self.runtime)):
+                own = {"caches_mb": status.get("memory_mb"), **(status.get("allocator") or {})}
             for pid in self.daemon_pids():
                 self.daemons.add(pid)
                 if (st := proc_stats(pid)) is not None:
                     self.peak["daemon"] = max(self.peak["daemon"], st["rss_mb"])
                     if log is not None:
-                        log.write(json.dumps({"t": round(time.monotonic() - t0, 1), "pid": pid, **st}) + "\n")
+                        log.write(json.dumps({"t": round(time.monotonic() - t0, 1), "pid": pid, **st, **own}) + "\n")
             for pid in servers:
                 if (st := proc_stats(pid)) is not None:
                     self.peak["server"] = max(self.peak["server"], st["rss_mb"])
@@ -542,7 +546,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="gemma3-270m")
     p.add_argument("--engine", default="daemon", help="the servers' --engine (daemon: one shared daemon)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rss-log", help="append the daemon's memory (RSS, anonymous, file-backed) every half second here")
+    p.add_argument("--rss-log", help="append the daemon's memory (RSS, anonymous, file-backed) every half second here, "
+                   "its cache bytes and allocator figures every 2 s")
     p.add_argument("--daemon-log", type=Path, help="keep a copy of the daemon's log here")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="ghostline-soak-") as tmp:

@@ -20,6 +20,7 @@ import time
 from collections import Counter, deque
 from pathlib import Path
 
+from ghostline.engine import allocator
 from ghostline.engine.document import STRATEGIES
 from ghostline.engine.completion import CompletionOptions
 from ghostline.engine.engine import Cancelled, Engine, EngineOptions
@@ -46,7 +47,8 @@ class Scheduler:
     client's later jobs on the same document. An encode job sees this through `should_stop`; any
     job may read `should_yield` and raise Cancelled after it returned True, to be run again. When
     every queue has been empty for `idle_after_s`, `idle(should_stop)` (background refresh) runs
-    until any job arrives."""
+    until any job arrives; once it has nothing left to do, the allocator's free memory goes back to
+    the system (`allocator.trim`), once per idle spell."""
 
     def __init__(self, *, idle=None, idle_after_s: float = 0.6, slice_s: float = 0.2):
         self.idle, self.idle_after_s, self.slice_s = idle, idle_after_s, slice_s
@@ -58,6 +60,7 @@ class Scheduler:
         self.counts: Counter = Counter()
         self.busy_s: Counter = Counter()  # engine-thread seconds by kind of work ("idle": background)
         self.waits_ms: deque[float] = deque(maxlen=256)  # recent completions: submitted -> started
+        self._trimmed = True  # no job has run since the last trim
         self._thread = threading.Thread(target=self._run, name="ghostline-engine", daemon=True)
 
     def start(self) -> None:
@@ -147,6 +150,7 @@ class Scheduler:
         if not job.future.running() and not job.future.set_running_or_notify_cancel():
             return
         start, polls, yielded = time.monotonic(), 0, False
+        self._trimmed = False
         if job.kind == "complete":
             self.waits_ms.append((start - job.queued) * 1e3)
 
@@ -189,6 +193,10 @@ class Scheduler:
             log.exception("idle work failed")
         finally:
             self.busy_s["idle"] += time.monotonic() - start
+        if not self._turns and not self._trimmed:
+            start, self._trimmed = time.monotonic(), True
+            allocator.trim()
+            self.busy_s["trim"] += time.monotonic() - start
 
 
 # the daemon --------------------------------------------------------------------------------------
@@ -370,6 +378,7 @@ class Daemon(Front):
             "docs": sum(len(c.docs) for c in self.clients.values()),
             "memory_mb": round(_cache_bytes(self.engine) / 2**20, 1),
             "budget_mb": self.engine.options.memory_budget_mb,
+            "allocator": allocator.figures(),
             "queued": sum(self.scheduler.waiting(c) for c in list(self.clients.values())),
             "cancelled": counts["cancelled"], "preempted": counts["preempted"], "refreshed": counts["refreshed"],
             "busy_s": {k: round(v, 1) for k, v in self.scheduler.busy_s.items()},

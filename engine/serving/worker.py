@@ -3,7 +3,8 @@
 Jobs run in submission order, so document updates and completions see a consistent text. Each job
 gets a `should_stop()` polled between decoding steps; cancelling a job (cancel-previous, or
 `$/cancelRequest`) sets it. When the queue stays empty for a while, `idle` work runs (background
-refresh of stale caches) and yields as soon as a job arrives.
+refresh of stale caches) and yields as soon as a job arrives; once it has nothing left to do, the
+allocator's free memory goes back to the system, once per idle spell.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+
+from ghostline.engine import allocator
 
 log = logging.getLogger("ghostline.worker")
 
@@ -41,6 +44,7 @@ class EngineWorker:
         self._thread = threading.Thread(target=self._run, name="ghostline-engine", daemon=True)
         self.current: Job | None = None
         self.cancelled_decodes = 0
+        self._trimmed = True  # no job has run since the last trim
 
     def start(self) -> None:
         self._thread.start()
@@ -79,7 +83,7 @@ class EngineWorker:
                 if job.kind == "complete":
                     self.cancelled_decodes += 1
                 continue
-            self.current = job
+            self.current, self._trimmed = job, False
             try:
                 job.future.set_result(job.fn(job.cancelled.is_set))
             except BaseException as exc:  # the job's caller decides; the thread lives on
@@ -97,3 +101,6 @@ class EngineWorker:
                 pass
         except Exception:  # background work must never take the worker down
             log.exception("idle work failed")
+        if self._q.empty() and not self._trimmed:
+            self._trimmed = True
+            allocator.trim()
