@@ -207,11 +207,14 @@ class GhostlineServer(LanguageServer):
 
         def load(stop):
             if self.engine_mode == "in-process":  # torch is imported here only: a daemon's server never loads it
+                from ghostline.engine import allocator
                 from ghostline.engine.engine import Engine, EngineOptions
 
                 opts = EngineOptions(memory_budget_mb=self.settings.memory_budget_mb,
                                      precision=self.settings.precision, head=self.settings.head)
-                return Engine.load(self.model_name, options=opts, progress=say)
+                engine = Engine.load(self.model_name, options=opts, progress=say)
+                allocator.freeze()
+                return engine
             return RemoteEngine.connect(parse_target(self.engine_mode), model=self.model_name, token=self.engine_token(),
                                         status=self.set_status, should_stop=stop, progress=say,
                                         options=RemoteOptions(memory_budget_mb=self.settings.memory_budget_mb,

@@ -1,12 +1,18 @@
-"""The allocator's free memory goes back to the system when the engine thread goes idle."""
+"""Memory the engine thread no longer needs goes back: a stopped job pins no tensors, and the
+allocator's free memory returns to the system when the thread goes idle."""
 
 from __future__ import annotations
 
+import gc
+import threading
 import time
+import weakref
 
 import pytest
+import torch
 
 from ghostline.engine import allocator
+from ghostline.engine.engine import Cancelled
 from ghostline.engine.serving.daemon import Scheduler
 from ghostline.engine.serving.worker import EngineWorker, Job
 
@@ -60,4 +66,39 @@ def test_trims_once_per_idle_spell(monkeypatch, kind):
         assert submit().future.result(5) == "ok"
         _wait(lambda: len(trims) == 2)
     finally:
+        thread.stop()
+
+
+@pytest.mark.parametrize("kind", ["scheduler", "worker"])
+def test_a_stopped_job_pins_no_tensors(kind):
+    """A job stopped mid-way (a superseded completion) leaves nothing of its frames behind once its
+    caller has read the answer, without waiting for a garbage collection: its traceback would keep
+    the tensors its frames held (a cache's old storage) alive in a cycle through the job."""
+    held, box, ready = [], [], threading.Event()
+
+    def run(stop):
+        ready.wait(5)
+        job = box[0]  # the frame reaches its job, as the daemon's closures do
+        big = torch.zeros(256, 1024)  # what a stopped decode's frames hold
+        held.append(weakref.ref(big))
+        raise Cancelled(f"superseded: {job.kind}")
+
+    thread = Scheduler(idle_after_s=5.0) if kind == "scheduler" else EngineWorker(idle_after_s=5.0)
+    thread.start()
+    gc.disable()
+    try:
+        if kind == "scheduler":
+            job = Job("complete", run, "u")
+            thread.submit(object(), job)
+        else:
+            job = thread.submit("complete", run)
+        box.append(job)
+        ready.set()
+        with pytest.raises(Cancelled):
+            job.future.result(5)
+        del job
+        _wait(lambda: thread.current is None)
+        assert held[0]() is None
+    finally:
+        gc.enable()
         thread.stop()

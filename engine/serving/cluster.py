@@ -63,10 +63,12 @@ class Replica:
     """An engine replica: a `Daemon` (engine, scheduler, limits) fed by `call` instead of a socket."""
 
     def __init__(self, model: str | None, engine_options: dict, daemon_options: dict):
+        from ghostline.engine import allocator
         from ghostline.engine.engine import Engine, EngineOptions
         from ghostline.engine.serving.daemon import Daemon
 
         engine = Engine.load(model, options=EngineOptions(**engine_options), progress=lambda m: log.info("load: %s", m))
+        allocator.freeze()
         self.daemon = Daemon(engine, DaemonOptions(**daemon_options))
         self.sessions: dict[str, ReplicaSession] = {}
         self._ids = itertools.count(1)

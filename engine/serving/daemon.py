@@ -29,7 +29,7 @@ from ghostline.engine.serving import wire
 from ghostline.engine.serving.front import (DaemonOptions, Front, RequestError, Session, TokenBucket, arg, daemon_options, edit_changes,
                                   engine_options, load_token, uri_of)
 from ghostline.engine.serving.wire import ALREADY_RUNNING, lock_holder, take_lock
-from ghostline.engine.serving.worker import Job
+from ghostline.engine.serving.worker import Job, unpinned
 
 log = logging.getLogger("ghostline.daemon")
 __all__ = ["Daemon", "DaemonOptions", "RequestError", "Scheduler", "TokenBucket", "daemon_options", "edit_changes", "run"]
@@ -129,7 +129,7 @@ class Scheduler:
             else:
                 self._execute(*picked)
                 with self._cv:
-                    self.current = None
+                    self.current = picked = None  # the finished job is the caller's, not this loop's
 
     def _pick(self):
         while self._turns:
@@ -170,7 +170,7 @@ class Scheduler:
             if yielded and not job.cancelled.is_set():
                 self.submit(client, job, resume=True)  # the rest in a later turn; the answer waits
             else:
-                job.future.set_exception(exc)
+                job.future.set_exception(unpinned(exc))
         except BaseException as exc:  # the client hears of it; the thread lives on
             job.future.set_exception(exc)
         finally:
@@ -271,6 +271,7 @@ class Daemon(Front):
             s.send(wire.error(rid, "bad_request", str(exc)))
         else:
             log.error("client %d request %d (%s) failed", s.id, rid, job.uri, exc_info=exc)
+            exc.__traceback__ = None  # logged: its frames (and the tensors they hold) may go
             s.send(wire.error(rid, "engine", f"{type(exc).__name__}: {exc}"))
 
     def _open(self, s: Session, rid: int, args: dict) -> None:
@@ -486,6 +487,7 @@ def run(args) -> int:
         return ALREADY_RUNNING
     engine = Engine.load(args.model, options=EngineOptions(**engine_options(args)),
                          progress=lambda m: log.info("load: %s", m))
+    allocator.freeze()
     daemon = Daemon(engine, options)
 
     async def main():

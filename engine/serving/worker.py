@@ -37,6 +37,16 @@ class Job:
         self.future.cancel()  # succeeds only while queued
 
 
+def unpinned(exc: BaseException) -> BaseException:
+    """A cancellation without its traceback, any other error as it is. A traceback keeps every
+    frame's locals alive: a stopped decode's cache views, the old storage of a cache grown since.
+    Stored in a job's future (which its frames reach through the job) it is a cycle that only the
+    garbage collector's rare full pass breaks, so such tensors piled up under edit storms."""
+    from ghostline.engine.engine import Cancelled
+
+    return exc.with_traceback(None) if isinstance(exc, Cancelled) else exc
+
+
 class EngineWorker:
     def __init__(self, *, idle: Callable[[Callable[[], bool]], bool] | None = None, idle_after_s: float = 0.6):
         self.idle, self.idle_after_s = idle, idle_after_s
@@ -87,11 +97,11 @@ class EngineWorker:
             try:
                 job.future.set_result(job.fn(job.cancelled.is_set))
             except BaseException as exc:  # the job's caller decides; the thread lives on
-                job.future.set_exception(exc)
+                job.future.set_exception(unpinned(exc))
             finally:
                 if job.kind == "complete" and job.cancelled.is_set():
                     self.cancelled_decodes += 1
-                self.current = None
+                self.current = job = None  # the finished job is the caller's, not this loop's
 
     def _idle(self) -> None:
         if self.idle is None:
