@@ -576,14 +576,20 @@ class Engine:
                 and len(doc.ids) + self.options.encode_chunk <= self.options.window_tokens)
 
     def _grow(self, doc: Document, should_stop) -> int:
-        """Extend a window upward by about one encode chunk of whole lines and encode the new rows."""
+        """Extend a window upward by about one encode chunk of whole lines and encode the new rows.
+        Where the chunk holds no line start but the window's own, the lines above go in whole while
+        the window has room for them, else it grows by the chunk from inside the line: it always
+        grows (idle work that grew by nothing would run for ever)."""
         full, base, chunk = doc.full, doc.base, self.options.encode_chunk
         lo = full.rfind("\n", 0, max(0, base - CHARS_PER_TOKEN * chunk)) + 1
         _, offsets = self.tok.encode(full[lo:base])
         c0 = lo + offsets[-chunk][0] if len(offsets) > chunk else lo
         if c0 > lo and full[c0 - 1] != "\n":
             nl = full.find("\n", c0, base)
-            c0 = nl + 1 if 0 <= nl < base else lo
+            if 0 <= nl < base - 1:
+                c0 = nl + 1
+            elif len(doc.ids) + len(offsets) <= self.options.window_tokens:
+                c0 = lo
         if should_stop is not None and should_stop():
             raise Cancelled(f"growing the window of {doc.uri} stopped")
         self._set_window(doc, c0, full[c0 : base + len(doc.text)])

@@ -64,6 +64,25 @@ def test_a_window_placed_where_nothing_is_cached_starts_small_and_grows_when_idl
     window_equals_fresh(tiny_engine_factory, eng, "a", end)
 
 
+def test_a_window_below_long_lines_still_grows_and_then_stops(tiny_engine_factory):
+    """Lines longer than an encode chunk above the window: it grows by whole lines (more than a
+    chunk) while they fit, and idle work ends, instead of growing by nothing for ever."""
+    row = "values = [" + ", ".join(str(i) for i in range(120)) + "]\n"  # one line, hundreds of tokens
+    text = row * 60
+    eng = tiny_engine_factory("llama", window_tokens=8 * W, window_above=W, window_first=W, encode_chunk=64)
+    eng.open("a", text)
+    end = len(text) - 1
+    eng.complete("a", end, OPTS)
+    doc = eng.docs["a"]
+    start = len(doc.ids)
+    assert doc.base > 0
+    kinds = [eng.background("a") for _ in range(60)]
+    assert kinds[-1] is None  # nothing left to do
+    assert start < len(doc.ids) <= 8 * W and doc.base + len(doc.text) >= end
+    assert text[doc.base : doc.base + len(doc.text)] == doc.text
+    window_equals_fresh(tiny_engine_factory, eng, "a", end)
+
+
 def test_a_document_grown_past_the_limit_becomes_a_window_around_the_edit(tiny_engine_factory):
     """Edits that take a document past `window_above` tokens turn it into a window around the last
     change that keeps the rows it had (only the new text is encoded)."""
