@@ -27,7 +27,7 @@ class Settings:
     time_cap_ms: int | None = 1500  # return what is there once a suggestion takes longer
     drafts: int = 3  # suggestions per request (superposed decoding: about the cost of one)
     decoder: str = "greedy"  # one-line: greedy | lookup, self, lookup+self (speculation: the same text, faster)
-    decoder_multiline: str = "lookup"  # multi-line: those or adadec (pause and re-rank)
+    decoder_multiline: str = "greedy"  # multi-line: those or adadec (pause and re-rank)
     halt: bool = False  # end a suggestion before a token the early-exit controller expects to be wrong
     halt_threshold: float | None = None  # P(stop) cut-off in 0..1; null: the model's calibrated one
     exit: bool = False  # read confident tokens from an early layer (greedy decoder, drafts 1)

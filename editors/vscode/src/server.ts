@@ -74,7 +74,7 @@ export function serverSettings(get: Get): ServerSettings {
     time_cap_ms: get<number | null>('timeCapMs', 1500),
     drafts: get('drafts', 3),
     decoder: get('decoder', 'greedy'),
-    decoder_multiline: get('decoderMultiline', 'lookup'),
+    decoder_multiline: get('decoderMultiline', 'greedy'),
     precision: get<'int8' | 'fp32'>('precision', 'int8'),
     head: get<'code' | 'full'>('head', 'code'),
     halt: get('halt', false),

@@ -47,7 +47,7 @@ test('settings map to the server keys', () => {
   assert.deepEqual(serverSettings(get), {
     model: 'smollm2-135m', engine: 'daemon', engine_token_file: null, multiline: 'auto', max_tokens: 16,
     max_tokens_multiline: 96, debounce_ms: 25, time_cap_ms: null, drafts: 3, decoder: 'greedy',
-    decoder_multiline: 'lookup', precision: 'int8', head: 'code', halt: false, halt_threshold: null, exit: false,
+    decoder_multiline: 'greedy', precision: 'int8', head: 'code', halt: false, halt_threshold: null, exit: false,
     exit_threshold: null, gate: true, gate_strength: 1, memory_budget_mb: 512, idle_refresh_ms: 600,
     completion_items: false, context: false, context_budget: 1536, context_workspace: true, context_open_files: true,
     context_edits: true, fim: true,
