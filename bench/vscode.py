@@ -328,7 +328,7 @@ def user_document(task: dict) -> str:
     return "\n".join(lines)
 
 
-def time_task(ed: Editor, cs: CodeServer, i: int, task: dict, wait_s: float) -> float | None:
+def time_task(ed: Editor, cs: CodeServer, i: int, task: dict, wait_s: float, idle_s: float = 600) -> float | None:
     """One task (the module's docstring); None when no ghost text came within `wait_s`. A step that
     fails raises AssertionError or Playwright's Error."""
     from ghostline.engine.text import apply_changes
@@ -357,7 +357,7 @@ def time_task(ed: Editor, cs: CodeServer, i: int, task: dict, wait_s: float) -> 
     if ed.line() != want.split("\n")[c["line"]]:
         raise AssertionError(f"the cursor's line reads {ed.line()!r}")
     ed.press("Escape")  # any ghost text the edit's own requests showed
-    cs.wait_idle()
+    cs.wait_idle(timeout=idle_s)
     if ed.ghost().strip():
         raise AssertionError(f"ghost text before the keystroke: {ed.ghost()!r}")
     ms = ed.keystroke_to_ghost_ms(task["target"][0], wait_s)
@@ -385,6 +385,9 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--wait-s", type=float, default=10.0, help="longest wait for ghost text after the keystroke")
+    p.add_argument("--idle-s", type=float, default=600.0,
+                   help="longest wait for the server's background work after the edit (an edit near the top of a "
+                        "~9k-token file re-encodes it all: ~60 s at SmolLM2's int8 encode rate on two cores)")
     p.add_argument("--shots", help="a folder for a screenshot of each task")
     args = p.parse_args(argv)
     if not CODE_SERVER.exists() or shutil.which("chromium") is None:
@@ -413,7 +416,7 @@ def main(argv=None) -> int:
             for i, task in enumerate(tasks):
                 t0 = time.monotonic()
                 try:
-                    ms = time_task(ed, cs, i, task, args.wait_s)
+                    ms = time_task(ed, cs, i, task, args.wait_s, args.idle_s)
                 except (AssertionError, PlaywrightError) as exc:  # counted as not shown; the next task goes on
                     ms, why, failed = None, f"failed: {str(exc).splitlines()[0][:300]}", failed + 1
                     with contextlib.suppress(PlaywrightError):
