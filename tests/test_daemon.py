@@ -199,6 +199,7 @@ def test_a_completion_that_yields_while_encoding_runs_again_and_is_answered():
         sched.submit(a, small)
         assert small.future.result(10) == "small's" and job.future.result(10) == "big's"
         assert ran[:3] == ["big", "small", "big"]
+        assert len(sched.waits_ms) == 2  # one wait each: the resumed run is not a second wait
 
         job = Job("complete", complete, "big")  # yields again; cancelled while it waits its turn
         sched.submit(a, job)
@@ -278,6 +279,30 @@ def frames(conn: Connection, request: tuple, timeout: float = 30.0) -> list[dict
 @pytest.fixture
 def tiny(tiny_engine_factory):
     return tiny_engine_factory("llama")
+
+
+def test_a_client_without_documents_leaves_without_a_job(tiny):
+    """A status check (hello, status, goodbye) never takes a turn on the engine thread: a job there
+    would make the encodes running for everyone else yield to it."""
+    with serving(tiny) as daemon:
+        jobs = []
+        submit = daemon.scheduler.submit
+        daemon.scheduler.submit = lambda client, job, **kw: jobs.append(job.kind) or submit(client, job, **kw)
+        for _ in range(3):
+            conn = Connection.open(daemon.address)
+            conn.call("hello", HELLO)
+            assert conn.call("status", {})["docs"] == 0
+            conn.close()
+        _wait(lambda: not daemon.clients)
+        assert jobs == []
+        conn = Connection.open(daemon.address)
+        conn.call("hello", HELLO)
+        conn.call("open", {"uri": URI, "text": PY})
+        conn.close()
+        _wait(lambda: not daemon.clients)
+        _wait(lambda: jobs[-1:] == ["update"])  # freeing its document, after its open
+        _wait(lambda: not tiny.docs)
+        assert len(jobs) == 2
 
 
 def test_calls_stream_and_cancel_over_a_private_unix_socket(tiny):

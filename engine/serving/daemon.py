@@ -147,11 +147,12 @@ class Scheduler:
         return None
 
     def _execute(self, client, job: Job) -> None:
-        if not job.future.running() and not job.future.set_running_or_notify_cancel():
+        resumed = job.future.running()  # it ran before and yielded: its wait was counted then
+        if not resumed and not job.future.set_running_or_notify_cancel():
             return
         start, polls, yielded = time.monotonic(), 0, False
         self._trimmed = False
-        if job.kind == "complete":
+        if job.kind == "complete" and not resumed:
             self.waits_ms.append((start - job.queued) * 1e3)
 
         def should_yield() -> bool:  # polled before each chunk: the first chunk always runs (progress)
@@ -225,6 +226,9 @@ class Daemon(Front):
 
     def _forget(self, s: Session) -> None:
         keys = [s.key(uri) for uri in s.docs]
+        if not keys:  # a client without documents (a status check) costs the engine thread nothing
+            self.scheduler.drop(s)
+            return
 
         def free(_stop):
             for key in keys:
