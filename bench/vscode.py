@@ -14,15 +14,24 @@ one-character update and the decode. Unlike bench.lsp_replay it leaves out encod
 A task whose step fails or times out is reported and counted as not shown. Also the harness of
 tests/test_vscode_ui.py (CodeServer, Editor, build_vsix).
 
-    python -m bench.vscode --tasks ../shared/data/edits-requests.jsonl --limit 20 [--model smollm2-135m]
+Then the same steps without VS Code (`lsp_keystrokes`, unless `--no-lsp`): a server over stdio with
+the settings the extension sends, each task's edit and the target's removal as changes, the server
+left to go idle, the target's first character sent and an inline completion asked for at once, timed
+to the answer. What VS Code adds (its 50-ms inline debounce, the extension host, rendering) is the
+difference between the two on the same tasks.
 
-Output: one line per task (stderr), then one JSON line: `latency_ms_p50`, `latency_ms_p95`, `shown`
-(tasks with ghost text within `--wait-s`), `failed` (tasks whose steps failed), `tasks`, `model`.
+    python -m bench.vscode --tasks ../shared/data/edits-requests.jsonl --limit 20 [--model gemma3-270m]
+
+Output: one line per task and path (stderr), then one JSON line: `latency_ms_p50`, `latency_ms_p95`,
+`latency_shown` (tasks with ghost text within `--wait-s`), `lsp_ms_p50`, `lsp_ms_p95`, `lsp_shown`,
+`p50_gap_ms` (VS Code's p50 minus the LSP's), `gap_ms_p50` (the median of the per-task differences
+where both showed something), `failed` (tasks whose VS Code steps failed), `model`.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
@@ -34,6 +43,8 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from lsprotocol import types
 
 ROOT = Path(__file__).resolve().parent.parent
 EXT = ROOT / "editors" / "vscode"
@@ -89,6 +100,49 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def tree_cpu_s(root: int, *, exe: str | None = None) -> float:
+    """CPU seconds used so far by process `root` and its descendants (only those whose command is
+    `exe`, when given)."""
+    parents, cmds, cpu = {}, {}, {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            cmds[int(d.name)] = (d / "cmdline").read_bytes()
+        except OSError:  # gone meanwhile
+            continue
+        parents[int(d.name)] = int(fields[1])
+        cpu[int(d.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def ours(pid: int) -> bool:
+        while pid > 1:
+            if pid == root:
+                return True
+            pid = parents.get(pid, 0)
+        return False
+
+    return sum(cpu[pid] for pid, cmd in cmds.items()
+               if ours(pid) and (exe is None or cmd.split(b"\0", 1)[0] == exe.encode()))
+
+
+def wait_quiet(cpu_s, quiet_s: float = 1.0, timeout: float = 120) -> float:
+    """Waits until `cpu_s()` (a process tree's CPU seconds) has grown by (almost) nothing for `quiet_s`
+    (longer than the server's idle-refresh delay, so a refresh it would start has started and
+    finished); returns the seconds waited. Raises AssertionError after `timeout`."""
+    t0 = time.monotonic()
+    samples = [(t0, cpu_s())]
+    while True:
+        time.sleep(0.1)
+        now = time.monotonic()
+        samples.append((now, cpu_s()))
+        samples = [x for x in samples if now - x[0] <= quiet_s + 0.05]
+        if now - samples[0][0] >= quiet_s - 0.05 and samples[-1][1] - samples[0][1] <= 0.03 * quiet_s:
+            return now - t0
+        if now - t0 > timeout:
+            raise AssertionError(f"the language server stayed busy for {timeout:.0f}s")
+
+
 class CodeServer:
     """code-server on 127.0.0.1 with the .vsix installed, its own user data, extensions, home, XDG and
     temporary folders under `base`, and `files` in its workspace folder. The language server it starts keeps
@@ -138,43 +192,10 @@ class CodeServer:
     def server_cpu_s(self) -> float:
         """CPU seconds used so far by the language servers this code-server started (its descendants
         that run the repository's Python)."""
-        parents, cmds, cpu = {}, {}, {}
-        for d in Path("/proc").iterdir():
-            if not d.name.isdigit():
-                continue
-            try:
-                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-                cmds[int(d.name)] = (d / "cmdline").read_bytes()
-            except OSError:  # gone meanwhile
-                continue
-            parents[int(d.name)] = int(fields[1])
-            cpu[int(d.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-        def ours(pid: int) -> bool:
-            while pid > 1:
-                if pid == self.proc.pid:
-                    return True
-                pid = parents.get(pid, 0)
-            return False
-
-        python = str(PYTHON).encode()
-        return sum(cpu[pid] for pid, cmd in cmds.items() if cmd.split(b"\0", 1)[0] == python and ours(pid))
+        return tree_cpu_s(self.proc.pid, exe=str(PYTHON))
 
     def wait_idle(self, quiet_s: float = 1.0, timeout: float = 120) -> float:
-        """Waits until the language server has used (almost) no CPU for `quiet_s` (longer than the
-        server's idle-refresh delay, so a refresh it would start has started and finished); returns
-        the seconds waited. Raises AssertionError after `timeout`."""
-        t0 = time.monotonic()
-        samples = [(t0, self.server_cpu_s())]
-        while True:
-            time.sleep(0.1)
-            now = time.monotonic()
-            samples.append((now, self.server_cpu_s()))
-            samples = [x for x in samples if now - x[0] <= quiet_s + 0.05]
-            if now - samples[0][0] >= quiet_s - 0.05 and samples[-1][1] - samples[0][1] <= 0.03 * quiet_s:
-                return now - t0
-            if now - t0 > timeout:
-                raise AssertionError(f"the language server stayed busy for {timeout:.0f}s")
+        return wait_quiet(self.server_cpu_s, quiet_s, timeout)
 
     def __exit__(self, *exc) -> None:
         """Ends code-server with its extension host and language server (its own process group)."""
@@ -365,6 +386,44 @@ def time_task(ed: Editor, cs: CodeServer, i: int, task: dict, wait_s: float, idl
     return ms
 
 
+def utf16_len(text: str) -> int:
+    return len(text.encode("utf-16-le")) // 2
+
+
+async def lsp_keystrokes(tasks: list[dict], model: str, settings: dict, wait_s: float, idle_s: float) -> list[float | None]:
+    """The same steps as `time_task`, without VS Code: a server over stdio with the extension's
+    settings; per task `before` opened, the edit and the target's removal sent as changes, the server
+    left to go idle, then the target's first character sent and an inline completion asked for at once.
+    Each figure runs from sending that character to the answer (None: nothing shown)."""
+    from ghostline.lsp.client import running_server
+
+    times = []
+    async with running_server(model=model, options=settings) as c:
+        pid = c._server.pid
+        warm = "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    "
+        c.open("file:///work/warm_up.py", warm)
+        c.change("file:///work/warm_up.py", 2, (5, 4), (5, 4), "r")
+        await c.inline("file:///work/warm_up.py", 5, 5)
+        for i, task in enumerate(tasks):
+            uri, (line, col) = f"file:///work/task{i:03d}.py", (task["cursor"]["line"], task["cursor"]["character"])
+            c.open(uri, task["before"])
+            await c.inspect(uri)
+            c.change_many(uri, 2, task["changes"])
+            rest = task["after"].split("\n")[line][col:]
+            c.change(uri, 3, (line, col), (line, col + utf16_len(rest)), "")
+            if await c.engine_text(uri) != user_document(task):
+                raise AssertionError(f"{task['id']}: the server's document differs from the task's")
+            await asyncio.to_thread(wait_quiet, lambda: tree_cpu_s(pid), 1.0, idle_s)
+            t0 = time.perf_counter()
+            c.change(uri, 4, (line, col), (line, col), task["target"][0])
+            res = await asyncio.wait_for(c.inline(uri, line, col + 1), wait_s)
+            ms = (time.perf_counter() - t0) * 1e3
+            times.append(ms if res is not None and res.items and res.items[0].insert_text.strip() else None)
+            print(f"{task['id']}: LSP {'nothing shown' if times[-1] is None else f'{ms:.0f} ms'}", file=sys.stderr, flush=True)
+            c.text_document_did_close(types.DidCloseTextDocumentParams(text_document=types.TextDocumentIdentifier(uri=uri)))
+    return times
+
+
 def warm_up(ed: Editor, work: Path) -> None:
     """One suggestion before the timed tasks: the model's first decode pays one-time costs."""
     (work / "warm_up.py").write_text("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    ")
@@ -372,6 +431,25 @@ def warm_up(ed: Editor, work: Path) -> None:
     ed.wait_status("ready")
     ed.press("Control+End")
     ed.keystroke_to_ghost_ms("r", 60)
+
+
+def summary(vscode: list[float | None], lsp: list[float | None], model: str) -> dict:
+    """p50/p95 of each path over the tasks it showed ghost text on, and the gap on the tasks both did."""
+    from bench.tasks import pct
+
+    def figures(times: list[float | None]) -> dict:
+        shown = [t for t in times if t is not None]
+        return {"ms_p50": round(pct(shown, 50), 1) if shown else None, "ms_p95": round(pct(shown, 95), 1) if shown else None,
+                "shown": len(shown), "tasks": len(times)}
+
+    out = {"model": model, **{f"latency_{k}": v for k, v in figures(vscode).items()}}
+    if lsp:
+        both = [(v, l) for v, l in zip(vscode, lsp) if v is not None and l is not None]
+        out |= {f"lsp_{k}": v for k, v in figures(lsp).items()}
+        out |= {"paired_tasks": len(both), "gap_ms_p50": round(pct([v - l for v, l in both], 50), 1) if both else None,
+                "p50_gap_ms": (round(out["latency_ms_p50"] - out["lsp_ms_p50"], 1)
+                               if out["latency_ms_p50"] is not None and out["lsp_ms_p50"] is not None else None)}
+    return out
 
 
 def main(argv=None) -> int:
@@ -383,7 +461,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tasks", required=True, help="EVAL task file (the `edits` set)")
     p.add_argument("--limit", type=int, default=20)
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--model", default="gemma3-270m")
+    p.add_argument("--no-lsp", dest="lsp", action="store_false",
+                   help="skip the same keystrokes sent over LSP without VS Code (the editor's overhead is the difference)")
     p.add_argument("--wait-s", type=float, default=10.0, help="longest wait for ghost text after the keystroke")
     p.add_argument("--idle-s", type=float, default=600.0,
                    help="longest wait for the server's background work after the edit (an edit near the top of a "
@@ -426,10 +506,8 @@ def main(argv=None) -> int:
                 times.append(ms)
                 print(f"{task['id']}: {why} (task took {time.monotonic() - t0:.0f} s)", file=sys.stderr, flush=True)
             browser.close()
-    shown = [t for t in times if t is not None]
-    print(json.dumps({"latency_ms_p50": round(pct(shown, 50), 1) if shown else None,
-                      "latency_ms_p95": round(pct(shown, 95), 1) if shown else None,
-                      "shown": len(shown), "failed": failed, "tasks": len(times), "model": args.model}))
+    lsp = asyncio.run(lsp_keystrokes(tasks, args.model, {"multiline": "never"}, args.wait_s, args.idle_s)) if args.lsp else []
+    print(json.dumps(summary(times, lsp, args.model) | {"failed": failed}))
     return 0
 
 

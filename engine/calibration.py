@@ -4,10 +4,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -179,13 +181,15 @@ def cursor_tasks(files: list[Path], *, per_file: int = 2, before_lines: int = 40
 
 
 def collect_gate(engine, files: list[Path], *, tasks: int = 400, drafts: int = 3, max_tokens: int = 48,
-                 progress: Callable[[str], None] = print) -> list[dict]:
-    """The product's k-draft decode at each cursor task (gate off): the gate's features, whether the
-    user would keep some of the first line (the accept model), and how many characters."""
+                 progress: Callable[[str], None] = print) -> Iterator[dict]:
+    """The product's k-draft decode at each cursor task (gate off), as a record the gate's features
+    are computed from (`engine.gate.record_features`): the first step's distribution, the drafts and
+    their scores, the text around the cursor, whether the user would keep some of the first line (the
+    accept model) and how many characters."""
     from ghostline.engine.completion import CompletionOptions
-    from ghostline.engine.gate import accepted, features
+    from ghostline.engine.gate import accepted, situation
 
-    rows, uri = [], "file:///calibration/gate.py"
+    uri, n_rows, n_kept = "file:///calibration/gate.py", 0, 0
     opts = CompletionOptions(max_tokens=max_tokens, drafts=drafts)
     for n, task in enumerate(cursor_tasks(files)):
         if n >= tasks:
@@ -196,31 +200,52 @@ def collect_gate(engine, files: list[Path], *, tasks: int = 400, drafts: int = 3
         engine.close(uri)
         if not out.drafts or conf is None:
             continue
-        text = task["text"]
-        line_start = text.rfind("\n", 0, task["offset"]) + 1
-        line_end = text.find("\n", task["offset"])
-        x = features(conf, out.drafts, line_before=text[line_start : task["offset"]],
-                     line_after=text[task["offset"] : line_end], multiline=False, scores=out.draft_scores)
         kept = accepted(out.text, task["target"])
-        rows.append({"path": task["path"], "x": x.tolist(), "kept": int(bool(kept.strip())), "chars": len(kept)})
-        if len(rows) % 10 == 0:
-            progress(f"gate: {len(rows)} suggestions, {sum(r['kept'] for r in rows)} with something kept")
-    return rows
+        n_rows, n_kept = n_rows + 1, n_kept + bool(kept.strip())
+        yield {"path": task["path"], "first": [conf.first_p, conf.first_margin, conf.first_entropy],
+               "drafts": out.drafts, "scores": out.draft_scores, **situation(task["text"], task["offset"]),
+               "target": task["target"], "kept": int(bool(kept.strip())), "chars": len(kept)}
+        if n_rows % 10 == 0:
+            progress(f"gate: {n_rows} suggestions, {n_kept} with something kept")
 
 
-def calibrate_gate(engine, name: str, roots: Iterable[Path], *, exclude: Iterable[str] = (), out: Path | None = None,
-                   tasks: int = 400, progress: Callable[[str], None] = print) -> Path:
-    """Fit the show gate (engine.gate) on cursor tasks cut from the code under `roots`, a third of the
-    files held out for the threshold and the check that the fit generalises; write `gate.json`."""
-    from ghostline.engine.gate import fit
+def _open_text(path: Path, mode: str):
+    """A text file, gzip-compressed when its name ends in `.gz`."""
+    return gzip.open(path, mode + "t", encoding="utf-8") if path.suffix == ".gz" else open(path, mode, encoding="utf-8")
 
-    t0 = time.perf_counter()
-    rows = collect_gate(engine, code_files(roots, exclude=exclude), tasks=tasks, progress=progress)
-    X = np.array([r["x"] for r in rows])
+
+def fit_gate(rows: list[dict]):
+    """The show gate fitted on collected records, a third of the files (by a hash of the path) held out
+    for the threshold and the check that the fit generalises."""
+    from ghostline.engine.gate import fit, record_features
+
+    X = np.array([record_features(r) for r in rows])
     y = np.array([r["kept"] for r in rows], dtype=np.float64)
     chars = np.array([r["chars"] for r in rows], dtype=np.float64)
     held = np.array([int(hashlib.sha256(r["path"].encode()).hexdigest()[:8], 16) % 3 == 0 for r in rows])
-    gate = fit(X, y, chars, held)
+    return fit(X, y, chars, held)
+
+
+def calibrate_gate(engine, name: str, roots: Iterable[Path], *, exclude: Iterable[str] = (), out: Path | None = None,
+                   tasks: int = 400, rows_file: Path | None = None, progress: Callable[[str], None] = print) -> Path:
+    """Fit the show gate (engine.gate) on cursor tasks cut from the code under `roots`; write
+    `gate.json`. With `rows_file`: the records are also written there (JSON lines), and when that
+    file exists already the gate is fitted on its records without decoding anything (`engine` unused)."""
+    t0 = time.perf_counter()
+    if rows_file is not None and rows_file.is_file():
+        with _open_text(rows_file, "r") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        progress(f"gate: {len(rows)} records from {rows_file}")
+    else:
+        rows = []
+        with contextlib.ExitStack() as stack:
+            sink = stack.enter_context(_open_text(rows_file, "w")) if rows_file is not None else None
+            for row in collect_gate(engine, code_files(roots, exclude=exclude), tasks=tasks, progress=progress):
+                rows.append(row)
+                if sink is not None:
+                    sink.write(json.dumps(row) + "\n")
+                    sink.flush()
+    gate = fit_gate(rows)
     gate.meta |= {"seconds": round(time.perf_counter() - t0, 1), "roots": [str(r) for r in roots],
                   "exclude": list(exclude), "tasks": len(rows)}
     path = gate.save(out or user_folder(name))

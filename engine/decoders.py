@@ -29,7 +29,7 @@ from ghostline.engine.decoding.speculative import DRAFT_RULES, Chain, EarlyLayer
 from ghostline.engine.decoding.superposed import SuperposedParams, halt_cuts, superposed
 from ghostline.engine.document import Document
 from ghostline.engine.exits import Exits
-from ghostline.engine.gate import Confidence, Gate, features
+from ghostline.engine.gate import Confidence, Gate, features, situation
 from ghostline.engine.ngram import NgramIndex, PromptLookup
 from ghostline.engine.stops import Shown
 
@@ -222,9 +222,8 @@ def drafts(req: Request) -> Decode:
         by_text = {t: d for d, t in reversed(list(zip(ds, texts)))}  # the best draft of each text
         out.draft_scores = [by_text[t].score / max(1, len(by_text[t].ids)) for t in out.drafts if t in by_text]
         if req.gate is not None and conf and out.drafts:
-            line_start = doc.text.rfind("\n", 0, req.offset) + 1
-            x = features(conf[0], out.drafts, line_before=doc.text[line_start : req.offset],
-                         line_after=doc.text[req.offset : line_end], multiline=opts.multiline, scores=out.draft_scores)
+            x = features(conf[0], out.drafts, **situation(doc.text, req.offset), multiline=opts.multiline,
+                         scores=out.draft_scores)
             out.confidence = float(req.gate.p_kept(x)[0])
             if opts.gate and out.confidence < req.gate.threshold_at(opts.gate_strength):
                 out.withheld = out.drafts[0]

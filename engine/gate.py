@@ -16,7 +16,12 @@ Features (`features`), all known when the decode ends:
   one's is below it;
 - the best draft's first line: length (log), whether it is one word or less;
 - the context: typing mid-word, text to the right of the cursor, the cursor at the
-  line's indentation, the suggestion spanning several lines.
+  line's indentation, the suggestion spanning several lines;
+- the text above the cursor's line (`above`, a few thousand characters at most): whether the first
+  line's first name, and what share of its names, already occur there (a model inventing names is
+  usually wrong), whether the first line repeats a line above, and the block structure: the line
+  above blank, the last non-blank line opening a block (`:`, an open bracket) or the cursor dedented
+  from it.
 """
 
 from __future__ import annotations
@@ -31,8 +36,11 @@ import numpy as np
 
 GATE_FILE = "gate.json"
 FEATURES = ("first_p", "first_margin", "first_entropy", "agree", "mean_score", "score_gap", "log_len", "one_word",
-            "mid_word", "right_text", "at_indent", "multiline")
+            "mid_word", "right_text", "at_indent", "multiline", "name_seen", "names_seen", "repeats_above",
+            "blank_above", "opens_block", "dedent")
+ABOVE_CHARS = 4000  # how much of the text above the cursor's line the features read
 _WORD = re.compile(r"\s*(?:\w+|\S)")
+_NAME = re.compile(r"[A-Za-z_]\w*")
 
 
 @dataclass
@@ -77,10 +85,11 @@ def first_word(text: str) -> str:
     return m.group().strip() if m else ""
 
 
-def features(conf: Confidence, drafts: list[str], *, line_before: str, line_after: str, multiline: bool,
+def features(conf: Confidence, drafts: list[str], *, above: str, line_before: str, line_after: str, multiline: bool,
              scores: list[float] = ()) -> np.ndarray:
     """The gate's feature vector (in FEATURES' order) for a decode whose drafts are best first; `scores`
-    the drafts' decoding scores per token, in the same order."""
+    the drafts' decoding scores per token, in the same order; `above` the text before the cursor's
+    line (its last ABOVE_CHARS characters are read)."""
     best = drafts[0] if drafts else ""
     line = best.split("\n", 1)[0]
     word = first_word(best)
@@ -91,7 +100,36 @@ def features(conf: Confidence, drafts: list[str], *, line_before: str, line_afte
     return np.array([conf.first_p, conf.first_margin, conf.first_entropy, agree, mean_score, gap, math.log1p(len(line.strip())),
                      float(len(words) <= 1), float(line_before[-1:].isalnum() or line_before[-1:] == "_"),
                      float(bool(line_after.strip())),
-                     float(not line_before.strip()), float(multiline and "\n" in best.strip())], dtype=np.float64)
+                     float(not line_before.strip()), float(multiline and "\n" in best.strip()),
+                     *_context(line, above[-ABOVE_CHARS:], line_before)], dtype=np.float64)
+
+
+def record_features(r: dict) -> np.ndarray:
+    """The features of a stored decode record (`engine.calibration.collect_gate`'s rows)."""
+    return features(Confidence(*r["first"]), r["drafts"], above=r["above"], line_before=r["line_before"],
+                    line_after=r["line_after"], multiline=False, scores=r["scores"])
+
+
+def _context(line: str, above: str, line_before: str) -> list[float]:
+    """name_seen, names_seen, repeats_above, blank_above, opens_block, dedent (FEATURES)."""
+    known = set(_NAME.findall(above))
+    names = _NAME.findall(line)
+    lines = above.removesuffix("\n").split("\n")
+    shown = (line_before + line).strip()
+    last = next((ln for ln in reversed(lines) if ln.strip()), "")
+    indent = len(line_before) - len(line_before.lstrip())
+    return [float(bool(names) and names[0] in known), sum(n in known for n in names) / len(names) if names else 1.0,
+            float(bool(shown) and any(ln.strip() == shown for ln in lines)), float(not lines[-1].strip()),
+            float(last.rstrip().endswith((":", "(", "[", "{"))),
+            float(bool(last) and indent < len(last) - len(last.lstrip()))]
+
+
+def situation(text: str, offset: int) -> dict:
+    """What of the document the features read, around a cursor at `offset` of `text`."""
+    line_start = text.rfind("\n", 0, offset) + 1
+    line_end = text.find("\n", offset)
+    return {"above": text[max(0, line_start - 1 - ABOVE_CHARS) : max(0, line_start - 1)],
+            "line_before": text[line_start:offset], "line_after": text[offset : None if line_end < 0 else line_end]}
 
 
 @dataclass

@@ -72,9 +72,11 @@ def _calibrate(args) -> int:
         from ghostline.engine.calibration import calibrate_gate
         from ghostline.engine.engine import Engine, EngineOptions
 
-        engine = Engine.load(args.model, options=EngineOptions(precision="int8", head="code"))
+        rows = Path(args.gate_rows) if args.gate_rows else None
+        reuse = rows is not None and rows.is_file()
+        engine = None if reuse else Engine.load(args.model, options=EngineOptions(precision="int8", head="code"))
         calibrate_gate(engine, loaded.source.stem, roots, exclude=args.exclude, out=out, tasks=args.gate_tasks,
-                       progress=say)
+                       rows_file=rows, progress=say)
     return 0
 
 
@@ -204,6 +206,8 @@ def main(argv=None) -> int:
     cal.add_argument("--exclude", nargs="*", default=[], help="skip paths containing any of these words")
     cal.add_argument("--steps", default="vocab,adadec,exits,gate", help="comma-separated: vocab, adadec, exits, gate")
     cal.add_argument("--gate-tasks", type=int, default=400, help="cursor tasks cut from the corpus for the show gate")
+    cal.add_argument("--gate-rows", help="JSON lines of the show gate's decode records: written while collecting; "
+                     "when the file exists, the gate is refitted from it without decoding")
     cal.add_argument("--tokens", type=int, default=60_000, help="teacher-forced tokens for the AdaDec fit (the exits fit takes at most 24,000)")
     cal.add_argument("--out", help="folder for the artifacts (default: the model's folder in the cache)")
     cal.set_defaults(func=_calibrate)

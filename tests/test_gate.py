@@ -5,13 +5,14 @@ user keeps of a suggestion; the strength learned from accepts and rejects stays 
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 
 import numpy as np
 import pytest
 
 from ghostline.engine.engine import CompletionOptions
-from ghostline.engine.gate import FEATURES, Gate, accepted, auc, fit
+from ghostline.engine.gate import FEATURES, Confidence, Gate, accepted, auc, features, fit, situation
 from ghostline.lsp.settings import Settings, SettingsError
 from ghostline.lsp.stats import BOUNDS, LEARN_AFTER, Stats, document_kind
 
@@ -29,6 +30,27 @@ def gate_with(threshold: float) -> Gate:
 def test_accept_model_keeps_whole_words_that_agree(case):
     shown, target, kept = case
     assert accepted(shown, target) == kept
+
+
+def test_the_text_features_read_the_lines_above_and_nothing_past_the_cursor():
+    doc = "import os\n\ndef size(path):\n    if os.path.isfile(path):\n        return os.stat(path).st_size\n    \nTAIL = 1\n"
+    offset = doc.index("    \nTAIL") + 4
+    around = situation(doc, offset)
+    assert around["above"].endswith("st_size") and around["line_before"] == "    " and around["line_after"] == ""
+
+    def named(draft: str) -> dict:
+        x = features(Confidence(), [draft], **around, multiline=False)
+        return dict(zip(FEATURES, x.tolist()))
+
+    seen = named("return os.stat(path).st_size")
+    assert seen["name_seen"] == seen["names_seen"] == seen["repeats_above"] == 1.0
+    assert seen["dedent"] == 1.0 and seen["blank_above"] == 0.0 and seen["opens_block"] == 0.0
+    new = named("return TAIL + size_of(path)")  # TAIL is below the cursor: not seen
+    assert new["name_seen"] == 1.0 and new["names_seen"] == pytest.approx(2 / 4) and new["repeats_above"] == 0.0
+    assert named("raise ValueError(path)")["name_seen"] == 0.0
+    block = situation("def f(x):\n    ", len("def f(x):\n    "))
+    opened = dict(zip(FEATURES, features(Confidence(), ["pass"], **block, multiline=False).tolist()))
+    assert opened["opens_block"] == 1.0 and opened["dedent"] == 0.0 and opened["blank_above"] == 0.0
 
 
 def test_a_gate_that_never_fires_equals_the_ungated_output(tiny_engine_factory):
@@ -159,3 +181,39 @@ def test_the_gate_reads_each_drafts_score_per_token(tiny_engine_factory):
     again = eng.complete("file:///a.py", len(TEXT), CompletionOptions(max_tokens=6, drafts=3, gate=True))
     lp = again.draft_scores
     assert again.confidence == pytest.approx(1 / (1 + np.exp(-(lp[0] + 0.5 * (lp[0] - lp[1])))))
+
+
+def test_calibration_records_give_the_features_the_engine_gates_on(tiny_engine_factory, tmp_path):
+    from ghostline.engine.calibration import collect_gate
+    from ghostline.engine.gate import record_features
+
+    (tmp_path / "shapes.py").write_text(TEXT.rstrip() + "\n" + "\n".join(f"def f{i}(x):\n    return x * {i}\n" for i in range(12)))
+    eng = tiny_engine_factory("llama")
+    eng.gate = Gate([0.0] * len(FEATURES), [1.0] * len(FEATURES), list(np.linspace(-1, 1, len(FEATURES))), 0.1, 0.0)
+    rows = list(collect_gate(eng, [tmp_path / "shapes.py"], tasks=2, max_tokens=6, progress=lambda _: None))
+    assert rows and all(set(r) >= {"first", "drafts", "scores", "above", "line_before", "line_after", "kept"} for r in rows)
+    for r in rows:  # the same document and cursor, decoded live with the gate reading it
+        text = r["above"] + "\n" + r["line_before"] + r["line_after"]
+        eng.open("file:///again.py", text)
+        live = eng.complete("file:///again.py", len(r["above"]) + 1 + len(r["line_before"]),
+                            CompletionOptions(max_tokens=6, drafts=3, gate=False))
+        assert live.drafts == r["drafts"]
+        assert eng.gate.p_kept(record_features(r))[0] == pytest.approx(live.confidence)
+
+
+def test_the_gate_refits_from_stored_records_without_decoding(tmp_path):
+    from ghostline.engine.calibration import calibrate_gate
+
+    rng = np.random.default_rng(3)
+    rows_file = tmp_path / "rows.jsonl.gz"
+    with gzip.open(rows_file, "wt") as f:
+        for i in range(240):
+            p = float(rng.uniform(0.05, 1.0))
+            kept = int(rng.uniform() < p)
+            f.write(json.dumps({"path": f"/code/m{i % 60}.py", "first": [p, p / 2, 1 - p], "drafts": ["x = y(z)"],
+                                "scores": [-1.0], "above": "y = 1\nz = 2", "line_before": "", "line_after": "",
+                                "kept": kept, "chars": 6 * kept}) + "\n")
+    path = calibrate_gate(None, "m", [], out=tmp_path / "model", rows_file=rows_file, progress=lambda _: None)
+    gate = Gate.load(path)
+    assert gate.meta["tasks"] == 240 and gate.meta["held_out_auc"] > 0.6
+    assert gate.weights[FEATURES.index("first_p")] > 0
