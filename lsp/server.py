@@ -66,6 +66,19 @@ class Shown:
     drafts: tuple[str, ...] = ()  # all drafts of the request, `text` first
 
 
+ANTICIPATE_MISSES = 3  # keystroke completions in a row that no request took before a document stops starting them
+ANTICIPATE_CHARS = 8  # the longest insertion taken for a keystroke
+
+
+@dataclass
+class Ahead:
+    """A completion started at a keystroke, for the request that will follow at its end."""
+
+    version: int | None
+    offset: int
+    task: asyncio.Task
+
+
 class Debounce:
     """Wait a little before decoding; longer while keystrokes come fast (their gap's moving average)."""
 
@@ -99,6 +112,9 @@ class GhostlineServer(LanguageServer):
         self.shown: dict[str, Shown] = {}
         self.outcomes: dict[str, dict] = {}  # per document, how its last decode ended (ghostline/inspect)
         self.prefetch: dict[str, tuple[int, str]] = {}
+        self.ahead: dict[str, Ahead] = {}  # per document, the completion its last keystroke started
+        self.asking: dict[str, int] = {}  # documents the editor asks about on its own: misses since its last ask
+        self.anticipated = 0  # requests answered by the completion their keystroke started
         self.stats = Stats()
         self.debounce = Debounce(self.settings.debounce_ms)
         self.worker = EngineWorker(idle=self._idle_refresh, idle_after_s=self.settings.idle_refresh_ms / 1e3)
@@ -437,34 +453,9 @@ class GhostlineServer(LanguageServer):
         while self.engine is None and self.state in ("", "loading") and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
 
-    async def suggest(self, uri: str, position: types.Position, *, invoked: bool = False) -> list[str] | None:
-        """Suggestions at a position, or None (unknown document, superseded, cancelled, not ready).
-        `invoked`: the user asked explicitly; during the model's load such a request waits for it
-        (bounded by the time cap) where an automatic one answers nothing at once."""
-        mirror = self.mirrors.get(uri)
-        if mirror is None:
-            log.warning("completion for a document that is not open: %s", uri)
-            return None
-        try:
-            offset = mirror.offset(position.line, position.character, self.encoding)
-        except EditError as exc:
-            log.warning("completion position %s:%s outside %s: %s", position.line, position.character, uri, exc)
-            return None
-        rests = self.type_through(uri, mirror, offset)
-        if rests is not None:
-            return rests
-        if self.engine is None and invoked:
-            await self.wait_for_engine()
-        if self.engine is None:
-            return None
-        token = object()
-        self.latest[uri] = token
-        previous = self.running.pop(uri, None)
-        if previous is not None:
-            previous.cancel()  # cancel-previous: the newest request wins
-        await asyncio.sleep(self.debounce.delay_s())
-        if self.latest.get(uri) is not token:
-            return None
+    async def complete_at(self, uri: str, mirror: Mirror, offset: int, *, invoked: bool = False):
+        """The engine's completion at `offset` of the document as it is now (None when an edit came
+        first); cancelling the awaiting task cancels the decode."""
         version, opts = mirror.version, self.options_for(mirror, offset, uri)
         if invoked:
             opts.gate = False  # asked for explicitly: the user wants a suggestion, not silence
@@ -495,6 +486,77 @@ class GhostlineServer(LanguageServer):
                                   "withheld": getattr(out, "withheld", "")}
             if out.stop_reason == "gated":
                 log.info("withheld a suggestion in %s (P(kept) %.2f): %r", uri, out.confidence or 0.0, out.withheld[:80])
+        return out
+
+    def anticipate(self, uri: str, mirror: Mirror, changes: list[Change]) -> None:
+        """A keystroke (one short insertion) in a document the editor asks about while the user types:
+        start the completion at its end now, after the usual debounce. The editor's request for that
+        spot, which comes after its own debounce and a trip through its processes, takes it over
+        (`suggest`); the next change cancels it. A document whose editor asked about none of the last
+        ANTICIPATE_MISSES keystrokes (suggestions off there, or typing faster than it asks) starts
+        none until it asks again."""
+        old = self.ahead.pop(uri, None)
+        if old is not None:  # the editor did not ask about the last keystroke
+            old.task.cancel()
+            self.asking[uri] = self.asking.get(uri, 0) + 1
+        if self.engine is None or self.loop is None or len(changes) != 1:
+            return
+        c = changes[0]
+        if c.start != c.end or not 0 < len(c.text) <= ANTICIPATE_CHARS:
+            return
+        if self.asking.get(uri, ANTICIPATE_MISSES) >= ANTICIPATE_MISSES:
+            return
+        offset, version = c.start + len(c.text), mirror.version
+        if self.type_through(uri, mirror, offset) is not None:
+            return
+
+        async def start():
+            await asyncio.sleep(self.debounce.delay_s())
+            if mirror.version != version:
+                return None
+            return await self.complete_at(uri, mirror, offset)
+
+        self.ahead[uri] = Ahead(version, offset, self.loop.create_task(start()))
+
+    async def suggest(self, uri: str, position: types.Position, *, invoked: bool = False) -> list[str] | None:
+        """Suggestions at a position, or None (unknown document, superseded, cancelled, not ready).
+        `invoked`: the user asked explicitly; during the model's load such a request waits for it
+        (bounded by the time cap) where an automatic one answers nothing at once."""
+        mirror = self.mirrors.get(uri)
+        if mirror is None:
+            log.warning("completion for a document that is not open: %s", uri)
+            return None
+        try:
+            offset = mirror.offset(position.line, position.character, self.encoding)
+        except EditError as exc:
+            log.warning("completion position %s:%s outside %s: %s", position.line, position.character, uri, exc)
+            return None
+        rests = self.type_through(uri, mirror, offset)
+        if rests is not None:
+            return rests
+        if self.engine is None and invoked:
+            await self.wait_for_engine()
+        if self.engine is None:
+            return None
+        token = object()
+        self.latest[uri] = token
+        ahead = self.ahead.pop(uri, None)
+        if not invoked:
+            self.asking[uri] = 0
+        if ahead is not None and not invoked and (ahead.version, ahead.offset) == (mirror.version, offset):
+            out = await ahead.task  # started at the keystroke: the editor's debounce and the trip here are hidden
+            self.anticipated += out is not None
+            log.debug("%s:%d: the keystroke's completion answers the request", uri, offset)
+        else:
+            if ahead is not None:
+                ahead.task.cancel()
+            previous = self.running.pop(uri, None)
+            if previous is not None:
+                previous.cancel()  # cancel-previous: the newest request wins
+            await asyncio.sleep(self.debounce.delay_s())
+            if self.latest.get(uri) is not token:
+                return None
+            out = await self.complete_at(uri, mirror, offset, invoked=invoked)
         if out is None or out.stop_reason == "cancelled":
             return None
         before = mirror.text[mirror.text.rfind("\n", 0, offset) + 1 : offset]
@@ -689,6 +751,7 @@ def build_server(*, model: str | None = None, engine: str | None = None) -> Ghos
         if running is not None:  # its answer is for a text that is gone: free the engine for the next
             running.cancel()
         ls.after_change(uri, mirror)
+        ls.anticipate(uri, mirror, changes)
         end = changes[-1].start + len(changes[-1].text) if changes else 0
         ls.context.changed(uri, text, text.count("\n", 0, end))
         ls.prepare_context(uri, end)
@@ -696,8 +759,10 @@ def build_server(*, model: str | None = None, engine: str | None = None) -> Ghos
     @server.feature(types.TEXT_DOCUMENT_DID_CLOSE)
     def did_close(ls: GhostlineServer, params: types.DidCloseTextDocumentParams):
         uri = params.text_document.uri
-        for table in (ls.mirrors, ls.shown, ls.languages, ls.prefetch, ls.outcomes):
+        for table in (ls.mirrors, ls.shown, ls.languages, ls.prefetch, ls.outcomes, ls.asking):
             table.pop(uri, None)
+        if (ahead := ls.ahead.pop(uri, None)) is not None:
+            ahead.task.cancel()
         ls.submit_update(uri, lambda e: e.close(uri))
         key = ls.context.closed(uri)
         if key is not None:
@@ -758,7 +823,7 @@ def build_server(*, model: str | None = None, engine: str | None = None) -> Ghos
             if doc is None:
                 return None
             return {**doc, "errors": ls.errors, "cancelled_decodes": ls.worker.cancelled_decodes,
-                    "last_completion": ls.outcomes.get(uri), "context": ls.context.report(uri)}
+                    "anticipated": ls.anticipated, "last_completion": ls.outcomes.get(uri), "context": ls.context.report(uri)}
 
         with ls._edits_lock:
             ls.waiting_edits.pop(uri, None)  # later edits queue behind this request: it sees the text as of now

@@ -50,6 +50,44 @@ def test_open_edit_complete_and_settings():
     run(go())
 
 
+def test_a_keystroke_starts_the_completion_its_request_takes_over():
+    """In a document the editor asks about on its own, a typed character starts the completion at its
+    end; the request that follows there gets it (the same suggestion as a fresh ask), neither a
+    request elsewhere nor one the user invoked takes a keystroke's completion, and keystrokes the
+    editor stops asking about stop starting them."""
+
+    def anticipated(res) -> int:
+        return res["anticipated"] if isinstance(res, dict) else res.anticipated
+
+    async def go():
+        async with running_server(options={"max_tokens": 12, "gate": False}) as c:
+            c.open(URI, PY)
+            await c.inline(URI, 1, 4)  # the editor asks as the user moves and types
+            c.change(URI, 2, (9, 4), (9, 4), "r")
+            await asyncio.sleep(1.5)  # the keystroke's completion runs before the request arrives
+            ahead = await c.inline(URI, 9, 5)
+            assert anticipated(await c.inspect(URI)) == 1
+            again = "file:///tmp/ghostline-test/again.py"
+            c.open(again, PY + "r")
+            fresh = await c.inline(again, 9, 5)
+            assert ahead.items and [i.insert_text for i in ahead.items] == [i.insert_text for i in fresh.items]
+            c.change(URI, 3, (9, 5), (9, 5), "x")
+            assert (await c.inline(URI, 5, 4)).items  # elsewhere: its own decode
+            c.change(URI, 4, (9, 6), (9, 6), "y")
+            assert (await c.inline(URI, 9, 7, invoked=True)).items  # invoked: its own decode, ungated
+            assert anticipated(await c.inspect(URI)) == 1
+            for n, ch in enumerate("abcd"):  # keystrokes nobody asks about: after three, none starts
+                c.change(URI, 5 + n, (9, 7 + n), (9, 7 + n), ch)
+                await asyncio.sleep(0.2)
+            assert (await c.inline(URI, 9, 11)).items is not None
+            assert anticipated(await c.inspect(URI)) == 1
+            c.change(URI, 9, (9, 11), (9, 11), "e")  # asked again: the next keystroke starts one
+            await c.inline(URI, 9, 12)
+            assert anticipated(await c.inspect(URI)) == 2
+            assert await c.engine_text(URI) == PY + "rxyabcde"
+    run(go())
+
+
 def test_utf16_and_utf8_positions_with_non_ascii():
     text = 's = "h\u00e9llo \U0001F600 w"  # x\nt = 1\n'
 
