@@ -494,13 +494,14 @@ class GhostlineServer(LanguageServer):
         spot, which comes after its own debounce and a trip through its processes, takes it over
         (`suggest`); the next change cancels it. A document whose editor asked about none of the last
         ANTICIPATE_MISSES keystrokes (suggestions off there, or typing faster than it asks) starts
-        none until it asks again."""
+        none until it asks again. Not with the `context` setting on: a request's context is chosen when
+        it arrives."""
         old = self.ahead.pop(uri, None)
         if old is not None:  # the editor did not ask about the last keystroke
             old.task.cancel()
             self.asking[uri] = self.asking.get(uri, 0) + 1
-        if self.engine is None or self.loop is None or len(changes) != 1:
-            return
+        if self.engine is None or self.loop is None or len(changes) != 1 or self.settings.context:
+            return  # with context on, the request chooses it (and asks for a newer one): no head start
         c = changes[0]
         if c.start != c.end or not 0 < len(c.text) <= ANTICIPATE_CHARS:
             return
