@@ -386,16 +386,13 @@ def time_task(ed: Editor, cs: CodeServer, i: int, task: dict, wait_s: float, idl
     return ms
 
 
-def utf16_len(text: str) -> int:
-    return len(text.encode("utf-16-le")) // 2
-
-
 async def lsp_keystrokes(tasks: list[dict], model: str, settings: dict, wait_s: float, idle_s: float) -> list[float | None]:
     """The same steps as `time_task`, without VS Code: a server over stdio with the extension's
     settings; per task `before` opened, the edit and the target's removal sent as changes, the server
     left to go idle, then the target's first character sent and an inline completion asked for at once.
     Each figure runs from sending that character to the answer (None: nothing shown)."""
     from ghostline.lsp.client import running_server
+    from ghostline.lsp.positions import chars_to_column
 
     times = []
     async with running_server(model=model, options=settings) as c:
@@ -409,8 +406,8 @@ async def lsp_keystrokes(tasks: list[dict], model: str, settings: dict, wait_s: 
             c.open(uri, task["before"])
             await c.inspect(uri)
             c.change_many(uri, 2, task["changes"])
-            rest = task["after"].split("\n")[line][col:]
-            c.change(uri, 3, (line, col), (line, col + utf16_len(rest)), "")
+            after_line = task["after"].split("\n")[line]
+            c.change(uri, 3, (line, col), (line, chars_to_column(after_line, len(after_line), "utf-16")), "")
             if await c.engine_text(uri) != user_document(task):
                 raise AssertionError(f"{task['id']}: the server's document differs from the task's")
             await asyncio.to_thread(wait_quiet, lambda: tree_cpu_s(pid), 1.0, idle_s)
