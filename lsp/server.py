@@ -68,6 +68,7 @@ class Shown:
 
 ANTICIPATE_MISSES = 3  # keystroke completions in a row that no request took before a document stops starting them
 ANTICIPATE_CHARS = 8  # the longest insertion taken for a keystroke
+CLOSED_PAIRS = ("()", "[]", "{}", '""', "''", "``")  # a typed opener the editor closed at once: the cursor sits between
 
 
 @dataclass
@@ -494,8 +495,9 @@ class GhostlineServer(LanguageServer):
         spot, which comes after its own debounce and a trip through its processes, takes it over
         (`suggest`); the next change cancels it. A document whose editor asked about none of the last
         ANTICIPATE_MISSES keystrokes (suggestions off there, or typing faster than it asks) starts
-        none until it asks again. Not with the `context` setting on: a request's context is chosen when
-        it arrives."""
+        none until it asks again. An opener the editor closed at once (`()` in one insertion) starts it
+        between the two. Not with the `context` setting on: a request's context is chosen when it
+        arrives."""
         old = self.ahead.pop(uri, None)
         if old is not None:  # the editor did not ask about the last keystroke
             old.task.cancel()
@@ -507,7 +509,7 @@ class GhostlineServer(LanguageServer):
             return
         if self.asking.get(uri, ANTICIPATE_MISSES) >= ANTICIPATE_MISSES:
             return
-        offset, version = c.start + len(c.text), mirror.version
+        offset, version = c.start + len(c.text) - (c.text in CLOSED_PAIRS), mirror.version
         if self.type_through(uri, mirror, offset) is not None:
             return
 

@@ -84,7 +84,10 @@ def test_a_keystroke_starts_the_completion_its_request_takes_over():
             c.change(URI, 9, (9, 11), (9, 11), "e")  # asked again: the next keystroke starts one
             await c.inline(URI, 9, 12)
             assert anticipated(await c.inspect(URI)) == 2
-            assert await c.engine_text(URI) == PY + "rxyabcde"
+            c.change(URI, 10, (9, 12), (9, 12), "()")  # an opener closed by the editor: asked between
+            await c.inline(URI, 9, 13)
+            assert anticipated(await c.inspect(URI)) == 3
+            assert await c.engine_text(URI) == PY + "rxyabcde()"
     run(go())
 
 
