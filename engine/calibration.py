@@ -181,7 +181,7 @@ def cursor_tasks(files: list[Path], *, per_file: int = 2, before_lines: int = 40
 
 
 def collect_gate(engine, files: list[Path], *, tasks: int = 400, drafts: int = 3, max_tokens: int = 48,
-                 progress: Callable[[str], None] = print) -> Iterator[dict]:
+                 seed: int = 0, progress: Callable[[str], None] = print) -> Iterator[dict]:
     """The product's k-draft decode at each cursor task (gate off), as a record the gate's features
     are computed from (`engine.gate.record_features`): the first step's distribution, the drafts and
     their scores, the text around the cursor, whether the user would keep some of the first line (the
@@ -191,7 +191,7 @@ def collect_gate(engine, files: list[Path], *, tasks: int = 400, drafts: int = 3
 
     uri, n_rows, n_kept = "file:///calibration/gate.py", 0, 0
     opts = CompletionOptions(max_tokens=max_tokens, drafts=drafts)
-    for n, task in enumerate(cursor_tasks(files)):
+    for n, task in enumerate(cursor_tasks(files, seed=seed)):
         if n >= tasks:
             break
         engine.open(uri, task["text"])
@@ -227,27 +227,35 @@ def fit_gate(rows: list[dict]):
 
 
 def calibrate_gate(engine, name: str, roots: Iterable[Path], *, exclude: Iterable[str] = (), out: Path | None = None,
-                   tasks: int = 400, rows_file: Path | None = None, progress: Callable[[str], None] = print) -> Path:
-    """Fit the show gate (engine.gate) on cursor tasks cut from the code under `roots`; write
-    `gate.json`. With `rows_file`: the records are also written there (JSON lines), and when that
-    file exists already the gate is fitted on its records without decoding anything (`engine` unused)."""
+                   tasks: int = 400, seed: int = 0, rows_files: Iterable[Path] = (),
+                   progress: Callable[[str], None] = print) -> Path:
+    """Fit the show gate (engine.gate) on cursor tasks cut from the code under `roots` (`seed` picks
+    the lines); write `gate.json`. With `rows_files`: when they all exist, the gate is fitted on their
+    records together without decoding anything (`engine` unused); one that does not exist yet receives
+    the records of this collection (JSON lines, `.gz` compressed)."""
     t0 = time.perf_counter()
-    if rows_file is not None and rows_file.is_file():
-        with _open_text(rows_file, "r") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        progress(f"gate: {len(rows)} records from {rows_file}")
+    rows_files = [Path(f) for f in rows_files]
+    missing = [f for f in rows_files if not f.is_file()]
+    if len(missing) > 1 or (missing and len(rows_files) > 1):
+        raise ValueError(f"gate records not found: {', '.join(map(str, missing))} (collect into one file at a time)")
+    rows = []
+    if rows_files and not missing:
+        for path in rows_files:
+            with _open_text(path, "r") as f:
+                rows += [json.loads(line) for line in f if line.strip()]
+        progress(f"gate: {len(rows)} records from {', '.join(map(str, rows_files))}")
     else:
-        rows = []
         with contextlib.ExitStack() as stack:
-            sink = stack.enter_context(_open_text(rows_file, "w")) if rows_file is not None else None
-            for row in collect_gate(engine, code_files(roots, exclude=exclude), tasks=tasks, progress=progress):
+            sink = stack.enter_context(_open_text(missing[0], "w")) if missing else None
+            for row in collect_gate(engine, code_files(roots, exclude=exclude), tasks=tasks, seed=seed,
+                                    progress=progress):
                 rows.append(row)
                 if sink is not None:
                     sink.write(json.dumps(row) + "\n")
                     sink.flush()
     gate = fit_gate(rows)
     gate.meta |= {"seconds": round(time.perf_counter() - t0, 1), "roots": [str(r) for r in roots],
-                  "exclude": list(exclude), "tasks": len(rows)}
+                  "exclude": list(exclude), "tasks": len(rows), "records": [f.name for f in rows_files]}
     path = gate.save(out or user_folder(name))
     m = gate.meta
     progress(f"gate: held-out AUC {m['held_out_auc']}, threshold {gate.threshold:.3f}: wrong/100 "

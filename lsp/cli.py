@@ -72,11 +72,11 @@ def _calibrate(args) -> int:
         from ghostline.engine.calibration import calibrate_gate
         from ghostline.engine.engine import Engine, EngineOptions
 
-        rows = Path(args.gate_rows) if args.gate_rows else None
-        reuse = rows is not None and rows.is_file()
+        rows = [Path(f) for f in args.gate_rows]
+        reuse = bool(rows) and all(f.is_file() for f in rows)
         engine = None if reuse else Engine.load(args.model, options=EngineOptions(precision="int8", head="code"))
         calibrate_gate(engine, loaded.source.stem, roots, exclude=args.exclude, out=out, tasks=args.gate_tasks,
-                       rows_file=rows, progress=say)
+                       seed=args.gate_seed, rows_files=rows, progress=say)
     return 0
 
 
@@ -206,8 +206,10 @@ def main(argv=None) -> int:
     cal.add_argument("--exclude", nargs="*", default=[], help="skip paths containing any of these words")
     cal.add_argument("--steps", default="vocab,adadec,exits,gate", help="comma-separated: vocab, adadec, exits, gate")
     cal.add_argument("--gate-tasks", type=int, default=400, help="cursor tasks cut from the corpus for the show gate")
-    cal.add_argument("--gate-rows", help="JSON lines of the show gate's decode records: written while collecting; "
-                     "when the file exists, the gate is refitted from it without decoding")
+    cal.add_argument("--gate-seed", type=int, default=0, help="which lines of the corpus the gate's cursor tasks take")
+    cal.add_argument("--gate-rows", nargs="*", default=[], help="JSON lines of the show gate's decode records: one "
+                     "new file is written while collecting; when all exist, the gate is refitted from them together "
+                     "without decoding")
     cal.add_argument("--tokens", type=int, default=60_000, help="teacher-forced tokens for the AdaDec fit (the exits fit takes at most 24,000)")
     cal.add_argument("--out", help="folder for the artifacts (default: the model's folder in the cache)")
     cal.set_defaults(func=_calibrate)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import math
 
 import numpy as np
 import pytest
@@ -51,6 +52,9 @@ def test_the_text_features_read_the_lines_above_and_nothing_past_the_cursor():
     block = situation("def f(x):\n    ", len("def f(x):\n    "))
     opened = dict(zip(FEATURES, features(Confidence(), ["pass"], **block, multiline=False).tolist()))
     assert opened["opens_block"] == 1.0 and opened["dedent"] == 0.0 and opened["blank_above"] == 0.0
+    assert seen["indent"] == opened["indent"] == pytest.approx(math.log1p(4))
+    mid = situation("def f(x):\n    y = g(", len("def f(x):\n    y = g("))  # the line's indentation, not the column
+    assert dict(zip(FEATURES, features(Confidence(), ["x)"], **mid, multiline=False).tolist()))["indent"] == seen["indent"]
 
 
 def test_a_gate_that_never_fires_equals_the_ungated_output(tiny_engine_factory):
@@ -202,18 +206,24 @@ def test_calibration_records_give_the_features_the_engine_gates_on(tiny_engine_f
 
 
 def test_the_gate_refits_from_stored_records_without_decoding(tmp_path):
+    """Records stored by earlier collections (two files here) are fitted together, nothing decoded
+    (no engine); a second file that does not exist is refused rather than half the records used."""
     from ghostline.engine.calibration import calibrate_gate
 
     rng = np.random.default_rng(3)
-    rows_file = tmp_path / "rows.jsonl.gz"
-    with gzip.open(rows_file, "wt") as f:
-        for i in range(240):
-            p = float(rng.uniform(0.05, 1.0))
-            kept = int(rng.uniform() < p)
-            f.write(json.dumps({"path": f"/code/m{i % 60}.py", "first": [p, p / 2, 1 - p], "drafts": ["x = y(z)"],
-                                "scores": [-1.0], "above": "y = 1\nz = 2", "line_before": "", "line_after": "",
-                                "kept": kept, "chars": 6 * kept}) + "\n")
-    path = calibrate_gate(None, "m", [], out=tmp_path / "model", rows_file=rows_file, progress=lambda _: None)
+    files = [tmp_path / "rows.jsonl.gz", tmp_path / "more.jsonl"]
+    for n, rows_file in enumerate(files):
+        with (gzip.open(rows_file, "wt") if rows_file.suffix == ".gz" else open(rows_file, "w")) as f:
+            for i in range(120):
+                p = float(rng.uniform(0.05, 1.0))
+                kept = int(rng.uniform() < p)
+                f.write(json.dumps({"path": f"/code/m{n}{i % 30}.py", "first": [p, p / 2, 1 - p], "drafts": ["x = y(z)"],
+                                    "scores": [-1.0], "above": "y = 1\nz = 2", "line_before": "", "line_after": "",
+                                    "kept": kept, "chars": 6 * kept}) + "\n")
+    path = calibrate_gate(None, "m", [], out=tmp_path / "model", rows_files=files, progress=lambda _: None)
     gate = Gate.load(path)
     assert gate.meta["tasks"] == 240 and gate.meta["held_out_auc"] > 0.6
+    with pytest.raises(ValueError, match="not found"):
+        calibrate_gate(None, "m", [], out=tmp_path / "model", rows_files=[files[0], tmp_path / "absent.jsonl"],
+                       progress=lambda _: None)
     assert gate.weights[FEATURES.index("first_p")] > 0
