@@ -16,8 +16,7 @@ Features (`features`), all known when the decode ends:
   one's is below it;
 - the best draft's first line: length (log), whether it is one word or less;
 - the context: typing mid-word, text to the right of the cursor, the cursor at the
-  line's indentation, the suggestion spanning several lines, how deep the cursor's line is indented
-  (log of its leading blanks);
+  line's indentation, the suggestion spanning several lines;
 - the text above the cursor's line (`above`, a few thousand characters at most): whether the first
   line's first name, and what share of its names, already occur there (a model inventing names is
   usually wrong), whether the first line repeats a line above, and the block structure: the line
@@ -38,7 +37,7 @@ import numpy as np
 GATE_FILE = "gate.json"
 FEATURES = ("first_p", "first_margin", "first_entropy", "agree", "mean_score", "score_gap", "log_len", "one_word",
             "mid_word", "right_text", "at_indent", "multiline", "name_seen", "names_seen", "repeats_above",
-            "blank_above", "opens_block", "dedent", "indent")
+            "blank_above", "opens_block", "dedent")
 ABOVE_CHARS = 4000  # how much of the text above the cursor's line the features read
 _WORD = re.compile(r"\s*(?:\w+|\S)")
 _NAME = re.compile(r"[A-Za-z_]\w*")
@@ -102,8 +101,7 @@ def features(conf: Confidence, drafts: list[str], *, above: str, line_before: st
                      float(len(words) <= 1), float(line_before[-1:].isalnum() or line_before[-1:] == "_"),
                      float(bool(line_after.strip())),
                      float(not line_before.strip()), float(multiline and "\n" in best.strip()),
-                     *_context(line, above[-ABOVE_CHARS:], line_before),
-                     math.log1p(len(line_before) - len(line_before.lstrip()))], dtype=np.float64)
+                     *_context(line, above[-ABOVE_CHARS:], line_before)], dtype=np.float64)
 
 
 def record_features(r: dict) -> np.ndarray:
