@@ -73,7 +73,8 @@ CLOSED_PAIRS = ("()", "[]", "{}", '""', "''", "``")  # a typed opener the editor
 
 @dataclass
 class Ahead:
-    """A completion started at a keystroke, for the request that will follow at its end."""
+    """A completion started before its request (at a keystroke, or after an accepted suggestion), for
+    the request that will follow at its end."""
 
     version: int | None
     offset: int
@@ -573,27 +574,19 @@ class GhostlineServer(LanguageServer):
 
 
     def after_change(self, uri: str, mirror: Mirror) -> None:
-        """After an accepted suggestion lands in the text, prefetch the next one as if accepted."""
+        """After an accepted suggestion lands in the text, start the next one at its end at once, for
+        the request that follows there (`suggest` takes it over, as a keystroke's)."""
         pending = self.prefetch.pop(uri, None)
-        if pending is None or self.engine is None:
+        if pending is None or self.engine is None or self.loop is None:
             return
         start, text = pending
         end = start + len(text)
         if mirror.text[start:end] != text:
             return
-        opts, version = self.options_for(mirror, end), mirror.version
-
-        def run(should_stop):
-            if mirror.version != version:
-                return None
-            return self.engine.complete(uri, end, opts, should_stop=should_stop)
-
-        def done(f):
-            out = None if f.cancelled() or f.exception() else f.result()
-            if out is not None and out.text.strip() and mirror.version == version:
-                self.shown[uri] = Shown(end, out.text, mirror.text[max(0, end - 200) : end])
-
-        self.worker.submit("complete", run, uri=uri).future.add_done_callback(done)
+        keystroke = self.ahead.pop(uri, None)
+        if keystroke is not None:  # the same spot: this one, without the debounce
+            keystroke.task.cancel()
+        self.ahead[uri] = Ahead(mirror.version, end, self.loop.create_task(self.complete_at(uri, mirror, end)))
 
 
     def inline_item(self, uri: str, position: types.Position, text: str) -> types.InlineCompletionItem:
@@ -753,8 +746,8 @@ def build_server(*, model: str | None = None, engine: str | None = None) -> Ghos
         running = ls.running.pop(uri, None)
         if running is not None:  # its answer is for a text that is gone: free the engine for the next
             running.cancel()
-        ls.after_change(uri, mirror)
         ls.anticipate(uri, mirror, changes)
+        ls.after_change(uri, mirror)
         end = changes[-1].start + len(changes[-1].text) if changes else 0
         ls.context.changed(uri, text, text.count("\n", 0, end))
         ls.prepare_context(uri, end)

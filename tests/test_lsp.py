@@ -91,6 +91,31 @@ def test_a_keystroke_starts_the_completion_its_request_takes_over():
     run(go())
 
 
+def test_an_accepted_word_prefetches_the_next_suggestion():
+    """Once an accepted part of a suggestion lands in the text, the server decodes the next suggestion
+    at its end before the editor asks: the request there is answered without a decode of its own
+    (no busy status), with what a fresh ask of the same text gives."""
+
+    async def go():
+        async with running_server(options={"max_tokens": 12, "gate": False, "debounce_ms": 0}) as c:
+            c.open(URI, PY)
+            first = (await c.inline(URI, 9, 4)).items[0].insert_text
+            word = first[: len(first) - len(first.lstrip())] + first.lstrip().split(" ", 1)[0]  # accept word
+            assert word.strip() and len(word) < len(first.rstrip()), first
+            c.change(URI, 2, (9, 4), (9, 4), word)
+            c.protocol.notify("ghostline/didAccept", {"uri": URI, "text": word, "position": {"line": 9, "character": 4}})
+            await c.engine_text(URI)
+            await asyncio.sleep(1.0)  # the prefetch decodes
+            n = len(c.statuses)
+            ahead = await c.inline(URI, 9, 4 + len(word))
+            assert not any(st["state"] == "busy" for st in c.statuses[n:])
+            again = "file:///tmp/ghostline-test/again.py"
+            c.open(again, PY + word)
+            fresh = await c.inline(again, 9, 4 + len(word))
+            assert ahead.items and ahead.items[0].insert_text == fresh.items[0].insert_text
+    run(go())
+
+
 def test_utf16_and_utf8_positions_with_non_ascii():
     text = 's = "h\u00e9llo \U0001F600 w"  # x\nt = 1\n'
 
