@@ -38,7 +38,7 @@ from pathlib import Path
 
 from lsprotocol import types
 
-from bench.tasks import accept_figures, append_row, em, es, first_line, mean, pct, read_tasks, shard
+from bench.tasks import accept_figures, append_row, em, es, first_line, mean, pct, read_tasks, shard, user_document
 from ghostline.lsp.client import running_server
 from ghostline.lsp.context import Chooser, Library, Options
 from ghostline.lsp.server import DID_REJECT
@@ -51,16 +51,6 @@ def workspace_of(ws: dict, task: dict) -> tuple[str, dict[str, str]]:
     commit, path = task["source"].split("@", 1)[1].split(":", 1)
     files = ws["commits"][ws["parents"][commit]]
     return path, {p: ws["blobs"][b] for p, b in files.items() if p != path}
-
-
-def at_completion(task: dict) -> tuple[str, int, int, int]:
-    """The document a user has when asking (the target removed from the cursor's line), the cursor
-    (line, character) and its offset."""
-    lines = task["after"].split("\n")
-    line, char = task["cursor"]["line"], task["cursor"]["character"]
-    lines[line] = lines[line][:char]
-    text = "\n".join(lines)
-    return text, line, char, sum(len(x) + 1 for x in lines[:line]) + char
 
 
 def checkout(folder: Path, files: dict[str, str], current: dict[str, str]) -> list[types.FileEvent]:
@@ -127,7 +117,8 @@ async def run_tasks(args, tasks: list[dict], ws: dict, record, log, prior: dict 
                 current = files
                 if events:
                     c.workspace_did_change_watched_files(types.DidChangeWatchedFilesParams(changes=events))
-                text, line, char, offset = at_completion(task)
+                text, offset = user_document(task)
+                line, char = task["cursor"]["line"], task["cursor"]["character"]
                 uri = (folder / path).as_uri()
                 rows = []
                 if "prefix" in modes or "context" in modes:

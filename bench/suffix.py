@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from bench.tasks import accept_figures, append_row, cursor_offset, em, es, first_line, mean, read_tasks, saved_rows
+from bench.tasks import accept_figures, append_row, em, es, first_line, mean, read_tasks, saved_rows, user_document
 from ghostline.engine.engine import CompletionOptions, Engine, EngineOptions
 from ghostline.engine.infill import suffix_text
 
@@ -36,11 +36,7 @@ URI = "file:///suffix/task.py"
 def at_completion(task: dict, above: int) -> tuple[str, int]:
     """The document a user has (target removed from the cursor's line), cut to `above` lines above
     the cursor's line, and the cursor's offset in it."""
-    offset = cursor_offset(task)
-    text = task["after"]
-    line_end = text.find("\n", offset)
-    line_end = len(text) if line_end < 0 else line_end
-    doc = text[:offset] + text[line_end:]
+    doc, offset = user_document(task)
     start = offset
     for _ in range(above + 1):
         start = doc.rfind("\n", 0, start)

@@ -23,6 +23,15 @@ def cursor_offset(task: dict) -> int:
     return offset_of(task["after"], c["line"], c["character"])
 
 
+def user_document(task: dict) -> tuple[str, int]:
+    """`after` with the target removed from the cursor's line (EVAL.md: the document a user has when
+    asking), and the cursor's offset in it."""
+    c = task["cursor"]
+    lines = task["after"].split("\n")
+    lines[c["line"]] = lines[c["line"]][: c["character"]]
+    return "\n".join(lines), sum(len(x) + 1 for x in lines[: c["line"]]) + c["character"]
+
+
 def first_line(text: str) -> str:
     return text.split("\n", 1)[0]
 

@@ -341,17 +341,10 @@ class Editor:
                                   timeout * 1000)
 
 
-def user_document(task: dict) -> str:
-    """`after` with the target removed from the cursor's line (EVAL.md: the document a user would have)."""
-    lines = task["after"].split("\n")
-    c = task["cursor"]
-    lines[c["line"]] = lines[c["line"]][: c["character"]]
-    return "\n".join(lines)
-
-
 def time_task(ed: Editor, cs: CodeServer, i: int, task: dict, wait_s: float, idle_s: float = 600) -> float | None:
     """One task (the module's docstring); None when no ghost text came within `wait_s`. A step that
     fails raises AssertionError or Playwright's Error."""
+    from bench.tasks import user_document
     from ghostline.engine.text import apply_changes
 
     name, c = f"task{i:03d}.py", task["cursor"]
@@ -365,7 +358,7 @@ def time_task(ed: Editor, cs: CodeServer, i: int, task: dict, wait_s: float, idl
         r = change["range"]
         ed.replace_lines(r["start"]["line"], r["end"]["line"], change["text"])
         text = apply_changes(text, [change])
-    lines, want = text.split("\n"), user_document(task)
+    lines, want = text.split("\n"), user_document(task)[0]
     last = c["line"] == len(lines) - 1
     ed.replace_lines(c["line"], c["line"] + (0 if last else 1), lines[c["line"]][: c["character"]] + ("" if last else "\n"))
     ed.press("Control+s")
@@ -391,6 +384,7 @@ async def lsp_keystrokes(tasks: list[dict], model: str, settings: dict, wait_s: 
     settings; per task `before` opened, the edit and the target's removal sent as changes, the server
     left to go idle, then the target's first character sent and an inline completion asked for at once.
     Each figure runs from sending that character to the answer (None: nothing shown)."""
+    from bench.tasks import user_document
     from ghostline.lsp.client import running_server
     from ghostline.lsp.positions import chars_to_column
 
@@ -408,7 +402,7 @@ async def lsp_keystrokes(tasks: list[dict], model: str, settings: dict, wait_s: 
             c.change_many(uri, 2, task["changes"])
             after_line = task["after"].split("\n")[line]
             c.change(uri, 3, (line, col), (line, chars_to_column(after_line, len(after_line), "utf-16")), "")
-            if await c.engine_text(uri) != user_document(task):
+            if await c.engine_text(uri) != user_document(task)[0]:
                 raise AssertionError(f"{task['id']}: the server's document differs from the task's")
             await asyncio.to_thread(wait_quiet, lambda: tree_cpu_s(pid), 1.0, idle_s)
             t0 = time.perf_counter()

@@ -236,7 +236,7 @@ def calibrate_gate(engine, name: str, roots: Iterable[Path], *, exclude: Iterabl
     t0 = time.perf_counter()
     rows_files = [Path(f) for f in rows_files]
     missing = [f for f in rows_files if not f.is_file()]
-    if len(missing) > 1 or (missing and len(rows_files) > 1):
+    if missing and len(rows_files) > 1:
         raise ValueError(f"gate records not found: {', '.join(map(str, missing))} (collect into one file at a time)")
     rows = []
     if rows_files and not missing:

@@ -114,9 +114,9 @@ class GhostlineServer(LanguageServer):
         self.shown: dict[str, Shown] = {}
         self.outcomes: dict[str, dict] = {}  # per document, how its last decode ended (ghostline/inspect)
         self.prefetch: dict[str, tuple[int, str]] = {}
-        self.ahead: dict[str, Ahead] = {}  # per document, the completion its last keystroke started
+        self.ahead: dict[str, Ahead] = {}  # per document, the completion started before its request (keystroke, accept)
         self.asking: dict[str, int] = {}  # documents the editor asks about on its own: misses since its last ask
-        self.anticipated = 0  # requests answered by the completion their keystroke started
+        self.anticipated = 0  # requests answered by a completion started before them
         self.stats = Stats()
         self.debounce = Debounce(self.settings.debounce_ms)
         self.worker = EngineWorker(idle=self._idle_refresh, idle_after_s=self.settings.idle_refresh_ms / 1e3)
@@ -548,9 +548,9 @@ class GhostlineServer(LanguageServer):
         if not invoked:
             self.asking[uri] = 0
         if ahead is not None and not invoked and (ahead.version, ahead.offset) == (mirror.version, offset):
-            out = await ahead.task  # started at the keystroke: the editor's debounce and the trip here are hidden
+            out = await ahead.task  # started before the request: the editor's debounce and the trip here are hidden
             self.anticipated += out is not None
-            log.debug("%s:%d: the keystroke's completion answers the request", uri, offset)
+            log.debug("%s:%d: the completion started ahead answers the request", uri, offset)
         else:
             if ahead is not None:
                 ahead.task.cancel()
