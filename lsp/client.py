@@ -78,7 +78,7 @@ class Client(LanguageClient):
             ctx = ctx if isinstance(ctx, dict) else ctx._asdict()
             if (not ctx.get("pending") and ctx.get("scanned", True)) or time.monotonic() > deadline:
                 return ctx
-            await asyncio.sleep(0.25)
+            await asyncio.sleep(1.0)  # over the server's quiet wait (`idle_refresh_ms`): polls must leave it idle
 
     async def engine_text(self, uri: str) -> str:
         res = await self.inspect(uri)

@@ -402,6 +402,7 @@ class Context:
         self.lock = threading.Lock()  # the library, the choices and `held` (the loop, the scan, the engine thread)
         self.texts: dict[str, str] = {}  # open documents' texts not yet in the library (uri -> text)
         self.wanted: dict[str, Choice] = {}  # a document's last choice with chunks the engine lacks
+        self.due: Counter = Counter()  # per document, edits whose choice (`prepare`) has not run yet
         self.last: dict[str, dict] = {}  # per document, the context of its last request (inspect)
         self.scanned = threading.Event()
         self.open: set[str] = set()  # the editor's open documents
@@ -445,6 +446,7 @@ class Context:
             self.open.discard(uri)
             self.texts.pop(uri, None)
             self.wanted.pop(uri, None)
+            self.due.pop(uri, None)
             self.last.pop(uri, None)
             self.chooser.forget(uri)
             path = path_of(uri, self.folders)
@@ -482,16 +484,24 @@ class Context:
             open_paths = {path_of(u, self.folders) for u in self.texts} | {f for f in self.lib.files if "://" in f}
             return self.chooser(uri, path_of(uri, self.folders), text, offset, open_paths)
 
-    def for_request(self, uri: str, text: str, offset: int) -> tuple[str, ...]:
-        """The context document a request at `offset` attends over: the one the engine holds for
-        `uri`, whatever choice it holds; a newer choice is left for `idle` to send (a request never
-        waits for context)."""
+    def want(self, uri: str, text: str, offset: int) -> Choice | None:
+        """The choice for a cursor at `offset`, left for `idle` to send when the engine lacks it."""
         if self.opts.budget <= 0:
-            return ()
+            return None
         choice = self.choice(uri, text, offset)
         with self.lock:
             if not self.held.current(uri, choice.chunks):
                 self.wanted[uri] = choice
+        return choice
+
+    def for_request(self, uri: str, text: str, offset: int) -> tuple[str, ...]:
+        """The context document a request at `offset` attends over: the one the engine holds for
+        `uri`, whatever choice it holds; a newer choice is left for `idle` to send (a request never
+        waits for context)."""
+        choice = self.want(uri, text, offset)
+        if choice is None:
+            return ()
+        with self.lock:
             self.last[uri] = {"chosen": [f"{c.path}:{c.first + 1}" for c in choice.chunks],
                               "asked": self.held.names(uri)}
             return self.held.ready(uri)
@@ -504,12 +514,24 @@ class Context:
             if uri in self.last:
                 self.last[uri].update(used=len(self.last[uri].get("asked", [])) if used else 0, tokens=tokens)
 
+    def expect(self, uri: str) -> None:
+        """An edit's `prepare` is queued for `uri`: its context is pending until that has run."""
+        with self.lock:
+            self.due[uri] += 1
+
     def prepare(self, engine, uri: str, text: str, offset: int, should_stop) -> bool:
-        """On the engine's thread after an edit: choose for the edit's place and send it, unless a
-        completion is waiting (then `idle` sends it)."""
-        if self.opts.budget <= 0:
-            return False
-        return self._send(engine, uri, self.choice(uri, text, offset), should_stop)
+        """On the engine's thread after an edit (`expect`ed): choose for the edit's place and send it,
+        unless a completion is waiting (then `idle` sends it); no engine yet, nothing to send."""
+        try:
+            if self.opts.budget <= 0 or engine is None:
+                return False
+            return self._send(engine, uri, self.choice(uri, text, offset), should_stop)
+        finally:
+            with self.lock:
+                if uri in self.due:
+                    self.due[uri] -= 1
+                    if self.due[uri] <= 0:
+                        del self.due[uri]
 
     def idle(self, engine, should_stop) -> bool:
         """Background work: send a choice the engine lacks; True when one was sent."""
@@ -531,7 +553,7 @@ class Context:
     def report(self, uri: str) -> dict:
         with self.lock:
             last = dict(self.last.get(uri) or {})
-            last["pending"] = int(uri in self.wanted)
+            last["pending"] = int(uri in self.wanted or uri in self.due)
             last["files"], last["chunks"] = len(self.lib.files), self.lib.chunks
             last["scanned"] = self.scanned.is_set() or not self.folders
         return last

@@ -426,10 +426,9 @@ class GhostlineServer(LanguageServer):
         if not self.settings.context or mirror is None:
             return
         text = mirror.text
+        self.context.expect(uri)
 
         def run(stop):
-            if self.engine is None:
-                return 0
             return self.context.prepare(self.engine, uri, text, offset, lambda: stop() or self.worker.waiting("complete"))
 
         self.worker.submit("update", run, uri=uri)
@@ -497,14 +496,14 @@ class GhostlineServer(LanguageServer):
         (`suggest`); the next change cancels it. A document whose editor asked about none of the last
         ANTICIPATE_MISSES keystrokes (suggestions off there, or typing faster than it asks) starts
         none until it asks again. An opener the editor closed at once (`()` in one insertion) starts it
-        between the two. Not with the `context` setting on: a request's context is chosen when it
-        arrives."""
+        between the two. With the `context` setting on, the request that takes it over asks for the
+        context its own moment would choose (`suggest`), as a request not started ahead does."""
         old = self.ahead.pop(uri, None)
         if old is not None:  # the editor did not ask about the last keystroke
             old.task.cancel()
             self.asking[uri] = self.asking.get(uri, 0) + 1
-        if self.engine is None or self.loop is None or len(changes) != 1 or self.settings.context:
-            return  # with context on, the request chooses it (and asks for a newer one): no head start
+        if self.engine is None or self.loop is None or len(changes) != 1:
+            return
         c = changes[0]
         if c.start != c.end or not 0 < len(c.text) <= ANTICIPATE_CHARS:
             return
@@ -548,6 +547,8 @@ class GhostlineServer(LanguageServer):
         if not invoked:
             self.asking[uri] = 0
         if ahead is not None and not invoked and (ahead.version, ahead.offset) == (mirror.version, offset):
+            if self.settings.context:  # the workspace may have changed since: a newer choice is sent when idle
+                self.context.want(uri, mirror.text, offset)
             out = await ahead.task  # started before the request: the editor's debounce and the trip here are hidden
             self.anticipated += out is not None
             log.debug("%s:%d: the completion started ahead answers the request", uri, offset)

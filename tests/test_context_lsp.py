@@ -52,6 +52,7 @@ def test_workspace_context_reaches_the_engine_and_follows_the_disk(tmp_path):
             c.change(uri, 3, (5, 34), (5, 34), ", ")
             await c.context_ready(uri)
             await c.inline(uri, 5, 36)
+            assert _dict(await c.inspect(uri))["anticipated"] == 1  # the keystroke's completion answered it
             assert "timeout=30" in await c.engine_text(key)
             off = {"context": False}
             c.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings=off))
