@@ -23,6 +23,12 @@ those there); JSON last, keyed by mode.
     python -m bench.context --tasks ../shared/data/edits-requests.jsonl \
         --workspace ../shared/data/requests-workspace.json.gz [--limit N] [--modes prefix,context,reencode] \
         [--out rows.jsonl] [--options JSON] [--summarize rows.jsonl]
+
+`--first`: instead, a user's first minute on the first task's workspace with `context` on: the
+server started, the file opened and edited, and asked at once and then every second (the
+suggestion dismissed in between) without waiting for anything; JSON with the seconds from the
+start to the first answer (`first_answer_s`) and to the first answer that attended over context
+(`first_context_s`).
 """
 
 from __future__ import annotations
@@ -181,6 +187,44 @@ async def run_tasks(args, tasks: list[dict], ws: dict, record, log, prior: dict 
     return extra
 
 
+async def first_minute(args, task: dict, ws: dict, *, cap_s: float = 180.0) -> dict:
+    """Seconds from a server's start on `task`'s workspace (context on) to its first answer at the
+    task's cursor, and to its first answer that attended over context."""
+    folder = Path(tempfile.mkdtemp(prefix="ghostline-context-first-"))
+    try:
+        path, files = workspace_of(ws, task)
+        checkout(folder, files, {})
+        uri = (folder / path).as_uri()
+        line, char = task["cursor"]["line"], task["cursor"]["character"]
+        out = {"files": len(files), "first_answer_s": None, "first_context_s": None, "asks": 0}
+        t0 = time.perf_counter()
+        async with running_server(model=args.model, options={"multiline": "never", **json.loads(args.options),
+                                                             "context": True}, folder=str(folder),
+                                  ready_timeout=None) as c:  # the editor opens the file while the model loads
+            c.open(uri, task["before"])
+            c.change_many(uri, 2, task["changes"])
+            c.change(uri, 3, (line, char), (line, len(task["after"].split("\n")[line])), "")
+            while time.perf_counter() - t0 < cap_s and out["first_context_s"] is None:
+                res = await c.inline(uri, line, char)
+                out["asks"] += 1
+                if not any(st.get("state") in ("ready", "busy") for st in c.statuses):
+                    await asyncio.sleep(1.0)  # still loading: inspect would wait for the load
+                    continue
+                info = _d(await c.inspect(uri))
+                now = round(time.perf_counter() - t0, 2)
+                if info.get("last_completion") is not None and out["first_answer_s"] is None:
+                    out["first_answer_s"] = now
+                    out["first_shown"] = bool(res and res.items)
+                if _d(info.get("context")).get("used"):
+                    out["first_context_s"] = now
+                    out["context_tokens"] = _d(info.get("context")).get("tokens")
+                c.protocol.notify(DID_REJECT, {"uri": uri})
+                await asyncio.sleep(1.0)
+        return out
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def report(rows: list[dict], extra: dict | None = None) -> dict:
     out = {}
     for mode in MODES:
@@ -241,10 +285,18 @@ def main(argv=None) -> int:
     p.add_argument("--options", default="{}", help="server settings as JSON (initializationOptions)")
     p.add_argument("--out", help="JSONL rows, appended as tasks finish; a rerun skips the tasks there")
     p.add_argument("--summarize", nargs="+", metavar="ROWS", help="report on rows files; run nothing")
+    p.add_argument("--first", action="store_true", help="a user's first minute on the first task's workspace")
     args = p.parse_args(argv)
     args.modes = [m for m in args.modes.split(",") if m]
     if bad := set(args.modes) - set(MODES):
         p.error(f"unknown modes {sorted(bad)} (known: {', '.join(MODES)})")
+    if args.first:
+        if not (args.tasks and args.workspace):
+            p.error("--tasks and --workspace are needed to run")
+        with gzip.open(args.workspace) as f:
+            ws = json.load(f)
+        print(json.dumps(asyncio.run(first_minute(args, read_tasks(args.tasks, 1)[0], ws))))
+        return 0
     if args.summarize:
         result = report(load_rows(*args.summarize))
     else:

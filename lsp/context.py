@@ -247,8 +247,9 @@ class Held:
     """Per editor document, one engine document that holds its chosen chunks' text, joined: the
     context the document's requests attend over. A new choice is an edit replacing that text, so the
     engine encodes only the chunks new in it and rotates the ones that moved (PIE); their tokens read
-    each other as one prompt would (chunks encoded each on their own were measured worse). Until an
-    edit lands, requests attend over the text held before: near context rather than none."""
+    each other as one prompt would (chunks encoded each on their own were measured worse). The new
+    text is taken at once and its new rows encoded in pieces that yield to requests and resume where
+    they stopped; a request attends over the context once it is whole, over none before."""
 
     def __init__(self):
         self.held: dict[str, tuple[str, list[str]]] = {}  # owner uri -> (text sent, its chunks' names)
@@ -276,29 +277,48 @@ class Held:
         self.held.pop(owner, None)
 
     def sync(self, engine, owner: str, chunks: list[Chunk], should_stop=lambda: False, *, lock=None) -> bool:
-        """Make the engine's context document for `owner` hold `chunks` (on the engine's thread),
-        unless `should_stop()` first; True when it was sent. `lock` guards this record (not the
-        engine calls) against readers on other threads."""
+        """Make the engine's context document for `owner` hold `chunks` (on the engine's thread): the
+        text at once with its new rows missing, then those rows encoded (`mend`) until `should_stop()`.
+        True when the engine holds it whole; stopped, the rows done are kept and `mend` goes on from
+        there (a context is never encoded from scratch twice because a request cut it short). `lock`
+        guards this record (not the engine calls) against readers on other threads."""
         lock = lock or threading.Lock()
         key, text = self.key(owner), self.text(chunks)
         with lock:
             old = self.held.get(owner, (None, []))[0]
-        if old == text or should_stop():
-            return False
-        try:
-            if old is None:
-                engine.open(key, text, should_stop=should_stop)
-            else:
-                engine.edit(key, [Change(0, len(old), text)], should_stop=should_stop)
-        except Exception as exc:  # a refused or stopped update costs context, never the request
-            if type(exc).__name__ != "Cancelled":
+        if old != text:
+            if should_stop():
+                return False
+            try:
+                if old is None:
+                    engine.open(key, text, encode=False)
+                else:
+                    engine.edit(key, [Change(0, len(old), text)], encode=False)
+            except Exception as exc:  # a refused update costs context, never the request
                 log.warning("context of %s not sent: %s", owner, exc)
-            if old is None:
+                with lock:
+                    self.held.pop(owner, None)
                 with contextlib.suppress(Exception):
-                    engine.close(key)  # a part-encoded context is of no use; sent whole next time
+                    engine.close(key)  # sent whole next time
+                return False
+            with lock:
+                self.held[owner] = (text, [f"{c.path}:{c.first + 1}" for c in chunks])
+        return self.mend(engine, owner, should_stop, lock=lock)
+
+    def mend(self, engine, owner: str, should_stop=lambda: False, *, lock=None) -> bool:
+        """Encode the rows the engine still lacks of `owner`'s context, until `should_stop()`; True when
+        none is left. (An engine daemon encodes them in its own idle time: nothing to do here.)"""
+        try:
+            while engine.background(self.key(owner), should_stop=should_stop) is not None:
+                pass
+        except Exception as exc:
+            if type(exc).__name__ == "Cancelled":
+                return False
+            if not isinstance(exc, KeyError):  # KeyError: the engine no longer holds it
+                log.warning("context of %s not encoded: %s", owner, exc)
+            with lock or threading.Lock():
+                self.held.pop(owner, None)  # sent again when next chosen
             return False
-        with lock:
-            self.held[owner] = (text, [f"{c.path}:{c.first + 1}" for c in chunks])
         return True
 
     def drop(self, owner: str) -> str | None:
@@ -403,6 +423,7 @@ class Context:
         self.texts: dict[str, str] = {}  # open documents' texts not yet in the library (uri -> text)
         self.wanted: dict[str, Choice] = {}  # a document's last choice with chunks the engine lacks
         self.due: Counter = Counter()  # per document, edits whose choice (`prepare`) has not run yet
+        self.partial: set[str] = set()  # documents whose context the engine holds with rows still missing
         self.last: dict[str, dict] = {}  # per document, the context of its last request (inspect)
         self.scanned = threading.Event()
         self.open: set[str] = set()  # the editor's open documents
@@ -447,6 +468,7 @@ class Context:
             self.texts.pop(uri, None)
             self.wanted.pop(uri, None)
             self.due.pop(uri, None)
+            self.partial.discard(uri)
             self.last.pop(uri, None)
             self.chooser.forget(uri)
             path = path_of(uri, self.folders)
@@ -507,9 +529,10 @@ class Context:
             return self.held.ready(uri)
 
     def answered(self, uri: str, asked: tuple[str, ...], used, tokens: int) -> None:
-        """After a completion: a context the engine did not use (evicted) is sent again."""
+        """After a completion: a context the engine did not use (evicted, not while still encoding)
+        is sent again."""
         with self.lock:
-            if asked and not used:
+            if asked and not used and uri not in self.partial:
                 self.held.lost(uri)
             if uri in self.last:
                 self.last[uri].update(used=len(self.last[uri].get("asked", [])) if used else 0, tokens=tokens)
@@ -534,26 +557,41 @@ class Context:
                         del self.due[uri]
 
     def idle(self, engine, should_stop) -> bool:
-        """Background work: send a choice the engine lacks; True when one was sent."""
+        """Background work: send the newest choice the engine lacks, else go on encoding a context it
+        holds in part; True when there was such work."""
         with self.lock:
             todo = [(u, c) for u, c in self.wanted.items() if not self.held.current(u, c.chunks)]
-        return any(self._send(engine, uri, choice, should_stop) for uri, choice in reversed(todo[-1:]))
+            partial = sorted(self.partial)
+        if todo:
+            return self._send(engine, *todo[-1], should_stop)
+        for uri in partial[:1]:
+            done = self.held.mend(engine, uri, should_stop, lock=self.lock)
+            with self.lock:
+                if done or uri not in self.held.held:
+                    self.partial.discard(uri)
+                return uri in self.held.held
+        return False
 
     def _send(self, engine, uri: str, choice: Choice, should_stop) -> bool:
+        """Send `choice`; True when the engine now holds its text (whole, or in part: `partial`)."""
         with self.lock:
             if uri not in self.open:  # closed since the choice was made
+                self.wanted.pop(uri, None)
                 return False
             self.wanted[uri] = choice
-        sent = self.held.sync(engine, uri, choice.chunks, should_stop, lock=self.lock)
+        whole = self.held.sync(engine, uri, choice.chunks, should_stop, lock=self.lock)
         with self.lock:
-            if self.held.current(uri, choice.chunks) and self.wanted.get(uri) is choice:
-                del self.wanted[uri]
-        return sent
+            current = self.held.current(uri, choice.chunks)
+            if current:
+                if self.wanted.get(uri) is choice:
+                    del self.wanted[uri]
+                (self.partial.discard if whole else self.partial.add)(uri)
+        return current
 
     def report(self, uri: str) -> dict:
         with self.lock:
             last = dict(self.last.get(uri) or {})
-            last["pending"] = int(uri in self.wanted or uri in self.due)
+            last["pending"] = int(uri in self.wanted or uri in self.due or uri in self.partial)
             last["files"], last["chunks"] = len(self.lib.files), self.lib.chunks
             last["scanned"] = self.scanned.is_set() or not self.folders
         return last

@@ -309,9 +309,10 @@ class RemoteEngine:
 
     # documents -----------------------------------------------------------------------------------
 
-    def open(self, uri: str, text: str, *, should_stop=None) -> dict | None:
-        """Open (or re-open) a document; the daemon's update stats. A refusal (DaemonError, ...)
-        leaves the text recorded as the daemon holds it."""
+    def open(self, uri: str, text: str, *, encode: bool = True, should_stop=None) -> dict | None:
+        """Open (or re-open) a document; the daemon's update stats (it encodes in its own time:
+        `encode` is accepted for the same call as Engine.open). A refusal (DaemonError, ...) leaves
+        the text recorded as the daemon holds it."""
         return self._record(uri, text, "open", {"uri": uri, "text": text})
 
     def edit(self, uri: str, changes: list, *, strategy: str = "pie", encode: bool = False,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from ghostline.lsp.context import (CHARS_PER_TOKEN, CHUNK_LINES, Chooser, Held, Library, Options, choose, chunk_file,
                                    imports, scan)
@@ -146,11 +147,40 @@ def test_a_documents_context_is_one_engine_document_a_new_choice_edits(tiny_engi
     cache = eng.docs[key].cache
     assert held.sync(eng, "file:///a.py", [chunks[1], chunks[2]])  # a new choice: an edit of the same document
     assert eng.text(key) == chunks[1].text + chunks[2].text and eng.docs[key].cache is cache
-    assert not held.sync(eng, "file:///a.py", [chunks[1], chunks[2]])  # nothing new: nothing sent
+    assert held.sync(eng, "file:///a.py", [chunks[1], chunks[2]])  # nothing new: held whole already
     assert not held.sync(eng, "file:///a.py", chunks[3:], should_stop=lambda: True)
     assert held.ready("file:///a.py") == (key,) and not held.current("file:///a.py", chunks[3:])  # the older one serves
     assert held.sync(eng, "file:///b.py", chunks[3:]) and Held.key("file:///b.py") in eng.docs
     assert held.drop("file:///a.py") == key and held.drop("file:///a.py") is None
+
+
+def test_a_context_cut_short_keeps_its_rows_and_is_finished_not_restarted(tiny_engine_factory):
+    eng = tiny_engine_factory("gemma3")
+    held, owner = Held(), "file:///a.py"
+    lib = library(extra=3)
+    chunks = [c for f in lib.files.values() for c in f.chunks][:4]
+    key = Held.key(owner)
+    polls = []
+
+    def stop_at_second_forward():
+        polls.append(1)
+        return len(polls) >= 3  # the send's own check, the first forward's, then stop
+
+    assert not held.sync(eng, owner, chunks, should_stop=stop_at_second_forward)
+    doc = eng.docs[key]
+    done = len(doc.ids) - doc.missing_count
+    assert held.current(owner, chunks) and 0 < done < len(doc.ids)  # the text is held, its first rows kept
+    encoded = []
+    forward = eng.model.forward
+    eng.model.forward = lambda ids, *a, **k: (encoded.append(ids.shape[1]), forward(ids, *a, **k))[1]
+    assert held.sync(eng, owner, chunks)  # the same choice again: finished where it stopped
+    eng.model.forward = forward
+    assert sum(encoded) == len(doc.ids) - done and doc.missing_count == 0
+    eng.open("file:///whole.py", Held.text(chunks))  # the same text encoded in one go
+    whole = eng.docs["file:///whole.py"].cache
+    n = len(doc.ids)
+    torch.testing.assert_close(doc.cache.k[:, :, :n], whole.k[:, :, :n])
+    torch.testing.assert_close(doc.cache.v[:, :, :n], whole.v[:, :, :n])
 
 
 @pytest.mark.parametrize("budget", [0, 1])
