@@ -4,9 +4,9 @@ one context document of the chosen chunks (`Held`; a new choice is a PIE edit of
 attends over it before the prefix (`Engine.with_context`); this module reads files, picks chunks and
 keeps the record of what the engine holds.
 
-A chunk is `CHUNK_LINES` lines of one file under a `# path` line. The choice scores chunks by BM25
-over identifiers against the lines above the cursor, plus the chunks that define a name those lines
-use, plus the files the document imports and the regions edited last; it is deterministic, never
+A chunk is `CHUNK_LINES` lines of one file under a `# path` line. The choice scores a chunk by how
+many distinct names of the lines above the cursor it holds, ties going to the regions edited last and
+the files the document imports; it is deterministic, never
 takes the current file (its text above the cursor is the prefix already; below it is not evidence),
 and is kept while the cursor stays in one region (`Choice`), so the engine's work is not thrown away.
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import logging
-import math
 import os
 import re
 import threading
@@ -30,9 +29,8 @@ from ghostline.engine.text import Change
 
 log = logging.getLogger("ghostline.context")
 
-CHUNK_LINES = 32
+CHUNK_LINES = 40
 QUERY_LINES = 30  # lines above the cursor the choice reads
-NEAR_LINES = 10  # a name's weight halves every this many lines above the cursor
 REGION_LINES = 16  # a choice is kept while the cursor stays in the same run of this many lines
 CHARS_PER_TOKEN = 3.5  # the budget's estimate (the language server has no tokenizer)
 MAX_FILE_BYTES = 512 * 1024
@@ -44,8 +42,6 @@ LANGUAGES = {".py": "python", ".pyi": "python", ".js": "js", ".jsx": "js", ".ts"
              ".hpp": "c", ".rb": "ruby", ".lua": "lua", ".php": "php", ".cs": "csharp", ".swift": "swift",
              ".scala": "scala", ".sh": "sh"}
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{2,}")
-_DEFINES = re.compile(r"^\s*(?:async\s+def|def|class|func|fn|function|struct|interface|type)\s+([A-Za-z_]\w*)"
-                      r"|^([A-Za-z_]\w*)\s*(?::[^=]*)?=(?!=)", re.M)
 _IMPORT = re.compile(r"^\s*(?:from\s+([\w.]+)\s+import\s+([\w, ()*]+)|import\s+([\w., ]+))", re.M)
 _COMMON = frozenset("""self cls def class return import from None True False and not for while with else elif
     try except finally raise pass yield lambda async await print len str int dict list set tuple isinstance
@@ -74,7 +70,6 @@ class _File:
     module: str  # "pkg.mod" for pkg/mod.py
     chunks: list[Chunk]
     terms: list[Counter]  # per chunk
-    defines: list[set[str]]  # per chunk
 
 
 def _module(path: str) -> str:
@@ -101,7 +96,6 @@ class Library:
 
     def __init__(self):
         self.files: dict[str, _File] = {}  # by path
-        self.df: Counter = Counter()  # chunks a term occurs in
         self.chunks = 0
         self.generation = 0  # bumped on every change (a kept choice is dropped)
 
@@ -111,10 +105,7 @@ class Library:
         comment = "//" if lang in ("js", "go", "rust", "java", "kotlin", "c", "csharp", "swift", "scala", "php") else "#"
         chunks = chunk_file(path, text, comment=comment)
         terms = [Counter(identifiers(c.text)) for c in chunks]
-        defines = [{a or b for a, b in _DEFINES.findall(c.text)} for c in chunks]
-        self.files[path] = _File(path, lang, _module(path), chunks, terms, defines)
-        for t in terms:
-            self.df.update(t.keys())
+        self.files[path] = _File(path, lang, _module(path), chunks, terms)
         self.chunks += len(chunks)
         self.generation += 1
 
@@ -122,14 +113,8 @@ class Library:
         f = self.files.pop(path, None)
         if f is None:
             return
-        for t in f.terms:
-            self.df.subtract(t.keys())
         self.chunks -= len(f.chunks)
         self.generation += 1
-
-    def idf(self, term: str) -> float:
-        n = self.df.get(term, 0)
-        return math.log(1 + (self.chunks - n + 0.5) / (n + 0.5))
 
 
 @dataclass
@@ -162,13 +147,13 @@ def imports(text: str) -> set[str]:
 def choose(lib: Library, text: str, offset: int, *, path: str, opts: Options, open_paths: set[str],
            edited: list[tuple[str, int]] = ()) -> list[tuple[float, Chunk]]:
     """Chunks for a cursor at `offset` of `text` (the document at `path`), best first, within the
-    budget. Reads only the text before the cursor: the lines above it (the nearer, the more a name
-    weighs) and the document's imports."""
+    budget. A chunk's score is how many distinct names of the QUERY_LINES lines above the cursor it
+    holds: code using many of the cursor's names is code like it, whose patterns a small model
+    copies (BM25 over the names with a bonus for their definitions chose worse, bench/RESULTS.md).
+    Ties go to the regions edited last, then to the files the document imports (a bonus under 1).
+    Reads only the text before the cursor."""
     above = text[:offset]
-    query: Counter = Counter()
-    for d, line in enumerate(reversed(above.split("\n")[-QUERY_LINES - 1 :])):
-        for w in identifiers(line):
-            query[w] += 0.5 ** (d / NEAR_LINES)
+    query = set(identifiers("\n".join(above.split("\n")[-QUERY_LINES - 1 :])))
     if not query:
         return []
     lang = language_of(path)
@@ -176,7 +161,6 @@ def choose(lib: Library, text: str, offset: int, *, path: str, opts: Options, op
     recent = {}
     for i, (p, line) in enumerate(edited):
         recent.setdefault(p, []).append((line, 0.5 ** i))
-    k1, b, avg = 1.2, 0.75, CHUNK_LINES * 4.0
     scored = []
     for f in lib.files.values():
         if f.path == path or (lang and f.language and f.language != lang):
@@ -185,23 +169,12 @@ def choose(lib: Library, text: str, offset: int, *, path: str, opts: Options, op
             continue
         imported = f.module in wanted or any(w.endswith("." + f.module.rsplit(".", 1)[-1]) and w.startswith(
             f.module.rsplit(".", 1)[0]) for w in wanted if "." in f.module)
-        for chunk, terms, defines in zip(f.chunks, f.terms, f.defines):
-            size = sum(terms.values())
-            s = 0.0
-            for term, qn in query.items():
-                n = terms.get(term)
-                if n:
-                    idf = lib.idf(term)
-                    s += qn * idf * n * (k1 + 1) / (n + k1 * (1 - b + b * size / avg))
-                    if term in defines:
-                        s += 2.0 * qn * idf  # it defines a name the cursor's code uses
-            if s <= 0:
+        for chunk, terms in zip(f.chunks, f.terms):
+            shared = len(query & terms.keys())
+            if not shared:
                 continue
-            if imported:
-                s *= 1.3
-            if opts.edits:
-                s *= 1 + sum(w for line, w in recent.get(f.path, ()) if chunk.first <= line < chunk.first + CHUNK_LINES)
-            scored.append((s, chunk))
+            edits = sum(w for line, w in recent.get(f.path, ()) if chunk.first <= line < chunk.first + CHUNK_LINES)
+            scored.append((shared + 0.5 * min(edits, 0.99) * opts.edits + 0.25 * imported, chunk))
     scored.sort(key=lambda sc: (-sc[0], sc[1].path, sc[1].first))
     out, left, seen = [], opts.budget * CHARS_PER_TOKEN, set()
     for s, chunk in scored:

@@ -54,15 +54,23 @@ def library(extra: int = 0) -> Library:
     return lib
 
 
-def test_the_choice_is_deterministic_within_budget_and_ranks_the_definition_first():
+def test_the_choice_is_deterministic_within_budget_and_ranks_the_chunk_sharing_most_names_first():
     lib = library(extra=12)
     opts = Options(budget=200)
     a = choose(lib, DOC, len(DOC), path="app.py", opts=opts, open_paths=set())
     b = choose(library(extra=12), DOC, len(DOC), path="app.py", opts=opts, open_paths=set())
     assert [(c.path, c.first) for _, c in a] == [(c.path, c.first) for _, c in b] and a
     assert sum(len(c.text) for _, c in a) <= 200 * CHARS_PER_TOKEN
-    assert a[0][1].path == "api/http.py"  # defines fetch_json, which the cursor's line calls
+    assert a[0][1].path == "api/http.py"  # fetch_json, session, url, data: the most names above the cursor
     assert [s for s, _ in a] == sorted((s for s, _ in a), reverse=True)
+    lib = Library()  # many shared names beat one rare name's definition
+    lib.put("one.py", "def render_page(x):\n    return x\n")
+    lib.put("two.py", "session.url = request.headers\n")
+    for i in range(10):
+        lib.put(f"filler{i}.py", f"value_{i} = session.get(url)\n")
+    doc = "session = request = None\nheaders = url = 1\nrender_page("
+    got = [c.path for _, c in choose(lib, doc, len(doc), path="d.py", opts=Options(), open_paths=set())]
+    assert got[0] == "two.py" and got[-1] == "one.py"
 
 
 def test_nothing_from_the_current_file_or_below_the_cursor_line():
@@ -127,10 +135,11 @@ def test_the_workspace_scan_follows_gitignore_and_skips_what_it_cannot_read(tmp_
 
 
 def test_chunks_are_whole_lines_under_their_path():
-    text = "\n".join(f"line_{i} = {i}" for i in range(70))
+    text = "\n".join(f"line_{i} = {i}" for i in range(2 * CHUNK_LINES + 6))
     chunks = chunk_file("m/x.py", text)
-    assert [c.first for c in chunks] == [0, 32, 64]
-    assert chunks[1].text.startswith("# m/x.py\nline_32 = 32\n") and chunks[1].text.endswith("line_63 = 63\n")
+    assert [c.first for c in chunks] == [0, CHUNK_LINES, 2 * CHUNK_LINES]
+    n = CHUNK_LINES
+    assert chunks[1].text.startswith(f"# m/x.py\nline_{n} = {n}\n") and chunks[1].text.endswith(f"line_{2 * n - 1} = {2 * n - 1}\n")
 
 
 def test_a_documents_context_is_one_engine_document_a_new_choice_edits(tiny_engine_factory):

@@ -1,0 +1,139 @@
+"""Which chunks of other files help, encoded together with the document: the quality reference of a
+context choice, without the cache's approximation.
+
+For each task its workspace (../shared/EVAL.md; the task's own file left out) is indexed, and one
+prompt per form is encoded from scratch and completed at the cursor (the server's int8 engine, one
+line, the gate off so the model's own writing is scored):
+
+- `prefix`: the document at completion time, nothing before it;
+- `overlap`: a naive choice: the workspace's 40-line chunks ranked by how many distinct identifiers
+  they share with the 30 lines above the cursor, each under a `# path` line, within the budget, the
+  best nearest the document;
+- `chosen`: the product's choice (`lsp.context.choose`) within the same budget, in the product's order.
+
+`--above N` cuts the document to its last N lines above the cursor's line for every form alike (a
+whole long file costs a CPU a minute a form; the 15 sliding-window layers see 512 tokens anyway).
+
+    python -m bench.chunks --tasks T.jsonl --workspace W.json.gz [--limit N] [--drafts 1] [--above N] [--out rows.jsonl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+
+from bench.context import workspace_of
+from bench.suffix import at_completion
+from bench.tasks import accept_figures, append_row, em, es, first_line, mean, read_tasks, saved_rows, user_document
+from ghostline.engine.engine import CompletionOptions, Engine, EngineOptions
+from ghostline.lsp.context import CHARS_PER_TOKEN, QUERY_LINES, Held, Library, Options, choose, identifiers
+
+FORMS = ("prefix", "overlap", "chosen")
+OVERLAP_LINES = 40
+URI = "file:///chunks/task.py"
+
+
+def overlap_context(files: dict[str, str], doc: str, offset: int, budget: int) -> str:
+    """The naive choice's text: 40-line chunks by distinct identifiers shared with the lines above."""
+    query = set(identifiers("\n".join(doc[:offset].split("\n")[-QUERY_LINES - 1 :])))
+    scored = []
+    for path, text in sorted(files.items()):
+        if not path.endswith(".py"):
+            continue
+        lines = text.split("\n")
+        for first in range(0, len(lines), OVERLAP_LINES):
+            body = "\n".join(lines[first : first + OVERLAP_LINES]).rstrip()
+            shared = len(query & set(identifiers(body)))
+            if shared:
+                scored.append((-shared, path, first, f"# {path}\n{body}\n"))
+    scored.sort()
+    out, left = [], budget * CHARS_PER_TOKEN
+    for _, _, _, chunk in scored:
+        if len(chunk) <= left:
+            out.append(chunk)
+            left -= len(chunk)
+    return "".join(reversed(out))
+
+
+def chosen_context(files: dict[str, str], path: str, doc: str, offset: int, budget: int) -> str:
+    lib = Library()
+    for p, text in files.items():
+        lib.put(p, text)
+    best = choose(lib, doc, offset, path=path, opts=Options(budget=budget), open_paths=set())
+    return Held.text([c for _, c in reversed(best)])
+
+
+def prompt(form: str, files: dict[str, str], path: str, doc: str, offset: int, budget: int) -> str:
+    if form == "prefix":
+        return ""
+    if form == "overlap":
+        return overlap_context(files, doc, offset, budget)
+    if form == "chosen":
+        return chosen_context(files, path, doc, offset, budget)
+    raise ValueError(f"unknown form {form!r} (of {', '.join(FORMS)})")
+
+
+def run_task(engine: Engine, task: dict, ws: dict, forms: list[str], budget: int, opts: CompletionOptions,
+             above: int | None = None) -> dict:
+    path, files = workspace_of(ws, task)
+    doc, offset = user_document(task) if above is None else at_completion(task, above)
+    row = {"id": task["id"], "target": task["target"]}
+    for form in forms:
+        head = prompt(form, files, path, doc, offset, budget)
+        engine.open(URI, head + doc)
+        try:
+            row[form] = first_line(engine.complete(URI, len(head) + offset, opts).text)
+        finally:
+            engine.close(URI)
+        row[f"{form}_chars"] = len(head)
+    return row
+
+
+def report(rows: list[dict], forms: list[str]) -> dict:
+    out = {}
+    for form in forms:
+        scored = [{"pred": r[form], "target": r["target"]} for r in rows if form in r]
+        out[form] = {"tasks": len(scored), "em": round(mean([em(r["pred"], r["target"]) for r in scored]), 2),
+                     "es": round(mean([es(r["pred"], r["target"]) for r in scored]), 2),
+                     "context_chars": round(mean([r[f"{form}_chars"] for r in rows if form in r]), 1),
+                     **accept_figures(scored)}
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tasks", required=True, help="edit tasks (../shared/EVAL.md format)")
+    p.add_argument("--workspace", required=True, help="their workspaces (json.gz)")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--forms", default=",".join(FORMS))
+    p.add_argument("--budget", type=int, default=Options.budget, help="context tokens (estimated)")
+    p.add_argument("--drafts", type=int, default=3, help="1: greedy")
+    p.add_argument("--above", type=int, help="lines kept above the cursor's line (default: the whole document)")
+    p.add_argument("--model", default=None)
+    p.add_argument("--out", help="append each task's row here (a rerun skips what is there)")
+    args = p.parse_args(argv)
+    forms = [f for f in args.forms.split(",") if f]
+    if unknown := set(forms) - set(FORMS):
+        p.error(f"unknown forms {sorted(unknown)} (of {', '.join(FORMS)})")
+    tasks = read_tasks(args.tasks, args.limit)
+    with gzip.open(args.workspace, "rt", encoding="utf-8") as f:
+        ws = json.load(f)
+    engine = Engine.load(args.model, options=EngineOptions(precision="int8", head="code"))
+    opts = CompletionOptions(max_tokens=48, drafts=args.drafts, gate=False)
+    saved = saved_rows(args.out)
+    rows = [saved[t["id"]] for t in tasks if t["id"] in saved]
+    for n, task in enumerate(tasks, 1):
+        if task["id"] in saved:
+            continue
+        row = run_task(engine, task, ws, forms, args.budget, opts, args.above)
+        rows.append(row)
+        append_row(args.out, row)
+        print(f"[{n}/{len(tasks)}] {task['id']} | " + " | ".join(f"{f} {row[f].strip()[:30]!r}" for f in forms),
+              flush=True)
+    print(json.dumps(report(rows, forms)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
