@@ -9,7 +9,10 @@ line, the gate off so the model's own writing is scored):
 - `overlap`: a naive choice: the workspace's 40-line chunks ranked by how many distinct identifiers
   they share with the 30 lines above the cursor, each under a `# path` line, within the budget, the
   best nearest the document;
-- `chosen`: the product's choice (`lsp.context.choose`) within the same budget, in the product's order.
+- `chosen`: the product's choice (`lsp.context.choose`) within the same budget, in the product's order;
+- `cached`: the same choice as the product serves it: encoded as a document of its own and attended
+  over before the document's cache (`CompletionOptions.context`, keys rotated into place), not
+  re-encoded with it: what the cache's approximation costs against `chosen`.
 
 `--above N` cuts the document to its last N lines above the cursor's line for every form alike (a
 whole long file costs a CPU a minute a form; the 15 sliding-window layers see 512 tokens anyway).
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+from dataclasses import replace
 
 from bench.context import workspace_of
 from bench.suffix import at_completion
@@ -29,9 +33,10 @@ from bench.tasks import accept_figures, append_row, em, es, first_line, mean, re
 from ghostline.engine.engine import CompletionOptions, Engine, EngineOptions
 from ghostline.lsp.context import CHARS_PER_TOKEN, QUERY_LINES, Held, Library, Options, choose, identifiers
 
-FORMS = ("prefix", "overlap", "chosen")
+FORMS = ("prefix", "overlap", "chosen", "cached")
 OVERLAP_LINES = 40
 URI = "file:///chunks/task.py"
+CONTEXT_URI = "ghostline-context:chunks"
 
 
 def overlap_context(files: dict[str, str], doc: str, offset: int, budget: int) -> str:
@@ -69,7 +74,7 @@ def prompt(form: str, files: dict[str, str], path: str, doc: str, offset: int, b
         return ""
     if form == "overlap":
         return overlap_context(files, doc, offset, budget)
-    if form == "chosen":
+    if form in ("chosen", "cached"):
         return chosen_context(files, path, doc, offset, budget)
     raise ValueError(f"unknown form {form!r} (of {', '.join(FORMS)})")
 
@@ -81,11 +86,17 @@ def run_task(engine: Engine, task: dict, ws: dict, forms: list[str], budget: int
     row = {"id": task["id"], "target": task["target"]}
     for form in forms:
         head = prompt(form, files, path, doc, offset, budget)
-        engine.open(URI, head + doc)
+        cached = form == "cached" and bool(head)
+        if cached:
+            engine.open(CONTEXT_URI, head)
+        engine.open(URI, doc if cached else head + doc)
         try:
-            row[form] = first_line(engine.complete(URI, len(head) + offset, opts).text)
+            at = offset if cached else len(head) + offset
+            ask = replace(opts, context=(CONTEXT_URI,)) if cached else opts
+            row[form] = first_line(engine.complete(URI, at, ask).text)
         finally:
             engine.close(URI)
+            engine.close(CONTEXT_URI)
         row[f"{form}_chars"] = len(head)
     return row
 
