@@ -29,7 +29,7 @@ from dataclasses import replace
 
 from bench.context import workspace_of
 from bench.suffix import at_completion
-from bench.tasks import accept_figures, append_row, em, es, first_line, mean, read_tasks, saved_rows, user_document
+from bench.tasks import accept_figures, em, es, first_line, mean, read_tasks, run_forms, user_document
 from ghostline.engine.engine import CompletionOptions, Engine, EngineOptions
 from ghostline.lsp.context import CHARS_PER_TOKEN, QUERY_LINES, Held, Library, Options, choose, identifiers
 
@@ -132,16 +132,7 @@ def main(argv=None) -> int:
         ws = json.load(f)
     engine = Engine.load(args.model, options=EngineOptions(precision="int8", head="code"))
     opts = CompletionOptions(max_tokens=48, drafts=args.drafts, gate=False)
-    saved = saved_rows(args.out)
-    rows = [saved[t["id"]] for t in tasks if t["id"] in saved]
-    for n, task in enumerate(tasks, 1):
-        if task["id"] in saved:
-            continue
-        row = run_task(engine, task, ws, forms, args.budget, opts, args.above)
-        rows.append(row)
-        append_row(args.out, row)
-        print(f"[{n}/{len(tasks)}] {task['id']} | " + " | ".join(f"{f} {row[f].strip()[:30]!r}" for f in forms),
-              flush=True)
+    rows = run_forms(tasks, args.out, forms, lambda t: run_task(engine, t, ws, forms, args.budget, opts, args.above))
     print(json.dumps(report(rows, forms)))
     return 0
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from bench.tasks import accept_figures, append_row, em, es, first_line, mean, read_tasks, saved_rows, user_document
+from bench.tasks import accept_figures, em, es, first_line, mean, read_tasks, run_forms, user_document
 from ghostline.engine.engine import CompletionOptions, Engine, EngineOptions
 from ghostline.engine.infill import suffix_text
 
@@ -107,16 +107,7 @@ def main(argv=None) -> int:
         tasks = read_tasks(args.tasks, args.limit)
     engine = Engine.load(args.model, options=EngineOptions(precision="int8", head="code"))
     opts = CompletionOptions(max_tokens=48, drafts=3, gate=False)
-    saved = saved_rows(args.out)
-    rows = [saved[t["id"]] for t in tasks if t["id"] in saved]
-    for n, task in enumerate(tasks, 1):
-        if task["id"] in saved:
-            continue
-        row = run_task(engine, task, forms, args.above, opts)
-        rows.append(row)
-        append_row(args.out, row)
-        print(f"[{n}/{len(tasks)}] {task['id']} | " + " | ".join(f"{f} {row[f].strip()[:30]!r}" for f in forms),
-              flush=True)
+    rows = run_forms(tasks, args.out, forms, lambda t: run_task(engine, t, forms, args.above, opts))
     print(json.dumps(report(rows, forms)))
     return 0
 

@@ -98,6 +98,22 @@ def append_row(path: str | Path | None, row: dict) -> None:
             f.write(json.dumps(row) + "\n")
 
 
+def run_forms(tasks: list[dict], out: str | None, forms: list[str], run) -> list[dict]:
+    """Each task's row (`run(task)`: its first line per form), resuming from the rows `out` holds and
+    appending each new one there; a progress line per task."""
+    saved = saved_rows(out)
+    rows = [saved[t["id"]] for t in tasks if t["id"] in saved]
+    for n, task in enumerate(tasks, 1):
+        if task["id"] in saved:
+            continue
+        row = run(task)
+        rows.append(row)
+        append_row(out, row)
+        print(f"[{n}/{len(tasks)}] {task['id']} | " + " | ".join(f"{f} {row[f].strip()[:30]!r}" for f in forms),
+              flush=True)
+    return rows
+
+
 def add_run_args(p, *, max_tokens: int = 64) -> None:
     """The arguments of a per-task benchmark with resumable rows (bench.exit, bench.spec)."""
     p.add_argument("--tasks")
