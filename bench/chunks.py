@@ -33,7 +33,7 @@ from dataclasses import replace
 
 from bench.context import workspace_of
 from bench.suffix import at_completion
-from bench.tasks import accept_figures, em, es, first_line, mean, read_tasks, run_forms, user_document
+from bench.tasks import first_line, form_figures, mean, read_tasks, run_forms, user_document
 from ghostline.engine.engine import CompletionOptions, Engine, EngineOptions
 from ghostline.engine.text import Change
 from ghostline.lsp.context import CHARS_PER_TOKEN, QUERY_LINES, Held, Library, Options, choose, identifiers
@@ -115,14 +115,8 @@ def run_task(engine: Engine, task: dict, ws: dict, forms: list[str], budget: int
 
 
 def report(rows: list[dict], forms: list[str]) -> dict:
-    out = {}
-    for form in forms:
-        scored = [{"pred": r[form], "target": r["target"]} for r in rows if form in r]
-        out[form] = {"tasks": len(scored), "em": round(mean([em(r["pred"], r["target"]) for r in scored]), 2),
-                     "es": round(mean([es(r["pred"], r["target"]) for r in scored]), 2),
-                     "context_chars": round(mean([r[f"{form}_chars"] for r in rows if form in r]), 1),
-                     **accept_figures(scored)}
-    return out
+    return {form: {**form_figures(rows, form),
+                   "context_chars": round(mean([r[f"{form}_chars"] for r in rows if form in r]), 1)} for form in forms}
 
 
 def main(argv=None) -> int:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from bench.tasks import accept_figures, em, es, first_line, mean, read_tasks, run_forms, user_document
+from bench.tasks import first_line, form_figures, read_tasks, run_forms, user_document
 from ghostline.engine.engine import CompletionOptions, Engine, EngineOptions
 from ghostline.engine.infill import suffix_text
 
@@ -76,12 +76,7 @@ def run_task(engine: Engine, task: dict, forms: list[str], above: int, opts: Com
 
 
 def report(rows: list[dict], forms: list[str]) -> dict:
-    out = {}
-    for name in forms:
-        scored = [{"pred": r[name], "target": r["target"]} for r in rows if name in r]
-        out[name] = {"tasks": len(scored), "em": round(mean([em(r["pred"], r["target"]) for r in scored]), 2),
-                     "es": round(mean([es(r["pred"], r["target"]) for r in scored]), 2), **accept_figures(scored)}
-    return out
+    return {name: form_figures(rows, name) for name in forms}
 
 
 def main(argv=None) -> int:

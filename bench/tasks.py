@@ -98,6 +98,13 @@ def append_row(path: str | Path | None, row: dict) -> None:
             f.write(json.dumps(row) + "\n")
 
 
+def form_figures(rows: list[dict], form: str) -> dict:
+    """EM, ES and the accept figures of the first lines rows hold under `form` (rows without it skipped)."""
+    scored = [{"pred": r[form], "target": r["target"]} for r in rows if form in r]
+    return {"tasks": len(scored), "em": round(mean([em(r["pred"], r["target"]) for r in scored]), 2),
+            "es": round(mean([es(r["pred"], r["target"]) for r in scored]), 2), **accept_figures(scored)}
+
+
 def run_forms(tasks: list[dict], out: str | None, forms: list[str], run) -> list[dict]:
     """Each task's row (`run(task)`: its first line per form), resuming from the rows `out` holds and
     appending each new one there; a progress line per task."""

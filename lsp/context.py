@@ -69,7 +69,7 @@ class _File:
     language: str | None
     module: str  # "pkg.mod" for pkg/mod.py
     chunks: list[Chunk]
-    terms: list[Counter]  # per chunk
+    names: list[frozenset[str]]  # per chunk, the names it holds
 
 
 def _module(path: str) -> str:
@@ -104,8 +104,8 @@ class Library:
         lang = language_of(path)
         comment = "//" if lang in ("js", "go", "rust", "java", "kotlin", "c", "csharp", "swift", "scala", "php") else "#"
         chunks = chunk_file(path, text, comment=comment)
-        terms = [Counter(identifiers(c.text)) for c in chunks]
-        self.files[path] = _File(path, lang, _module(path), chunks, terms)
+        names = [frozenset(identifiers(c.text)) for c in chunks]
+        self.files[path] = _File(path, lang, _module(path), chunks, names)
         self.chunks += len(chunks)
         self.generation += 1
 
@@ -169,8 +169,8 @@ def choose(lib: Library, text: str, offset: int, *, path: str, opts: Options, op
             continue
         imported = f.module in wanted or any(w.endswith("." + f.module.rsplit(".", 1)[-1]) and w.startswith(
             f.module.rsplit(".", 1)[0]) for w in wanted if "." in f.module)
-        for chunk, terms in zip(f.chunks, f.terms):
-            shared = len(query & terms.keys())
+        for chunk, names in zip(f.chunks, f.names):
+            shared = len(query & names)
             if not shared:
                 continue
             edits = sum(w for line, w in recent.get(f.path, ()) if chunk.first <= line < chunk.first + CHUNK_LINES)
