@@ -10,13 +10,10 @@ line, the gate off so the model's own writing is scored):
   they share with the 30 lines above the cursor, each under a `# path` line, within the budget, the
   best nearest the document;
 - `chosen`: the product's choice (`lsp.context.choose`) within the same budget, in the product's order;
-- `cached`: the same choice as the product serves it: encoded as a document of its own and attended
-  over before the document's cache (`CompletionOptions.context`, keys rotated into place), not
-  re-encoded with it: what the cache's approximation costs against `chosen`;
-- `stale`: context and document as one engine document, first encoded with the choice for the
-  document's first lines, then that context replaced by the cursor's choice as an edit (PIE: the
-  document's rows are moved and rotated, not encoded again): a joint document kept current by
-  edits, against `chosen`, its zero-staleness reference.
+- `stale`: the product's cache (`Engine.set_context`): the document encoded with the choice for its
+  first lines in front of it, then that context replaced by the cursor's choice (PIE: the chunks
+  kept and the document's rows moved and rotated, the new chunks encoded, the document's rows not
+  encoded again), against `chosen`, its zero-staleness reference.
 
 `--above N` cuts the document to its last N lines above the cursor's line for every form alike (a
 whole long file costs a CPU a minute a form; the 15 sliding-window layers see 512 tokens anyway).
@@ -29,20 +26,17 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-from dataclasses import replace
 
 from bench.context import workspace_of
 from bench.suffix import at_completion
 from bench.tasks import first_line, form_figures, mean, read_tasks, run_forms, user_document
 from ghostline.engine.engine import CompletionOptions, Engine, EngineOptions
-from ghostline.engine.text import Change
 from ghostline.lsp.context import CHARS_PER_TOKEN, QUERY_LINES, Held, Library, Options, choose, identifiers
 
-FORMS = ("prefix", "overlap", "chosen", "cached", "stale")
+FORMS = ("prefix", "overlap", "chosen", "stale")
 STALE_LINES = 30  # `stale` first holds the choice for the cursor at the end of the document's first lines
 OVERLAP_LINES = 40
 URI = "file:///chunks/task.py"
-CONTEXT_URI = "ghostline-context:chunks"
 
 
 def overlap_context(files: dict[str, str], doc: str, offset: int, budget: int) -> str:
@@ -80,7 +74,7 @@ def prompt(form: str, files: dict[str, str], path: str, doc: str, offset: int, b
         return ""
     if form == "overlap":
         return overlap_context(files, doc, offset, budget)
-    if form in ("chosen", "cached", "stale"):
+    if form in ("chosen", "stale"):
         return chosen_context(files, path, doc, offset, budget)
     raise ValueError(f"unknown form {form!r} (of {', '.join(FORMS)})")
 
@@ -92,24 +86,23 @@ def run_task(engine: Engine, task: dict, ws: dict, forms: list[str], budget: int
     row = {"id": task["id"], "target": task["target"]}
     for form in forms:
         head = prompt(form, files, path, doc, offset, budget)
-        cached = form == "cached" and bool(head)
-        if cached:
-            engine.open(CONTEXT_URI, head)
+        at = len(head) + offset
         if form == "stale":
             early = sum(len(ln) + 1 for ln in doc.split("\n")[:STALE_LINES])
             old = chosen_context(files, path, doc, min(early, offset), budget)
-            engine.open(URI, old + doc)
-            engine.edit(URI, [Change(0, len(old), head)])
-            row["stale_same"] = old == head
+            engine.open(URI, doc)
+            engine.set_context(URI, old)
+            engine.refresh(URI)  # the document and its first context, encoded together
+            engine.set_context(URI, head)
+            while engine.docs[URI].missing_count:  # the new chunks' rows, as the idle engine encodes them
+                engine.background(URI)
+            row["stale_same"], at = old == head, offset
         else:
-            engine.open(URI, doc if cached else head + doc)
+            engine.open(URI, head + doc)
         try:
-            at = offset if cached else len(head) + offset
-            ask = replace(opts, context=(CONTEXT_URI,)) if cached else opts
-            row[form] = first_line(engine.complete(URI, at, ask).text)
+            row[form] = first_line(engine.complete(URI, at, opts).text)
         finally:
             engine.close(URI)
-            engine.close(CONTEXT_URI)
         row[f"{form}_chars"] = len(head)
     return row
 

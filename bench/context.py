@@ -9,13 +9,13 @@ line (the document at completion time). Then, one line, the server's default set
 - `context`: the product path: the server chooses chunks for the edit's place and sends them to the
   engine after the change; the benchmark waits until they are encoded (a user's pause after an edit;
   `update_ms` is that time, from the change), then asks (`ms`, request to answer);
-- `prefix`: no context: asks in the same quiet state with `context: false`;
+- `prefix`: no context (`context: false`), the same steps but for the wait;
 - `reencode`: the quality reference: the same chunks (those `context` used, else chosen here by the
   same code) and the document encoded together from scratch for the request (`ms` includes that
   encode).
 
-`prefix` and `context` run on the same open document, one after the other (the first suggestion is
-dismissed in between, as a user's Escape). EM/ES score the suggestion before the show gate (what the
+`prefix` and `context` run one after the other, each on the document opened as the editor had it and
+closed after (turning context off drops the context the engine caches in front of a document). EM/ES score the suggestion before the show gate (what the
 model wrote, `withheld` where the gate held it back); the accept model (`shown_pct`, `accept_pct`,
 `chars_saved`, `wrong_per_100`) scores what was shown. Rows go to --out as tasks finish (a rerun skips
 those there); JSON last, keyed by mode.
@@ -127,30 +127,25 @@ async def run_tasks(args, tasks: list[dict], ws: dict, record, log, prior: dict 
                 line, char = task["cursor"]["line"], task["cursor"]["character"]
                 uri = (folder / path).as_uri()
                 rows = []
-                if "prefix" in modes or "context" in modes:
-                    ctx_on = types.DidChangeConfigurationParams(settings={"context": True})
-                    ctx_off = types.DidChangeConfigurationParams(settings={"context": False})
-                    c.workspace_did_change_configuration(ctx_on if "context" in modes else ctx_off)
+                ctx_on = types.DidChangeConfigurationParams(settings={"context": True})
+                ctx_off = types.DidChangeConfigurationParams(settings={"context": False})
+                for mode in [m for m in ("prefix", "context") if m in modes]:  # each on the document as the editor had it
+                    c.workspace_did_change_configuration(ctx_on if mode == "context" else ctx_off)
                     c.open(uri, task["before"])
                     await c.inspect(uri)  # the editor had the file open: its cache is warm
                     t_change = time.perf_counter()
                     c.change_many(uri, 2, task["changes"])
                     c.change(uri, 3, (line, char), (line, len(task["after"].split("\n")[line])), "")
                     await c.inspect(uri)
-                    if "context" in modes:
-                        await c.context_ready(uri)  # both requests come in the same quiet state
+                    if mode == "context":
+                        await c.context_ready(uri)  # the context sent and encoded: the request comes in a quiet state
                     update_ms = (time.perf_counter() - t_change) * 1e3
-                    if "prefix" in modes:
-                        c.workspace_did_change_configuration(ctx_off)
-                        shown, ms, info = await _answer(c, uri, line, char)
-                        rows.append(_row(task, "prefix", shown, ms, info))
-                        c.protocol.notify(DID_REJECT, {"uri": uri})
-                    if "context" in modes:
-                        c.workspace_did_change_configuration(ctx_on)
-                        shown, ms, info = await _answer(c, uri, line, char)
-                        if n == 1:
-                            extra["first_suggestion_s"] = round(time.perf_counter() - t_start, 2)
-                        rows.append(_row(task, "context", shown, ms, info, update_ms=round(update_ms, 1)))
+                    shown, ms, info = await _answer(c, uri, line, char)
+                    if mode == "context" and n == 1:
+                        extra["first_suggestion_s"] = round(time.perf_counter() - t_start, 2)
+                    rows.append(_row(task, mode, shown, ms, info, **({"update_ms": round(update_ms, 1)}
+                                                                      if mode == "context" else {})))
+                    c.protocol.notify(DID_REJECT, {"uri": uri})
                     c.text_document_did_close(types.DidCloseTextDocumentParams(
                         text_document=types.TextDocumentIdentifier(uri=uri)))
                 if "reencode" in modes:

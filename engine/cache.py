@@ -2,8 +2,9 @@
 
 `KVCache` holds one document: k/v [L, KV, capacity, hd], position = index, keys stored rotated,
 capacity grown in chunks. `ScratchCache` holds generated tokens: it attends to a prefix view of a
-`KVCache` (never a copy) plus its own rows, and is rolled back by `trim`. `WithContext` puts
-separately encoded blocks (other files' chunks) before a document's prefix view.
+`KVCache` (never a copy) plus its own rows, and is rolled back by `trim`. `Framed` puts a few rows
+encoded apart (fill-in-the-middle's [BOS] `<PRE>`) before a document's prefix view and rows encoded
+over both (`<SUF>` and the text after the cursor) after it.
 """
 
 from __future__ import annotations
@@ -229,16 +230,15 @@ class ForkCache:
         b.length += 1
 
 
-class WithContext:
-    """A document's cache seen after context blocks: k/v [L, KV, C, hd] at positions start..start+C-1
-    (keys rotated there), then the document's rows from `skip` on at their own positions. With a
-    tokenizer that adds BOS, the context's row 0 is the BOS and the document's own (row 0) is
-    skipped (`skip=1`), so a token attends to BOS, context, document: the prompt a joint encode of
-    them would see, with every block encoded on its own. Optionally a tail: the document's rows from
-    `tail_at` on replaced by rows encoded over the context (`write_tail`), so the last lines before
-    the cursor have read it as a joint encode's would. Read-only otherwise: a ScratchCache's prefix."""
+class Framed:
+    """A document's cache seen after rows encoded apart: k/v [L, KV, C, hd] at positions
+    start..start+C-1 (keys rotated there), then the document's rows from `skip` on at their own
+    positions. With a tokenizer that adds BOS, the leading rows' row 0 is the BOS and the document's own
+    (row 0) is skipped (`skip=1`), so a token attends to BOS, those rows, the document: the prompt a
+    joint encode would see. Then a tail: the document's rows from `tail_at` on replaced by rows encoded
+    over all of it (`write_tail`). Read-only otherwise: a ScratchCache's prefix."""
 
-    one_plane = False  # context blocks before the document: not for a step that reads one prefix plane
+    one_plane = False  # rows before the document: not for a step that reads one prefix plane
 
     def __init__(self, cache: KVCache, k: torch.Tensor, v: torch.Tensor, *, start: int, skip: int):
         self.cache, self.ck, self.cv, self.start, self.skip = cache, k, v, start, skip
@@ -279,9 +279,9 @@ class WithContext:
 
 class _Tail:
     """The cache a forward of the tail's tokens writes: rows into the view's tail, attending to the
-    context, the document before the tail and the tail so far."""
+    leading rows, the document before the tail and the tail so far."""
 
-    def __init__(self, view: WithContext):
+    def __init__(self, view: Framed):
         self.view = view
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> list[Segment]:

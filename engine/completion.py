@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ghostline.engine.cache import KVCache, WithContext
+    from ghostline.engine.cache import Framed, KVCache
     from ghostline.engine.decoding.adadec import AdaDecParams
     from ghostline.engine.decoding.superposed import SuperposedParams
     from ghostline.engine.gate import Confidence
@@ -17,9 +17,7 @@ if TYPE_CHECKING:
 
 SPECULATIVE = ("lookup", "self", "lookup+self")  # decoders that verify drafts (same output as greedy)
 DECODERS = ("greedy", "adadec") + SPECULATIVE
-LIMITS = {"max_tokens": (1, 1024), "drafts": (1, 8), "gate_strength": (0, 4), "context_tail": (0, 512)}
-MAX_CONTEXT_DOCS = 64  # context documents one request may name
-MAX_URI = 4096  # characters of a document's uri
+LIMITS = {"max_tokens": (1, 1024), "drafts": (1, 8), "gate_strength": (0, 4)}
 
 
 def _number(v) -> bool:
@@ -34,7 +32,7 @@ def check_option(name: str, value, *, label: str | None = None):
         if not isinstance(value, bool):
             raise ValueError(f"{label} must be true or false, got {value!r}")
         return value
-    if name in ("max_tokens", "drafts", "context_tail"):
+    if name in ("max_tokens", "drafts"):
         lo, hi = LIMITS[name]
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
             raise ValueError(f"{label} must be an integer in {lo}..{hi}, got {value!r}")
@@ -56,11 +54,6 @@ def check_option(name: str, value, *, label: str | None = None):
         if value not in DECODERS:
             raise ValueError(f"{label} must be one of {', '.join(DECODERS)}, got {value!r}")
         return value
-    if name == "context":
-        if (not isinstance(value, (list, tuple)) or len(value) > MAX_CONTEXT_DOCS
-                or not all(isinstance(u, str) and 0 < len(u) <= MAX_URI for u in value)):
-            raise ValueError(f"{label} must be a list of at most {MAX_CONTEXT_DOCS} document uris")
-        return tuple(value)
     raise ValueError(f"unknown completion option {name!r}")
 
 
@@ -80,13 +73,11 @@ class CompletionOptions:
     exit_threshold: float | None = None  # P(exit) cut-off; None: the model's calibrated one
     gate: bool = False  # withhold a suggestion the user would likely keep nothing of (engine.gate; drafts > 1)
     gate_strength: float = 1.0  # 0: show everything, 1: the calibrated threshold, above: stricter
-    context: tuple[str, ...] = ()  # open documents (other files' chunks) attended over before the prefix, in order
-    context_tail: int = 0  # with context: the last tokens before the cursor encoded again over it, per request
     infill: bool = False  # fill in the middle: the text after the cursor in the prompt (models with FIM tokens)
 
     def to_wire(self) -> dict:
         """The options that travel to an engine server (plain values; parameters objects stay local)."""
-        return {name: list(getattr(self, name)) if name == "context" else getattr(self, name) for name in WIRE_OPTIONS}
+        return {name: getattr(self, name) for name in WIRE_OPTIONS}
 
     @classmethod
     def from_wire(cls, raw) -> "CompletionOptions":
@@ -126,8 +117,7 @@ class Completion:
     first_step: Confidence | None = None  # the first step's distribution at the cursor (k drafts)
     draft_scores: list[float] = field(default_factory=list)  # each draft's decoding score per token (k drafts)
     stats: object | None = None  # the decoder's statistics (ExitStats, AdaDecStats or SpecStats), where it keeps any
-    context: list[str] = field(default_factory=list)  # the context documents attended over (encoded ones)
-    context_tokens: int = 0
+    context_tokens: int = 0  # rows of the context cached in front of the document it read (Engine.set_context)
 
     def to_wire(self) -> dict:
         """What an engine server sends back (all but what the show gate read, which stays in the engine)."""
@@ -144,12 +134,11 @@ class Completion:
 @dataclass
 class Prompt:
     """What a decode continues: the cache (or view) it attends to, and the token it feeds first,
-    at position `start`; the context documents the view holds."""
+    at position `start`."""
 
-    prefix: KVCache | WithContext
+    prefix: KVCache | Framed
     start: int
     first: int
-    used: list[str] = field(default_factory=list)
 
 
 WIRE_OPTIONS = tuple(f.name for f in fields(CompletionOptions) if f.name not in ("adadec", "superposed", "draft_length"))

@@ -222,7 +222,7 @@ def drafts(req: Request) -> Decode:
         by_text = {t: d for d, t in reversed(list(zip(ds, texts)))}  # the best draft of each text
         out.draft_scores = [by_text[t].score / max(1, len(by_text[t].ids)) for t in out.drafts if t in by_text]
         if req.gate is not None and conf and out.drafts:
-            x = features(conf[0], out.drafts, **situation(doc.text, req.offset), multiline=opts.multiline,
+            x = features(conf[0], out.drafts, **situation(doc.own, req.offset - len(doc.head)), multiline=opts.multiline,
                          scores=out.draft_scores)
             out.confidence = float(req.gate.p_kept(x)[0])
             if opts.gate and out.confidence < req.gate.threshold_at(opts.gate_strength):

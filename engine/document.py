@@ -7,6 +7,11 @@ tokens are *stale* until `refresh` re-encodes them. The new tokens' rows are *mi
 until encoded: at once, or, for a deferred edit, when a completion first reads them (rows before its
 cursor) or the engine is idle, so a storm of edits costs only what the completions read.
 
+Context (`head`): other files' text the document's requests read, cached in front of it as part of
+the same token sequence (`text` starts with it). Replacing it is one more PIE edit: the document's
+rows move and rotate, and the chunks the new context keeps are kept. Offsets the engine is given are
+in the document's own text; `local` maps them into `text`.
+
 Long documents (more than the engine's `window_tokens`): only a window of whole lines around where
 the user works is tokenised and cached (`text`, `ids`, `cache` are the window's; `full` is the whole
 text, `base` the window's start in it). Edits inside the window go through PIE as above, edits above
@@ -76,12 +81,27 @@ class Document:
         self.stale = bytearray(len(ids))  # per row: FRESH, STALE (its K/V saw an older text) or MISSING
         self.last_used = 0.0
         self.full: str | None = None  # a long document's whole text; `text` is then its cached window
-        self.base = 0  # where `text` starts in `full` (code points)
+        self.base = 0  # where the document's part of `text` starts in `full` (code points)
+        self.head = ""  # the context cached before the document's text: `text` starts with it
 
     @property
     def whole(self) -> str:
-        """The document's text: all of it, also when only a window of it is cached."""
-        return self.text if self.full is None else self.full
+        """The document's text: all of it, also when only a window of it is cached; no context."""
+        return self.text[len(self.head) :] if self.full is None else self.full
+
+    @property
+    def own(self) -> str:
+        """The document's part of `text`: all of it, or its cached window."""
+        return self.text[len(self.head) :]
+
+    def local(self, offset: int) -> int:
+        """A code-point offset of the document (`whole`) as an offset into `text`."""
+        return offset - self.base + len(self.head)
+
+    @property
+    def head_rows(self) -> int:
+        """Rows [0, head_rows) hold the context (and BOS); the document's start at head_rows."""
+        return self.token_at(len(self.head)) if self.head else 0
 
     @property
     def ids(self) -> list[int]:

@@ -9,6 +9,7 @@ the LSP layer (or the daemon) calls it from one worker thread.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import logging
 import math
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ghostline.engine.cache import Holes, KVCache, WithContext
+from ghostline.engine.cache import Framed, Holes, KVCache
 from ghostline.engine.completion import Completion, CompletionOptions, Prompt, UpdateStats
 from ghostline.engine.calibration import find, load_json, load_vocab
 from ghostline.engine.decoders import Request, decoder_for
@@ -98,11 +99,10 @@ class Engine:
         self.gate: Gate | None = None  # the show gate, when the model was calibrated for it
         self.trace_exits = False  # benchmarks: record every step's P(stop) in the completion's `stats.p_stop`
         self._head_cost: float | None = None  # the LM head's time in layers (`head_cost`)
-        self._context_kv: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # the last context assembled
         self.infill = detect(tokenizer.hf) if hasattr(tokenizer, "hf") else None  # the model's FIM tokens
         if self.infill is not None:
             self.tok.eos_ids = self.tok.eos_ids | self.infill.stops
-        self._preludes: dict[int, KVCache] = {}  # [BOS] + a token, encoded once (FIM's prefix marker)
+        self._preludes: dict[int, tuple] = {}  # [BOS] + a token, encoded once (FIM's prefix marker)
         self._clock = 0
         self.encode_rate: float | None = None  # rows a second the encode runs at, once measured
 
@@ -176,9 +176,29 @@ class Engine:
         doc = self.docs.get(uri)
         if doc is None:
             return None
+        h = doc.head_rows
         return {"text": doc.whole, "tokens": len(doc.ids), "stale": doc.stale_count, "missing": doc.missing_count,
-                "cached": doc.cache is not None,
-                "window": None if doc.full is None else [doc.base, doc.base + len(doc.text)]}
+                "cached": doc.cache is not None, "context_text": doc.head, "context_tokens": h,
+                "context_missing": doc.stale[:h].count(MISSING),
+                "window": None if doc.full is None else [doc.base, doc.base + len(doc.own)]}
+
+    def set_context(self, uri: str, text: str, *, should_stop=None) -> UpdateStats:
+        """Make `text` (other files' chunks; "" for none) the context cached before the document, read
+        by its completions: a PIE edit of the document's head. The rows the new context keeps and the
+        document's own rows move and rotate (the document's rows turn stale: `refresh` makes them
+        read the new context); its new rows stay missing until `background` encodes them, and a completion
+        never waits for them (it reads the rows of the context encoded so far)."""
+        t0 = time.perf_counter()
+        doc = self._doc(uri)
+        if text == doc.head:
+            return UpdateStats("context", ms=(time.perf_counter() - t0) * 1e3)
+        own = doc.own
+        doc.head = text
+        if doc.full is not None and not doc.ids:  # a window not placed yet: the context goes in with it
+            return UpdateStats("context", ms=(time.perf_counter() - t0) * 1e3)
+        stats = self._retext(doc, text + own, False, "pie", should_stop, t0, encode=False)
+        stats.strategy = "context"
+        return stats
 
     def edit(self, uri: str, changes: list, *, strategy: str = "pie", encode: bool = True,
              should_stop=None) -> UpdateStats:
@@ -194,13 +214,14 @@ class Engine:
         doc = self._doc(uri)
         if doc.full is not None:
             return self._edit_window(doc, changes, strategy, encode, should_stop, t0)
-        text, focus = doc.text, 0
+        text, focus = doc.own, 0
         for raw in changes:
             c = to_change(text, raw)
             text, focus = text[: c.start] + c.text + text[c.end :], c.start + len(c.text)
         if len(text) > CHARS_PER_TOKEN * self.options.window_above:
             return self._grown(doc, text, focus, t0)
-        return self._retext(doc, text, len(changes) > 1, strategy, should_stop, t0, encode=encode, focus=focus)
+        return self._retext(doc, doc.head + text, len(changes) > 1, strategy, should_stop, t0, encode=encode,
+                            focus=focus)
 
     def _grown(self, doc: Document, text: str, focus: int, t0: float) -> UpdateStats:
         """A document grown past `window_above` tokens: from now on a window around the last change
@@ -213,7 +234,7 @@ class Engine:
                      t0: float) -> UpdateStats:
         """Apply changes to a long document: those inside the window update it (PIE), those above it
         move it, those below cost nothing; one across its edge drops it (placed again when needed)."""
-        full, base, window, local = doc.full, doc.base, doc.text, 0
+        full, base, window, local = doc.full, doc.base, doc.own, 0
         was = placed = bool(doc.ids)
         for raw in changes:
             c = to_change(full, raw)
@@ -232,16 +253,18 @@ class Engine:
             self._set_window(doc, 0, "")
         if not (placed and local):
             return UpdateStats(strategy, ms=(time.perf_counter() - t0) * 1e3)
-        return self._retext(doc, window, local > 1, strategy, should_stop, t0, encode=encode)
+        return self._retext(doc, doc.head + window, local > 1, strategy, should_stop, t0, encode=encode)
 
     def _retext(self, doc: Document, new_text: str, multi: bool, strategy: str, should_stop, t0: float, *,
                 encode: bool = True, focus: int | None = None) -> UpdateStats:
-        """Make `new_text` the document's (cached) text, updating the cache by `strategy`; past
-        `window_above` tokens (and given the last change's end `focus`), a window around it instead."""
+        """Make `new_text` (its context first) the document's cached text, updating the cache by
+        `strategy`; past `window_above` tokens of its own (given the last change's end `focus`, in the
+        document's own text), a window around it instead."""
         uri = doc.uri
         ids, offsets = self.tok.reencode(doc.text, doc.ids, doc.offsets, new_text) if doc.ids else self.tok.encode(new_text)
-        if focus is not None and doc.full is None and len(ids) > self.options.window_above:
-            return self._grown(doc, new_text, focus, t0)
+        lead = len(doc.head)
+        if focus is not None and doc.full is None and len(ids) - _rows_before(offsets, lead) > self.options.window_above:
+            return self._grown(doc, new_text[lead:], focus, t0)
         hunks = token_hunks(doc.ids, ids, multi=multi)
         if not multi and len(hunks) == 1 and min(hunks[0].old_end - hunks[0].old_start,
                                                    hunks[0].new_end - hunks[0].new_start) > REWRITE_TOKENS:
@@ -336,10 +359,9 @@ class Engine:
         if not 0 <= offset <= len(doc.whole):
             raise ValueError(f"offset {offset} is outside the document (0..{len(doc.whole)})")
         self._touch(doc)
-        if doc.full is not None:
-            if self._misplaced(doc, offset):
-                self._place(doc, offset)
-            offset -= doc.base
+        if doc.full is not None and self._misplaced(doc, offset):
+            self._place(doc, offset)
+        offset = doc.local(offset)
         if doc.cache is None:
             self._allocate(doc)
         self._scope_head(uri)
@@ -360,8 +382,9 @@ class Engine:
                       lambda: [d.array for d in self.docs.values() if d is not doc and scope_of(d.uri) == scope],
                       self.gate, self.trace_exits)
         decode = decoder_for(opts)(req)
-        out = Completion("", ctx_tokens=P, heal=heal, context=prompt.used, context_tokens=_context_rows(prompt.prefix),
-                         stats=decode.stats)
+        h = doc.head_rows
+        head = h - 1 - doc.stale[1:h].count(MISSING) if h else 0  # the context rows it reads (row 0 aside: BOS)
+        out = Completion("", ctx_tokens=P, heal=heal, context_tokens=head, stats=decode.stats)
         try:
             for ids, text, reason in decode.steps:
                 if not out.first_token_ms:
@@ -389,83 +412,41 @@ class Engine:
 
     def prompt(self, doc: Document, P: int, offset: int, opts: CompletionOptions,
                prefix: KVCache | Holes | None = None) -> Prompt:
-        """What a decode at `offset` continues, tokens [0, P) of `doc` before it: the document's cache
-        (or `prefix`, a view of it without its holes) and its token P - 1; or, with no holes, a view
-        with the context documents before the prefix (`with_context`),
-        the last `context_tail` tokens encoded again over them, and with `infill` (a model with FIM
-        tokens) `<SUF>` and the text after the cursor encoded after the prefix, `<MID>` fed first."""
+        """What a decode at `offset` continues, tokens [0, P) of `doc` before it (its context first):
+        the document's cache (or `prefix`, a view of it without its holes) and its token P - 1; or,
+        with `infill` (a model with FIM tokens) and no holes, a view with [BOS] `<PRE>` before the
+        document, then `<SUF>` and the text after the cursor encoded after the prefix, `<MID>` fed first."""
         infill = self.infill if opts.infill else None
         prefix = doc.cache if prefix is None else prefix
-        plain = Prompt(prefix, P - 1, doc.ids[P - 1])
-        if (not opts.context and infill is None) or prefix is not doc.cache:
-            return plain
-        view, used = self.with_context(doc, opts.context, prelude=infill.prefix if infill else None)
-        if view is doc.cache:
-            return plain
-        skip, tail = view.skip, opts.context_tail if used else 0
-        if infill is None:
-            at = max(skip, P - 1 - tail)
-            ids, first = doc.ids[at : P - 1], doc.ids[P - 1]
-        else:
-            at = max(skip, P - tail)
-            suffix = self.tok.encode(suffix_text(doc.text, offset))[0][skip:][:SUFFIX_TOKENS]
-            ids, first = doc.ids[at:P] + [infill.suffix] + suffix, infill.middle
-        if ids:
-            with torch.no_grad():
-                self.model(torch.tensor([ids], device=view.ck.device), torch.arange(at, at + len(ids)),
-                           view.write_tail(at, len(ids)), return_hidden=True, last_only=True)
-        return Prompt(view, at + len(ids), first, used)
-
-    def with_context(self, doc: Document, uris, *, prelude: int | None = None) -> tuple[KVCache | WithContext, list[str]]:
-        """`doc`'s cache seen after the context documents `uris` (open, encoded; others are skipped,
-        never encoded here: a request does not wait for context) and, last, the token `prelude`;
-        and the uris used. Each block's keys are rotated from its own positions to its place before
-        the document (PIE's rotation); the assembly is kept while the blocks stay unchanged."""
-        skip = 1 if self.tok.adds_bos else 0
-        blocks = [(u, d.cache) for u in dict.fromkeys(uris) if u != doc.uri and (d := self.docs.get(u)) is not None
-                  and d.full is None and d.cache is not None and len(d.ids) > skip and not d.missing_count]
-        key = tuple((u, id(c), hash(tuple(self.docs[u].ids)), self.docs[u].stale_count) for u, c in blocks)
-        for u, _ in blocks:
-            self._touch(self.docs[u])
-        if prelude is not None:
-            blocks.append(("", self._prelude(prelude)))
-            key += (prelude,)
-        if not blocks:
-            return doc.cache, []
-        if self._context_kv is None or self._context_kv[0] != key:
-            self._context_kv = (key, *self._assemble([c for _, c in blocks], skip))
-        _, k, v = self._context_kv
-        return WithContext(doc.cache, k, v, start=skip - k.shape[2], skip=skip), [u for u, _ in blocks if u]
+        if infill is None or prefix is not doc.cache:
+            return Prompt(prefix, P - 1, doc.ids[P - 1])
+        k, v, skip = self._prelude(infill.prefix)
+        view = Framed(doc.cache, k, v, start=skip - k.shape[2], skip=skip)
+        suffix = self.tok.encode(suffix_text(doc.text, offset))[0][skip:][:SUFFIX_TOKENS]
+        ids = [infill.suffix] + suffix
+        with torch.no_grad():
+            self.model(torch.tensor([ids], device=view.ck.device), torch.arange(P, P + len(ids)),
+                       view.write_tail(P, len(ids)), return_hidden=True, last_only=True)
+        return Prompt(view, P + len(ids), infill.middle)
 
     @torch.no_grad()
-    def _prelude(self, token: int) -> KVCache:
-        """[BOS] + `token` encoded, once per token."""
+    def _prelude(self, token: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """k, v [L, KV, C, hd] of [BOS] + `token` (C rows; `skip` 1 with a BOS, else 0), encoded once
+        per token, the keys rotated so the last row sits at position skip - 1: right before the
+        document's rows from `skip` on (this BOS stands for the document's own)."""
         if token not in self._preludes:
-            ids = ([self.tok.bos_id] if self.tok.adds_bos else []) + [token]
+            skip = 1 if self.tok.adds_bos else 0
+            ids = ([self.tok.bos_id] if skip else []) + [token]
             cache = self.new_cache()
             cache.reserve(len(ids))
             cache.length = len(ids)
             self.model(torch.tensor([ids]), torch.arange(len(ids)), cache, return_hidden=True, last_only=True)
-            self._preludes[token] = cache
+            k, v = cache.k[:, :, : len(ids)].clone(), cache.v[:, :, : len(ids)].clone()
+            delta = skip - len(ids)  # rows 0.. move to positions skip - C..
+            cos, sin = delta_cos_sin(delta, self.model.args.inv_freq, dtype=k.dtype)  # [L, hd]
+            k = apply_rope(k, cos[:, None, None].to(k.device), sin[:, None, None].to(k.device))
+            self._preludes[token] = (k, v, skip)
         return self._preludes[token]
-
-    def _assemble(self, caches: list[KVCache], skip: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v [L, KV, C, hd]: the first block's BOS row (when `skip`), then every block's rows past
-        its BOS in order, keys rotated so the last row sits at position skip - 1."""
-        parts = [(c, 0, skip) for c in caches[:skip]] + [(c, skip, c.length) for c in caches]
-        C = sum(hi - lo for _, lo, hi in parts)
-        L, KV, hd = caches[0].shape
-        k = torch.empty(L, KV, C, hd, dtype=caches[0].dtype, device=caches[0].device)
-        v = torch.empty_like(k)
-        freqs, row = self.model.args.inv_freq, 0
-        for c, lo, hi in parts:
-            n, delta = hi - lo, (skip - C + row) - lo  # rows lo.. move to positions skip - C + row..
-            cos, sin = delta_cos_sin(delta, freqs, dtype=k.dtype)  # [L, hd]
-            k[:, :, row : row + n] = apply_rope(c.k[:, :, lo:hi], cos[:, None, None].to(k.device),
-                                                sin[:, None, None].to(k.device))
-            v[:, :, row : row + n] = c.v[:, :, lo:hi]
-            row += n
-        return k, v
 
     def head_cost(self) -> float:
         """The LM head's cost in decoder layers (for self-speculation's choice of depth), timed once."""
@@ -517,9 +498,9 @@ class Engine:
     def _misplaced(self, doc: Document, offset: int) -> bool:
         """A long document's window does not serve a completion at `offset`: none yet, the cursor
         outside it or in its first quarter (too little context above), or grown by pastes."""
-        start, end = doc.base, doc.base + len(doc.text)
-        return (not doc.ids or not start <= offset <= end or (start > 0 and offset - start < len(doc.text) // 4)
-                or len(doc.ids) > self.options.window_tokens * 5 // 4)
+        start, end = doc.base, doc.base + len(doc.own)
+        return (not doc.ids or not start <= offset <= end or (start > 0 and offset - start < len(doc.own) // 4)
+                or len(doc.ids) - doc.head_rows > self.options.window_tokens * 5 // 4)
 
     def _place(self, doc: Document, focus: int) -> None:
         """Cache a window of a long document around code point `focus`: up to `window_tokens`, three
@@ -527,7 +508,7 @@ class Engine:
         cache has are kept (moved and rotated). Where more than `window_first` * 3/4 of the tokens above
         the focus would be new (a jump, a first placement), the window starts with `window_first`
         tokens, so the completion that placed it encodes little, and `refresh` grows it upward later."""
-        old = (doc.base, doc.base + len(doc.text)) if doc.cache is not None and doc.ids else (0, 0)
+        old = (doc.base, doc.base + len(doc.own)) if doc.cache is not None and doc.ids else (0, 0)
         c0, c1, new_above = self._span(doc.full, focus, self.options.window_tokens, old)
         first = min(self.options.window_first, self.options.window_tokens)
         if new_above > first * 3 // 4:
@@ -558,12 +539,13 @@ class Engine:
         return c0, c1, new
 
     def _set_window(self, doc: Document, base: int, text: str) -> None:
-        """Make full[base:] the window's start and `text` its text: from the rows the cache has where
-        there are some (PIE, the new rows missing), else uncached."""
+        """Make full[base:] the window's start and `text` its text (after the context): from the rows
+        the cache has where there are some (PIE, the new rows missing), else uncached; "" unplaces it."""
         if doc.cache is not None and doc.ids and text:
             doc.base = base
-            self._retext(doc, text, True, "pie", None, time.perf_counter(), encode=False)
+            self._retext(doc, doc.head + text, True, "pie", None, time.perf_counter(), encode=False)
             return
+        text = doc.head + text if text else ""
         ids, offsets = self.tok.encode(text) if text else ([], [])
         doc.base, doc.text, doc.ids, doc.offsets = base, text, ids, offsets
         doc.cache, doc.stale = None, bytearray(len(ids))
@@ -573,7 +555,7 @@ class Engine:
     def _can_grow(self, doc: Document) -> bool:
         """A window placed small with text above it and room to grow."""
         return (doc.full is not None and doc.cache is not None and doc.base > 0
-                and len(doc.ids) + self.options.encode_chunk <= self.options.window_tokens)
+                and len(doc.ids) - doc.head_rows + self.options.encode_chunk <= self.options.window_tokens)
 
     def _grow(self, doc: Document, should_stop) -> int:
         """Extend a window upward by about one encode chunk of whole lines and encode the new rows.
@@ -588,11 +570,11 @@ class Engine:
             nl = full.find("\n", c0, base)
             if 0 <= nl < base - 1:
                 c0 = nl + 1
-            elif len(doc.ids) + len(offsets) <= self.options.window_tokens:
+            elif len(doc.ids) - doc.head_rows + len(offsets) <= self.options.window_tokens:
                 c0 = lo
         if should_stop is not None and should_stop():
             raise Cancelled(f"growing the window of {doc.uri} stopped")
-        self._set_window(doc, c0, full[c0 : base + len(doc.text)])
+        self._set_window(doc, c0, full[c0 : base + len(doc.own)])
         return self._run(doc, doc.missing_before(len(doc.ids)), should_stop, chunk=BACKGROUND_CHUNK)
 
     def _doc(self, uri: str) -> Document:
@@ -622,15 +604,19 @@ class Engine:
         """The document's rows [0, end) for a decode to read, its missing rows encoded first: as many
         as `mend_ms` allows at the encode rate measured so far (or `mend_budget`), those nearest `end`.
         Past the budget the others stay missing, out of the returned view (holes), and the rows encoded
-        over them are stale; `background` mends them."""
-        missing, rate = doc.missing_before(end), self.encode_rate
+        over them are stale; `background` mends them. The context's missing rows are always holes: a
+        completion never waits for context."""
+        missing, rate, h = doc.missing_before(end), self.encode_rate, doc.head_rows
+        held = [p for p in missing if 0 < p < h]  # row 0 (BOS) is read whatever else is missing
+        missing = [p for p in missing if not 0 < p < h] if held else missing
         budget = self.options.mend_budget or (
             len(missing) if rate is None else max(MEND_MIN_ROWS, int(rate * self.options.mend_ms / 1e3)))
-        if len(missing) <= budget:
+        if len(missing) <= budget and not held:
             self._run(doc, missing, should_stop)
             return doc.cache
-        view = Holes(doc.cache, missing[:-budget])
-        self._run(doc, missing[-budget:], should_stop, cache=view, mark=STALE)
+        cut = max(0, len(missing) - budget)
+        view = Holes(doc.cache, sorted(held + missing[:cut]))
+        self._run(doc, missing[cut:], should_stop, cache=view, mark=STALE)
         return view
 
     def _allocate(self, doc: Document) -> None:
@@ -706,9 +692,9 @@ class Engine:
         return sum(d.cache.nbytes for d in self.docs.values() if d.cache is not None)
 
 
-def _context_rows(prefix) -> int:
-    """Rows of context a prefix view carries (0 for a document's own cache)."""
-    return prefix.ck.shape[2] if isinstance(prefix, WithContext) else 0
+def _rows_before(offsets: list[tuple[int, int]], end: int) -> int:
+    """How many tokens lie wholly before code point `end` (a document's context rows, BOS included)."""
+    return bisect.bisect_right([e for _, e in offsets], end) if end else 0
 
 
 def _either(a, b):

@@ -1,8 +1,8 @@
 """Context beyond the prefix: chunks of the workspace's files and of the other open documents, chosen
-for the text above the cursor within a token budget. Torch-free: per editor document the engine holds
-one context document of the chosen chunks (`Held`; a new choice is a PIE edit of it) and a request
-attends over it before the prefix (`Engine.with_context`); this module reads files, picks chunks and
-keeps the record of what the engine holds.
+for the text above the cursor within a token budget. Torch-free: the engine caches each document's
+chosen chunks in front of it, in the same token sequence (`Engine.set_context`; a new choice is a
+PIE edit of that head, `Held`); this module reads files, picks chunks and keeps the record of what the
+engine holds.
 
 A chunk is `CHUNK_LINES` lines of one file under a `# path` line. The choice scores a chunk by how
 many distinct names of the lines above the cursor it holds, ties going to the regions edited last and
@@ -13,19 +13,15 @@ and is kept while the cursor stays in one region (`Choice`), so the engine's wor
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import logging
 import os
 import re
 import threading
 import time
-import zlib
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
-
-from ghostline.engine.text import Change
 
 log = logging.getLogger("ghostline.context")
 
@@ -217,27 +213,20 @@ class Chooser:
 
 
 class Held:
-    """Per editor document, one engine document that holds its chosen chunks' text, joined: the
-    context the document's requests attend over. A new choice is an edit replacing that text, so the
-    engine encodes only the chunks new in it and rotates the ones that moved (PIE); their tokens read
-    each other as one prompt would (chunks encoded each on their own were measured worse). The new
-    text is taken at once and its new rows encoded in pieces that yield to requests and resume where
-    they stopped; a request attends over the context once it is whole, over none before."""
+    """Per editor document, the context the engine caches in front of it: its chosen chunks' text,
+    joined, read by its completions as one prompt would be (a context kept as a document of its own
+    and attended over beside the document's cache was measured to lose the gain: the document's rows
+    never read it). A new choice is an edit of that head, so the engine encodes only the chunks new in
+    it and rotates the ones kept and the document's rows (PIE); the new text is taken at once and its
+    rows encoded in pieces that yield to requests and resume where they stopped, then the document's
+    rows refreshed to read it (`Engine.background`)."""
 
     def __init__(self):
         self.held: dict[str, tuple[str, list[str]]] = {}  # owner uri -> (text sent, its chunks' names)
 
     @staticmethod
-    def key(owner: str) -> str:
-        return f"ghostline-context:{zlib.crc32(owner.encode()):08x}"
-
-    @staticmethod
     def text(chunks: list[Chunk]) -> str:
         return "".join(c.text for c in chunks)
-
-    def ready(self, owner: str) -> tuple[str, ...]:
-        """The engine document to attend over for `owner` (none before its first context landed)."""
-        return (self.key(owner),) if owner in self.held else ()
 
     def names(self, owner: str) -> list[str]:
         return list(self.held.get(owner, ("", []))[1])
@@ -246,43 +235,41 @@ class Held:
         return owner in self.held and self.held[owner][0] == self.text(chunks)
 
     def lost(self, owner: str) -> None:
-        """The engine no longer holds it (evicted, an update failed): sent again when next chosen."""
+        """The engine no longer holds it (re-opened, an update failed): sent again when next chosen."""
         self.held.pop(owner, None)
 
     def sync(self, engine, owner: str, chunks: list[Chunk], should_stop=lambda: False, *, lock=None) -> bool:
-        """Make the engine's context document for `owner` hold `chunks` (on the engine's thread): the
-        text at once with its new rows missing, then those rows encoded (`mend`) until `should_stop()`.
-        True when the engine holds it whole; stopped, the rows done are kept and `mend` goes on from
-        there (a context is never encoded from scratch twice because a request cut it short). `lock`
-        guards this record (not the engine calls) against readers on other threads."""
+        """Make the engine cache `chunks` in front of `owner` (on the engine's thread): the text at once
+        with its new rows missing, then those rows encoded (`mend`) until `should_stop()`. True when
+        the engine holds it whole; stopped, the rows done are kept and `mend` goes on from there (a
+        context is never encoded from scratch twice because a request cut it short). `lock` guards
+        this record (not the engine calls) against readers on other threads."""
         lock = lock or threading.Lock()
-        key, text = self.key(owner), self.text(chunks)
+        text = self.text(chunks)
         with lock:
             old = self.held.get(owner, (None, []))[0]
         if old != text:
             if should_stop():
                 return False
             try:
-                if old is None:
-                    engine.open(key, text, encode=False)
-                else:
-                    engine.edit(key, [Change(0, len(old), text)], encode=False)
+                engine.set_context(owner, text)
             except Exception as exc:  # a refused update costs context, never the request
-                log.warning("context of %s not sent: %s", owner, exc)
+                if not isinstance(exc, KeyError):  # KeyError: the document is not open (closed meanwhile)
+                    log.warning("context of %s not sent: %s", owner, exc)
                 with lock:
                     self.held.pop(owner, None)
-                with contextlib.suppress(Exception):
-                    engine.close(key)  # sent whole next time
                 return False
             with lock:
                 self.held[owner] = (text, [f"{c.path}:{c.first + 1}" for c in chunks])
         return self.mend(engine, owner, should_stop, lock=lock)
 
     def mend(self, engine, owner: str, should_stop=lambda: False, *, lock=None) -> bool:
-        """Encode the rows the engine still lacks of `owner`'s context, until `should_stop()`; True when
-        none is left. (An engine daemon encodes them in its own idle time: nothing to do here.)"""
+        """Encode the rows the engine still lacks of `owner` and its context, then the document's due
+        work (`Engine.background`: a refresh once enough rows are stale, so they read the new
+        context), until `should_stop()`; True when none is left. (An engine daemon does this in its own
+        idle time: nothing to do here.)"""
         try:
-            while engine.background(self.key(owner), should_stop=should_stop) is not None:
+            while engine.background(owner, should_stop=should_stop) is not None:
                 pass
         except Exception as exc:
             if type(exc).__name__ == "Cancelled":
@@ -294,9 +281,9 @@ class Held:
             return False
         return True
 
-    def drop(self, owner: str) -> str | None:
-        """Forget `owner`'s context; the engine document to close, if one was sent."""
-        return self.key(owner) if self.held.pop(owner, None) is not None else None
+    def drop(self, owner: str) -> None:
+        """Forget `owner`'s context (its document was closed: the context went with it)."""
+        self.held.pop(owner, None)
 
 
 # the workspace on disk -----------------------------------------------------------------------------
@@ -434,8 +421,8 @@ class Context:
             self.texts[uri] = text
             self.chooser.edit(path_of(uri, self.folders), line)
 
-    def closed(self, uri: str) -> str | None:
-        """`uri` was closed; the engine document of its context to close, if any."""
+    def closed(self, uri: str) -> None:
+        """`uri` was closed (its context goes with its engine document)."""
         with self.lock:
             self.open.discard(uri)
             self.texts.pop(uri, None)
@@ -447,7 +434,7 @@ class Context:
             path = path_of(uri, self.folders)
             if path == uri or not self._reread(path):
                 self.lib.drop(path)
-            return self.held.drop(uri)
+            self.held.drop(uri)
 
     def watched(self, uri: str, deleted: bool) -> None:
         """A workspace file changed on disk (workspace/didChangeWatchedFiles)."""
@@ -489,26 +476,27 @@ class Context:
                 self.wanted[uri] = choice
         return choice
 
-    def for_request(self, uri: str, text: str, offset: int) -> tuple[str, ...]:
-        """The context document a request at `offset` attends over: the one the engine holds for
-        `uri`, whatever choice it holds; a newer choice is left for `idle` to send (a request never
-        waits for context)."""
+    def for_request(self, uri: str, text: str, offset: int) -> bool:
+        """Before a request at `offset`: it reads whatever context the engine caches for `uri`; a newer
+        choice is left for `idle` to send (a request never waits for context). True when the engine
+        should hold some."""
         choice = self.want(uri, text, offset)
         if choice is None:
-            return ()
+            return False
         with self.lock:
             self.last[uri] = {"chosen": [f"{c.path}:{c.first + 1}" for c in choice.chunks],
                               "asked": self.held.names(uri)}
-            return self.held.ready(uri)
+            return bool(self.held.names(uri))
 
-    def answered(self, uri: str, asked: tuple[str, ...], used, tokens: int) -> None:
-        """After a completion: a context the engine did not use (evicted, not while still encoding)
-        is sent again."""
+    def answered(self, uri: str, asked: bool, tokens: int) -> None:
+        """After a completion that read `tokens` rows of context: a context the engine should hold but
+        did not read (the document re-opened, evicted; not while its rows are still encoding) is sent
+        again."""
         with self.lock:
-            if asked and not used and uri not in self.partial:
+            if asked and not tokens and uri not in self.partial:
                 self.held.lost(uri)
             if uri in self.last:
-                self.last[uri].update(used=len(self.last[uri].get("asked", [])) if used else 0, tokens=tokens)
+                self.last[uri].update(used=len(self.last[uri].get("asked", [])) if tokens else 0, tokens=tokens)
 
     def expect(self, uri: str) -> None:
         """An edit's `prepare` is queued for `uri`: its context is pending until that has run."""
@@ -560,6 +548,19 @@ class Context:
                     del self.wanted[uri]
                 (self.partial.discard if whole else self.partial.add)(uri)
         return current
+
+    def clear(self, engine) -> None:
+        """Context turned off: the engine's documents lose theirs (on the engine's thread)."""
+        with self.lock:
+            owners = list(self.held.held)
+            self.held.held.clear()
+            self.wanted.clear()
+            self.partial.clear()
+        for uri in owners:
+            try:
+                engine.set_context(uri, "")
+            except Exception as exc:  # closed meanwhile, or the daemon refused: nothing left to read
+                log.debug("context of %s not cleared: %s", uri, exc)
 
     def report(self, uri: str) -> dict:
         with self.lock:

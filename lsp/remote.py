@@ -283,6 +283,7 @@ class RemoteEngine:
         self.status = status or (lambda state, message: None)
         self.options = self.remote = options or RemoteOptions()  # `options.memory_budget_mb`, as Engine's
         self.docs: dict[str, str] = {}  # every open document's text as sent, for resyncing a new daemon
+        self.contexts: dict[str, str] = {}  # the context sent for a document since it was opened
         self.conn: Connection | None = None
         self.info: dict = {}
         self.reconnects = 0
@@ -313,6 +314,7 @@ class RemoteEngine:
         """Open (or re-open) a document; the daemon's update stats (it encodes in its own time:
         `encode` is accepted for the same call as Engine.open). A refusal (DaemonError, ...) leaves
         the text recorded as the daemon holds it."""
+        self.contexts.pop(uri, None)  # an open clears the document's context
         return self._record(uri, text, "open", {"uri": uri, "text": text})
 
     def edit(self, uri: str, changes: list, *, strategy: str = "pie", encode: bool = False,
@@ -328,7 +330,21 @@ class RemoteEngine:
             sent.append([c.start, c.end, c.text])
         return self._record(uri, text, "edit", {"uri": uri, "changes": sent, "strategy": strategy})
 
+    def set_context(self, uri: str, text: str, *, should_stop=None) -> dict | None:
+        """As Engine.set_context (the daemon encodes its rows in its own idle time)."""
+        if uri not in self.docs:
+            raise KeyError(f"document {uri!r} is not open")
+        if self.contexts.get(uri, "") == text:
+            return None
+        self.contexts[uri] = text
+        try:
+            return self._update("context", {"uri": uri, "text": text})
+        except (DaemonError, KeyError):
+            self.contexts.pop(uri, None)
+            raise
+
     def close(self, uri: str) -> None:
+        self.contexts.pop(uri, None)
         if self.docs.pop(uri, None) is not None:
             self._update("close", {"uri": uri})
 
@@ -462,6 +478,8 @@ class RemoteEngine:
             for uri, text in list(self.docs.items()):  # deferred: a resync must not wait for every encode
                 try:
                     conn.call("open", {"uri": uri, "text": text, "defer": True})
+                    if self.contexts.get(uri):
+                        conn.call("context", {"uri": uri, "text": self.contexts[uri]})
                 except wire.FrameTooLarge:
                     pass
                 except (DaemonError, EditError, KeyError) as exc:  # one refused document: the others go on
@@ -484,5 +502,5 @@ def _completion(d) -> Completion:
     out = Completion.from_wire(d if isinstance(d, dict) else {})
     out.text = out.text if isinstance(out.text, str) else ""
     out.drafts = [t for t in (out.drafts or []) if isinstance(t, str)]
-    out.context = [u for u in (out.context or []) if isinstance(u, str)] if isinstance(out.context, list) else []
+    out.context_tokens = out.context_tokens if isinstance(out.context_tokens, int) else 0
     return out

@@ -399,7 +399,6 @@ class GhostlineServer(LanguageServer):
             gate=self.settings.gate,
             gate_strength=self.stats.gate_strength(self.settings.gate_strength, self.languages.get(uri),
                                                    document_kind(uri)),
-            context_tail=self.settings.context_tail,
             infill=self.settings.fim,
         )
 
@@ -460,8 +459,7 @@ class GhostlineServer(LanguageServer):
         version, opts = mirror.version, self.options_for(mirror, offset, uri)
         if invoked:
             opts.gate = False  # asked for explicitly: the user wants a suggestion, not silence
-        if self.settings.context:
-            opts.context = self.context.for_request(uri, mirror.text, offset)
+        asked = self.settings.context and self.context.for_request(uri, mirror.text, offset)
 
         def run(should_stop):
             if mirror.version != version:  # an edit arrived after the request: its offset is stale
@@ -480,8 +478,8 @@ class GhostlineServer(LanguageServer):
             if self.running.get(uri) is job:
                 del self.running[uri]
             self.settle()
-        if out is not None and opts.context:
-            self.context.answered(uri, opts.context, getattr(out, "context", None), getattr(out, "context_tokens", 0))
+        if out is not None and self.settings.context:
+            self.context.answered(uri, asked, getattr(out, "context_tokens", 0))
         if out is not None:
             self.outcomes[uri] = {"stop_reason": out.stop_reason, "confidence": getattr(out, "confidence", None),
                                   "withheld": getattr(out, "withheld", "")}
@@ -689,7 +687,7 @@ def build_server(*, model: str | None = None, engine: str | None = None) -> Ghos
 
     @server.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
     def did_change_configuration(ls: GhostlineServer, params: types.DidChangeConfigurationParams):
-        engine = ls.engine_mode
+        engine, had_context = ls.engine_mode, ls.settings.context and ls.settings.context_budget > 0
         try:
             ls.settings = ls.settings.merged(params.settings)
         except SettingsError as exc:
@@ -699,6 +697,8 @@ def build_server(*, model: str | None = None, engine: str | None = None) -> Ghos
         ls.debounce.base_ms = ls.settings.debounce_ms
         ls.context.chooser.opts = ls.context_options()
         ls.read_workspace()
+        if had_context and not (ls.settings.context and ls.settings.context_budget > 0):
+            ls.worker.submit("update", lambda _stop: ls.engine is not None and ls.context.clear(ls.engine))
         if ls.engine_mode != engine:
             log.warning("engine setting %s takes effect when the server restarts", ls.settings.engine)
         if ls.engine is not None:
@@ -761,9 +761,7 @@ def build_server(*, model: str | None = None, engine: str | None = None) -> Ghos
         if (ahead := ls.ahead.pop(uri, None)) is not None:
             ahead.task.cancel()
         ls.submit_update(uri, lambda e: e.close(uri))
-        key = ls.context.closed(uri)
-        if key is not None:
-            ls.submit_update(key, lambda e: e.close(key))
+        ls.context.closed(uri)
 
     @server.feature(types.WORKSPACE_DID_CHANGE_WATCHED_FILES)
     def did_change_watched_files(ls: GhostlineServer, params: types.DidChangeWatchedFilesParams):

@@ -50,7 +50,6 @@ class Settings:
     context_workspace: bool = True  # the workspace folders' files (read from disk, .gitignore respected)
     context_open_files: bool = True  # the other open documents
     context_edits: bool = True  # prefer the regions edited last
-    context_tail: int = 0  # tokens before the cursor encoded again over the context per request (0: none)
     fim: bool = True  # fill in the middle (the text after the cursor in the prompt) where the model has FIM tokens
 
     def merged(self, raw) -> "Settings":
@@ -77,7 +76,7 @@ class Settings:
 OPTIONS = {"max_tokens": "max_tokens", "max_tokens_multiline": "max_tokens", "drafts": "drafts",
            "time_cap_ms": "time_cap_ms", "decoder": "decoder", "decoder_multiline": "decoder", "halt": "halt",
            "halt_threshold": "halt_threshold", "exit": "exit", "exit_threshold": "exit_threshold", "gate": "gate",
-           "gate_strength": "gate_strength", "context_tail": "context_tail"}
+           "gate_strength": "gate_strength"}
 
 
 def check_setting(name: str, value):

@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 
+from ghostline.engine.document import MISSING
 from ghostline.lsp.context import (CHARS_PER_TOKEN, CHUNK_LINES, Chooser, Held, Library, Options, choose, chunk_file,
                                    imports, scan)
 
@@ -142,33 +143,35 @@ def test_chunks_are_whole_lines_under_their_path():
     assert chunks[1].text.startswith(f"# m/x.py\nline_{n} = {n}\n") and chunks[1].text.endswith(f"line_{2 * n - 1} = {2 * n - 1}\n")
 
 
-def test_a_documents_context_is_one_engine_document_a_new_choice_edits(tiny_engine_factory):
-    eng = tiny_engine_factory("gemma3")
-    held = Held()
-    lib = library(extra=3)
-    chunks = [c for f in lib.files.values() for c in f.chunks][:5]
-    assert held.ready("file:///a.py") == () and not held.current("file:///a.py", chunks[:2])
-    assert held.sync(eng, "file:///a.py", chunks[:2])
-    key = Held.key("file:///a.py")
-    assert held.ready("file:///a.py") == (key,) and held.current("file:///a.py", chunks[:2])
-    assert eng.text(key) == chunks[0].text + chunks[1].text
-    assert held.names("file:///a.py") == [f"{c.path}:{c.first + 1}" for c in chunks[:2]]
-    cache = eng.docs[key].cache
-    assert held.sync(eng, "file:///a.py", [chunks[1], chunks[2]])  # a new choice: an edit of the same document
-    assert eng.text(key) == chunks[1].text + chunks[2].text and eng.docs[key].cache is cache
-    assert held.sync(eng, "file:///a.py", [chunks[1], chunks[2]])  # nothing new: held whole already
-    assert not held.sync(eng, "file:///a.py", chunks[3:], should_stop=lambda: True)
-    assert held.ready("file:///a.py") == (key,) and not held.current("file:///a.py", chunks[3:])  # the older one serves
-    assert held.sync(eng, "file:///b.py", chunks[3:]) and Held.key("file:///b.py") in eng.docs
-    assert held.drop("file:///a.py") == key and held.drop("file:///a.py") is None
-
-
-def test_a_context_cut_short_keeps_its_rows_and_is_finished_not_restarted(tiny_engine_factory):
+def test_a_documents_context_is_cached_in_front_of_it_and_a_new_choice_edits_it(tiny_engine_factory):
     eng = tiny_engine_factory("gemma3")
     held, owner = Held(), "file:///a.py"
     lib = library(extra=3)
+    chunks = [c for f in lib.files.values() for c in f.chunks][:5]
+    eng.open(owner, DOC)
+    assert not held.current(owner, chunks[:2]) and held.names(owner) == []
+    assert held.sync(eng, owner, chunks[:2])
+    doc = eng.docs[owner]
+    assert held.current(owner, chunks[:2]) and doc.head == chunks[0].text + chunks[1].text
+    assert eng.text(owner) == DOC and doc.missing_count == 0
+    assert held.names(owner) == [f"{c.path}:{c.first + 1}" for c in chunks[:2]]
+    cache = doc.cache
+    assert held.sync(eng, owner, [chunks[1], chunks[2]])  # a new choice: an edit of the same document
+    assert doc.head == chunks[1].text + chunks[2].text and doc.cache is cache
+    assert held.sync(eng, owner, [chunks[1], chunks[2]])  # nothing new: held whole already
+    assert not held.sync(eng, owner, chunks[3:], should_stop=lambda: True)
+    assert not held.current(owner, chunks[3:]) and doc.head == chunks[1].text + chunks[2].text  # the older one serves
+    assert not held.sync(eng, "file:///closed.py", chunks[3:]) and held.names("file:///closed.py") == []
+    held.drop(owner)
+    assert held.names(owner) == []
+
+
+def test_a_context_cut_short_keeps_its_rows_and_is_finished_not_restarted(tiny_engine_factory):
+    eng = tiny_engine_factory("gemma3", refresh_stale_min=10**6)  # the context's rows only, no refresh after
+    held, owner = Held(), "file:///a.py"
+    lib = library(extra=3)
     chunks = [c for f in lib.files.values() for c in f.chunks][:4]
-    key = Held.key(owner)
+    eng.open(owner, DOC)
     polls = []
 
     def stop_at_second_forward():
@@ -176,18 +179,18 @@ def test_a_context_cut_short_keeps_its_rows_and_is_finished_not_restarted(tiny_e
         return len(polls) >= 3  # the send's own check, the first forward's, then stop
 
     assert not held.sync(eng, owner, chunks, should_stop=stop_at_second_forward)
-    doc = eng.docs[key]
-    done = len(doc.ids) - doc.missing_count
-    assert held.current(owner, chunks) and 0 < done < len(doc.ids)  # the text is held, its first rows kept
+    doc = eng.docs[owner]
+    done = doc.head_rows - doc.stale[: doc.head_rows].count(MISSING)
+    assert held.current(owner, chunks) and 0 < done < doc.head_rows  # the text is held, its first rows kept
     encoded = []
     forward = eng.model.forward
     eng.model.forward = lambda ids, *a, **k: (encoded.append(ids.shape[1]), forward(ids, *a, **k))[1]
     assert held.sync(eng, owner, chunks)  # the same choice again: finished where it stopped
     eng.model.forward = forward
-    assert sum(encoded) == len(doc.ids) - done and doc.missing_count == 0
-    eng.open("file:///whole.py", Held.text(chunks))  # the same text encoded in one go
+    assert sum(encoded) == doc.head_rows - done and doc.missing_count == 0
+    eng.open("file:///whole.py", Held.text(chunks) + DOC)  # the same text encoded in one go
     whole = eng.docs["file:///whole.py"].cache
-    n = len(doc.ids)
+    n = doc.head_rows
     torch.testing.assert_close(doc.cache.k[:, :, :n], whole.k[:, :, :n])
     torch.testing.assert_close(doc.cache.v[:, :, :n], whole.v[:, :, :n])
 

@@ -8,7 +8,6 @@ import asyncio
 from lsprotocol import types
 
 from ghostline.lsp.client import running_server
-from ghostline.lsp.context import Held
 
 HTTP = '''def fetch_json(session, url, timeout=10):
     """GET a URL and decode its JSON body."""
@@ -32,7 +31,6 @@ def test_workspace_context_reaches_the_engine_and_follows_the_disk(tmp_path):
     (tmp_path / "app.py").write_text(APP)
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     uri = (tmp_path / "app.py").as_uri()
-    key = Held.key(uri)
 
     async def main():
         opts = {"debounce_ms": 0, "drafts": 1, "gate": False, "context": True, "context_budget": 512}
@@ -45,23 +43,24 @@ def test_workspace_context_reaches_the_engine_and_follows_the_disk(tmp_path):
             await c.inline(uri, 5, 34)
             ctx = _dict(_dict(await c.inspect(uri))["context"])
             assert ctx["chosen"] == ["api/http.py:1"] and ctx["used"] == 1 and ctx["tokens"] > 20
-            assert await c.engine_text(key) == "# api/http.py\n" + HTTP
+            seen = _dict(await c.inspect(uri))
+            assert seen["context_text"] == "# api/http.py\n" + HTTP and seen["text"] == APP + "    data = fetch_json(session, url"
             (tmp_path / "api" / "http.py").write_text(HTTP.replace("timeout=10", "timeout=30"))
             c.workspace_did_change_watched_files(types.DidChangeWatchedFilesParams(changes=[types.FileEvent(
                 uri=(tmp_path / "api" / "http.py").as_uri(), type=types.FileChangeType.Changed)]))
-            c.change(uri, 3, (5, 34), (5, 34), ", ")
+            c.change(uri, 3, (5, 34), (5, 34), ", s")  # not the suggestion's start: no type-through
             await c.context_ready(uri)
-            await c.inline(uri, 5, 36)
+            await c.inline(uri, 5, 37)
             assert _dict(await c.inspect(uri))["anticipated"] == 1  # the keystroke's completion answered it
-            assert "timeout=30" in await c.engine_text(key)
+            assert "timeout=30" in _dict(await c.inspect(uri))["context_text"]
             off = {"context": False}
             c.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings=off))
-            c.change(uri, 4, (5, 36), (5, 36), "t")
-            await c.inline(uri, 5, 37)
+            c.change(uri, 4, (5, 37), (5, 37), "t")
+            await c.inline(uri, 5, 38)
             last = _dict(await c.inspect(uri))
             assert _dict(last["context"])["used"] == 1  # still the earlier request's: this one asked for none
+            assert last["context_text"] == "" and last["context_tokens"] == 0  # turned off: the engine dropped it
             c.text_document_did_close(types.DidCloseTextDocumentParams(text_document=types.TextDocumentIdentifier(uri=uri)))
-            assert await c.inspect(key) is None  # its context went with it
 
     asyncio.run(main())
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == {

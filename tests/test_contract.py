@@ -11,22 +11,22 @@ from ghostline.lsp.settings import OPTIONS, SettingsError, check_setting
 BAD = {"multiline": [1, "yes", None], "max_tokens": [0, 1025, 3.0, True, "8"], "drafts": [0, 9, 2.5],
        "time_cap_ms": [0, -1, "1", True], "decoder": ["beam", "", None], "halt": [0, None], "exit": ["no"],
        "halt_threshold": [-0.1, 1.5, "0.5"], "exit_threshold": [2, True], "gate": [1], "gate_strength": [-1, 4.5, None],
-       "context_tail": [-1, 513, 1.0], "context": ["file:///a.py", [1], [""], ["x"] * 65], "infill": ["true"]}
+       "infill": ["true"]}
 
 
 def test_options_travel_and_come_back_equal():
     opts = CompletionOptions(multiline=True, max_tokens=7, time_cap_ms=250.0, decoder="lookup", drafts=3, halt=True,
                              halt_threshold=0.25, exit=True, exit_threshold=0.5, gate=True, gate_strength=2.0,
-                             context=("file:///a.py", "file:///b.py"), context_tail=32, infill=True)
+                             infill=True)
     wire = opts.to_wire()
-    assert set(wire) == set(WIRE_OPTIONS) and wire["context"] == ["file:///a.py", "file:///b.py"]
+    assert set(wire) == set(WIRE_OPTIONS)
     assert CompletionOptions.from_wire(wire) == opts
     assert CompletionOptions.from_wire({}) == CompletionOptions()
 
 
 def test_a_completion_travels_without_what_stays_in_the_engine():
     out = Completion("x = 1", tokens=[1, 2], stop_reason="eos", drafts=["x = 1", "x = 2"], confidence=0.7,
-                     context=["file:///a.py"], context_tokens=12)
+                     context_tokens=12)
     wire = out.to_wire()
     assert "first_step" not in wire and Completion.from_wire(wire) == out
     assert Completion.from_wire({"stop_reason": "cancelled", "unknown": 1}) == Completion("", stop_reason="cancelled")

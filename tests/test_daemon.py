@@ -357,24 +357,32 @@ def test_clients_see_only_their_documents_and_leaving_frees_them(tiny):
         one.close()
 
 
-def test_context_travels_and_a_client_attends_only_over_its_own_documents(tiny):
-    """A completion's context names the client's own documents; another client's of the same name
-    (or one it never opened) is not read, and the reply names them as the client does."""
-    chunk = "ctx:lib.py"
+def test_a_documents_context_travels_stays_the_clients_own_and_is_resent_after_a_reconnect(tiny):
+    """`context` caches text in front of the client's own document (another client's of the same
+    name reads none), the daemon encodes it when idle, an `open` clears it, and a client that lost
+    its connection sends it again with its documents."""
+    ctx = "# lib.py\ndef sub(a, b):\n    return a - b\n"
     with serving(tiny) as daemon:
         one = RemoteEngine.connect(str(daemon.address), model=None, status=lambda *a: None)
         two = RemoteEngine.connect(str(daemon.address), model=None, status=lambda *a: None)
         one.open(URI, PY)
         two.open(URI, PY)
-        two.open(chunk, "def sub(a, b):\n    return a - b\n")  # the other client's, under the name one asks for
-        opts = dict(multiline=True, max_tokens=6, time_cap_ms=None)
-        alone = one.complete(URI, len(PY), CompletionOptions(**opts, context=(chunk, "ctx:nowhere")))
-        assert alone.context == [] and alone.context_tokens == 0
-        one.open(chunk, "def sub(a, b):\n    return a - b\n")
-        used = one.complete(URI, len(PY), CompletionOptions(**opts, context=(chunk,)))
-        assert used.context == [chunk] and used.context_tokens > 5
-        with pytest.raises(DaemonError, match="bad completion option"):
-            one.complete(URI, len(PY), CompletionOptions(**opts, context=("x" * 5000,)))
+        one.set_context(URI, ctx)
+        with pytest.raises(KeyError):
+            one.set_context("file:///never.py", ctx)
+        deadline = time.monotonic() + 30
+        while one.describe(URI)["context_missing"]:  # encoded in the daemon's idle time (a poll is a job: not too often)
+            assert time.monotonic() < deadline, "the daemon never encoded the context"
+            time.sleep(0.3)
+        opts = CompletionOptions(multiline=True, max_tokens=6)
+        assert one.complete(URI, len(PY), opts).context_tokens > 5
+        assert two.complete(URI, len(PY), opts).context_tokens == 0
+        assert one.describe(URI)["context_text"] == ctx and two.describe(URI)["context_text"] == ""
+        one.conn.close()  # the daemon freed one's documents; the next call reconnects and resends them
+        assert one.describe(URI)["context_text"] == ctx
+        assert one.describe(URI)["text"] == PY
+        one.open(URI, PY)  # a fresh document: no context
+        assert one.describe(URI)["context_text"] == "" and URI not in one.contexts
         one.disconnect()
         two.disconnect()
 

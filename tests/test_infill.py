@@ -14,10 +14,33 @@ from ghostline.engine.infill import CONVENTIONS, detect, suffix_text
 from ghostline.engine.model import build
 from ghostline.engine.tokenizer import Tokenizer
 from tests.conftest import tiny_hf
-from tests.test_context import Rows, encoded_at
 
 DOC = "def area(width, height):\n    return width * \n\n\nprint(area(3, 4))\n"
 CURSOR = DOC.index("* ") + 2
+
+
+class Rows:
+    """A cache of consecutive rows at positions x0.. (one segment), appended to by each forward."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, x0: int):
+        self.k, self.v, self.x0 = k, v, x0  # [L, KV, n, hd]
+
+    def update(self, layer, k, v, pos):
+        i, end = int(pos[0]) - self.x0, int(pos[-1]) + 1 - self.x0
+        if end > self.k.shape[2]:
+            grow = end - self.k.shape[2]
+            pad = torch.zeros(*self.k.shape[:2], grow, self.k.shape[3])
+            self.k, self.v = torch.cat([self.k, pad], 2), torch.cat([self.v, pad.clone()], 2)
+        self.k[layer, :, i:end], self.v[layer, :, i:end] = k[0], v[0]
+        return [(self.k[layer, :, :end][None], self.v[layer, :, :end][None], self.x0)]
+
+
+@torch.no_grad()
+def encoded_at(model, ids: list[int], x0: int) -> Rows:
+    a = model.args
+    rows = Rows(torch.zeros(a.n_layers, a.n_kv_heads, 0, a.head_dim), torch.zeros(a.n_layers, a.n_kv_heads, 0, a.head_dim), x0)
+    model(torch.tensor([ids]), torch.arange(x0, x0 + len(ids)), rows)
+    return rows
 
 
 def fim_tokenizer(smol, convention: int) -> Tokenizer:

@@ -164,8 +164,9 @@ class Ingress(Front):
         self.versions = itertools.count(1)
         self._own = itertools.count(2**62)  # ids of the ingress's own requests (re-opens), apart from clients' ids
         self.counts: Counter = Counter()
-        self.calls = {"open": self._open, "edit": self._edit, "close": self._close, "complete": self._complete,
-                      "inspect": self._inspect, "cancel": self._cancel, "status": self._status}
+        self.calls = {"open": self._open, "edit": self._edit, "context": self._context, "close": self._close,
+                      "complete": self._complete, "inspect": self._inspect, "cancel": self._cancel,
+                      "status": self._status}
 
     def _starting(self) -> None:
         # on the serving loop: Ray Serve's router runs on the loop that first uses the handle. Every
@@ -212,6 +213,12 @@ class Ingress(Front):
     def _complete(self, s: Session, rid: int, args: dict) -> None:
         uri = self._known(s, args)
         self._spawn(s, rid, self._forward(s, rid, uri, self.held[s.id][uri], {"call": "complete", "args": args}))
+
+    def _context(self, s: Session, rid: int, args: dict) -> None:
+        """Forwarded to the replica holding the document (a replica that takes it over later gets its
+        text only: the client sees its completions read no context and sends it again)."""
+        uri, _ = self._known(s, args), arg(args, "text", str)
+        self._spawn(s, rid, self._forward(s, rid, uri, self.held[s.id][uri], {"call": "context", "args": args}))
 
     def _inspect(self, s: Session, rid: int, args: dict) -> None:
         uri = self._known(s, args)

@@ -215,8 +215,9 @@ class Daemon(Front):
         self.engine = engine
         self.scheduler = Scheduler(idle=self._refresh, idle_after_s=self.options.idle_refresh_s,
                                    slice_s=self.options.slice_s)
-        self.calls = {"open": self._open, "edit": self._edit, "close": self._close, "complete": self._complete,
-                      "cancel": self._cancel, "inspect": self._inspect, "status": self._status}
+        self.calls = {"open": self._open, "edit": self._edit, "context": self._context, "close": self._close,
+                      "complete": self._complete, "cancel": self._cancel, "inspect": self._inspect,
+                      "status": self._status}
 
     def _starting(self) -> None:
         self.scheduler.start()
@@ -333,6 +334,11 @@ class Daemon(Front):
 
         self._submit(s, rid, Job("update", run, uri))
 
+    def _context(self, s: Session, rid: int, args: dict) -> None:
+        uri, text = self._known(s, args), arg(args, "text", str)
+        key = s.key(uri)  # its rows are encoded when idle
+        self._submit(s, rid, Job("update", lambda stop: dataclasses.asdict(self.engine.set_context(key, text)), uri))
+
     def _close(self, s: Session, rid: int, args: dict) -> None:
         uri = uri_of(args)
         key = s.key(uri)
@@ -343,7 +349,6 @@ class Daemon(Front):
         uri, offset = self._known(s, args), arg(args, "offset", int)
         opts, stream = _completion_options(args.get("options") or {}), bool(args.get("stream", False))
         key = s.key(uri)
-        opts.context = tuple(s.key(u) for u in opts.context if u in s.docs)  # only the client's own documents
 
         def run(stop):
             doc = self.engine.docs.get(key)
@@ -355,9 +360,7 @@ class Daemon(Front):
                 if stream and now != sent:
                     sent = now
                     self._threadsafe(s.send, {"id": rid, "partial": {"text": out.text, "drafts": list(out.drafts)}})
-            reply = _completion_dict(out)
-            reply["context"] = [k.split("|", 1)[1] for k in reply.get("context", ())]
-            return reply
+            return _completion_dict(out)
 
         job = Job("complete", run, uri)
         self._submit(s, rid, job)

@@ -23,9 +23,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ghostline.engine.completion import MAX_URI
 from ghostline.engine.text import Change
 from ghostline.engine.serving import wire
+
+MAX_URI = 4096  # characters of a document's uri
 
 log = logging.getLogger("ghostline.front")
 

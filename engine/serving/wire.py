@@ -8,7 +8,9 @@ An error about a frame that has no readable id carries `id: None`.
 
 Calls: `hello {version, client, token?}` (first, always; TCP needs the token), `open {uri, text,
 defer?}` (`defer`: answer before encoding, the rows encoded when read or idle),
-`edit {uri, changes: [[start, end, text], ...]}` (code-point offsets, in order), `close {uri}`,
+`edit {uri, changes: [[start, end, text], ...]}` (code-point offsets, in order), `context {uri,
+text}` (other files' text cached in front of the document, read by its completions; an `open` clears
+it), `close {uri}`,
 `complete {uri, offset, options?, stream?}`, `cancel {id}`, `inspect {uri}`, `status {}`.
 
 Until a TCP client's `hello` is accepted a frame may hold at most `HELLO_FRAME` bytes; a refused
@@ -34,7 +36,7 @@ PROTOCOL = 1
 HEADER = struct.Struct(">I")
 MAX_FRAME = 16 * 2**20
 HELLO_FRAME = 4096  # the largest frame before a TCP client's token is accepted
-CALLS = ("hello", "open", "edit", "close", "complete", "cancel", "inspect", "status")
+CALLS = ("hello", "open", "edit", "context", "close", "complete", "cancel", "inspect", "status")
 
 
 class FrameError(ValueError):
