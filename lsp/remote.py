@@ -334,9 +334,7 @@ class RemoteEngine:
         """As Engine.set_context (the daemon encodes its rows in its own idle time)."""
         if uri not in self.docs:
             raise KeyError(f"document {uri!r} is not open")
-        if self.contexts.get(uri, "") == text:
-            return None
-        self.contexts[uri] = text
+        self.contexts[uri] = text  # sent even when unchanged: the engine may have lost it (another replica)
         try:
             return self._update("context", {"uri": uri, "text": text})
         except (DaemonError, KeyError):

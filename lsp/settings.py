@@ -43,8 +43,9 @@ class Settings:
     engine: str = "daemon"
     engine_token_file: str | None = None
     completion_items: bool = False  # also answer textDocument/completion (suggest-widget items); read at start
-    # context beyond the prefix: chunks of other files chosen for the cursor, encoded ahead of the request
-    # (off: measured worse than the prefix alone with the embedded model, bench/RESULTS.md)
+    # context beyond the prefix: chunks of other files chosen for the cursor, cached in front of the
+    # document ahead of the request (off: more exact matches, but more wrong suggestions shown on a
+    # held-out history with the gate calibrated without it, bench/RESULTS.md)
     context: bool = False
     context_budget: int = 1536  # tokens of context a request attends over (estimated at 3.5 characters a token)
     context_workspace: bool = True  # the workspace folders' files (read from disk, .gitignore respected)
