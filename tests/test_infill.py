@@ -105,6 +105,23 @@ def test_the_fim_prompt_equals_the_naive_reference(smol):
     assert prompt.first == eng.infill.middle and prompt.start == P + 1 + len(suffix)
 
 
+def test_with_context_in_front_the_fim_prompt_reads_it_after_the_prefix_marker(smol):
+    """The context cached in front of the document sits inside the prefix section: [BOS] <PRE>
+    context + prefix <SUF> suffix <MID>, equal to the naive reference of that layout."""
+    tok = fim_tokenizer(smol, 0)
+    eng = engine_for(tok)
+    eng.open("a.py", DOC)
+    eng.set_context("a.py", "# geometry.py\ndef perimeter(width, height):\n    return 2 * (width + height)\n")
+    eng.refresh("a.py")
+    out = eng.complete("a.py", CURSOR, CompletionOptions(multiline=True, max_tokens=8, infill=True))
+    doc = eng.docs["a.py"]
+    P = doc.token_at(doc.local(CURSOR))
+    skip = 1 if tok.adds_bos else 0
+    suffix = tok.encode(suffix_text(DOC, CURSOR))[0][skip:]
+    want = naive(eng.model, tok, eng.infill, doc.ids, P, suffix, len(out.tokens))
+    assert out.tokens == want and len(out.tokens) >= 3 and out.context_tokens > 10
+
+
 def test_infill_asked_of_a_model_without_fim_tokens_changes_nothing(smol):
     eng = engine_for(smol.tokenizer)
     eng.open("a.py", DOC)
