@@ -47,7 +47,7 @@ class Settings:
     # document ahead of the request (off: more exact matches, but more wrong suggestions shown on a
     # held-out history with the gate calibrated without it, bench/RESULTS.md)
     context: bool = False
-    context_budget: int = 1536  # tokens of context a request attends over (estimated at 3.5 characters a token)
+    context_budget: int = 1536  # tokens of context cached in front of a document (estimated at 3.5 characters a token)
     context_workspace: bool = True  # the workspace folders' files (read from disk, .gitignore respected)
     context_open_files: bool = True  # the other open documents
     context_edits: bool = True  # prefer the regions edited last
