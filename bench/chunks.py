@@ -29,7 +29,7 @@ import json
 
 from bench.context import workspace_of
 from bench.suffix import at_completion
-from bench.tasks import first_line, form_figures, mean, read_tasks, run_forms, user_document
+from bench.tasks import chosen_forms, first_line, form_figures, mean, read_tasks, run_forms, user_document
 from ghostline.engine.engine import CompletionOptions, Engine, EngineOptions
 from ghostline.lsp.context import CHARS_PER_TOKEN, QUERY_LINES, Held, Library, Options, choose, identifiers
 
@@ -124,9 +124,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None)
     p.add_argument("--out", help="append each task's row here (a rerun skips what is there)")
     args = p.parse_args(argv)
-    forms = [f for f in args.forms.split(",") if f]
-    if unknown := set(forms) - set(FORMS):
-        p.error(f"unknown forms {sorted(unknown)} (of {', '.join(FORMS)})")
+    forms = chosen_forms(p, args.forms, FORMS)
     tasks = read_tasks(args.tasks, args.limit)
     with gzip.open(args.workspace, "rt", encoding="utf-8") as f:
         ws = json.load(f)

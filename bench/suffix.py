@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from bench.tasks import first_line, form_figures, read_tasks, run_forms, user_document
+from bench.tasks import chosen_forms, first_line, form_figures, read_tasks, run_forms, user_document
 from ghostline.engine.engine import CompletionOptions, Engine, EngineOptions
 from ghostline.engine.infill import suffix_text
 
@@ -89,9 +89,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None)
     p.add_argument("--out", help="append each task's row here (a rerun skips what is there)")
     args = p.parse_args(argv)
-    forms = [f for f in args.forms.split(",") if f]
-    if unknown := set(forms) - set(FORMS):
-        p.error(f"unknown forms {sorted(unknown)} (of {', '.join(FORMS)})")
+    forms = chosen_forms(p, args.forms, FORMS)
     if bool(args.tasks) == bool(args.stdlib):
         p.error("give --tasks or --stdlib")
     if args.stdlib:

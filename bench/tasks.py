@@ -105,6 +105,14 @@ def form_figures(rows: list[dict], form: str) -> dict:
             "es": round(mean([es(r["pred"], r["target"]) for r in scored]), 2), **accept_figures(scored)}
 
 
+def chosen_forms(p, value: str, known: tuple[str, ...]) -> list[str]:
+    """The `--forms` a form benchmark was given, in order; a parser error for one it does not know."""
+    forms = [f for f in value.split(",") if f]
+    if unknown := set(forms) - set(known):
+        p.error(f"unknown forms {sorted(unknown)} (of {', '.join(known)})")
+    return forms
+
+
 def run_forms(tasks: list[dict], out: str | None, forms: list[str], run) -> list[dict]:
     """Each task's row (`run(task)`: its first line per form), resuming from the rows `out` holds and
     appending each new one there; a progress line per task."""

@@ -687,7 +687,7 @@ def build_server(*, model: str | None = None, engine: str | None = None) -> Ghos
 
     @server.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
     def did_change_configuration(ls: GhostlineServer, params: types.DidChangeConfigurationParams):
-        engine, had_context = ls.engine_mode, ls.settings.context and ls.settings.context_budget > 0
+        engine, had_context = ls.engine_mode, ls.context.opts.budget > 0
         try:
             ls.settings = ls.settings.merged(params.settings)
         except SettingsError as exc:
@@ -697,7 +697,7 @@ def build_server(*, model: str | None = None, engine: str | None = None) -> Ghos
         ls.debounce.base_ms = ls.settings.debounce_ms
         ls.context.chooser.opts = ls.context_options()
         ls.read_workspace()
-        if had_context and not (ls.settings.context and ls.settings.context_budget > 0):
+        if had_context and ls.context.opts.budget <= 0:  # turned off: the engine drops what it holds
             ls.worker.submit("update", lambda _stop: ls.engine is not None and ls.context.clear(ls.engine))
         if ls.engine_mode != engine:
             log.warning("engine setting %s takes effect when the server restarts", ls.settings.engine)
