@@ -181,20 +181,30 @@ def cursor_tasks(files: list[Path], *, per_file: int = 2, before_lines: int = 40
 
 
 def collect_gate(engine, files: list[Path], *, tasks: int = 400, drafts: int = 3, max_tokens: int = 48,
-                 seed: int = 0, progress: Callable[[str], None] = print) -> Iterator[dict]:
+                 seed: int = 0, context: Callable[[Path, str, int], str] | None = None,
+                 progress: Callable[[str], None] = print) -> Iterator[dict]:
     """The product's k-draft decode at each cursor task (gate off), as a record the gate's features
     are computed from (`engine.gate.record_features`): the first step's distribution, the drafts and
     their scores, the text around the cursor, whether the user would keep some of the first line (the
-    accept model) and how many characters."""
+    accept model) and how many characters. With `context` (path, text, offset -> other files' text),
+    only tasks it gives context for, decoded as the server does once its background work is done: the
+    document opened, the context set in front of it, and the whole refreshed."""
     from ghostline.engine.completion import CompletionOptions
     from ghostline.engine.gate import accepted, situation
 
-    uri, n_rows, n_kept = "file:///calibration/gate.py", 0, 0
+    uri, n, n_rows, n_kept = "file:///calibration/gate.py", 0, 0, 0
     opts = CompletionOptions(max_tokens=max_tokens, drafts=drafts)
-    for n, task in enumerate(cursor_tasks(files, seed=seed)):
+    for task in cursor_tasks(files, seed=seed):
         if n >= tasks:
             break
+        head = context(Path(task["path"]), task["text"], task["offset"]) if context is not None else ""
+        if context is not None and not head:
+            continue
+        n += 1
         engine.open(uri, task["text"])
+        if head:
+            engine.set_context(uri, head)
+            engine.refresh(uri)
         out = engine.complete(uri, task["offset"], opts)
         conf = out.first_step
         engine.close(uri)
@@ -204,7 +214,8 @@ def collect_gate(engine, files: list[Path], *, tasks: int = 400, drafts: int = 3
         n_rows, n_kept = n_rows + 1, n_kept + bool(kept.strip())
         yield {"path": task["path"], "first": [conf.first_p, conf.first_margin, conf.first_entropy],
                "drafts": out.drafts, "scores": out.draft_scores, **situation(task["text"], task["offset"]),
-               "target": task["target"], "kept": int(bool(kept.strip())), "chars": len(kept)}
+               "target": task["target"], "kept": int(bool(kept.strip())), "chars": len(kept),
+               "context_tokens": out.context_tokens}
         if n_rows % 10 == 0:
             progress(f"gate: {n_rows} suggestions, {n_kept} with something kept")
 
@@ -228,11 +239,15 @@ def fit_gate(rows: list[dict]):
 
 def calibrate_gate(engine, name: str, roots: Iterable[Path], *, exclude: Iterable[str] = (), out: Path | None = None,
                    tasks: int = 400, seed: int = 0, rows_files: Iterable[Path] = (),
+                   context: Callable[[Path, str, int], str] | None = None,
                    progress: Callable[[str], None] = print) -> Path:
     """Fit the show gate (engine.gate) on cursor tasks cut from the code under `roots` (`seed` picks
-    the lines); write `gate.json`. With `rows_files`: when they all exist, the gate is fitted on their
-    records together without decoding anything (`engine` unused); one that does not exist yet receives
-    the records of this collection (JSON lines, `.gz` compressed)."""
+    the lines); write `gate.json`, or, from records of completions that read context (`context`, as
+    in `collect_gate`), the gate for those, `gate-context.json`. With `rows_files`: when they all exist, the gate is fitted on
+    their records together without decoding anything (`engine` unused); one that does not exist yet
+    receives the records of this collection (JSON lines, `.gz` compressed)."""
+    from ghostline.engine.gate import CONTEXT_GATE_FILE, GATE_FILE
+
     t0 = time.perf_counter()
     rows_files = [Path(f) for f in rows_files]
     missing = [f for f in rows_files if not f.is_file()]
@@ -248,15 +263,19 @@ def calibrate_gate(engine, name: str, roots: Iterable[Path], *, exclude: Iterabl
         with contextlib.ExitStack() as stack:
             sink = stack.enter_context(_open_text(missing[0], "w")) if missing else None
             for row in collect_gate(engine, code_files(roots, exclude=exclude), tasks=tasks, seed=seed,
-                                    progress=progress):
+                                    context=context, progress=progress):
                 rows.append(row)
                 if sink is not None:
                     sink.write(json.dumps(row) + "\n")
                     sink.flush()
+    kinds = {bool(r.get("context_tokens")) for r in rows}
+    if len(kinds) > 1:
+        raise ValueError("the gate records mix completions with and without context: fit them apart")
     gate = fit_gate(rows)
     gate.meta |= {"seconds": round(time.perf_counter() - t0, 1), "roots": [str(r) for r in roots],
-                  "exclude": list(exclude), "tasks": len(rows), "records": [f.name for f in rows_files]}
-    path = gate.save(out or user_folder(name))
+                  "exclude": list(exclude), "tasks": len(rows), "records": [f.name for f in rows_files],
+                  "context": kinds == {True}}
+    path = gate.save(out or user_folder(name), CONTEXT_GATE_FILE if kinds == {True} else GATE_FILE)
     m = gate.meta
     progress(f"gate: held-out AUC {m['held_out_auc']}, threshold {gate.threshold:.3f}: wrong/100 "
              f"{m['ungated']['wrong_per_100']:.1f} -> {m['gated']['wrong_per_100']:.1f}, chars saved "

@@ -9,8 +9,12 @@ cursor) or the engine is idle, so a storm of edits costs only what the completio
 
 Context (`head`): other files' text the document's requests read, cached in front of it as part of
 the same token sequence (`text` starts with it). Replacing it is one more PIE edit: the document's
-rows move and rotate, and the chunks the new context keeps are kept. Offsets the engine is given are
-in the document's own text; `local` maps them into `text`.
+rows move and rotate, and the chunks the new context keeps are kept. The rows after a changed chunk
+are then *shifted*: their K/V read another context, otherwise the text is theirs; they are read as
+they are and refreshed only with a refresh that edits made due, except the rows just before where
+the user works (`focus`, wherever it moves), encoded again when idle to read the new context (a new
+context costs its own rows and those, never the whole document). Offsets the engine is given are in the document's own text; `local` maps them
+into `text`.
 
 Long documents (more than the engine's `window_tokens`): only a window of whole lines around where
 the user works is tokenised and cached (`text`, `ids`, `cache` are the window's; `full` is the whole
@@ -26,7 +30,7 @@ import numpy as np
 from rapidfuzz.distance import Indel
 
 STRATEGIES = ("pie", "naive", "prefix", "full")
-FRESH, STALE, MISSING = 0, 1, 2  # a row's state in `Document.stale`
+FRESH, STALE, MISSING, SHIFTED = 0, 1, 2, 3  # a row's state in `Document.stale`
 
 
 @dataclass(frozen=True)
@@ -78,11 +82,12 @@ class Document:
         self.uri, self.text, self.offsets = uri, text, offsets
         self.ids = ids
         self.cache = None  # engine.cache.KVCache once encoded; None when evicted
-        self.stale = bytearray(len(ids))  # per row: FRESH, STALE (its K/V saw an older text) or MISSING
+        self.stale = bytearray(len(ids))  # per row: FRESH, STALE (its K/V saw an older text), MISSING or SHIFTED
         self.last_used = 0.0
         self.full: str | None = None  # a long document's whole text; `text` is then its cached window
         self.base = 0  # where the document's part of `text` starts in `full` (code points)
         self.head = ""  # the context cached before the document's text: `text` starts with it
+        self.focus: int | None = None  # where the user last edited or asked (an offset of the document's own text)
 
     @property
     def whole(self) -> str:
@@ -120,8 +125,13 @@ class Document:
 
     @property
     def stale_count(self) -> int:
-        """Rows whose K/V is not what a full encode would give (stale or missing)."""
+        """Rows whose K/V is not what a full encode would give (stale, missing or shifted)."""
         return len(self.stale) - self.stale.count(FRESH)
+
+    @property
+    def edited_count(self) -> int:
+        """Rows that edits left stale or missing (what makes a refresh due; shifted rows do not)."""
+        return self.stale.count(STALE) + self.stale.count(MISSING)
 
     @property
     def missing_count(self) -> int:
@@ -138,13 +148,14 @@ class Document:
         marks = np.frombuffer(self.stale, dtype=np.uint8)[:end]
         return np.flatnonzero(marks == MISSING).tolist()
 
-    def splice_stale(self, h: Hunk, *, suffix_stale: bool) -> None:
+    def splice_stale(self, h: Hunk, *, mark: int = STALE) -> None:
         """Mirror one hunk in the stale mask (indices already in the new layout above the hunk): its
-        new rows are missing until encoded; with `suffix_stale`, the fresh rows after it turn stale."""
+        new rows are missing until encoded, and the rows after it turn `mark`: STALE after an edit of
+        the text (shifted rows too), SHIFTED after a new context (fresh rows only)."""
         m, cut = h.new_end - h.new_start, h.new_start + (h.old_end - h.old_start)
-        suffix = self.stale[cut:]
-        if suffix_stale:
-            suffix = suffix.replace(bytes([FRESH]), bytes([STALE]))
+        suffix = self.stale[cut:].replace(bytes([FRESH]), bytes([mark]))
+        if mark == STALE:
+            suffix = suffix.replace(bytes([SHIFTED]), bytes([STALE]))
         self.stale = self.stale[: h.new_start] + bytearray([MISSING]) * m + suffix
 
     def token_at(self, offset: int) -> int:

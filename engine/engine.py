@@ -24,9 +24,9 @@ from ghostline.engine.completion import Completion, CompletionOptions, Prompt, U
 from ghostline.engine.calibration import find, load_json, load_vocab
 from ghostline.engine.decoders import Request, decoder_for
 from ghostline.engine.decoding.adadec import AdaDecParams
-from ghostline.engine.document import FRESH, MISSING, STALE, STRATEGIES, Document, token_hunks
+from ghostline.engine.document import FRESH, MISSING, SHIFTED, STALE, STRATEGIES, Document, token_hunks
 from ghostline.engine.exits import EXITS_FILE, Exits
-from ghostline.engine.gate import GATE_FILE, Gate
+from ghostline.engine.gate import CONTEXT_GATE_FILE, GATE_FILE, Gate
 from ghostline.engine.infill import SUFFIX_TOKENS, detect, suffix_text
 from ghostline.engine.ngram import NgramIndex, scope_of
 from ghostline.engine.quant import quantize
@@ -41,8 +41,9 @@ log = logging.getLogger("ghostline.engine")
 class EngineOptions:
     memory_budget_mb: float = 2048.0  # all documents' KV caches together; LRU eviction past it
     encode_chunk: int = 256  # tokens per forward when encoding (bounds memory, allows cancelling)
-    refresh_stale_share: float = 0.25  # refresh a document once this share of its tokens is stale
+    refresh_stale_share: float = 0.25  # refresh a document once edits left this share of its tokens stale
     refresh_stale_min: int = 64  # ... and at least this many
+    context_reread: int = 1024  # after a new context, the rows before where the user works encoded again to read it
     precision: str = "fp32"  # fp32 (the reference) | int8 (int8 layer weights, bf16 activations; CPU)
     head: str = "full"  # full | code (the LM head over the code vocabulary + the documents' tokens)
     window_above: int = 16384  # a document of more tokens is cached as a window around where the user works ...
@@ -56,6 +57,8 @@ class EngineOptions:
             raise ValueError(f"mend_budget must be a non-negative integer, not {self.mend_budget!r}")
         if isinstance(self.mend_ms, bool) or not isinstance(self.mend_ms, (int, float)) or not self.mend_ms > 0:
             raise ValueError(f"mend_ms must be a positive number, not {self.mend_ms!r}")
+        if isinstance(self.context_reread, bool) or not isinstance(self.context_reread, int) or self.context_reread < 0:
+            raise ValueError(f"context_reread must be a non-negative integer, not {self.context_reread!r}")
         for name in ("window_above", "window_tokens", "window_first"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 256:
@@ -97,6 +100,7 @@ class Engine:
         self.adadec = AdaDecParams()  # threshold inf (greedy) until `load` finds the model's calibration
         self.exits: Exits | None = None  # exit heads + controller, when the model was calibrated for them
         self.gate: Gate | None = None  # the show gate, when the model was calibrated for it
+        self.context_gate: Gate | None = None  # ... for completions that read context, when fitted for them
         self.trace_exits = False  # benchmarks: record every step's P(stop) in the completion's `stats.p_stop`
         self._head_cost: float | None = None  # the LM head's time in layers (`head_cost`)
         self.infill = detect(tokenizer.hf) if hasattr(tokenizer, "hf") else None  # the model's FIM tokens
@@ -125,11 +129,12 @@ class Engine:
             engine.adadec = AdaDecParams(threshold=fitted["threshold"], **fitted.get("decode", {}))
         if (path := find(loaded.source.stem, EXITS_FILE)) is not None:
             engine.exits = Exits.load(path)
-        if (path := find(loaded.source.stem, GATE_FILE)) is not None:
-            try:
-                engine.gate = Gate.load(path)
-            except ValueError as exc:  # fitted for other features: no gate until recalibrated
-                log.warning("show gate not used: %s", exc)
+        for name, attr in ((GATE_FILE, "gate"), (CONTEXT_GATE_FILE, "context_gate")):
+            if (path := find(loaded.source.stem, name)) is not None:
+                try:
+                    setattr(engine, attr, Gate.load(path))
+                except ValueError as exc:  # fitted for other features: no gate until recalibrated
+                    log.warning("show gate not used: %s", exc)
         engine.loaded = loaded
         loaded.tokenizer.warm()  # token healing's table, ahead of the first completion typed mid-word
         return engine
@@ -185,9 +190,11 @@ class Engine:
     def set_context(self, uri: str, text: str, *, should_stop=None) -> UpdateStats:
         """Make `text` (other files' chunks; "" for none) the context cached before the document, read
         by its completions: a PIE edit of the document's head. The rows the new context keeps and the
-        document's own rows move and rotate (the document's rows turn stale: `refresh` makes them
-        read the new context); its new rows stay missing until `background` encodes them, and a completion
-        never waits for them (it reads the rows of the context encoded so far)."""
+        document's own rows move and rotate and are *shifted*: they read the old context until a
+        refresh, which a new context alone does not make due. Its new rows stay missing until
+        `background` encodes them, then the `context_reread` rows before where the user last edited
+        or asked (wherever that moves) are encoded again to read it; a completion never waits for
+        either (it reads the rows of the context encoded so far)."""
         t0 = time.perf_counter()
         doc = self._doc(uri)
         if text == doc.head:
@@ -196,9 +203,19 @@ class Engine:
         doc.head = text
         if doc.full is not None and not doc.ids:  # a window not placed yet: the context goes in with it
             return UpdateStats("context", ms=(time.perf_counter() - t0) * 1e3)
-        stats = self._retext(doc, text + own, False, "pie", should_stop, t0, encode=False)
+        stats = self._retext(doc, text + own, False, "pie", should_stop, t0, encode=False, mark=SHIFTED)
         stats.strategy = "context"
         return stats
+
+    def _near_focus(self, doc: Document) -> range:
+        """The document's rows a new context has encoded again: the `context_reread` before its focus."""
+        if doc.focus is None or not doc.ids:
+            return range(0)
+        local = doc.local(doc.focus)
+        if not len(doc.head) <= local <= len(doc.text):  # outside a long document's window
+            return range(0)
+        end = doc.token_at(local)
+        return range(max(doc.head_rows, end - self.options.context_reread), max(doc.head_rows, end))
 
     def edit(self, uri: str, changes: list, *, strategy: str = "pie", encode: bool = True,
              should_stop=None) -> UpdateStats:
@@ -218,6 +235,7 @@ class Engine:
         for raw in changes:
             c = to_change(text, raw)
             text, focus = text[: c.start] + c.text + text[c.end :], c.start + len(c.text)
+        doc.focus = focus
         if len(text) > CHARS_PER_TOKEN * self.options.window_above:
             return self._grown(doc, text, focus, t0)
         return self._retext(doc, doc.head + text, len(changes) > 1, strategy, should_stop, t0, encode=encode,
@@ -239,6 +257,7 @@ class Engine:
         for raw in changes:
             c = to_change(full, raw)
             full = full[: c.start] + c.text + full[c.end :]
+            doc.focus = c.start + len(c.text)
             if not placed:
                 continue
             if base <= c.start and c.end <= base + len(window):
@@ -256,10 +275,11 @@ class Engine:
         return self._retext(doc, doc.head + window, local > 1, strategy, should_stop, t0, encode=encode)
 
     def _retext(self, doc: Document, new_text: str, multi: bool, strategy: str, should_stop, t0: float, *,
-                encode: bool = True, focus: int | None = None) -> UpdateStats:
+                encode: bool = True, focus: int | None = None, mark: int = STALE) -> UpdateStats:
         """Make `new_text` (its context first) the document's cached text, updating the cache by
         `strategy`; past `window_above` tokens of its own (given the last change's end `focus`, in the
-        document's own text), a window around it instead."""
+        document's own text), a window around it instead. PIE leaves the rows after a change `mark`
+        (`Document.splice_stale`)."""
         uri = doc.uri
         ids, offsets = self.tok.reencode(doc.text, doc.ids, doc.offsets, new_text) if doc.ids else self.tok.encode(new_text)
         lead = len(doc.head)
@@ -294,7 +314,7 @@ class Engine:
             for h in hunks:
                 m = h.new_end - h.new_start
                 doc.cache.splice(h.new_start, h.new_start + h.old_end - h.old_start, m, inv_freq=freqs)
-                doc.splice_stale(h, suffix_stale=True)
+                doc.splice_stale(h, mark=mark)
             if encode:
                 stats.encoded = self._run(doc, doc.missing_before(len(ids)), should_stop)
         stats.stale = doc.stale_count
@@ -303,7 +323,7 @@ class Engine:
 
     def needs_refresh(self, uri: str) -> bool:
         doc = self._doc(uri)
-        s, o = doc.stale_count, self.options
+        s, o = doc.edited_count, self.options
         return doc.cache is not None and s >= o.refresh_stale_min and s >= o.refresh_stale_share * len(doc.ids)
 
     def refresh(self, uri: str, *, should_stop=None, chunk: int | None = None) -> UpdateStats:
@@ -320,8 +340,10 @@ class Engine:
 
     def background(self, uri: str, *, should_stop=None) -> UpdateStats | None:
         """One piece of the work a document is due while nothing else waits, or None: encode its
-        missing rows (deferred edits below a cursor), grow a window placed small by a chunk, or
-        refresh it once enough rows are stale (`needs_refresh`). It runs `BACKGROUND_CHUNK` rows a
+        missing rows (deferred edits below a cursor), grow a window placed small by a chunk, refresh
+        it once enough rows are stale (`needs_refresh`), or, with context in front, encode again the
+        rows before its focus that did not read it (`set_context`: shifted, or stale after an edit),
+        wherever the focus has moved since. It runs `BACKGROUND_CHUNK` rows a
         forward, so a request that arrives waits for at most one; stopped (Cancelled), the rows done
         are kept."""
         doc = self._doc(uri)
@@ -334,6 +356,8 @@ class Engine:
             kind, n = "grow", self._grow(doc, should_stop)
         elif self.needs_refresh(uri):
             return self.refresh(uri, should_stop=should_stop, chunk=BACKGROUND_CHUNK)
+        elif doc.head and (rows := [r for r in self._near_focus(doc) if doc.stale[r] != FRESH]):
+            kind, n = "reread", self._run(doc, rows, should_stop, chunk=BACKGROUND_CHUNK)
         else:
             return None
         return UpdateStats(kind, encoded=n, stale=doc.stale_count, ms=(time.perf_counter() - t0) * 1e3)
@@ -359,6 +383,7 @@ class Engine:
         if not 0 <= offset <= len(doc.whole):
             raise ValueError(f"offset {offset} is outside the document (0..{len(doc.whole)})")
         self._touch(doc)
+        doc.focus = offset
         if doc.full is not None and self._misplaced(doc, offset):
             self._place(doc, offset)
         offset = doc.local(offset)
@@ -377,13 +402,14 @@ class Engine:
         rules = StopRules(opts.multiline, doc.text[line_start:offset], _next_line(doc.text, offset))
         prompt = self.prompt(doc, P, offset, opts, prefix)
         scope = scope_of(doc.uri)
+        h = doc.head_rows
+        head = h - 1 - doc.stale[1:h].count(MISSING) if h else 0  # the context rows it reads (row 0 aside: BOS)
+        gate = self.context_gate if head and self.context_gate is not None else self.gate
         req = Request(self.model, self.tok, doc, P, offset, opts, prompt, Shown(self.tok, doc.ids[P - 1], heal, rules),
                       self._mask(heal), self._exits(opts), self.exits, self.head_cost, self.adadec, self.ngrams,
                       lambda: [d.array for d in self.docs.values() if d is not doc and scope_of(d.uri) == scope],
-                      self.gate, self.trace_exits)
+                      gate, self.trace_exits)
         decode = decoder_for(opts)(req)
-        h = doc.head_rows
-        head = h - 1 - doc.stale[1:h].count(MISSING) if h else 0  # the context rows it reads (row 0 aside: BOS)
         out = Completion("", ctx_tokens=P, heal=heal, context_tokens=head, stats=decode.stats)
         try:
             for ids, text, reason in decode.steps:

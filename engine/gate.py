@@ -5,7 +5,10 @@ distribution at the cursor is flat, the k drafts disagree on how the line starts
 what decoding already computed (no extra forward) into a few features, and a logistic regression
 fit on real code (`ghostline calibrate --steps gate`, the label being "the user would keep at least
 a word of it", EVAL.md's accept model) turns them into P(kept). A suggestion below the threshold is
-withheld. Numpy only: the fit and the decision are microseconds.
+withheld. Numpy only: the fit and the decision are microseconds. A completion that reads context in
+front of the document (other files' chunks) is gated by a fit of its own on decodes made so
+(`gate-context.json`, `ghostline calibrate --steps gate --gate-context`), where there is one: the
+same features mean other odds there.
 
 Features (`features`), all known when the decode ends:
 - the first step's distribution at the cursor (temperature 1): top probability, top-1 minus top-2,
@@ -35,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 GATE_FILE = "gate.json"
+CONTEXT_GATE_FILE = "gate-context.json"  # the gate for completions that read context in front of the document
 FEATURES = ("first_p", "first_margin", "first_entropy", "agree", "mean_score", "score_gap", "log_len", "one_word",
             "mid_word", "right_text", "at_indent", "multiline", "name_seen", "names_seen", "repeats_above",
             "blank_above", "opens_block", "dedent")
@@ -156,9 +160,9 @@ class Gate:
     def shows(self, x: np.ndarray, strength: float = 1.0) -> bool:
         return bool(self.p_kept(x)[0] >= self.threshold_at(strength))
 
-    def save(self, folder: Path) -> Path:
+    def save(self, folder: Path, name: str = GATE_FILE) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / GATE_FILE
+        path = folder / name
         path.write_text(json.dumps({"features": list(FEATURES), "mean": self.mean, "scale": self.scale,
                                     "weights": self.weights, "bias": self.bias, "threshold": self.threshold,
                                     "meta": self.meta}, indent=1) + "\n")

@@ -75,8 +75,13 @@ def _calibrate(args) -> int:
         rows = [Path(f) for f in args.gate_rows]
         reuse = bool(rows) and all(f.is_file() for f in rows)
         engine = None if reuse else Engine.load(args.model, options=EngineOptions(precision="int8", head="code"))
+        context = None
+        if args.gate_context:
+            from ghostline.lsp.context import Projects
+
+            context = Projects(roots)
         calibrate_gate(engine, loaded.source.stem, roots, exclude=args.exclude, out=out, tasks=args.gate_tasks,
-                       seed=args.gate_seed, rows_files=rows, progress=say)
+                       seed=args.gate_seed, rows_files=rows, context=context, progress=say)
     return 0
 
 
@@ -210,6 +215,8 @@ def main(argv=None) -> int:
     cal.add_argument("--gate-rows", nargs="*", default=[], help="JSON lines of the show gate's decode records: one "
                      "new file is written while collecting; when all exist, the gate is refitted from them together "
                      "without decoding")
+    cal.add_argument("--gate-context", action="store_true", help="fit the gate for completions that read context "
+                     "(gate-context.json): each task's project, the corpus folder holding it, as its workspace")
     cal.add_argument("--tokens", type=int, default=60_000, help="teacher-forced tokens for the AdaDec fit (the exits fit takes at most 24,000)")
     cal.add_argument("--out", help="folder for the artifacts (default: the model's folder in the cache)")
     cal.set_defaults(func=_calibrate)

@@ -219,7 +219,7 @@ class Held:
     never read it). A new choice is an edit of that head, so the engine encodes only the chunks new in
     it and rotates the ones kept and the document's rows (PIE); the new text is taken at once and its
     rows encoded in pieces that yield to requests and resume where they stopped, then the document's
-    rows refreshed to read it (`Engine.background`)."""
+    rows before where the user works encoded again to read it (`Engine.background`)."""
 
     def __init__(self):
         self.held: dict[str, tuple[str, list[str]]] = {}  # owner uri -> (text sent, its chunks' names)
@@ -265,9 +265,9 @@ class Held:
 
     def mend(self, engine, owner: str, should_stop=lambda: False, *, lock=None) -> bool:
         """Encode the rows the engine still lacks of `owner` and its context, then the document's due
-        work (`Engine.background`: a refresh once enough rows are stale, so they read the new
-        context), until `should_stop()`; True when none is left. (An engine daemon does this in its own
-        idle time: nothing to do here.)"""
+        work (`Engine.background`: the rows before where the user works encoded again to read the new
+        context, a refresh once edits made one due), until `should_stop()`; True when none is left.
+        (An engine daemon does this in its own idle time: nothing to do here.)"""
         try:
             while engine.background(owner, should_stop=should_stop) is not None:
                 pass
@@ -367,6 +367,55 @@ def path_of(uri: str, folders: list[Path]) -> str:
         except ValueError:
             continue
     return p.as_posix()
+
+
+class Projects:
+    """The context a file's own project gives it when no editor sends a workspace (the show gate's
+    calibration, `ghostline calibrate --gate-context`): its project is its top-level package (the
+    outermost folder of `__init__.py` files holding it), else the folder just under the corpus root
+    that holds it, read as a workspace folder (`scan`, at most `max_files`), the choice the server's
+    (`choose`, the file itself left out). A file directly under a root has none. The last `keep`
+    projects stay indexed."""
+
+    def __init__(self, roots: list[Path], opts: Options | None = None, *, max_files: int = 300, keep: int = 8):
+        self.roots, self.opts, self.max_files, self.keep = [Path(r) for r in roots], opts or Options(), max_files, keep
+        self._libs: OrderedDict[Path, Library] = OrderedDict()
+
+    def project(self, path: Path) -> tuple[Path, str] | None:
+        """(the project's folder, `path` relative to it), or None."""
+        path = Path(path)
+        for root in self.roots:
+            try:
+                rel = path.relative_to(root)
+            except ValueError:
+                continue
+            if len(rel.parts) < 2:
+                return None
+            folder = path.parent
+            if (folder / "__init__.py").is_file():
+                while folder.parent != root and (folder.parent / "__init__.py").is_file():
+                    folder = folder.parent
+            else:
+                folder = root / rel.parts[0]
+            return folder, path.relative_to(folder).as_posix()
+        return None
+
+    def __call__(self, path: Path, text: str, offset: int) -> str:
+        """The context text for a cursor at `offset` of `text`, the document at `path` ("" for none)."""
+        found = self.project(path)
+        if found is None:
+            return ""
+        folder, rel = found
+        lib = self._libs.pop(folder, None)
+        if lib is None:
+            lib = Library()
+            for p, t in scan(folder, max_files=self.max_files).items():
+                lib.put(p, t)
+        self._libs[folder] = lib
+        while len(self._libs) > self.keep:
+            self._libs.popitem(last=False)
+        best = choose(lib, text, offset, path=rel, opts=self.opts, open_paths=set())
+        return Held.text([c for _, c in reversed(best)])
 
 
 class Context:

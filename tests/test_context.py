@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ghostline.engine.document import SHIFTED, STALE
 from ghostline.engine.engine import CompletionOptions, Engine, EngineOptions
 from ghostline.engine.model import build
 from tests.conftest import tiny_hf
@@ -85,6 +86,57 @@ def test_a_new_context_is_an_edit_that_keeps_the_chunks_it_shares(tokenizer):
     eng.open("bare", DOC)
     assert doc.text == DOC and doc.head_rows == 0
     _rows_equal(doc.cache, eng.docs["bare"].cache, len(doc.ids))
+
+
+def test_a_new_context_costs_its_own_rows_and_only_edits_make_a_refresh_due(smol):
+    eng = Engine(engine_for(smol.tokenizer).model, smol.tokenizer, EngineOptions(refresh_stale_min=1, refresh_stale_share=0.0))
+    eng.open("doc", DOC)
+    eng.set_context("doc", HEAD)
+    doc = eng.docs["doc"]
+    own = len(doc.ids) - doc.head_rows
+    work = []
+    while (stats := eng.background("doc")) is not None:
+        work.append(stats)
+    assert {s.strategy for s in work} == {"mend"} and sum(s.encoded for s in work) == doc.head_rows
+    assert doc.stale[doc.head_rows :] == bytes([SHIFTED]) * own and not eng.needs_refresh("doc")
+    eng.edit("doc", [{"range": {"start": {"line": 0, "character": 7}, "end": {"line": 0, "character": 10}},
+                      "text": "core"}])  # the rows after it are stale now (shifted or not): a refresh is due
+    assert eng.needs_refresh("doc") and SHIFTED not in doc.stale[doc.stale.index(STALE) :]
+    while eng.background("doc") is not None:
+        pass
+    eng.open("ref", HEAD + eng.text("doc"))
+    assert doc.stale_count == 0 and doc.ids == eng.docs["ref"].ids
+    _rows_equal(doc.cache, eng.docs["ref"].cache, len(doc.ids))
+
+
+@pytest.mark.parametrize("reread", [3, 10**6])
+def test_a_new_context_encodes_again_the_rows_before_where_the_user_works(smol, reread):
+    model = engine_for(smol.tokenizer).model
+    eng = Engine(model, smol.tokenizer, EngineOptions(context_reread=reread))
+    opts = CompletionOptions(max_tokens=6)
+    eng.open("doc", DOC)
+    eng.edit("doc", [{"range": {"start": {"line": 0, "character": 7}, "end": {"line": 0, "character": 10}},
+                      "text": "core"}], encode=False)  # the rows after it are stale, its own missing
+    text = eng.text("doc")
+    eng.complete("doc", len(text), opts)  # the user works at the end
+    eng.set_context("doc", HEAD)
+    doc = eng.docs["doc"]
+    end = doc.token_at(doc.local(len(text)))
+    work = []
+    while (stats := eng.background("doc")) is not None:
+        work.append(stats)
+    assert [s.strategy for s in work if s.strategy != "mend"] == ["reread"]
+    assert sum(s.encoded for s in work if s.strategy == "reread") == min(reread, end - doc.head_rows)
+    assert doc.stale[end - min(reread, end - doc.head_rows) : end].count(SHIFTED) == 0 and not eng.needs_refresh("doc")
+    if reread < end - doc.head_rows:  # the user moves up: the rows before the new place are encoded again
+        eng.complete("doc", text.index("def load"), opts)
+        moved = list(iter(lambda: eng.background("doc"), None))
+        assert [s.strategy for s in moved] == ["reread"] and moved[0].encoded == reread
+    else:  # every row before the cursor read the new context: as one encode of both
+        ref = Engine(model, smol.tokenizer)
+        ref.open("ref", HEAD + text)
+        _rows_equal(doc.cache, ref.docs["ref"].cache, end)
+        assert eng.complete("doc", len(text), opts).tokens == ref.complete("ref", len(HEAD + text), opts).tokens
 
 
 def test_a_completion_never_waits_for_context_and_edits_keep_it(smol):

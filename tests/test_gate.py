@@ -72,6 +72,23 @@ def test_a_gate_that_never_fires_equals_the_ungated_output(tiny_engine_factory):
         assert (out.drafts, out.text) == (plain.drafts, plain.text)
 
 
+def test_a_completion_that_reads_context_is_gated_by_the_context_gate(tiny_engine_factory):
+    eng = tiny_engine_factory("llama")
+    eng.gate, eng.context_gate = gate_with(0.4), gate_with(0.6)  # the plain one never fires, the other always
+    eng.open("file:///a.py", TEXT)
+    opts = CompletionOptions(max_tokens=6, drafts=3, gate=True)
+    assert eng.complete("file:///a.py", len(TEXT), opts).drafts
+    eng.set_context("file:///a.py", "# lib/shapes.py\ndef circle(r):\n    return 3.14 * r * r\n")
+    unread = eng.complete("file:///a.py", len(TEXT), opts)  # none of its rows encoded yet: no context read
+    assert unread.context_tokens == 0 and unread.drafts
+    while eng.background("file:///a.py") is not None:
+        pass
+    read = eng.complete("file:///a.py", len(TEXT), opts)
+    assert read.context_tokens > 0 and (read.drafts, read.stop_reason) == ([], "gated")
+    eng.context_gate = None  # none fitted: the plain gate
+    assert eng.complete("file:///a.py", len(TEXT), opts).drafts
+
+
 def synthetic(n: int = 600, seed: int = 0):
     rng = np.random.default_rng(seed)
     X = rng.normal(size=(n, len(FEATURES)))
@@ -199,6 +216,40 @@ def test_calibration_records_give_the_features_the_engine_gates_on(tiny_engine_f
                             CompletionOptions(max_tokens=6, drafts=3, gate=False))
         assert live.drafts == r["drafts"]
         assert eng.gate.p_kept(record_features(r))[0] == pytest.approx(live.confidence)
+
+
+def test_the_context_gates_records_are_decodes_that_read_their_projects_context(tiny_engine_factory, tmp_path):
+    from ghostline.engine.calibration import calibrate_gate, collect_gate
+    from ghostline.lsp.context import Projects
+
+    root, body = tmp_path / "corpus", "\n".join(f"def f{i}(width, height):\n    return width * height + {i}\n" for i in range(8))
+    (root / "shapes").mkdir(parents=True)
+    (root / "shapes" / "area.py").write_text(body)
+    (root / "shapes" / "solid.py").write_text("def volume(width, height, depth):\n    return width * height * depth\n")
+    (root / "alone.py").write_text(body)  # directly under the root: no project, so no context
+    projects = Projects([root])
+    assert projects(root / "alone.py", body, len(body)) == ""
+    head = projects(root / "shapes" / "area.py", body, len(body))
+    assert head.startswith("# solid.py\n") and "area.py" not in head  # the file itself is never its context
+    eng = tiny_engine_factory("llama")
+    rows = list(collect_gate(eng, [root / "alone.py", root / "shapes" / "area.py"], tasks=2, max_tokens=6,
+                             context=projects, progress=lambda _: None))
+    assert rows and all(r["path"].endswith("area.py") and r["context_tokens"] > 0 for r in rows)
+    records = tmp_path / "rows.jsonl"
+    rng = np.random.default_rng(5)
+    with open(records, "w") as f:
+        for i in range(240):
+            p = float(rng.uniform(0.05, 1.0))
+            kept = int(rng.uniform() < p)
+            f.write(json.dumps({"path": f"/code/m{i % 40}.py", "first": [p, p / 2, 1 - p], "drafts": ["x = y(z)"],
+                                "scores": [-1.0], "above": "y = 1", "line_before": "", "line_after": "", "kept": kept,
+                                "chars": 6 * kept, "context_tokens": 100}) + "\n")
+    path = calibrate_gate(None, "m", [], out=tmp_path / "model", rows_files=[records], progress=lambda _: None)
+    assert path.name == "gate-context.json" and Gate.load(path).meta["context"]
+    with open(records, "a") as f:  # one record of a completion without context among them
+        f.write(json.dumps({**json.loads(records.read_text().split("\n")[0]), "context_tokens": 0}) + "\n")
+    with pytest.raises(ValueError, match="mix"):
+        calibrate_gate(None, "m", [], out=tmp_path / "model", rows_files=[records], progress=lambda _: None)
 
 
 def test_the_gate_refits_from_stored_records_without_decoding(tmp_path):
