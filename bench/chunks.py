@@ -31,7 +31,7 @@ from bench.context import workspace_of
 from bench.suffix import at_completion
 from bench.tasks import chosen_forms, first_line, form_figures, mean, read_tasks, run_forms, user_document
 from ghostline.engine.engine import CompletionOptions, Engine, EngineOptions
-from ghostline.lsp.context import CHARS_PER_TOKEN, QUERY_LINES, Held, Library, Options, choose, identifiers
+from ghostline.lsp.context import CHARS_PER_TOKEN, QUERY_LINES, Library, Options, context_text, identifiers
 
 FORMS = ("prefix", "overlap", "chosen", "stale")
 STALE_LINES = 30  # `stale` first holds the choice for the cursor at the end of the document's first lines
@@ -65,8 +65,7 @@ def chosen_context(files: dict[str, str], path: str, doc: str, offset: int, budg
     lib = Library()
     for p, text in files.items():
         lib.put(p, text)
-    best = choose(lib, doc, offset, path=path, opts=Options(budget=budget), open_paths=set())
-    return Held.text([c for _, c in reversed(best)])
+    return context_text(lib, doc, offset, path=path, opts=Options(budget=budget))
 
 
 def prompt(form: str, files: dict[str, str], path: str, doc: str, offset: int, budget: int) -> str:

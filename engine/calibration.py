@@ -243,9 +243,9 @@ def calibrate_gate(engine, name: str, roots: Iterable[Path], *, exclude: Iterabl
                    progress: Callable[[str], None] = print) -> Path:
     """Fit the show gate (engine.gate) on cursor tasks cut from the code under `roots` (`seed` picks
     the lines); write `gate.json`, or, from records of completions that read context (`context`, as
-    in `collect_gate`), the gate for those, `gate-context.json`. With `rows_files`: when they all exist, the gate is fitted on
-    their records together without decoding anything (`engine` unused); one that does not exist yet
-    receives the records of this collection (JSON lines, `.gz` compressed)."""
+    in `collect_gate`), the gate for those, `gate-context.json`. With `rows_files`: when they all
+    exist, the gate is fitted on their records together without decoding anything (`engine` unused);
+    one that does not exist yet receives the records of this collection (JSON lines, `.gz` compressed)."""
     from ghostline.engine.gate import CONTEXT_GATE_FILE, GATE_FILE
 
     t0 = time.perf_counter()

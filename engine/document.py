@@ -13,8 +13,8 @@ rows move and rotate, and the chunks the new context keeps are kept. The rows af
 are then *shifted*: their K/V read another context, otherwise the text is theirs; they are read as
 they are and refreshed only with a refresh that edits made due, except the rows just before where
 the user works (`focus`, wherever it moves), encoded again when idle to read the new context (a new
-context costs its own rows and those, never the whole document). Offsets the engine is given are in the document's own text; `local` maps them
-into `text`.
+context costs its own rows and those, never the whole document). Offsets the engine is given are in
+the document's own text; `local` maps them into `text`.
 
 Long documents (more than the engine's `window_tokens`): only a window of whole lines around where
 the user works is tokenised and cached (`text`, `ids`, `cache` are the window's; `full` is the whole

@@ -208,7 +208,8 @@ class Engine:
         return stats
 
     def _near_focus(self, doc: Document) -> range:
-        """The document's rows a new context has encoded again: the `context_reread` before its focus."""
+        """The rows a context in front is read again by when idle: the `context_reread` before the
+        document's focus (none without a focus, or with it outside a long document's window)."""
         if doc.focus is None or not doc.ids:
             return range(0)
         local = doc.local(doc.focus)

@@ -6,9 +6,9 @@ what decoding already computed (no extra forward) into a few features, and a log
 fit on real code (`ghostline calibrate --steps gate`, the label being "the user would keep at least
 a word of it", EVAL.md's accept model) turns them into P(kept). A suggestion below the threshold is
 withheld. Numpy only: the fit and the decision are microseconds. A completion that reads context in
-front of the document (other files' chunks) is gated by a fit of its own on decodes made so
-(`gate-context.json`, `ghostline calibrate --steps gate --gate-context`), where there is one: the
-same features mean other odds there.
+front of the document (other files' chunks) is gated by a fit of its own on decodes made so where one
+was fitted (`gate-context.json`, `ghostline calibrate --steps gate --gate-context`; none ships: on
+such decodes it ranked no better than this one).
 
 Features (`features`), all known when the decode ends:
 - the first step's distribution at the cursor (temperature 1): top probability, top-1 minus top-2,

@@ -183,6 +183,13 @@ def choose(lib: Library, text: str, offset: int, *, path: str, opts: Options, op
     return out
 
 
+def context_text(lib: Library, text: str, offset: int, *, path: str, opts: Options) -> str:
+    """The context a cursor in `text` (at `path`) gets from `lib` with no document open beside it:
+    the choice in prompt order (the best nearest the document), joined as the engine caches it."""
+    best = choose(lib, text, offset, path=path, opts=opts, open_paths=set())
+    return Held.text([c for _, c in reversed(best)])
+
+
 class Chooser:
     """The choice for a document's cursor, kept while the cursor stays in one region and the library
     and edit history are unchanged; the edit history (the user's own order, newest first)."""
@@ -414,8 +421,7 @@ class Projects:
         self._libs[folder] = lib
         while len(self._libs) > self.keep:
             self._libs.popitem(last=False)
-        best = choose(lib, text, offset, path=rel, opts=self.opts, open_paths=set())
-        return Held.text([c for _, c in reversed(best)])
+        return context_text(lib, text, offset, path=rel, opts=self.opts)
 
 
 class Context:
