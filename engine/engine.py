@@ -43,7 +43,7 @@ class EngineOptions:
     encode_chunk: int = 256  # tokens per forward when encoding (bounds memory, allows cancelling)
     refresh_stale_share: float = 0.25  # refresh a document once edits left this share of its tokens stale
     refresh_stale_min: int = 64  # ... and at least this many
-    context_reread: int = 1024  # after a new context, the rows before where the user works encoded again to read it
+    reread: int = 1024  # when idle, the rows before where the user works that are not fresh are encoded again
     precision: str = "fp32"  # fp32 (the reference) | int8 (int8 layer weights, bf16 activations; CPU)
     head: str = "full"  # full | code (the LM head over the code vocabulary + the documents' tokens)
     window_above: int = 16384  # a document of more tokens is cached as a window around where the user works ...
@@ -57,8 +57,8 @@ class EngineOptions:
             raise ValueError(f"mend_budget must be a non-negative integer, not {self.mend_budget!r}")
         if isinstance(self.mend_ms, bool) or not isinstance(self.mend_ms, (int, float)) or not self.mend_ms > 0:
             raise ValueError(f"mend_ms must be a positive number, not {self.mend_ms!r}")
-        if isinstance(self.context_reread, bool) or not isinstance(self.context_reread, int) or self.context_reread < 0:
-            raise ValueError(f"context_reread must be a non-negative integer, not {self.context_reread!r}")
+        if isinstance(self.reread, bool) or not isinstance(self.reread, int) or self.reread < 0:
+            raise ValueError(f"reread must be a non-negative integer, not {self.reread!r}")
         for name in ("window_above", "window_tokens", "window_first"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 256:
@@ -192,7 +192,7 @@ class Engine:
         by its completions: a PIE edit of the document's head. The rows the new context keeps and the
         document's own rows move and rotate and are *shifted*: they read the old context until a
         refresh, which a new context alone does not make due. Its new rows stay missing until
-        `background` encodes them, then the `context_reread` rows before where the user last edited
+        `background` encodes them, then the `reread` rows before where the user last edited
         or asked (wherever that moves) are encoded again to read it; a completion never waits for
         either (it reads the rows of the context encoded so far)."""
         t0 = time.perf_counter()
@@ -208,15 +208,15 @@ class Engine:
         return stats
 
     def _near_focus(self, doc: Document) -> range:
-        """The rows a context in front is read again by when idle: the `context_reread` before the
-        document's focus (none without a focus, or with it outside a long document's window)."""
+        """The rows kept fresh when idle: the `reread` before the document's focus, what its next
+        completion reads most (none without a focus, or with it outside a long document's window)."""
         if doc.focus is None or not doc.ids:
             return range(0)
         local = doc.local(doc.focus)
         if not len(doc.head) <= local <= len(doc.text):  # outside a long document's window
             return range(0)
         end = doc.token_at(local)
-        return range(max(doc.head_rows, end - self.options.context_reread), max(doc.head_rows, end))
+        return range(max(doc.head_rows, end - self.options.reread), max(doc.head_rows, end))
 
     def edit(self, uri: str, changes: list, *, strategy: str = "pie", encode: bool = True,
              should_stop=None) -> UpdateStats:
@@ -342,9 +342,10 @@ class Engine:
     def background(self, uri: str, *, should_stop=None) -> UpdateStats | None:
         """One piece of the work a document is due while nothing else waits, or None: encode its
         missing rows (deferred edits below a cursor), grow a window placed small by a chunk, refresh
-        it once enough rows are stale (`needs_refresh`), or, with context in front, encode again the
-        rows before its focus that did not read it (`set_context`: shifted, or stale after an edit),
-        wherever the focus has moved since. It runs `BACKGROUND_CHUNK` rows a
+        it once enough rows are stale (`needs_refresh`), or encode again the `reread` rows before its
+        focus that are not fresh (stale after an edit above them or encoded over rows a completion
+        skipped; shifted by a new context in front), wherever the focus has moved since, so that the
+        next completion there reads what one encode would give. It runs `BACKGROUND_CHUNK` rows a
         forward, so a request that arrives waits for at most one; stopped (Cancelled), the rows done
         are kept."""
         doc = self._doc(uri)
@@ -357,7 +358,7 @@ class Engine:
             kind, n = "grow", self._grow(doc, should_stop)
         elif self.needs_refresh(uri):
             return self.refresh(uri, should_stop=should_stop, chunk=BACKGROUND_CHUNK)
-        elif doc.head and (rows := [r for r in self._near_focus(doc) if doc.stale[r] != FRESH]):
+        elif rows := [r for r in self._near_focus(doc) if doc.stale[r] != FRESH]:
             kind, n = "reread", self._run(doc, rows, should_stop, chunk=BACKGROUND_CHUNK)
         else:
             return None

@@ -312,6 +312,19 @@ class GhostlineServer(LanguageServer):
 
         self.worker.submit("update", run, uri=uri)
 
+    def open_in(self, engine, uri: str, text: str):
+        """Open a document in the engine; a completion that arrives while a long file encodes stops
+        that encode: the rows not encoded yet stay missing, the completion encodes those it reads
+        (within `mend_ms`), idle work the rest. The first suggestion in a file just opened does not
+        wait for all of it."""
+        try:
+            return engine.open(uri, text, should_stop=lambda: self.worker.waiting("complete"))
+        except Exception as exc:  # the engine's Cancelled (torch is not imported here): the rows done are kept
+            if type(exc).__name__ != "Cancelled":
+                raise
+            log.info("%s: opened, encoding left to the completion waiting and to idle work (%s)", uri, exc)
+            return None
+
     def update_failed(self, uri: str, text: str | None, exc: Exception) -> None:
         """An update of `uri` failed in the engine: log it, resync the document from `text` (None:
         it was closed), and tell the editor once per cause."""
@@ -710,7 +723,7 @@ def build_server(*, model: str | None = None, engine: str | None = None) -> Ghos
         ls.mirrors[doc.uri] = Mirror(doc.text, doc.version)
         ls.languages[doc.uri] = doc.language_id
         text = doc.text
-        ls.submit_update(doc.uri, lambda e: e.open(doc.uri, text))
+        ls.submit_update(doc.uri, lambda e: ls.open_in(e, doc.uri, text))
         ls.track_open(doc.uri)
         ls.context.opened(doc.uri, text)
 

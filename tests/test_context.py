@@ -112,7 +112,7 @@ def test_a_new_context_costs_its_own_rows_and_only_edits_make_a_refresh_due(smol
 @pytest.mark.parametrize("reread", [3, 10**6])
 def test_a_new_context_encodes_again_the_rows_before_where_the_user_works(smol, reread):
     model = engine_for(smol.tokenizer).model
-    eng = Engine(model, smol.tokenizer, EngineOptions(context_reread=reread))
+    eng = Engine(model, smol.tokenizer, EngineOptions(reread=reread))
     opts = CompletionOptions(max_tokens=6)
     eng.open("doc", DOC)
     eng.edit("doc", [{"range": {"start": {"line": 0, "character": 7}, "end": {"line": 0, "character": 10}},

@@ -244,7 +244,7 @@ def test_idle_work_stops_when_a_job_arrives():
 def serving(engine, *, tcp: bool = False, **opts):
     """A real Daemon on a Unix socket (or TCP on a free port) in a thread of this process."""
     folder = Path(tempfile.mkdtemp(prefix="gl-"))
-    daemon, ready = Daemon(engine, DaemonOptions(idle_refresh_s=0.05, **opts)), threading.Event()
+    daemon, ready = Daemon(engine, DaemonOptions(**{"idle_refresh_s": 0.05, **opts})), threading.Event()
     kw = dict(host="127.0.0.1", port=0) if tcp else dict(path=folder / "e.sock")
     thread = threading.Thread(target=lambda: asyncio.run(daemon.serve(**kw, ready=lambda d: ready.set())), daemon=True)
     thread.start()
@@ -424,6 +424,32 @@ def test_a_deferred_open_answers_before_encoding_and_the_idle_daemon_mends_it(ti
         assert opened["encoded"] == 0 and opened["stale"] == len(doc.ids) > 100  # every row missing
         _wait(lambda: doc.missing_count == 0)  # read here, not asked: a request would postpone idle work
         assert conn.call("inspect", {"uri": URI})["stale"] == 0
+        assert conn.call("complete", {"uri": URI, "offset": len(big), "options": {"max_tokens": 6}})["text"] == expected
+        conn.close()
+
+
+def test_a_completion_of_a_file_being_opened_stops_its_encode_and_reads_what_it_needs(tiny_engine_factory):
+    """A file opened and asked about at once: the open's encode stops for that completion and no rest
+    of it is queued before the completion, which encodes the rows it reads within its budget; idle
+    work mends the others and the answer then equals an eager open's."""
+    big = PY * 12
+    reference = tiny_engine_factory("llama", encode_chunk=8)
+    reference.open(URI, big)
+    expected = reference.complete(URI, len(big), CompletionOptions(max_tokens=6)).text
+    engine = tiny_engine_factory("llama", encode_chunk=8, mend_budget=16)
+    with serving(engine, idle_refresh_s=1.0) as daemon:
+        conn, other = greeted(daemon), "file:///tmp/ghostline-test/other.py"
+        conn.call("open", {"uri": other, "text": PY})
+        slow = conn.request("complete", {"uri": other, "offset": len(PY),
+                                         "options": {"multiline": True, "max_tokens": 64, "time_cap_ms": None}})
+        opened = conn.request("open", {"uri": URI, "text": big})  # both wait behind the slow completion
+        asked = conn.request("complete", {"uri": URI, "offset": len(big), "options": {"max_tokens": 6}})
+        frames(conn, slow)
+        assert frames(conn, opened)[-1]["ok"]["deferred"] is True
+        assert "text" in frames(conn, asked)[-1]["ok"]
+        doc = engine.docs[next(k for k in engine.docs if k.endswith("calc.py"))]
+        assert doc.missing_count > len(doc.ids) // 2  # the completion encoded 16 rows of its own, no more
+        _wait(lambda: doc.stale_count == 0)  # the rest, then those 16 again (they were encoded over holes)
         assert conn.call("complete", {"uri": URI, "offset": len(big), "options": {"max_tokens": 6}})["text"] == expected
         conn.close()
 

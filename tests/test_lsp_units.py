@@ -138,3 +138,19 @@ def test_lines_end_where_lsp_says_they_do():
     with pytest.raises(EditError):
         m.offset(1, 2, "utf-16")  # past "b": the \r\n is not part of the line
     assert all(m.offset(*m.position(o, "utf-16"), "utf-16") == o for o in (0, 1, 2, 3, 5, 6, 7, 12))
+
+
+def test_a_completion_waiting_stops_the_encode_of_a_file_just_opened(tiny_engine_factory):
+    """The open's encode yields to a completion queued behind it: the rows not encoded stay missing
+    (that completion encodes those it reads, idle work the rest); nothing fails, nothing is re-opened."""
+    from ghostline.lsp.server import GhostlineServer
+
+    server, uri, text = GhostlineServer(), "file:///w.py", "x = 1\n" * 40
+    server.engine = engine = tiny_engine_factory(encode_chunk=16)
+    server.open_in(engine, uri, text)
+    assert engine.docs[uri].missing_count == 0
+    server.worker.submit("complete", lambda stop: None, uri=uri)  # queued: the worker thread is not started
+    server.open_in(engine, uri, text)
+    doc = engine.docs[uri]
+    assert doc.missing_count == len(doc.ids) > 16 and doc.text == text
+    assert server.errors == 0 and not server.unsynced

@@ -288,6 +288,34 @@ def test_a_deferred_edit_encodes_what_the_completion_reads_and_equals_the_eager_
     assert states_close(doc.cache, eager.docs["a"].cache, 0) < 1e-5
 
 
+@pytest.mark.parametrize("reread", [8, 10**6])
+def test_idle_work_encodes_again_the_stale_rows_before_where_the_user_works(tiny_engine_factory, reread):
+    """An edit above the cursor leaves the rows below it rotated and stale; after a completion at the
+    end, idle work encodes again the stale rows among the `reread` before it and no others (no refresh
+    due here): with enough of them the cache equals one encode."""
+    from ghostline.engine.document import FRESH, STALE
+    from ghostline.engine.engine import CompletionOptions
+
+    eng = tiny_engine_factory("llama", reread=reread, refresh_stale_share=1.0)
+    text = SAMPLE[:1200]
+    at = text.index("\n", 300) + 1
+    eng.open("a", text)
+    eng.edit("a", [Change(at, at, "import json\n")])
+    doc, end = eng.docs["a"], len(text) + len("import json\n")
+    before = doc.stale_count
+    assert before > 8
+    eng.complete("a", end, CompletionOptions(max_tokens=4))
+    assert [s.strategy for s in iter(lambda: eng.background("a"), None)] == ["reread"]
+    P = doc.token_at(end)
+    if reread == 8:
+        assert doc.stale_count == before - 8 and set(doc.stale[P - 8 : P]) == {FRESH} and doc.stale[P - 9] == STALE
+        return
+    assert doc.stale_count == 0
+    ref = tiny_engine_factory("llama")
+    ref.open("a", eng.text("a"))
+    assert states_close(doc.cache, ref.docs["a"].cache, 0) < 1e-5
+
+
 def test_a_deferred_open_encodes_nothing_until_read_and_then_equals_an_eager_open(tiny_engine_factory):
     """`open(encode=False)` (a daemon's resync after a restart) leaves every row missing; a completion
     encodes the rows above its cursor and answers as after an eager open; `background` mends the rest."""

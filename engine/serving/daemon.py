@@ -103,6 +103,12 @@ class Scheduler:
         with self._cv:
             return sum(not j.cancelled.is_set() for j in self._queues.get(client, ()))
 
+    def asked(self, client, uri: str) -> bool:
+        """A completion of the client's document `uri` waits."""
+        with self._cv:
+            return any(j.kind == "complete" and j.uri == uri and not j.cancelled.is_set()
+                       for j in self._queues.get(client, ()))
+
     def drop(self, client, last: Job | None = None) -> None:
         """Cancel everything of a client; `last` (freeing its documents) then runs in its turn."""
         with self._cv:
@@ -287,9 +293,10 @@ class Daemon(Front):
             raise RequestError("limit", f"more than {self.options.max_open} open documents")
         key = s.key(uri)
 
-        def run(stop):
+        def run(stop):  # a completion of this document stops the encode too: it reads what it needs
             self._fit(s, key)
-            return self.engine.open(key, text, encode=not defer, should_stop=stop)
+            asked = lambda: stop() or self.scheduler.asked(s, uri)  # noqa: E731
+            return self.engine.open(key, text, encode=not defer, should_stop=asked)
 
         if defer:  # its rows are encoded by the completions that read them, or when idle
             self._submit(s, rid, Job("update", lambda stop: dataclasses.asdict(run(stop)), uri))
@@ -310,13 +317,17 @@ class Daemon(Front):
             log.info("client %d: more than %d documents cached: evicted %s", s.id, self.options.max_docs, doc.uri)
 
     def _encode(self, s: Session, job: Job, stop, run) -> dict:
-        """Run an encode; if another client's completion preempted it, finish it first in this client's turn."""
+        """Run an encode; if another document's edit or completion preempted it, finish it first in this
+        client's turn; if a completion of its own document stopped it, leave the rest missing: that
+        completion encodes the rows it reads (within `mend_ms`), idle work the others."""
         try:
             return dataclasses.asdict(run(stop))
         except Cancelled:
             key = s.key(job.uri)
             if job.cancelled.is_set():
                 raise
+            if self.scheduler.asked(s, job.uri):
+                return {"strategy": "open", "deferred": True}
             finish = Job("encode", None, job.uri)
             finish.fn = lambda st: self._encode(s, finish, st, lambda st2: self.engine.refresh(key, should_stop=st2))
             self.scheduler.submit(s, finish, resume=True)
