@@ -10,6 +10,9 @@ line (the document at completion time). Then, one line, the server's default set
   engine after the change; the benchmark waits until they are encoded (a user's pause after an edit;
   `update_ms` is that time, from the change), then asks (`ms`, request to answer);
 - `prefix`: no context (`context: false`), the same steps but for the wait;
+- `settled`: no context, and the same wait as `context` for the engine's idle work on the document
+  (the rows before the cursor that the edit left stale encoded again, `EngineOptions.reread`): what
+  of `context`'s gain the wait alone gives;
 - `reencode`: the quality reference: the same chunks (those `context` used, else chosen here by the
   same code) and the document encoded together from scratch for the request (`ms` includes that
   encode).
@@ -49,7 +52,7 @@ from ghostline.lsp.client import running_server
 from ghostline.lsp.context import Chooser, Library, Options
 from ghostline.lsp.server import DID_REJECT
 
-MODES = ("prefix", "context", "reencode")
+MODES = ("prefix", "settled", "context", "reencode")
 
 
 def workspace_of(ws: dict, task: dict) -> tuple[str, dict[str, str]]:
@@ -129,7 +132,7 @@ async def run_tasks(args, tasks: list[dict], ws: dict, record, log, prior: dict 
                 rows = []
                 ctx_on = types.DidChangeConfigurationParams(settings={"context": True})
                 ctx_off = types.DidChangeConfigurationParams(settings={"context": False})
-                for mode in [m for m in ("prefix", "context") if m in modes]:  # each on the document as the editor had it
+                for mode in [m for m in ("prefix", "settled", "context") if m in modes]:  # each on the document as the editor had it
                     c.workspace_did_change_configuration(ctx_on if mode == "context" else ctx_off)
                     c.open(uri, task["before"])
                     await c.inspect(uri)  # the editor had the file open: its cache is warm
@@ -139,12 +142,14 @@ async def run_tasks(args, tasks: list[dict], ws: dict, record, log, prior: dict 
                     await c.inspect(uri)
                     if mode == "context":
                         await c.context_ready(uri)  # the context sent and encoded: the request comes in a quiet state
+                    elif mode == "settled":
+                        await c.settled(uri)
                     update_ms = (time.perf_counter() - t_change) * 1e3
                     shown, ms, info = await _answer(c, uri, line, char)
                     if mode == "context" and n == 1:
                         extra["first_suggestion_s"] = round(time.perf_counter() - t_start, 2)
                     rows.append(_row(task, mode, shown, ms, info, **({"update_ms": round(update_ms, 1)}
-                                                                      if mode == "context" else {})))
+                                                                      if mode != "prefix" else {})))
                     c.protocol.notify(DID_REJECT, {"uri": uri})
                     c.text_document_did_close(types.DidCloseTextDocumentParams(
                         text_document=types.TextDocumentIdentifier(uri=uri)))
@@ -231,10 +236,10 @@ def report(rows: list[dict], extra: dict | None = None) -> dict:
         out[mode] = {"tasks": len(rs), "em": round(mean([r["em"] for r in rs]), 2), "es": round(mean([r["es"] for r in rs]), 2),
                      "ms_p50": round(pct(ms, 50), 1), "ms_p95": round(pct(ms, 95), 1),
                      **accept_figures([{"pred": r["shown"], "target": r["target"]} for r in rs])}
+        if upd := [r["update_ms"] for r in rs if r.get("update_ms") is not None]:
+            out[mode].update(update_ms_p50=round(pct(upd, 50), 1), update_ms_p95=round(pct(upd, 95), 1))
         if mode == "context":
-            upd = [r["update_ms"] for r in rs if r.get("update_ms") is not None]
-            out[mode].update(update_ms_p50=round(pct(upd, 50), 1), update_ms_p95=round(pct(upd, 95), 1),
-                             used_share=round(mean([(r["used"] or 0) / max(1, len(r["chosen"] or [])) for r in rs]), 3),
+            out[mode].update(used_share=round(mean([(r["used"] or 0) / max(1, len(r["chosen"] or [])) for r in rs]), 3),
                              context_tokens_mean=round(mean([r["context_tokens"] or 0 for r in rs]), 1))
     by_id = {}
     for r in rows:

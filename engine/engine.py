@@ -185,7 +185,8 @@ class Engine:
         return {"text": doc.whole, "tokens": len(doc.ids), "stale": doc.stale_count, "missing": doc.missing_count,
                 "cached": doc.cache is not None, "context_text": doc.head, "context_tokens": h,
                 "context_missing": doc.stale[:h].count(MISSING),
-                "window": None if doc.full is None else [doc.base, doc.base + len(doc.own)]}
+                "window": None if doc.full is None else [doc.base, doc.base + len(doc.own)],
+                "due": self._due(doc)}
 
     def set_context(self, uri: str, text: str, *, should_stop=None) -> UpdateStats:
         """Make `text` (other files' chunks; "" for none) the context cached before the document, read
@@ -349,20 +350,31 @@ class Engine:
         forward, so a request that arrives waits for at most one; stopped (Cancelled), the rows done
         are kept."""
         doc = self._doc(uri)
-        if doc.cache is None:
-            return None
-        t0 = time.perf_counter()
-        if doc.missing_count:
-            kind, n = "mend", self._run(doc, doc.missing_before(len(doc.ids)), should_stop, chunk=BACKGROUND_CHUNK)
-        elif self._can_grow(doc):
-            kind, n = "grow", self._grow(doc, should_stop)
-        elif self.needs_refresh(uri):
+        kind, t0 = self._due(doc), time.perf_counter()
+        if kind == "mend":
+            n = self._run(doc, doc.missing_before(len(doc.ids)), should_stop, chunk=BACKGROUND_CHUNK)
+        elif kind == "grow":
+            n = self._grow(doc, should_stop)
+        elif kind == "refresh":
             return self.refresh(uri, should_stop=should_stop, chunk=BACKGROUND_CHUNK)
-        elif rows := [r for r in self._near_focus(doc) if doc.stale[r] != FRESH]:
-            kind, n = "reread", self._run(doc, rows, should_stop, chunk=BACKGROUND_CHUNK)
+        elif kind == "reread":
+            n = self._run(doc, [r for r in self._near_focus(doc) if doc.stale[r] != FRESH], should_stop,
+                          chunk=BACKGROUND_CHUNK)
         else:
             return None
         return UpdateStats(kind, encoded=n, stale=doc.stale_count, ms=(time.perf_counter() - t0) * 1e3)
+
+    def _due(self, doc: Document) -> str | None:
+        """The piece of idle work `background` would do next for the document, or None."""
+        if doc.cache is None:
+            return None
+        if doc.missing_count:
+            return "mend"
+        if self._can_grow(doc):
+            return "grow"
+        if self.needs_refresh(doc.uri):
+            return "refresh"
+        return "reread" if any(doc.stale[r] != FRESH for r in self._near_focus(doc)) else None
 
     # completion ----------------------------------------------------------------------------------
 

@@ -80,6 +80,17 @@ class Client(LanguageClient):
                 return ctx
             await asyncio.sleep(1.0)  # over the server's quiet wait (`idle_refresh_ms`): polls must leave it idle
 
+    async def settled(self, uri: str, *, timeout: float = 120.0) -> dict:
+        """Wait until the engine has no idle work left for `uri` (`due` in its view: rows missing, a
+        window to grow, a refresh, rows before where the user works to encode again); that view."""
+        deadline = time.monotonic() + timeout
+        while True:
+            res = await self.inspect(uri)
+            view = res if isinstance(res, dict) else res._asdict()
+            if view.get("due") is None or time.monotonic() > deadline:
+                return view
+            await asyncio.sleep(1.0)  # over the server's quiet wait (`idle_refresh_ms`): polls must leave it idle
+
     async def engine_text(self, uri: str) -> str:
         res = await self.inspect(uri)
         return res["text"] if isinstance(res, dict) else res.text

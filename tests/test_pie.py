@@ -305,7 +305,9 @@ def test_idle_work_encodes_again_the_stale_rows_before_where_the_user_works(tiny
     before = doc.stale_count
     assert before > 8
     eng.complete("a", end, CompletionOptions(max_tokens=4))
+    assert eng.describe("a")["due"] == "reread"  # what the idle work does next (`ghostline/inspect`)
     assert [s.strategy for s in iter(lambda: eng.background("a"), None)] == ["reread"]
+    assert eng.describe("a")["due"] is None
     P = doc.token_at(end)
     if reread == 8:
         assert doc.stale_count == before - 8 and set(doc.stale[P - 8 : P]) == {FRESH} and doc.stale[P - 9] == STALE
