@@ -115,8 +115,8 @@ async def run_tasks(args, tasks: list[dict], ws: dict, record, log, prior: dict 
         checkout(folder, files, current)
         current = files
         t_start = time.perf_counter()
-        async with running_server(model=args.model, options={**options, "context": "context" in modes},
-                                  folder=str(folder)) as c:
+        async with running_server(model=args.model, engine=args.engine,
+                                  options={**options, "context": "context" in modes}, folder=str(folder)) as c:
             extra = {"ready_s": round(time.perf_counter() - t_start, 2)}
             log(f"server ready in {extra['ready_s']} s: {c.statuses[-1].get('message', '')}; {len(tasks)} tasks, "
                 f"modes {', '.join(modes)}, options {options}", flush=True)
@@ -198,8 +198,8 @@ async def first_minute(args, task: dict, ws: dict, *, cap_s: float = 180.0) -> d
         line, char = task["cursor"]["line"], task["cursor"]["character"]
         out = {"files": len(files), "first_answer_s": None, "first_context_s": None, "asks": 0}
         t0 = time.perf_counter()
-        async with running_server(model=args.model, options={"multiline": "never", **json.loads(args.options),
-                                                             "context": True}, folder=str(folder),
+        options = {"multiline": "never", **json.loads(args.options), "context": True}
+        async with running_server(model=args.model, engine=args.engine, options=options, folder=str(folder),
                                   ready_timeout=None) as c:  # the editor opens the file while the model loads
             c.open(uri, task["before"])
             c.change_many(uri, 2, task["changes"])
@@ -282,6 +282,7 @@ def main(argv=None) -> int:
     p.add_argument("--shard", help="i/n: every n-th task from the i-th")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--model", default="gemma3-270m")
+    p.add_argument("--engine", default="in-process", help="the server's --engine: in-process (one process to measure) or daemon")
     p.add_argument("--options", default="{}", help="server settings as JSON (initializationOptions)")
     p.add_argument("--out", help="JSONL rows, appended as tasks finish; a rerun skips the tasks there")
     p.add_argument("--summarize", nargs="+", metavar="ROWS", help="report on rows files; run nothing")
