@@ -259,9 +259,10 @@ class Held:
             if should_stop():
                 return False
             try:
-                engine.set_context(owner, text)
+                engine.set_context(owner, text, should_stop=should_stop)
             except Exception as exc:  # a refused update costs context, never the request
-                if not isinstance(exc, KeyError):  # KeyError: the document is not open (closed meanwhile)
+                stopped = type(exc).__name__ == "Cancelled"  # sent again when next chosen (a no-op if whole)
+                if not isinstance(exc, KeyError) and not stopped:  # KeyError: the document is not open (closed meanwhile)
                     log.warning("context of %s not sent: %s", owner, exc)
                 with lock:
                     self.held.pop(owner, None)

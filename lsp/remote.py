@@ -31,6 +31,7 @@ from ghostline.engine.serving.wire import ALREADY_RUNNING, lock_holder
 
 log = logging.getLogger("ghostline.remote")
 LOST = object()  # put in every waiting queue when the connection ends
+STOP_POLL_S = 0.05  # how often a wait that can be stopped asks whether to stop
 
 
 class ConnectionLost(ConnectionError):
@@ -128,11 +129,18 @@ class Connection:
     def forget(self, rid: int) -> None:
         self._routes.pop(rid, None)
 
-    def call(self, call: str, args: dict):
-        """One request, its result; DaemonError (EditError, KeyError) for an error answer."""
+    def call(self, call: str, args: dict, *, should_stop=None):
+        """One request, its result; DaemonError (EditError, KeyError) for an error answer.
+        `should_stop()`, polled while waiting, ends the wait (None): the daemon goes on with the
+        request and its answer is dropped (an error one logged)."""
         rid, q = self.request(call, args)
         try:
-            return result(self.next(q))
+            while True:
+                try:
+                    return result(self.next(q, None if should_stop is None else STOP_POLL_S))
+                except queue.Empty:
+                    if should_stop():
+                        return None
         finally:
             self.forget(rid)
 
@@ -312,14 +320,16 @@ class RemoteEngine:
 
     def open(self, uri: str, text: str, *, encode: bool = True, should_stop=None) -> dict | None:
         """Open (or re-open) a document; the daemon's update stats (it encodes in its own time:
-        `encode` is accepted for the same call as Engine.open). A refusal (DaemonError, ...) leaves
-        the text recorded as the daemon holds it."""
+        `encode` is accepted for the same call as Engine.open). `should_stop()` ends the wait for the
+        encode (None), so that a completion sent next can stop it in the daemon. A refusal
+        (DaemonError, ...) leaves the text recorded as the daemon holds it."""
         self.contexts.pop(uri, None)  # an open clears the document's context
-        return self._record(uri, text, "open", {"uri": uri, "text": text})
+        return self._record(uri, text, "open", {"uri": uri, "text": text}, should_stop=should_stop)
 
     def edit(self, uri: str, changes: list, *, strategy: str = "pie", encode: bool = False,
              should_stop=None) -> dict | None:
-        """As Engine.edit; the daemon always defers the encode (`encode` is accepted for the same call)."""
+        """As Engine.edit; the daemon always defers the encode (`encode` is accepted for the same call).
+        `should_stop()` ends the wait for the daemon's answer (None), as for `open`."""
         text = self.docs.get(uri)
         if text is None:
             raise KeyError(f"document {uri!r} is not open")
@@ -328,15 +338,17 @@ class RemoteEngine:
             c = to_change(text, change)
             text = text[: c.start] + c.text + text[c.end :]
             sent.append([c.start, c.end, c.text])
-        return self._record(uri, text, "edit", {"uri": uri, "changes": sent, "strategy": strategy})
+        return self._record(uri, text, "edit", {"uri": uri, "changes": sent, "strategy": strategy},
+                            should_stop=should_stop)
 
     def set_context(self, uri: str, text: str, *, should_stop=None) -> dict | None:
-        """As Engine.set_context (the daemon encodes its rows in its own idle time)."""
+        """As Engine.set_context (the daemon encodes its rows in its own idle time); `should_stop()`
+        ends the wait for the daemon's answer (None), as for `open`."""
         if uri not in self.docs:
             raise KeyError(f"document {uri!r} is not open")
         self.contexts[uri] = text  # sent even when unchanged: the engine may have lost it (another replica)
         try:
-            return self._update("context", {"uri": uri, "text": text})
+            return self._update("context", {"uri": uri, "text": text}, should_stop=should_stop)
         except (DaemonError, KeyError):
             self.contexts.pop(uri, None)
             raise
@@ -371,14 +383,14 @@ class RemoteEngine:
         if self.conn is not None:
             self.conn.close()
 
-    def _record(self, uri: str, text: str, call: str, args: dict) -> dict | None:
+    def _record(self, uri: str, text: str, call: str, args: dict, *, should_stop=None) -> dict | None:
         """Send an update that makes the document `text`. The text is recorded first (a reconnect
         re-opens what is recorded, so a lost connection still carries it), and put back as it was
         when the daemon refuses the update: the record is what the daemon holds."""
         before = self.docs.get(uri)
         self.docs[uri] = text
         try:
-            return self._update(call, args)
+            return self._update(call, args, should_stop=should_stop)
         except (DaemonError, EditError, KeyError):
             if self.docs.get(uri) is text:
                 if before is None:
@@ -387,7 +399,7 @@ class RemoteEngine:
                     self.docs[uri] = before
             raise
 
-    def _update(self, call: str, args: dict) -> dict | None:
+    def _update(self, call: str, args: dict, *, should_stop=None) -> dict | None:
         """Send an update; if the daemon is gone, the resync after reconnecting carries it (also when
         that reconnect happens here: the update is then in the re-opened text, not sent again)."""
         fresh = self.conn is None or not self.conn.alive
@@ -395,7 +407,7 @@ class RemoteEngine:
         if conn is None or fresh:
             return None
         try:
-            return conn.call(call, args)
+            return conn.call(call, args, should_stop=should_stop)
         except ConnectionLost:
             self._connection()
         except wire.FrameTooLarge as exc:  # nothing was sent: the daemon holds what it held

@@ -285,8 +285,10 @@ class GhostlineServer(LanguageServer):
                     del self.waiting_edits[uri]
             return waiting.text
 
-        # the new rows are encoded by the completion that reads them, or when idle
-        self.submit_update(uri, lambda engine: engine.edit(uri, waiting.changes, encode=False), take=take)
+        # the new rows are encoded by the completion that reads them, or when idle; a completion
+        # waiting ends the wait for an engine daemon busy with an earlier open, so that it can stop it
+        self.submit_update(uri, lambda engine: engine.edit(uri, waiting.changes, encode=False,
+                                                           should_stop=self.asked), take=take)
 
     def submit_update(self, uri: str, fn, *, take=None) -> None:
         """Run a document update on the engine thread. If it fails, whatever the cause, the document
@@ -312,13 +314,17 @@ class GhostlineServer(LanguageServer):
 
         self.worker.submit("update", run, uri=uri)
 
+    def asked(self) -> bool:
+        """A completion waits for the engine thread: long or blocking work before it should stop."""
+        return self.worker.waiting("complete")
+
     def open_in(self, engine, uri: str, text: str):
         """Open a document in the engine; a completion that arrives while a long file encodes stops
         that encode: the rows not encoded yet stay missing, the completion encodes those it reads
         (within `mend_ms`), idle work the rest. The first suggestion in a file just opened does not
         wait for all of it."""
         try:
-            return engine.open(uri, text, should_stop=lambda: self.worker.waiting("complete"))
+            return engine.open(uri, text, should_stop=self.asked)
         except Exception as exc:  # the engine's Cancelled (torch is not imported here): the rows done are kept
             if type(exc).__name__ != "Cancelled":
                 raise
@@ -441,7 +447,7 @@ class GhostlineServer(LanguageServer):
         self.context.expect(uri)
 
         def run(stop):
-            return self.context.prepare(self.engine, uri, text, offset, lambda: stop() or self.worker.waiting("complete"))
+            return self.context.prepare(self.engine, uri, text, offset, lambda: stop() or self.asked())
 
         self.worker.submit("update", run, uri=uri)
 

@@ -454,6 +454,35 @@ def test_a_completion_of_a_file_being_opened_stops_its_encode_and_reads_what_it_
         conn.close()
 
 
+def test_a_language_server_that_stops_waiting_for_an_open_lets_its_completion_stop_the_encode(tiny_engine_factory):
+    """Through `RemoteEngine` (the language server's side): an open and an edit whose waits are
+    stopped (a completion waits in the server) return at once; the completion sent next stops the
+    daemon's encode and reads the rows it needs; the daemon applies the edit in order, idle work mends
+    the rest, and the answer then equals an eager open's of the edited text."""
+    big, top = PY * 12, "# top\n"
+    reference = tiny_engine_factory("llama", encode_chunk=8)
+    reference.open(URI, top + big)
+    expected = reference.complete(URI, len(top + big), CompletionOptions(max_tokens=6)).text
+    engine = tiny_engine_factory("llama", encode_chunk=8, mend_budget=16)
+    with serving(engine, idle_refresh_s=1.0) as daemon:
+        busy, other = greeted(daemon), "file:///tmp/ghostline-test/other.py"
+        busy.call("open", {"uri": other, "text": PY})
+        slow = busy.request("complete", {"uri": other, "offset": len(PY),
+                                         "options": {"multiline": True, "max_tokens": 256, "time_cap_ms": None}})
+        remote = RemoteEngine.connect(str(daemon.address), model=None)
+        assert remote.open(URI, big, should_stop=lambda: True) is None  # the open waits behind the slow job
+        assert remote.edit(URI, [Change(0, 0, top)], should_stop=lambda: True) is None
+        assert remote.complete(URI, len(top + big), CompletionOptions(max_tokens=6)).stop_reason != "unavailable"
+        doc = engine.docs[next(k for k in engine.docs if k.endswith("calc.py"))]
+        assert doc.missing_count > len(doc.ids) // 2  # the completion encoded 16 rows of its own, no more
+        frames(busy, slow)
+        _wait(lambda: doc.stale_count == 0)
+        assert remote.complete(URI, len(top + big), CompletionOptions(max_tokens=6)).text == expected
+        assert remote.describe(URI)["text"] == top + big == remote.docs[URI]
+        remote.disconnect()
+        busy.close()
+
+
 def test_per_client_limits(tiny):
     with serving(tiny, max_open=3, max_queued=1) as daemon:
         conn = greeted(daemon)
