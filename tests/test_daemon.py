@@ -428,20 +428,31 @@ def test_a_deferred_open_answers_before_encoding_and_the_idle_daemon_mends_it(ti
         conn.close()
 
 
+def _after_an_eager_open(tiny_engine_factory, text: str) -> str:
+    """The completion at the end of `text` after an uninterrupted encode: the reference."""
+    reference = tiny_engine_factory("llama", encode_chunk=8)
+    reference.open(URI, text)
+    return reference.complete(URI, len(text), CompletionOptions(max_tokens=6)).text
+
+
+def _keep_busy(conn: Connection) -> tuple:
+    """A long completion of another document sent on `conn`: the jobs sent after it queue."""
+    other = "file:///tmp/ghostline-test/other.py"
+    conn.call("open", {"uri": other, "text": PY})
+    return conn.request("complete", {"uri": other, "offset": len(PY),
+                                     "options": {"multiline": True, "max_tokens": 256, "time_cap_ms": None}})
+
+
 def test_a_completion_of_a_file_being_opened_stops_its_encode_and_reads_what_it_needs(tiny_engine_factory):
     """A file opened and asked about at once: the open's encode stops for that completion and no rest
     of it is queued before the completion, which encodes the rows it reads within its budget; idle
     work mends the others and the answer then equals an eager open's."""
     big = PY * 12
-    reference = tiny_engine_factory("llama", encode_chunk=8)
-    reference.open(URI, big)
-    expected = reference.complete(URI, len(big), CompletionOptions(max_tokens=6)).text
+    expected = _after_an_eager_open(tiny_engine_factory, big)
     engine = tiny_engine_factory("llama", encode_chunk=8, mend_budget=16)
     with serving(engine, idle_refresh_s=1.0) as daemon:
-        conn, other = greeted(daemon), "file:///tmp/ghostline-test/other.py"
-        conn.call("open", {"uri": other, "text": PY})
-        slow = conn.request("complete", {"uri": other, "offset": len(PY),
-                                         "options": {"multiline": True, "max_tokens": 64, "time_cap_ms": None}})
+        conn = greeted(daemon)
+        slow = _keep_busy(conn)
         opened = conn.request("open", {"uri": URI, "text": big})  # both wait behind the slow completion
         asked = conn.request("complete", {"uri": URI, "offset": len(big), "options": {"max_tokens": 6}})
         frames(conn, slow)
@@ -460,15 +471,11 @@ def test_a_language_server_that_stops_waiting_for_an_open_lets_its_completion_st
     daemon's encode and reads the rows it needs; the daemon applies the edit in order, idle work mends
     the rest, and the answer then equals an eager open's of the edited text."""
     big, top = PY * 12, "# top\n"
-    reference = tiny_engine_factory("llama", encode_chunk=8)
-    reference.open(URI, top + big)
-    expected = reference.complete(URI, len(top + big), CompletionOptions(max_tokens=6)).text
+    expected = _after_an_eager_open(tiny_engine_factory, top + big)
     engine = tiny_engine_factory("llama", encode_chunk=8, mend_budget=16)
     with serving(engine, idle_refresh_s=1.0) as daemon:
-        busy, other = greeted(daemon), "file:///tmp/ghostline-test/other.py"
-        busy.call("open", {"uri": other, "text": PY})
-        slow = busy.request("complete", {"uri": other, "offset": len(PY),
-                                         "options": {"multiline": True, "max_tokens": 256, "time_cap_ms": None}})
+        busy = greeted(daemon)
+        slow = _keep_busy(busy)
         remote = RemoteEngine.connect(str(daemon.address), model=None)
         assert remote.open(URI, big, should_stop=lambda: True) is None  # the open waits behind the slow job
         assert remote.edit(URI, [Change(0, 0, top)], should_stop=lambda: True) is None
