@@ -358,8 +358,7 @@ class Engine:
         elif kind == "refresh":
             return self.refresh(uri, should_stop=should_stop, chunk=BACKGROUND_CHUNK)
         elif kind == "reread":
-            n = self._run(doc, [r for r in self._near_focus(doc) if doc.stale[r] != FRESH], should_stop,
-                          chunk=BACKGROUND_CHUNK)
+            n = self._run(doc, self._unread(doc), should_stop, chunk=BACKGROUND_CHUNK)
         else:
             return None
         return UpdateStats(kind, encoded=n, stale=doc.stale_count, ms=(time.perf_counter() - t0) * 1e3)
@@ -374,7 +373,11 @@ class Engine:
             return "grow"
         if self.needs_refresh(doc.uri):
             return "refresh"
-        return "reread" if any(doc.stale[r] != FRESH for r in self._near_focus(doc)) else None
+        return "reread" if self._unread(doc) else None
+
+    def _unread(self, doc: Document) -> list[int]:
+        """The rows before the focus that idle work encodes again (`_near_focus`, not fresh)."""
+        return [r for r in self._near_focus(doc) if doc.stale[r] != FRESH]
 
     # completion ----------------------------------------------------------------------------------
 
