@@ -20,7 +20,10 @@ line (the document at completion time). Then, one line, the server's default set
 `prefix` and `context` run one after the other, each on the document opened as the editor had it and
 closed after (turning context off drops the context the engine caches in front of a document). EM/ES score the suggestion before the show gate (what the
 model wrote, `withheld` where the gate held it back); the accept model (`shown_pct`, `accept_pct`,
-`chars_saved`, `wrong_per_100`) scores what was shown. Rows go to --out as tasks finish (a rerun skips
+`chars_saved`, `wrong_per_100`) scores what was shown, with the gate at its default strength: the
+server starts with acceptance counts of its own and hears no accept or reject, so nothing learned (by
+a user or another run) moves the threshold, and each row keeps the gate's P(kept) (`confidence`) to
+re-threshold from. Rows go to --out as tasks finish (a rerun skips
 those there); JSON last, keyed by mode.
 
     python -m bench.context --tasks ../shared/data/edits-requests.jsonl \
@@ -47,7 +50,7 @@ from pathlib import Path
 
 from lsprotocol import types
 
-from bench.tasks import accept_figures, append_row, em, es, first_line, mean, pct, read_tasks, shard, user_document
+from bench.tasks import accept_figures, append_row, em, es, first_line, fresh_state, mean, pct, read_tasks, shard, user_document
 from ghostline.lsp.client import running_server
 from ghostline.lsp.context import Chooser, Library, Options
 from ghostline.lsp.server import DID_REJECT
@@ -92,7 +95,8 @@ async def _answer(c, uri: str, line: int, char: int) -> tuple[str, float, dict]:
     info = _d(await c.inspect(uri))
     last = _d(info.get("last_completion"))
     model = first_line(last.get("withheld") or "") if last.get("stop_reason") == "gated" else shown
-    return shown, ms, {"model": model, "context": _d(info.get("context")), "stop_reason": last.get("stop_reason")}
+    return shown, ms, {"model": model, "context": _d(info.get("context")), "stop_reason": last.get("stop_reason"),
+                       "confidence": last.get("confidence")}
 
 
 def _row(task: dict, mode: str, shown: str, ms: float, info: dict, **extra) -> dict:
@@ -100,7 +104,8 @@ def _row(task: dict, mode: str, shown: str, ms: float, info: dict, **extra) -> d
     ctx = info["context"] if mode == "context" else {}
     return {"id": task["id"], "mode": mode, "ms": round(ms, 1), "em": em(model, task["target"]),
             "es": es(model, task["target"]), "pred": model, "shown": shown, "target": task["target"],
-            "chosen": ctx.get("chosen"), "asked": ctx.get("asked"), "used": ctx.get("used"), "context_tokens": ctx.get("tokens"), **extra}
+            "confidence": info["confidence"], "chosen": ctx.get("chosen"), "asked": ctx.get("asked"),
+            "used": ctx.get("used"), "context_tokens": ctx.get("tokens"), **extra}
 
 
 async def run_tasks(args, tasks: list[dict], ws: dict, record, log, prior: dict | None = None) -> dict:
@@ -115,73 +120,73 @@ async def run_tasks(args, tasks: list[dict], ws: dict, record, log, prior: dict 
         checkout(folder, files, current)
         current = files
         t_start = time.perf_counter()
-        async with running_server(model=args.model, engine=args.engine,
-                                  options={**options, "context": "context" in modes}, folder=str(folder)) as c:
-            extra = {"ready_s": round(time.perf_counter() - t_start, 2)}
-            log(f"server ready in {extra['ready_s']} s: {c.statuses[-1].get('message', '')}; {len(tasks)} tasks, "
-                f"modes {', '.join(modes)}, options {options}", flush=True)
-            for n, task in enumerate(tasks, 1):
-                path, files = workspace_of(ws, task)
-                events = checkout(folder, files, current)
-                current = files
-                if events:
-                    c.workspace_did_change_watched_files(types.DidChangeWatchedFilesParams(changes=events))
-                text, offset = user_document(task)
-                line, char = task["cursor"]["line"], task["cursor"]["character"]
-                uri = (folder / path).as_uri()
-                rows = []
-                ctx_on = types.DidChangeConfigurationParams(settings={"context": True})
-                ctx_off = types.DidChangeConfigurationParams(settings={"context": False})
-                for mode in [m for m in ("prefix", "settled", "context") if m in modes]:  # each on the document as the editor had it
-                    c.workspace_did_change_configuration(ctx_on if mode == "context" else ctx_off)
-                    c.open(uri, task["before"])
-                    await c.inspect(uri)  # the editor had the file open: its cache is warm
-                    t_change = time.perf_counter()
-                    c.change_many(uri, 2, task["changes"])
-                    c.change(uri, 3, (line, char), (line, len(task["after"].split("\n")[line])), "")
-                    await c.inspect(uri)
-                    if mode == "context":
-                        await c.context_ready(uri)  # the context sent and encoded: the request comes in a quiet state
-                    elif mode == "settled":
-                        await c.settled(uri)
-                    update_ms = (time.perf_counter() - t_change) * 1e3
-                    shown, ms, info = await _answer(c, uri, line, char)
-                    if mode == "context" and n == 1:
-                        extra["first_suggestion_s"] = round(time.perf_counter() - t_start, 2)
-                    rows.append(_row(task, mode, shown, ms, info, **({"update_ms": round(update_ms, 1)}
-                                                                      if mode != "prefix" else {})))
-                    c.protocol.notify(DID_REJECT, {"uri": uri})
-                    c.text_document_did_close(types.DidCloseTextDocumentParams(
-                        text_document=types.TextDocumentIdentifier(uri=uri)))
-                if "reencode" in modes:
-                    c.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings={"context": False}))
-                    lib = Library()
-                    for p, t in files.items():
-                        lib.put(p, t)
-                    chunks = {f"{ch.path}:{ch.first + 1}": ch for f in lib.files.values() for ch in f.chunks}
-                    served = next((r["asked"] for r in rows if r["mode"] == "context"), None)
-                    if served is None and task["id"] in prior:
-                        served = prior[task["id"]].get("asked")
-                    if served is None:  # no context run to copy: the same code, here
-                        budget = json.loads(args.options).get("context_budget", Options.budget)
-                        served = [f"{ch.path}:{ch.first + 1}" for ch in
-                                  Chooser(lib, Options(budget=budget))("bench", path, text, offset, set()).chunks]
-                    choice = [chunks[name] for name in served if name in chunks]
-                    joined = "".join(ch.text for ch in choice)
-                    ref = (folder / "__reencode__" / path).as_uri()
-                    t0 = time.perf_counter()
-                    c.open(ref, joined + text)
-                    shown, _, info = await _answer(c, ref, line + joined.count("\n"), char)
-                    ms = (time.perf_counter() - t0) * 1e3
-                    rows.append(_row(task, "reencode", shown, ms, info,
-                                     chosen=[f"{ch.path}:{ch.first + 1}" for ch in choice]))
-                    c.text_document_did_close(types.DidCloseTextDocumentParams(
-                        text_document=types.TextDocumentIdentifier(uri=ref)))
-                for row in rows:
-                    record(row)
-                log(f"[{n}/{len(tasks)}] {task['id']} " + " ".join(
-                    f"{r['mode']}={r['es']:.0f}/{r['ms']:.0f}ms" for r in rows) + f" target={task['target'].strip()[:40]!r}",
-                    flush=True)
+        with fresh_state() as env:
+            async with running_server(model=args.model, engine=args.engine, env=env,
+                                      options={**options, "context": "context" in modes}, folder=str(folder)) as c:
+                extra = {"ready_s": round(time.perf_counter() - t_start, 2)}
+                log(f"server ready in {extra['ready_s']} s: {c.statuses[-1].get('message', '')}; {len(tasks)} tasks, "
+                    f"modes {', '.join(modes)}, options {options}", flush=True)
+                for n, task in enumerate(tasks, 1):
+                    path, files = workspace_of(ws, task)
+                    events = checkout(folder, files, current)
+                    current = files
+                    if events:
+                        c.workspace_did_change_watched_files(types.DidChangeWatchedFilesParams(changes=events))
+                    text, offset = user_document(task)
+                    line, char = task["cursor"]["line"], task["cursor"]["character"]
+                    uri = (folder / path).as_uri()
+                    rows = []
+                    ctx_on = types.DidChangeConfigurationParams(settings={"context": True})
+                    ctx_off = types.DidChangeConfigurationParams(settings={"context": False})
+                    for mode in [m for m in ("prefix", "settled", "context") if m in modes]:  # each on the document as the editor had it
+                        c.workspace_did_change_configuration(ctx_on if mode == "context" else ctx_off)
+                        c.open(uri, task["before"])
+                        await c.inspect(uri)  # the editor had the file open: its cache is warm
+                        t_change = time.perf_counter()
+                        c.change_many(uri, 2, task["changes"])
+                        c.change(uri, 3, (line, char), (line, len(task["after"].split("\n")[line])), "")
+                        await c.inspect(uri)
+                        if mode == "context":
+                            await c.context_ready(uri)  # the context sent and encoded: the request comes in a quiet state
+                        elif mode == "settled":
+                            await c.settled(uri)
+                        update_ms = (time.perf_counter() - t_change) * 1e3
+                        shown, ms, info = await _answer(c, uri, line, char)
+                        if mode == "context" and n == 1:
+                            extra["first_suggestion_s"] = round(time.perf_counter() - t_start, 2)
+                        rows.append(_row(task, mode, shown, ms, info, **({"update_ms": round(update_ms, 1)}
+                                                                          if mode != "prefix" else {})))
+                        c.text_document_did_close(types.DidCloseTextDocumentParams(
+                            text_document=types.TextDocumentIdentifier(uri=uri)))
+                    if "reencode" in modes:
+                        c.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings={"context": False}))
+                        lib = Library()
+                        for p, t in files.items():
+                            lib.put(p, t)
+                        chunks = {f"{ch.path}:{ch.first + 1}": ch for f in lib.files.values() for ch in f.chunks}
+                        served = next((r["asked"] for r in rows if r["mode"] == "context"), None)
+                        if served is None and task["id"] in prior:
+                            served = prior[task["id"]].get("asked")
+                        if served is None:  # no context run to copy: the same code, here
+                            budget = json.loads(args.options).get("context_budget", Options.budget)
+                            served = [f"{ch.path}:{ch.first + 1}" for ch in
+                                      Chooser(lib, Options(budget=budget))("bench", path, text, offset, set()).chunks]
+                        choice = [chunks[name] for name in served if name in chunks]
+                        joined = "".join(ch.text for ch in choice)
+                        ref = (folder / "__reencode__" / path).as_uri()
+                        t0 = time.perf_counter()
+                        c.open(ref, joined + text)
+                        shown, _, info = await _answer(c, ref, line + joined.count("\n"), char)
+                        ms = (time.perf_counter() - t0) * 1e3
+                        rows.append(_row(task, "reencode", shown, ms, info,
+                                         chosen=[f"{ch.path}:{ch.first + 1}" for ch in choice]))
+                        c.text_document_did_close(types.DidCloseTextDocumentParams(
+                            text_document=types.TextDocumentIdentifier(uri=ref)))
+                    for row in rows:
+                        record(row)
+                    log(f"[{n}/{len(tasks)}] {task['id']} " + " ".join(
+                        f"{r['mode']}={r['es']:.0f}/{r['ms']:.0f}ms" for r in rows) + f" target={task['target'].strip()[:40]!r}",
+                        flush=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return extra
@@ -199,27 +204,28 @@ async def first_minute(args, task: dict, ws: dict, *, cap_s: float = 180.0) -> d
         out = {"files": len(files), "first_answer_s": None, "first_context_s": None, "asks": 0}
         t0 = time.perf_counter()
         options = {"multiline": "never", **json.loads(args.options), "context": True}
-        async with running_server(model=args.model, engine=args.engine, options=options, folder=str(folder),
-                                  ready_timeout=None) as c:  # the editor opens the file while the model loads
-            c.open(uri, task["before"])
-            c.change_many(uri, 2, task["changes"])
-            c.change(uri, 3, (line, char), (line, len(task["after"].split("\n")[line])), "")
-            while time.perf_counter() - t0 < cap_s and out["first_context_s"] is None:
-                res = await c.inline(uri, line, char)
-                out["asks"] += 1
-                if not any(st.get("state") in ("ready", "busy") for st in c.statuses):
-                    await asyncio.sleep(1.0)  # still loading: inspect would wait for the load
-                    continue
-                info = _d(await c.inspect(uri))
-                now = round(time.perf_counter() - t0, 2)
-                if info.get("last_completion") is not None and out["first_answer_s"] is None:
-                    out["first_answer_s"] = now
-                    out["first_shown"] = bool(res and res.items)
-                if _d(info.get("context")).get("used"):
-                    out["first_context_s"] = now
-                    out["context_tokens"] = _d(info.get("context")).get("tokens")
-                c.protocol.notify(DID_REJECT, {"uri": uri})
-                await asyncio.sleep(1.0)
+        with fresh_state() as env:
+            async with running_server(model=args.model, engine=args.engine, options=options, folder=str(folder), env=env,
+                                      ready_timeout=None) as c:  # the editor opens the file while the model loads
+                c.open(uri, task["before"])
+                c.change_many(uri, 2, task["changes"])
+                c.change(uri, 3, (line, char), (line, len(task["after"].split("\n")[line])), "")
+                while time.perf_counter() - t0 < cap_s and out["first_context_s"] is None:
+                    res = await c.inline(uri, line, char)
+                    out["asks"] += 1
+                    if not any(st.get("state") in ("ready", "busy") for st in c.statuses):
+                        await asyncio.sleep(1.0)  # still loading: inspect would wait for the load
+                        continue
+                    info = _d(await c.inspect(uri))
+                    now = round(time.perf_counter() - t0, 2)
+                    if info.get("last_completion") is not None and out["first_answer_s"] is None:
+                        out["first_answer_s"] = now
+                        out["first_shown"] = bool(res and res.items)
+                    if _d(info.get("context")).get("used"):
+                        out["first_context_s"] = now
+                        out["context_tokens"] = _d(info.get("context")).get("tokens")
+                    c.protocol.notify(DID_REJECT, {"uri": uri})
+                    await asyncio.sleep(1.0)
         return out
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -42,7 +42,7 @@ from pathlib import Path
 
 from lsprotocol import types
 
-from bench.tasks import accept_figures, append_row, cursor_offset, em, es, first_line, mean, pct, read_tasks, shard
+from bench.tasks import accept_figures, append_row, cursor_offset, em, es, first_line, fresh_state, mean, pct, read_tasks, shard
 from ghostline.lsp.client import running_server
 
 GATE_OFF = "ghostline_gate_off"  # the same run's suggestions before the show gate (see gate_off)
@@ -126,21 +126,22 @@ async def cold_start(args, task: dict, log) -> dict:
     inline completions (as a user pressing the key) until one answers: the time from `initialize`
     to the first suggestion, with the model loaded from the cache as on every start but the first."""
     options = {"multiline": "never", **json.loads(args.options)}
-    async with running_server(model=args.model, options=options, ready_timeout=None) as c:
-        uri = "file:///replay/cold.py"
-        c.open(uri, task["before"])
-        c.change_many(uri, 2, task["changes"])
-        line, col = task["cursor"]["line"], task["cursor"]["character"]
-        empty, text = 0, ""
-        deadline = time.perf_counter() + 600
-        while time.perf_counter() < deadline:
-            res = await c.inline(uri, line, col, invoked=True)
-            text = res.items[0].insert_text if res.items else ""
-            if text.strip():
-                break
-            empty += 1
-        ms = (time.perf_counter() - c.started_at) * 1e3
-        ready = [s.get("message", "") for s in c.statuses if s.get("state") == "ready"]
+    with fresh_state() as env:
+        async with running_server(model=args.model, options=options, ready_timeout=None, env=env) as c:
+            uri = "file:///replay/cold.py"
+            c.open(uri, task["before"])
+            c.change_many(uri, 2, task["changes"])
+            line, col = task["cursor"]["line"], task["cursor"]["character"]
+            empty, text = 0, ""
+            deadline = time.perf_counter() + 600
+            while time.perf_counter() < deadline:
+                res = await c.inline(uri, line, col, invoked=True)
+                text = res.items[0].insert_text if res.items else ""
+                if text.strip():
+                    break
+                empty += 1
+            ms = (time.perf_counter() - c.started_at) * 1e3
+            ready = [s.get("message", "") for s in c.statuses if s.get("state") == "ready"]
     log(f"cold start: first suggestion {ms:.0f} ms after initialize ({empty} empty answers before it; "
         f"{ready[0] if ready else 'never ready'})", flush=True)
     return {"first_suggestion_ms": round(ms, 1), "empty_answers_before": empty, "pred": first_line(text),
@@ -151,19 +152,20 @@ async def ghostline(args, todo: dict[str, list[dict]], typed: list[dict], record
     """The server over stdio: each set's tasks, then the typing scenario; what rows do not hold."""
     options = {"multiline": "never", **json.loads(args.options)}
     extra = {}
-    async with running_server(model=args.model, options=options) as c:
-        log(f"server ready: {c.statuses[-1].get('message', '')}; "
-            f"{', '.join(f'{len(ts)} {s}' for s, ts in todo.items())} tasks; options {options}", flush=True)
-        for kind, tasks in todo.items():
-            if tasks:
-                await edits(c, tasks, log, kind=kind, record=record)
-        if typed:
-            probe = "file:///replay/probe.py"
-            c.open(probe, "x = 1\n")
-            before = _field(await c.inspect(probe), "cancelled_decodes")
-            extra["typing"] = await typing(c, typed, log, key_ms=args.key_ms, record=record)
-            c.open(probe + "2", "x = 1\n")
-            extra["cancelled"] = _field(await c.inspect(probe + "2"), "cancelled_decodes") - before
+    with fresh_state() as env:
+        async with running_server(model=args.model, options=options, env=env) as c:
+            log(f"server ready: {c.statuses[-1].get('message', '')}; "
+                f"{', '.join(f'{len(ts)} {s}' for s, ts in todo.items())} tasks; options {options}", flush=True)
+            for kind, tasks in todo.items():
+                if tasks:
+                    await edits(c, tasks, log, kind=kind, record=record)
+            if typed:
+                probe = "file:///replay/probe.py"
+                c.open(probe, "x = 1\n")
+                before = _field(await c.inspect(probe), "cancelled_decodes")
+                extra["typing"] = await typing(c, typed, log, key_ms=args.key_ms, record=record)
+                c.open(probe + "2", "x = 1\n")
+                extra["cancelled"] = _field(await c.inspect(probe + "2"), "cancelled_decodes") - before
     return extra
 
 

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import shutil
 import statistics
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from rapidfuzz.distance import Levenshtein
 
 from ghostline.engine.gate import accepted
+from ghostline.engine.paths import cache_dir, model_cache_dir
 from ghostline.engine.text import offset_of
 
 
@@ -90,6 +96,27 @@ def saved_rows(*paths: str | Path | None) -> dict[str, dict]:
             for r in rows:  # the same id in a later file adds its methods (and replaces those it repeats)
                 out[r["id"]] = {**out.get(r["id"], {}), **r}
     return out
+
+
+def own_state(folder: Path) -> dict[str, str]:
+    """The variables that give a benchmarked server `folder` as its cache, holding a copy of the
+    caller's compiled kernels, and the caller's model cache: its acceptance counts (and what the show
+    gate learns from them) start empty and stay this run's, so neither a user's history nor another
+    run moves its threshold, and it starts as on every start but the first."""
+    kernels = cache_dir() / "kernels"
+    if kernels.is_dir() and not (folder / "kernels").exists():
+        shutil.copytree(kernels, folder / "kernels")
+    return {"GHOSTLINE_CACHE": str(folder), "GHOSTLINE_MODEL_CACHE": str(model_cache_dir())}
+
+
+@contextmanager
+def fresh_state() -> Iterator[dict[str, str]]:
+    """The whole environment for a benchmarked server with `own_state` in a temporary folder."""
+    folder = Path(tempfile.mkdtemp(prefix="ghostline-bench-state-"))
+    try:
+        yield {**os.environ, **own_state(folder)}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def append_row(path: str | Path | None, row: dict) -> None:

@@ -145,13 +145,14 @@ def wait_quiet(cpu_s, quiet_s: float = 1.0, timeout: float = 120) -> float:
 
 class CodeServer:
     """code-server on 127.0.0.1 with the .vsix installed, its own user data, extensions, home, XDG and
-    temporary folders under `base`, and `files` in its workspace folder. The language server it starts keeps
-    Ghostline's cache where this process has it."""
+    temporary folders under `base`, and `files` in its workspace folder. The language server it starts has a
+    Ghostline cache of its own there (`bench.tasks.own_state`: empty acceptance counts, this process's
+    kernels and model cache)."""
 
     def __init__(self, base: Path, vsix: Path, settings: dict, files: dict[str, str]):
-        from ghostline.engine.paths import cache_dir
+        from bench.tasks import own_state
 
-        self.base, self.work, self.user = base, base / "work", base / "user-data"
+        self.base, self.work, self.user, self.cache = base, base / "work", base / "user-data", base / "ghostline"
         for d in (self.user / "User", base / "extensions", self.work, base / "tmp"):
             d.mkdir(parents=True, exist_ok=True)
         (self.user / "User" / "settings.json").write_text(json.dumps({**SETTINGS, **settings}))
@@ -160,7 +161,7 @@ class CodeServer:
         (base / "config.yaml").write_text("")
         self.env = dict(os.environ, HOME=str(base / "home"), XDG_CONFIG_HOME=str(base / "config"),
                         XDG_DATA_HOME=str(base / "data"), XDG_CACHE_HOME=str(base / "cache"),
-                        XDG_STATE_HOME=str(base / "state"), TMPDIR=str(base / "tmp"), GHOSTLINE_CACHE=str(cache_dir()),
+                        XDG_STATE_HOME=str(base / "state"), TMPDIR=str(base / "tmp"), **own_state(self.cache),
                         PATH=f"{NODE.parent}{os.pathsep}{os.environ['PATH']}")
         self.common = ["--user-data-dir", self.user, "--extensions-dir", base / "extensions", "--config", base / "config.yaml"]
         proc = run([NODE, CODE_SERVER, *self.common, "--install-extension", vsix, "--force"], env=self.env, timeout=180)

@@ -180,21 +180,40 @@ def cursor_tasks(files: list[Path], *, per_file: int = 2, before_lines: int = 40
                    "target": line.strip()}
 
 
+def history_tasks(paths: Iterable[Path], *, before_lines: int = 40, after_lines: int = 20):
+    """Cursor tasks from edit tasks (../shared/EVAL.md's format, e.g. `bench.history` on a repository's
+    history): the cursor a few lines below a real commit's edit, on a line the commit left, in the
+    document the user had after the edit (the target removed), cut as `cursor_tasks` cuts. The `path`
+    is the task's repository and file without the commit, so one file's tasks fall on one side of the
+    held-out split. Repositories interleave (a stable order by a hash of the source)."""
+    tasks = json_lines(paths)
+    tasks.sort(key=lambda t: hashlib.sha256(t["source"].encode()).hexdigest())
+    for t in tasks:
+        lines, (row, col) = t["after"].split("\n"), (t["cursor"]["line"], t["cursor"]["character"])
+        indent = lines[row][:col]
+        above = "\n".join(lines[max(0, row - before_lines) : row])
+        text = above + "\n" + indent + "\n" + "\n".join(lines[row + 1 : row + 1 + after_lines])
+        repo, _, file = t["source"].partition("@")
+        yield {"path": f"{repo}:{file.partition(':')[2]}", "text": text, "offset": len(above) + 1 + len(indent),
+               "target": t["target"].strip()}
+
+
 def collect_gate(engine, files: list[Path], *, tasks: int = 400, drafts: int = 3, max_tokens: int = 48,
                  seed: int = 0, context: Callable[[Path, str, int], str] | None = None,
-                 progress: Callable[[str], None] = print) -> Iterator[dict]:
+                 cursors: Iterable[dict] | None = None, progress: Callable[[str], None] = print) -> Iterator[dict]:
     """The product's k-draft decode at each cursor task (gate off), as a record the gate's features
     are computed from (`engine.gate.record_features`): the first step's distribution, the drafts and
     their scores, the text around the cursor, whether the user would keep some of the first line (the
     accept model) and how many characters. With `context` (path, text, offset -> other files' text),
     only tasks it gives context for, decoded as the server does once its background work is done: the
-    document opened, the context set in front of it, and the whole refreshed."""
+    document opened, the context set in front of it, and the whole refreshed. `cursors`: these tasks
+    (`history_tasks`) instead of cuts from `files`."""
     from ghostline.engine.completion import CompletionOptions
     from ghostline.engine.gate import accepted, situation
 
     uri, n, n_rows, n_kept = "file:///calibration/gate.py", 0, 0, 0
     opts = CompletionOptions(max_tokens=max_tokens, drafts=drafts)
-    for task in cursor_tasks(files, seed=seed):
+    for task in cursor_tasks(files, seed=seed) if cursors is None else cursors:
         if n >= tasks:
             break
         head = context(Path(task["path"]), task["text"], task["offset"]) if context is not None else ""
@@ -225,6 +244,20 @@ def _open_text(path: Path, mode: str):
     return gzip.open(path, mode + "t", encoding="utf-8") if path.suffix == ".gz" else open(path, mode, encoding="utf-8")
 
 
+def held_out_files(rows: list[dict]) -> np.ndarray:
+    """Which records the gate's fit holds out: a third of the files, by a hash of the path."""
+    return np.array([int(hashlib.sha256(r["path"].encode()).hexdigest()[:8], 16) % 3 == 0 for r in rows])
+
+
+def json_lines(paths: Iterable[Path]) -> list[dict]:
+    """The objects of JSON lines files (`.gz` compressed or not), in order: decode records, edit tasks."""
+    rows = []
+    for path in paths:
+        with _open_text(Path(path), "r") as f:
+            rows += [json.loads(line) for line in f if line.strip()]
+    return rows
+
+
 def fit_gate(rows: list[dict]):
     """The show gate fitted on collected records, a third of the files (by a hash of the path) held out
     for the threshold and the check that the fit generalises."""
@@ -233,19 +266,19 @@ def fit_gate(rows: list[dict]):
     X = np.array([record_features(r) for r in rows])
     y = np.array([r["kept"] for r in rows], dtype=np.float64)
     chars = np.array([r["chars"] for r in rows], dtype=np.float64)
-    held = np.array([int(hashlib.sha256(r["path"].encode()).hexdigest()[:8], 16) % 3 == 0 for r in rows])
-    return fit(X, y, chars, held)
+    return fit(X, y, chars, held_out_files(rows))
 
 
 def calibrate_gate(engine, name: str, roots: Iterable[Path], *, exclude: Iterable[str] = (), out: Path | None = None,
                    tasks: int = 400, seed: int = 0, rows_files: Iterable[Path] = (),
-                   context: Callable[[Path, str, int], str] | None = None,
+                   context: Callable[[Path, str, int], str] | None = None, history: Iterable[Path] = (),
                    progress: Callable[[str], None] = print) -> Path:
     """Fit the show gate (engine.gate) on cursor tasks cut from the code under `roots` (`seed` picks
     the lines); write `gate.json`, or, from records of completions that read context (`context`, as
     in `collect_gate`), the gate for those, `gate-context.json`. With `rows_files`: when they all
     exist, the gate is fitted on their records together without decoding anything (`engine` unused);
-    one that does not exist yet receives the records of this collection (JSON lines, `.gz` compressed)."""
+    one that does not exist yet receives the records of this collection (JSON lines, `.gz` compressed).
+    With `history` (edit task files): the cursor tasks are theirs (`history_tasks`), not cut from `roots`."""
     from ghostline.engine.gate import CONTEXT_GATE_FILE, GATE_FILE
 
     t0 = time.perf_counter()
@@ -255,15 +288,15 @@ def calibrate_gate(engine, name: str, roots: Iterable[Path], *, exclude: Iterabl
         raise ValueError(f"gate records not found: {', '.join(map(str, missing))} (collect into one file at a time)")
     rows = []
     if rows_files and not missing:
-        for path in rows_files:
-            with _open_text(path, "r") as f:
-                rows += [json.loads(line) for line in f if line.strip()]
+        rows = json_lines(rows_files)
         progress(f"gate: {len(rows)} records from {', '.join(map(str, rows_files))}")
     else:
         with contextlib.ExitStack() as stack:
             sink = stack.enter_context(_open_text(missing[0], "w")) if missing else None
-            for row in collect_gate(engine, code_files(roots, exclude=exclude), tasks=tasks, seed=seed,
-                                    context=context, progress=progress):
+            history = [Path(h) for h in history]
+            files = [] if history else code_files(roots, exclude=exclude)
+            for row in collect_gate(engine, files, tasks=tasks, seed=seed, context=context,
+                                    cursors=history_tasks(history) if history else None, progress=progress):
                 rows.append(row)
                 if sink is not None:
                     sink.write(json.dumps(row) + "\n")
@@ -273,6 +306,7 @@ def calibrate_gate(engine, name: str, roots: Iterable[Path], *, exclude: Iterabl
         raise ValueError("the gate records mix completions with and without context: fit them apart")
     gate = fit_gate(rows)
     gate.meta |= {"seconds": round(time.perf_counter() - t0, 1), "roots": [str(r) for r in roots],
+                  "history": [Path(h).name for h in history],
                   "exclude": list(exclude), "tasks": len(rows), "records": [f.name for f in rows_files],
                   "context": kinds == {True}}
     path = gate.save(out or user_folder(name), CONTEXT_GATE_FILE if kinds == {True} else GATE_FILE)

@@ -42,6 +42,11 @@ def check_option(name: str, value, *, label: str | None = None):
         if not _number(value) or not lo <= value <= hi:
             raise ValueError(f"{label} must be a number in {lo}..{hi}, got {value!r}")
         return float(value)
+    if name == "gate_record":
+        if (not isinstance(value, (list, tuple)) or len(value) != 2
+                or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in value)):
+            raise ValueError(f"{label} must be two non-negative integers (accepted, rejected), got {value!r}")
+        return (value[0], value[1])
     if name == "time_cap_ms":
         if value is not None and (not _number(value) or value <= 0):
             raise ValueError(f"{label} must be a positive number or null, got {value!r}")
@@ -73,6 +78,7 @@ class CompletionOptions:
     exit_threshold: float | None = None  # P(exit) cut-off; None: the model's calibrated one
     gate: bool = False  # withhold a suggestion the user would likely keep nothing of (engine.gate; drafts > 1)
     gate_strength: float = 1.0  # 0: show everything, 1: the calibrated threshold, above: stricter
+    gate_record: tuple[int, int] = (0, 0)  # (accepted, rejected) by this user here: moves the strength (Gate.strength)
     infill: bool = False  # fill in the middle: the text after the cursor in the prompt (models with FIM tokens)
 
     def to_wire(self) -> dict:

@@ -225,7 +225,8 @@ def drafts(req: Request) -> Decode:
             x = features(conf[0], out.drafts, **situation(doc.own, req.offset - len(doc.head)), multiline=opts.multiline,
                          scores=out.draft_scores)
             out.confidence = float(req.gate.p_kept(x)[0])
-            if opts.gate and out.confidence < req.gate.threshold_at(opts.gate_strength):
+            strength = req.gate.strength(opts.gate_strength, opts.gate_record)
+            if opts.gate and out.confidence < req.gate.threshold_at(strength):
                 out.withheld = out.drafts[0]
                 out.drafts, out.text, out.tokens, out.stop_reason = [], "", [], "gated"
 

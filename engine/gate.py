@@ -5,10 +5,12 @@ distribution at the cursor is flat, the k drafts disagree on how the line starts
 what decoding already computed (no extra forward) into a few features, and a logistic regression
 fit on real code (`ghostline calibrate --steps gate`, the label being "the user would keep at least
 a word of it", EVAL.md's accept model) turns them into P(kept). A suggestion below the threshold is
-withheld. Numpy only: the fit and the decision are microseconds. A completion that reads context in
-front of the document (other files' chunks) is gated by a fit of its own on decodes made so where one
-was fitted (`gate-context.json`, `ghostline calibrate --steps gate --gate-context`; none ships: on
-such decodes it ranked no better than this one).
+withheld. Numpy only: the fit and the decision are microseconds. What a user keeps moves the
+threshold (`Gate.strength`): once enough suggestions were decided, a user who keeps more than the
+calibration expected at its threshold gets a looser gate, one who keeps less a stricter one. A
+completion that reads context in front of the document (other files' chunks) is gated by a fit of
+its own on decodes made so where one was fitted (`gate-context.json`, `ghostline calibrate --steps
+gate --gate-context`; none ships: on such decodes it ranked no better than this one).
 
 Features (`features`), all known when the decode ends:
 - the first step's distribution at the cursor (temperature 1): top probability, top-1 minus top-2,
@@ -38,6 +40,9 @@ from pathlib import Path
 import numpy as np
 
 GATE_FILE = "gate.json"
+LEARN_AFTER = 20  # decided suggestions (accepted + rejected) before the user's record moves the strength
+LEARN_BOUNDS = (0.5, 1.5)  # the learned factor on the strength setting
+LEARN_PRIOR = 10  # pseudo-counts at the expected acceptance that the user's rate is pulled towards
 CONTEXT_GATE_FILE = "gate-context.json"  # the gate for completions that read context in front of the document
 FEATURES = ("first_p", "first_margin", "first_entropy", "agree", "mean_score", "score_gap", "log_len", "one_word",
             "mid_word", "right_text", "at_indent", "multiline", "name_seen", "names_seen", "repeats_above",
@@ -156,6 +161,23 @@ class Gate:
         if strength <= 0:
             return 0.0
         return self.threshold ** (1.0 / strength)
+
+    def expected_accept(self) -> float:
+        """The share of shown suggestions users kept on the calibration's held-out code at the threshold
+        (0.5 for a gate fitted before that was recorded)."""
+        pct = self.meta.get("gated", {}).get("accept_pct")
+        return float(pct) / 100 if isinstance(pct, (int, float)) and 0 < pct < 100 else 0.5
+
+    def strength(self, base: float, record: tuple[int, int]) -> float:
+        """The strength after a user's (accepted, rejected) suggestions: `base` until LEARN_AFTER were
+        decided, then `base` times a factor in LEARN_BOUNDS, 1 where the user keeps what the calibration
+        expected (`expected_accept`), above where they keep less, below where they keep more."""
+        accepted, rejected = record
+        if accepted + rejected < LEARN_AFTER:
+            return base
+        aim = self.expected_accept()
+        rate = (accepted + LEARN_PRIOR * aim) / (accepted + rejected + LEARN_PRIOR)
+        return base * min(LEARN_BOUNDS[1], max(LEARN_BOUNDS[0], 1.0 + (aim - rate) * 2))
 
     def shows(self, x: np.ndarray, strength: float = 1.0) -> bool:
         return bool(self.p_kept(x)[0] >= self.threshold_at(strength))

@@ -81,7 +81,7 @@ def _calibrate(args) -> int:
 
             context = Projects(roots)
         calibrate_gate(engine, loaded.source.stem, roots, exclude=args.exclude, out=out, tasks=args.gate_tasks,
-                       seed=args.gate_seed, rows_files=rows, context=context, progress=say)
+                       seed=args.gate_seed, rows_files=rows, context=context, history=args.gate_history, progress=say)
     return 0
 
 
@@ -215,6 +215,9 @@ def main(argv=None) -> int:
     cal.add_argument("--gate-rows", nargs="*", default=[], help="JSON lines of the show gate's decode records: one "
                      "new file is written while collecting; when all exist, the gate is refitted from them together "
                      "without decoding")
+    cal.add_argument("--gate-history", nargs="*", default=[], help="edit task files (EVAL.md's format, e.g. made by "
+                     "bench.history from other repositories' histories): the gate's cursor tasks, instead of cuts "
+                     "from the corpus")
     cal.add_argument("--gate-context", action="store_true", help="fit the gate for completions that read context "
                      "(gate-context.json): each task's project, the corpus folder holding it, as its workspace")
     cal.add_argument("--tokens", type=int, default=60_000, help="teacher-forced tokens for the AdaDec fit (the exits fit takes at most 24,000)")

@@ -416,8 +416,8 @@ class GhostlineServer(LanguageServer):
             exit=self.settings.exit,
             exit_threshold=self.settings.exit_threshold,
             gate=self.settings.gate,
-            gate_strength=self.stats.gate_strength(self.settings.gate_strength, self.languages.get(uri),
-                                                   document_kind(uri)),
+            gate_strength=self.settings.gate_strength,
+            gate_record=self.stats.record(self.languages.get(uri), document_kind(uri)),
             infill=self.settings.fim,
         )
 

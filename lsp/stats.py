@@ -1,6 +1,7 @@
-"""Accept/reject counts, kept locally (never sent anywhere) in the cache folder, and what the show
-gate learns from them: in a language and kind of document where the user keeps few suggestions, the
-gate gets stricter; where they keep most, it shows more (bounded, see `Stats.gate_strength`)."""
+"""Accept/reject counts, kept locally (never sent anywhere) in the cache folder. Each completion
+carries the record of its language and kind of document (`Stats.record`); the show gate learns from
+it: where the user keeps fewer suggestions than its calibration expected it gets stricter, where they
+keep more it shows more (bounded, `engine.gate.Gate.strength`)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,6 @@ from pathlib import Path
 
 from ghostline.engine.paths import cache_dir
 
-LEARN_AFTER = 20  # decided suggestions (accepted + rejected) before the gate's strength moves
-AIM = 0.5  # the acceptance rate at which the strength stays as set
-BOUNDS = (0.5, 1.5)  # the learned factor on the strength setting
 _TEST = re.compile(r"(^|/)(tests?/|test_[^/]*$|[^/]*_test\.\w+$|conftest\.py$)")
 
 
@@ -55,19 +53,13 @@ class Stats:
             tmp.replace(self.path)
             self._data = data
 
-    def gate_strength(self, base: float, language: str | None, kind: str) -> float:
-        """The gate's strength for a document: the setting times a factor in BOUNDS learned from the
-        acceptance rate here (pulled towards AIM by ten pseudo-counts), once LEARN_AFTER were decided."""
+    def record(self, language: str | None, kind: str) -> tuple[int, int]:
+        """(accepted, rejected) suggestions in this language and kind of document (`document_kind`)."""
         with self._lock:
             if self._data is None:
                 self._data = self.load()
             per = self._data.get("by_kind", {}).get(f"{language}:{kind}", {})
-        acc, rej = per.get("accepted", 0), per.get("rejected", 0)
-        if acc + rej < LEARN_AFTER:
-            return base
-        rate = (acc + 10 * AIM) / (acc + rej + 10)
-        return base * min(BOUNDS[1], max(BOUNDS[0], 1.0 + (AIM - rate) * 2))
-
+        return per.get("accepted", 0), per.get("rejected", 0)
 
 def report(data: dict) -> str:
     def line(name, d):

@@ -11,13 +11,13 @@ from ghostline.lsp.settings import OPTIONS, SettingsError, check_setting
 BAD = {"multiline": [1, "yes", None], "max_tokens": [0, 1025, 3.0, True, "8"], "drafts": [0, 9, 2.5],
        "time_cap_ms": [0, -1, "1", True], "decoder": ["beam", "", None], "halt": [0, None], "exit": ["no"],
        "halt_threshold": [-0.1, 1.5, "0.5"], "exit_threshold": [2, True], "gate": [1], "gate_strength": [-1, 4.5, None],
-       "infill": ["true"]}
+       "gate_record": [[1], [-1, 0], [1.5, 2], "1,2", [True, 0], None, [1, 2, 3]], "infill": ["true"]}
 
 
 def test_options_travel_and_come_back_equal():
     opts = CompletionOptions(multiline=True, max_tokens=7, time_cap_ms=250.0, decoder="lookup", drafts=3, halt=True,
                              halt_threshold=0.25, exit=True, exit_threshold=0.5, gate=True, gate_strength=2.0,
-                             infill=True)
+                             gate_record=(3, 40), infill=True)
     wire = opts.to_wire()
     assert set(wire) == set(WIRE_OPTIONS)
     assert CompletionOptions.from_wire(wire) == opts

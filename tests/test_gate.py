@@ -1,6 +1,7 @@
 """The show gate and the accept model: a gate that never fires leaves the output as it was, one
 that always fires shows nothing; the fit refuses labels it cannot predict on held-out rows; what the
-user keeps of a suggestion; the strength learned from accepts and rejects stays bounded."""
+user keeps of a suggestion; the strength learned from accepts and rejects stays bounded and rests
+where the user keeps what the calibration expected."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import numpy as np
 import pytest
 
 from ghostline.engine.engine import CompletionOptions
-from ghostline.engine.gate import FEATURES, Confidence, Gate, accepted, auc, features, fit, situation
+from ghostline.engine.gate import (FEATURES, LEARN_AFTER, LEARN_BOUNDS, Confidence, Gate, accepted, auc, features,
+                                   fit, situation)
 from ghostline.lsp.settings import Settings, SettingsError
-from ghostline.lsp.stats import BOUNDS, LEARN_AFTER, Stats, document_kind
+from ghostline.lsp.stats import Stats, document_kind
 
 TEXT = "def area(w, h):\n    return w * h\n\n\ndef perimeter(w, h):\n    return 2 * (w + h)\n\n\ndef volume(w, h, d):\n    "
 
@@ -137,21 +139,47 @@ def test_gate_settings():
             Settings().merged(bad)
 
 
-def test_strength_learned_from_accepts_and_rejects_is_bounded(tmp_path):
+def test_accepts_and_rejects_are_counted_by_language_and_kind_of_document(tmp_path):
     stats = Stats(tmp_path / "stats.json")
-    uri = "file:///w/pkg/module.py"
-    assert document_kind(uri) == "source" and document_kind("file:///w/tests/test_x.py") == "test"
-    for _ in range(LEARN_AFTER - 1):
-        stats.count("rejected", "python", "source")
-    assert stats.gate_strength(1.0, "python", "source") == 1.0  # too few to learn from
-    for _ in range(200):
-        stats.count("rejected", "python", "source")
-    assert stats.gate_strength(1.0, "python", "source") == pytest.approx(BOUNDS[1])  # stricter, bounded
-    assert stats.gate_strength(1.0, "python", "test") == 1.0  # another kind of document: its own counts
-    for _ in range(2000):
-        stats.count("accepted", "lua", "source")
-    assert stats.gate_strength(2.0, "lua", "source") == pytest.approx(2.0 * BOUNDS[0])
-    assert Stats(tmp_path / "stats.json").gate_strength(1.0, "python", "source") == pytest.approx(BOUNDS[1])
+    assert document_kind("file:///w/pkg/module.py") == "source" and document_kind("file:///w/tests/test_x.py") == "test"
+    for event in ["rejected"] * 5 + ["accepted"] * 3:
+        stats.count(event, "python", "source")
+    stats.count("accepted", "python", "test")
+    assert stats.record("python", "source") == (3, 5) and stats.record("python", "test") == (1, 0)
+    assert stats.record("lua", "source") == (0, 0)
+    assert Stats(tmp_path / "stats.json").record("python", "source") == (3, 5)  # kept on disk
+
+
+def test_strength_learned_from_the_record_rests_where_the_calibration_expected_and_is_bounded():
+    gate = gate_with(0.4)
+    gate.meta = {"gated": {"accept_pct": 70.0}}
+    assert gate.expected_accept() == pytest.approx(0.7)
+    assert gate.strength(1.0, (0, LEARN_AFTER - 1)) == 1.0  # too few to learn from
+    assert gate.strength(1.0, (70, 30)) == pytest.approx(1.0)  # kept what the calibration expected
+    assert gate.strength(1.0, (50, 50)) > 1.0 > gate.strength(1.0, (90, 10))  # kept less: stricter; more: looser
+    assert gate.strength(1.0, (0, 2000)) == pytest.approx(LEARN_BOUNDS[1])
+    assert gate.strength(2.0, (2000, 0)) == pytest.approx(2.0 * LEARN_BOUNDS[0])
+    assert gate_with(0.4).strength(1.0, (50, 50)) == pytest.approx(1.0)  # no expectation recorded: a half
+
+
+def test_the_record_a_request_carries_moves_the_engines_threshold(tiny_engine_factory, tmp_path):
+    from ghostline.lsp.positions import Mirror
+    from ghostline.lsp.server import GhostlineServer
+
+    eng = tiny_engine_factory("llama")
+    eng.gate = gate_with(0.45)  # P(kept) is 0.5: shown at the calibrated threshold
+    eng.gate.meta = {"gated": {"accept_pct": 70.0}}
+    eng.open("file:///a.py", TEXT)
+    opts = CompletionOptions(max_tokens=6, drafts=3, gate=True)
+    assert eng.complete("file:///a.py", len(TEXT), opts).drafts
+    opts.gate_record = (0, 200)  # a user who kept nothing: stricter, 0.45 ** (1 / 1.5) > 0.5
+    assert eng.complete("file:///a.py", len(TEXT), opts).stop_reason == "gated"
+    server = GhostlineServer()
+    server.stats = Stats(tmp_path / "stats.json")
+    for event in ["accepted"] * 4 + ["rejected"] * 30:
+        server.stats.count(event, "python", "source")
+    server.languages["file:///w/a.py"] = "python"
+    assert server.options_for(Mirror(TEXT, 1), len(TEXT), "file:///w/a.py").gate_record == (4, 30)
 
 
 @pytest.mark.slow
@@ -216,6 +244,26 @@ def test_calibration_records_give_the_features_the_engine_gates_on(tiny_engine_f
                             CompletionOptions(max_tokens=6, drafts=3, gate=False))
         assert live.drafts == r["drafts"]
         assert eng.gate.p_kept(record_features(r))[0] == pytest.approx(live.confidence)
+
+
+def test_history_tasks_are_the_document_after_the_edit_without_the_target(tiny_engine_factory, tmp_path):
+    from ghostline.engine.calibration import collect_gate, history_tasks
+
+    after = TEXT.rstrip() + "\n" + "\n".join(f"def f{i}(x):\n    return x * {i}" for i in range(3)) + "\n"
+    lines = after.split("\n")
+    row = lines.index("    return x * 1")
+    tasks = tmp_path / "edits.jsonl"
+    tasks.write_text("".join(json.dumps({"id": f"t{i}", "source": f"shapes@{c}:pkg/shapes.py", "after": after,
+                                         "cursor": {"line": row, "character": 4}, "target": "return x * 1"}) + "\n"
+                             for i, c in enumerate(("abc123", "def456"))))
+    got = list(history_tasks([tasks]))
+    assert [t["path"] for t in got] == ["shapes:pkg/shapes.py"] * 2  # one file, one side of the held-out split
+    t = got[0]
+    assert t["target"] == "return x * 1" and "return x * 1" not in t["text"]
+    assert t["text"][: t["offset"]].endswith("def f1(x):\n    ") and t["text"][t["offset"] :].startswith("\ndef f2(x)")
+    eng = tiny_engine_factory("llama")
+    rows = list(collect_gate(eng, [], tasks=1, max_tokens=6, cursors=iter(got), progress=lambda _: None))
+    assert len(rows) == 1 and rows[0]["path"] == "shapes:pkg/shapes.py" and rows[0]["target"] == "return x * 1"
 
 
 def test_the_context_gates_records_are_decodes_that_read_their_projects_context(tiny_engine_factory, tmp_path):

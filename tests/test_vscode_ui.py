@@ -64,11 +64,11 @@ def code_server(vscode_deps, tmp_path_factory):
         yield cs
 
 
-def outcomes() -> tuple[int, int]:
-    """Accepted and rejected suggestions as the server counted them (`ghostline/didAccept`, `didReject`)."""
-    from ghostline.lsp.stats import stats_path
-
-    data = json.loads(stats_path().read_text()) if stats_path().exists() else {}
+def outcomes(cs: CodeServer) -> tuple[int, int]:
+    """Accepted and rejected suggestions as the server counted them (`ghostline/didAccept`, `didReject`)
+    in the cache folder code-server gave it."""
+    path = cs.cache / "stats.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
     return data.get("accepted", 0), data.get("rejected", 0)
 
 
@@ -182,7 +182,7 @@ def test_ghost_text_in_vscode(code_server):
 
     shutil.rmtree(SHOTS, ignore_errors=True)
     SHOTS.mkdir(parents=True)
-    accepted, rejected = outcomes()
+    accepted, rejected = outcomes(code_server)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
         ed = Editor(browser.new_page(viewport={"width": 1280, "height": 720}), SHOTS)
@@ -192,9 +192,10 @@ def test_ghost_text_in_vscode(code_server):
             type_over_a_suggestion(ed)
             # The extension reported both: the accepted suggestion and the one typed over.
             deadline = time.monotonic() + 10
-            while outcomes()[1] == rejected and time.monotonic() < deadline:
+            while outcomes(code_server)[1] == rejected and time.monotonic() < deadline:
                 ed.page.wait_for_timeout(100)
-            assert outcomes()[0] == accepted + 1 and outcomes()[1] > rejected, (outcomes(), accepted, rejected)
+            now = outcomes(code_server)
+            assert now[0] == accepted + 1 and now[1] > rejected, (now, accepted, rejected)
             turn_off_for_python(ed)
             # The server's log: each line once, INFO lines not as errors.
             log = server_log(ed)
