@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from bench.tasks import accept_figures
-from ghostline.engine.calibration import held_out_files, json_lines
-from ghostline.engine.gate import Gate, accepted, auc, outcome, record_features, threshold_for
+from ghostline.engine.calibration import held_out_files, json_lines, record_arrays
+from ghostline.engine.gate import Gate, accepted, auc, outcome, threshold_for
 
 
 def load(paths: list[str]) -> list[dict]:
@@ -84,9 +84,7 @@ def on_records(paths: list[str], gate: Gate, *, held_out: bool) -> dict:
     rows = json_lines([Path(p) for p in paths])
     if held_out:
         rows = [r for r, h in zip(rows, held_out_files(rows)) if h]
-    X = np.array([record_features(r) for r in rows])
-    y = np.array([r["kept"] for r in rows], dtype=np.float64)
-    chars = np.array([r["chars"] for r in rows], dtype=np.float64)
+    X, y, chars = record_arrays(rows)
     p = gate.p_kept(X)
     off, on = outcome(p, y, chars, 0.0), outcome(p, y, chars, gate.threshold)
     ratio = {"wrong_x": on["wrong_per_100"] / off["wrong_per_100"], "chars_pct": 100 * on["chars_saved"] / off["chars_saved"],

@@ -258,15 +258,22 @@ def json_lines(paths: Iterable[Path]) -> list[dict]:
     return rows
 
 
-def fit_gate(rows: list[dict]):
-    """The show gate fitted on collected records, a third of the files (by a hash of the path) held out
-    for the threshold and the check that the fit generalises."""
-    from ghostline.engine.gate import fit, record_features
+def record_arrays(rows: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The gate's features [N, F], kept or not [N] and characters kept [N] of decode records."""
+    from ghostline.engine.gate import record_features
 
     X = np.array([record_features(r) for r in rows])
     y = np.array([r["kept"] for r in rows], dtype=np.float64)
     chars = np.array([r["chars"] for r in rows], dtype=np.float64)
-    return fit(X, y, chars, held_out_files(rows))
+    return X, y, chars
+
+
+def fit_gate(rows: list[dict]):
+    """The show gate fitted on collected records, a third of the files (by a hash of the path) held out
+    for the threshold and the check that the fit generalises."""
+    from ghostline.engine.gate import fit
+
+    return fit(*record_arrays(rows), held_out_files(rows))
 
 
 def calibrate_gate(engine, name: str, roots: Iterable[Path], *, exclude: Iterable[str] = (), out: Path | None = None,
