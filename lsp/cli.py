@@ -86,10 +86,17 @@ def _calibrate(args) -> int:
 
 
 def _stats(args) -> int:
+    from ghostline.engine.calibration import find
+    from ghostline.engine.gate import GATE_FILE, Gate
+    from ghostline.engine.loader import model_stem
     from ghostline.lsp.stats import Stats, report, stats_path
 
     data = Stats().load()
-    print(report(data) if data else f"no suggestions counted yet ({stats_path()})")
+    if not data:
+        print(f"no suggestions counted yet ({stats_path()})")
+        return 0
+    path = find(model_stem(args.model), GATE_FILE)
+    print(report(data, Gate.load(path) if path else None))
     return 0
 
 
@@ -224,7 +231,8 @@ def main(argv=None) -> int:
     cal.add_argument("--out", help="folder for the artifacts (default: the model's folder in the cache)")
     cal.set_defaults(func=_calibrate)
 
-    st = sub.add_parser("stats", help="print local acceptance rates of shown suggestions")
+    st = sub.add_parser("stats", help="print what became of the suggestions shown here, and the show gate's strength learned from it")
+    st.add_argument("--model", default=None, help="whose show gate the learned strengths are for (default: the embedded model)")
     st.set_defaults(func=_stats)
 
     args = p.parse_args(argv)

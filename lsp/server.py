@@ -620,20 +620,40 @@ class GhostlineServer(LanguageServer):
             end = types.Position(position.line, chars_to_column(line, col + k, self.encoding))
         return types.InlineCompletionItem(insert_text=text, range=types.Range(start=position, end=end))
 
-    def accepted(self, params) -> None:
+    def reported(self, params) -> tuple[str, Mirror, int, str] | None:
+        """(uri, document, offset, text) of a suggestion an editor reports on, None if it names no open
+        document, no valid position or no text."""
         uri, text, pos = _get(params, "uri"), _get(params, "text"), _get(params, "position")
         mirror = self.mirrors.get(uri)
-        self.shown.pop(uri, None)
         if mirror is None or not isinstance(text, str) or not pos:
-            return
+            return None
         try:
             line, ch = (pos["line"], pos["character"]) if isinstance(pos, dict) else (pos.line, pos.character)
-            start = mirror.offset(int(line), int(ch), self.encoding)
+            return uri, mirror, mirror.offset(int(line), int(ch), self.encoding), text
         except (EditError, KeyError, TypeError, ValueError):
+            return None
+
+    def accepted(self, params) -> None:
+        self.shown.pop(_get(params, "uri"), None)
+        if (found := self.reported(params)) is None:
             return
+        uri, mirror, start, text = found
         self.prefetch[uri] = (start, text)
         if mirror.text[start : start + len(text)] == text:  # the insertion already arrived
             self.after_change(uri, mirror)
+
+    def typed_through(self, params) -> bool:
+        """Whether the user wrote at least a word of a suggestion that was not taken, by typing it: the
+        line from where it was shown keeps some of it by EVAL.md's accept model (`engine.gate.accepted`).
+        The gate's calibration counts such a suggestion as kept; its learned strength must too, or a
+        user who types instead of pressing Tab would make it ever stricter."""
+        from ghostline.engine.gate import accepted
+
+        if (found := self.reported(params)) is None:
+            return False
+        _, mirror, start, text = found
+        end = mirror.text.find("\n", start)
+        return bool(accepted(text, mirror.text[start : None if end < 0 else end]))
 
 
 def _range_at(position: types.Position) -> types.Range:
@@ -822,8 +842,8 @@ def build_server(*, model: str | None = None, engine: str | None = None) -> Ghos
     @server.feature(DID_REJECT)
     def did_reject(ls: GhostlineServer, params):
         uri = _get(params, "uri")
-        ls.stats.count("rejected", ls.languages.get(uri), document_kind(uri))
-        ls.shown.pop(_get(params, "uri"), None)
+        ls.stats.count("typed" if ls.typed_through(params) else "rejected", ls.languages.get(uri), document_kind(uri))
+        ls.shown.pop(uri, None)
 
     @server.feature(INSPECT)
     async def inspect(ls: GhostlineServer, params):

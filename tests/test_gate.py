@@ -16,7 +16,7 @@ from ghostline.engine.engine import CompletionOptions
 from ghostline.engine.gate import (FEATURES, LEARN_AFTER, LEARN_BOUNDS, Confidence, Gate, accepted, auc, features,
                                    fit, situation)
 from ghostline.lsp.settings import Settings, SettingsError
-from ghostline.lsp.stats import Stats, document_kind
+from ghostline.lsp.stats import Stats, document_kind, report
 
 TEXT = "def area(w, h):\n    return w * h\n\n\ndef perimeter(w, h):\n    return 2 * (w + h)\n\n\ndef volume(w, h, d):\n    "
 
@@ -140,14 +140,24 @@ def test_gate_settings():
 
 
 def test_accepts_and_rejects_are_counted_by_language_and_kind_of_document(tmp_path):
+    """The record is (kept, rejected): suggestions taken and those the user typed count as kept; the
+    report shows each kind's learned strength."""
     stats = Stats(tmp_path / "stats.json")
     assert document_kind("file:///w/pkg/module.py") == "source" and document_kind("file:///w/tests/test_x.py") == "test"
-    for event in ["rejected"] * 5 + ["accepted"] * 3:
+    for event in ["rejected"] * 5 + ["accepted"] * 3 + ["typed"] * 2:
         stats.count(event, "python", "source")
     stats.count("accepted", "python", "test")
-    assert stats.record("python", "source") == (3, 5) and stats.record("python", "test") == (1, 0)
+    assert stats.record("python", "source") == (5, 5) and stats.record("python", "test") == (1, 0)
     assert stats.record("lua", "source") == (0, 0)
-    assert Stats(tmp_path / "stats.json").record("python", "source") == (3, 5)  # kept on disk
+    assert Stats(tmp_path / "stats.json").record("python", "source") == (5, 5)  # kept on disk
+    for _ in range(40):
+        stats.count("rejected", "python", "test")
+    gate = gate_with(0.4)
+    gate.meta = {"gated": {"accept_pct": 70.0}}
+    lines = report(stats.load(), gate).splitlines()
+    assert lines[0].split() == "all shown 0 accepted 4 typed 2 rejected 45 kept 11.8% ".split()
+    assert lines[-1].startswith("python:test") and lines[-1].endswith(f"gate x{gate.strength(1.0, (1, 40)):.2f}")
+    assert gate.strength(1.0, (1, 40)) > 1.0 and "gate" not in report(stats.load())
 
 
 def test_strength_learned_from_the_record_rests_where_the_calibration_expected_and_is_bounded():

@@ -116,6 +116,34 @@ def test_an_accepted_word_prefetches_the_next_suggestion():
     run(go())
 
 
+def test_a_suggestion_passed_over_but_typed_counts_as_kept():
+    """`ghostline/didReject` reports a suggestion that was not taken; where the user typed at least a
+    word of it instead, the server counts it as `typed`, which the gate's record counts as kept (as its
+    calibration does, EVAL.md's accept model); one that the text does not follow for a whole word, or
+    at a position past the end, stays rejected."""
+    from ghostline.lsp.server import DID_REJECT
+    from ghostline.lsp.stats import Stats, kept
+
+    at = {"line": 9, "character": 4}
+
+    async def go():
+        async with running_server(options={"gate": False}) as c:
+            c.open(URI, PY)
+            before = Stats().load()
+            c.change(URI, 2, (9, 4), (9, 4), "return a - c")
+            for shown in ("return a - b", "return a", "returns a", "yield a", "pass"):
+                c.protocol.notify(DID_REJECT, {"uri": URI, "text": shown, "position": at})
+            c.protocol.notify(DID_REJECT, {"uri": URI, "text": "return", "position": {"line": 99, "character": 0}})
+            await c.engine_text(URI)
+            return before, Stats().load()
+
+    before, after = run(go())
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in ("typed", "rejected", "accepted")}
+    assert delta == {"typed": 2, "rejected": 4, "accepted": 0}, delta
+    now, then = (kept(d.get("by_kind", {}).get("python:source", {})) for d in (after, before))
+    assert (now[0] - then[0], now[1] - then[1]) == (2, 4)
+
+
 def test_utf16_and_utf8_positions_with_non_ascii():
     text = 's = "h\u00e9llo \U0001F600 w"  # x\nt = 1\n'
 

@@ -194,7 +194,8 @@ function same(a: Position, b: Position): boolean {
  * suggestion from where it started); when part of it was taken with accept word / accept line and
  * the user then went elsewhere, `didAccept` with `partial: true`, `text` the part of the suggestion
  * now in the document and `accepted` the characters taken by those accepts. `didReject` when the
- * typing went elsewhere and nothing was taken. Typing through a suggestion keeps it shown.
+ * suggestion is gone and nothing was taken: the server reads the document to tell one the user typed
+ * (at least a word of it) from one they did not keep. Typing through a suggestion keeps it shown.
  */
 export class Outcomes {
   private shown = new Map<string, Shown>();
@@ -213,9 +214,7 @@ export class Outcomes {
       return;
     }
     this.shown.delete(uri);
-    if (t !== s.full || s.accepted > 0) {
-      this.conclude(uri, s);
-    }
+    this.conclude(uri, s);
   }
 
   /** The first item of an answer: the rest of the shown suggestion, or a new one. */

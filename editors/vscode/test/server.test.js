@@ -111,6 +111,10 @@ test('outcomes: typed through, partial accept, accept, reject', () => {
   o.offered(uri, { line: 0, character: 5 }, 'z()');
   o.accepted(uri, { line: 0, character: 5 }, 'z()');
   assert.deepEqual(sent[2], [DID_ACCEPT, { uri, position: { line: 0, character: 5 }, text: 'z()' }]);
+  o.offered(uri, { line: 0, character: 8 }, '+1');
+  doc.text = 'in xyz()+1';
+  o.requested(uri, typed);  // typed to its end: reported too, the server tells typed from rejected
+  assert.deepEqual(sent[3], [DID_REJECT, { uri, position: { line: 0, character: 8 }, text: '+1' }]);
 });
 
 test('initialize, open, inline completion, accept, shutdown', { skip: !fs.existsSync(PYTHON) && `no Python at ${PYTHON}`, timeout: 300000 }, async () => {

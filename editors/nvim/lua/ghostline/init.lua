@@ -72,7 +72,8 @@ local function track(client)
       local inner = handler
       handler = function(err, result, ctx, ...)
         local buf = ctx.bufnr
-        if shown[buf] and remainder(buf, shown[buf].items[shown[buf].index]) == nil then
+        local rest = shown[buf] and remainder(buf, shown[buf].items[shown[buf].index])
+        if shown[buf] and (rest == nil or rest == "") then -- typed past or to its end: the server tells which
           settle(buf, "ghostline/didReject")
         end
         local items = {}
