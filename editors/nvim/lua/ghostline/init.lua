@@ -42,12 +42,15 @@ local function text_of(item)
 end
 
 --- The part of `item` not in the buffer yet: its text less what was typed since its range starts, nil if
---- the typing went another way.
+--- the typing went another way or the cursor left it (another line, or before where it starts).
 local function remainder(bufnr, item)
   local text, r = text_of(item), item.range
-  local row, col = unpack(api.nvim_win_get_cursor(0))
-  if not r or r.start.row ~= row - 1 or r.start.col > col then
+  if not r then
     return text
+  end
+  local row, col = unpack(api.nvim_win_get_cursor(0))
+  if r.start.row ~= row - 1 or r.start.col > col then
+    return nil
   end
   local typed = api.nvim_buf_get_lines(bufnr, row - 1, row, true)[1]:sub(r.start.col + 1, col)
   return vim.startswith(text, typed) and text:sub(#typed + 1) or nil
