@@ -268,24 +268,25 @@ def record_arrays(rows: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return X, y, chars
 
 
-def fit_gate(rows: list[dict]):
-    """The show gate fitted on collected records, a third of the files (by a hash of the path) held out
-    for the threshold and the check that the fit generalises."""
+def fit_gate(rows: list[dict], model: str = "logistic"):
+    """The show gate (`model`, engine.gate.MODELS) fitted on collected records, a third of the files
+    (by a hash of the path) held out for the threshold and the check that the fit generalises."""
     from ghostline.engine.gate import fit
 
-    return fit(*record_arrays(rows), held_out_files(rows))
+    return fit(*record_arrays(rows), held_out_files(rows), model=model)
 
 
 def calibrate_gate(engine, name: str, roots: Iterable[Path], *, exclude: Iterable[str] = (), out: Path | None = None,
                    tasks: int = 400, seed: int = 0, rows_files: Iterable[Path] = (),
                    context: Callable[[Path, str, int], str] | None = None, history: Iterable[Path] = (),
-                   progress: Callable[[str], None] = print) -> Path:
+                   model: str = "logistic", progress: Callable[[str], None] = print) -> Path:
     """Fit the show gate (engine.gate) on cursor tasks cut from the code under `roots` (`seed` picks
     the lines); write `gate.json`, or, from records of completions that read context (`context`, as
     in `collect_gate`), the gate for those, `gate-context.json`. With `rows_files`: when they all
     exist, the gate is fitted on their records together without decoding anything (`engine` unused);
     one that does not exist yet receives the records of this collection (JSON lines, `.gz` compressed).
-    With `history` (edit task files): the cursor tasks are theirs (`history_tasks`), not cut from `roots`."""
+    With `history` (edit task files): the cursor tasks are theirs (`history_tasks`), not cut from `roots`.
+    `model`: what gives P(kept) (engine.gate.MODELS)."""
     from ghostline.engine.gate import CONTEXT_GATE_FILE, GATE_FILE
 
     t0 = time.perf_counter()
@@ -311,7 +312,7 @@ def calibrate_gate(engine, name: str, roots: Iterable[Path], *, exclude: Iterabl
     kinds = {bool(r.get("context_tokens")) for r in rows}
     if len(kinds) > 1:
         raise ValueError("the gate records mix completions with and without context: fit them apart")
-    gate = fit_gate(rows)
+    gate = fit_gate(rows, model)
     gate.meta |= {"seconds": round(time.perf_counter() - t0, 1), "roots": [str(r) for r in roots],
                   "history": [Path(h).name for h in history],
                   "exclude": list(exclude), "tasks": len(rows), "records": [f.name for f in rows_files],

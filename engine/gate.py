@@ -4,8 +4,10 @@ Most wrong suggestions are wrong from their first word, and the model usually kn
 distribution at the cursor is flat, the k drafts disagree on how the line starts. The gate reads
 what decoding already computed (no extra forward) into a few features, and a logistic regression
 fit on real code (`ghostline calibrate --steps gate`, the label being "the user would keep at least
-a word of it", EVAL.md's accept model) turns them into P(kept). A suggestion below the threshold is
-withheld. Numpy only: the fit and the decision are microseconds. What a user keeps moves the
+a word of it", EVAL.md's accept model) turns them into P(kept) (`--gate-model forest`: a random
+forest, `Forest`, which ranks held-out code better but did not gate it better; not shipped). A
+suggestion below the threshold is withheld. Numpy only: the fit takes a second, a decision
+microseconds (a forest's ~0.2 ms). What a user keeps moves the
 threshold (`Gate.strength`): once enough suggestions were decided, a user who keeps more than the
 calibration expected at its threshold gets a looser gate, one who keeps less a stricter one. A
 completion that reads context in front of the document (other files' chunks) is gated by a fit of
@@ -47,6 +49,7 @@ CONTEXT_GATE_FILE = "gate-context.json"  # the gate for completions that read co
 FEATURES = ("first_p", "first_margin", "first_entropy", "agree", "mean_score", "score_gap", "log_len", "one_word",
             "mid_word", "right_text", "at_indent", "multiline", "name_seen", "names_seen", "repeats_above",
             "blank_above", "opens_block", "dedent")
+MODELS = ("logistic", "forest")  # what gives P(kept) (`fit`)
 ABOVE_CHARS = 4000  # how much of the text above the cursor's line the features read
 _WORD = re.compile(r"\s*(?:\w+|\S)")
 _NAME = re.compile(r"[A-Za-z_]\w*")
@@ -142,8 +145,96 @@ def situation(text: str, offset: int) -> dict:
 
 
 @dataclass
+class Forest:
+    """Decision trees over the gate's features, as flat node arrays; P(kept) is the mean of the leaves
+    an example reaches. A node splits on `feature` at `cut` (<= goes `left`); a leaf has feature -1 and
+    holds the kept share of its training rows in `value`."""
+
+    feature: list[int]
+    cut: list[float]
+    left: list[int]
+    right: list[int]
+    value: list[float]
+    roots: list[int]
+
+    def __post_init__(self):
+        self._arrays = (np.array(self.feature), np.array(self.cut), np.array(self.left), np.array(self.right),
+                        np.array(self.value), np.array(self.roots))
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        feature, cut, left, right, value, roots = self._arrays
+        X = np.atleast_2d(X)  # [N, F]
+        node = np.broadcast_to(roots, (len(X), len(roots))).copy()  # [N, T]
+        rows = np.arange(len(X))[:, None]
+        while (inner := feature[node] >= 0).any():
+            f = np.maximum(feature[node], 0)
+            step = np.where(X[rows, f] <= cut[node], left[node], right[node])
+            node = np.where(inner, step, node)
+        return value[node].mean(axis=1)
+
+    @classmethod
+    def grow(cls, X: np.ndarray, y: np.ndarray, *, trees: int = 200, min_leaf: int = 10, seed: int = 0) -> "Forest":
+        """A random forest: each tree on a bootstrap sample, each split the best (Gini) among
+        sqrt(F) features drawn at random, no leaf under `min_leaf` rows. Deterministic for a seed."""
+        rng = np.random.default_rng(seed)
+        n, F = X.shape
+        tries = max(1, int(round(math.sqrt(F))))
+        nodes: dict[str, list] = {"feature": [], "cut": [], "left": [], "right": [], "value": []}
+
+        def add(feature=-1, cut=0.0, value=0.0) -> int:
+            for k, v in zip(("feature", "cut", "left", "right", "value"), (feature, cut, -1, -1, value)):
+                nodes[k].append(v)
+            return len(nodes["feature"]) - 1
+
+        roots = []
+        for _ in range(trees):
+            sample = rng.integers(0, n, n)
+            roots.append(add(value=float(y[sample].mean())))
+            stack = [(roots[-1], sample)]
+            while stack:
+                at, idx = stack.pop()
+                split = _best_split(X[idx], y[idx], rng.choice(F, tries, replace=False), min_leaf)
+                if split is None:
+                    continue
+                f, c = split
+                go = X[idx, f] <= c
+                nodes["feature"][at], nodes["cut"][at] = int(f), float(c)
+                for side, part in (("left", idx[go]), ("right", idx[~go])):
+                    nodes[side][at] = add(value=float(y[part].mean()))
+                    stack.append((nodes[side][at], part))
+        return cls(**nodes, roots=roots)
+
+    def as_dict(self) -> dict:
+        return {"feature": self.feature, "cut": self.cut, "left": self.left, "right": self.right,
+                "value": [round(v, 4) for v in self.value], "roots": self.roots}
+
+
+def _best_split(X: np.ndarray, y: np.ndarray, features: np.ndarray, min_leaf: int) -> tuple[int, float] | None:
+    """The (feature, cut) among `features` whose split most lowers the Gini impurity of `y`, or None."""
+    n = len(y)
+    if n < 2 * min_leaf or y.min() == y.max():
+        return None
+    best, found = n * 2 * y.mean() * (1 - y.mean()) - 1e-9, None  # the impurity to beat, times n
+    for f in features:
+        order = np.argsort(X[:, f], kind="stable")
+        xs, ys = X[order, f], y[order]
+        k = np.arange(min_leaf, n - min_leaf + 1)  # rows on the left
+        k = k[xs[k - 1] < xs[np.minimum(k, n - 1)]]  # only between distinct values
+        if not len(k):
+            continue
+        pos = np.cumsum(ys)[k - 1]
+        pl, pr = pos / k, (ys.sum() - pos) / (n - k)
+        impurity = 2 * (k * pl * (1 - pl) + (n - k) * pr * (1 - pr))
+        i = int(np.argmin(impurity))
+        if impurity[i] < best:
+            best, found = impurity[i], (int(f), float((xs[k[i] - 1] + xs[k[i]]) / 2))
+    return found
+
+
+@dataclass
 class Gate:
-    """A fitted gate: standardisation, weights, and the threshold on P(kept) chosen on held-out code."""
+    """A fitted gate: the threshold on P(kept) chosen on held-out code, and what gives P(kept): a
+    logistic regression (standardisation, weights) or, where fitted so, a forest."""
 
     mean: list[float]
     scale: list[float]
@@ -151,8 +242,11 @@ class Gate:
     bias: float
     threshold: float
     meta: dict = field(default_factory=dict)
+    forest: Forest | None = None
 
     def p_kept(self, x: np.ndarray) -> np.ndarray:
+        if self.forest is not None:
+            return self.forest.predict(np.asarray(x, dtype=np.float64))
         z = (np.atleast_2d(x) - np.array(self.mean)) / np.array(self.scale)
         return 1.0 / (1.0 + np.exp(-(z @ np.array(self.weights) + self.bias)))
 
@@ -185,9 +279,12 @@ class Gate:
     def save(self, folder: Path, name: str = GATE_FILE) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / name
-        path.write_text(json.dumps({"features": list(FEATURES), "mean": self.mean, "scale": self.scale,
-                                    "weights": self.weights, "bias": self.bias, "threshold": self.threshold,
-                                    "meta": self.meta}, indent=1) + "\n")
+        body = {"features": list(FEATURES), "mean": self.mean, "scale": self.scale, "weights": self.weights,
+                "bias": self.bias, "threshold": self.threshold, "meta": self.meta}
+        text = json.dumps(body, indent=1)
+        if self.forest is not None:  # its node arrays on one line, not one number a line
+            text = f'{text[:-2]},\n "forest": {json.dumps(self.forest.as_dict())}\n}}'
+        path.write_text(text + "\n")
         return path
 
     @classmethod
@@ -195,7 +292,8 @@ class Gate:
         raw = json.loads(Path(path).read_text())
         if raw.get("features") != list(FEATURES):
             raise ValueError(f"{path}: gate features {raw.get('features')} differ from {list(FEATURES)}: recalibrate")
-        return cls(raw["mean"], raw["scale"], raw["weights"], raw["bias"], raw["threshold"], raw.get("meta", {}))
+        forest = Forest(**raw["forest"]) if raw.get("forest") else None
+        return cls(raw["mean"], raw["scale"], raw["weights"], raw["bias"], raw["threshold"], raw.get("meta", {}), forest)
 
 
 def logistic(X: np.ndarray, y: np.ndarray, *, l2: float = 1e-2, steps: int = 50) -> tuple[np.ndarray, float]:
@@ -248,15 +346,19 @@ def threshold_for(p: np.ndarray, y: np.ndarray, chars: np.ndarray, *, keep_chars
 
 
 def fit(X: np.ndarray, y: np.ndarray, chars: np.ndarray, held_out: np.ndarray, *, keep_chars: float = 0.92,
-        min_auc: float = 0.6) -> Gate:
-    """Fit on the rows not `held_out`, choose the threshold on the held-out rows: the strictest that
-    keeps `keep_chars` of the characters users would keep (accept model) when everything is shown.
-    Raises ValueError when the fit does not generalise (held-out AUC below `min_auc`)."""
+        min_auc: float = 0.6, model: str = "logistic") -> Gate:
+    """Fit on the rows not `held_out` (`model`: `logistic` or `forest`), choose the threshold on the
+    held-out rows: the strictest that keeps `keep_chars` of the characters users would keep (accept
+    model) when everything is shown. Raises ValueError when the fit does not generalise (held-out AUC
+    below `min_auc`)."""
+    if model not in MODELS:
+        raise ValueError(f"gate model {model!r}: one of {', '.join(MODELS)}")
     train = ~held_out
     mu, sd = X[train].mean(0), X[train].std(0)
     sd[sd < 1e-9] = 1.0
     w, b = logistic((X[train] - mu) / sd, y[train])
-    gate = Gate(mu.tolist(), sd.tolist(), w.tolist(), b, 0.0)
+    gate = Gate(mu.tolist(), sd.tolist(), w.tolist(), b, 0.0,
+                forest=Forest.grow(X[train], y[train]) if model == "forest" else None)
     p = gate.p_kept(X[held_out])
     score = auc(p, y[held_out])
     if score < min_auc:
@@ -264,7 +366,7 @@ def fit(X: np.ndarray, y: np.ndarray, chars: np.ndarray, held_out: np.ndarray, *
     yh, ch = y[held_out], chars[held_out]
     full = outcome(p, yh, ch, 0.0)
     best = gate.threshold = threshold_for(p, yh, ch, keep_chars=keep_chars)
-    gate.meta = {"train": int(train.sum()), "held_out": int(held_out.sum()), "held_out_auc": round(score, 4),
+    gate.meta = {"model": model, "train": int(train.sum()), "held_out": int(held_out.sum()), "held_out_auc": round(score, 4),
                  "keep_chars": keep_chars, "ungated": _rounded(full), "gated": _rounded(outcome(p, yh, ch, best))}
     return gate
 

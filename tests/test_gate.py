@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from ghostline.engine.engine import CompletionOptions
-from ghostline.engine.gate import (FEATURES, LEARN_AFTER, LEARN_BOUNDS, Confidence, Gate, accepted, auc, features,
-                                   fit, situation)
+from ghostline.engine.gate import (FEATURES, LEARN_AFTER, LEARN_BOUNDS, MODELS, Confidence, Forest, Gate, accepted,
+                                   auc, features, fit, situation)
 from ghostline.lsp.settings import Settings, SettingsError
 from ghostline.lsp.stats import Stats, document_kind, report
 
@@ -100,9 +100,10 @@ def synthetic(n: int = 600, seed: int = 0):
     return X, y, chars, held
 
 
-def test_the_fit_predicts_held_out_labels_and_keeps_the_characters():
+@pytest.mark.parametrize("model", MODELS)
+def test_the_fit_predicts_held_out_labels_and_keeps_the_characters(model):
     X, y, chars, held = synthetic()
-    gate = fit(X, y, chars, held)
+    gate = fit(X, y, chars, held, model=model)
     assert gate.meta["held_out_auc"] > 0.8
     ungated, gated = gate.meta["ungated"], gate.meta["gated"]
     assert gated["chars_saved"] >= 0.92 * ungated["chars_saved"] - 1e-9
@@ -110,18 +111,47 @@ def test_the_fit_predicts_held_out_labels_and_keeps_the_characters():
     assert auc(gate.p_kept(X[held]), y[held]) == pytest.approx(gate.meta["held_out_auc"], abs=1e-4)
 
 
-def test_a_fit_on_shuffled_labels_fails_its_held_out_check():
+@pytest.mark.parametrize("model", MODELS)
+def test_a_fit_on_shuffled_labels_fails_its_held_out_check(model):
     X, y, chars, held = synthetic()
     rng = np.random.default_rng(1)
     with pytest.raises(ValueError, match="does not generalise"):
-        fit(X, rng.permutation(y), chars, held)
+        fit(X, rng.permutation(y), chars, held, model=model)
+    with pytest.raises(ValueError, match="gate model"):
+        fit(X, y, chars, held, model="tree")
 
 
-def test_gate_round_trips_and_strength_moves_the_threshold(tmp_path):
+def walk(forest: Forest, x: np.ndarray) -> float:
+    """The reference: each tree walked from its root, one node at a time."""
+    leaves = []
+    for node in forest.roots:
+        while forest.feature[node] >= 0:
+            node = forest.left[node] if x[forest.feature[node]] <= forest.cut[node] else forest.right[node]
+        leaves.append(forest.value[node])
+    return float(np.mean(leaves))
+
+
+def test_the_forest_learns_what_a_logistic_cannot_and_equals_its_tree_walk():
+    """Kept when two features agree in sign (no line separates it): the forest ranks held-out rows
+    well where the logistic regression cannot; its vectorised prediction equals walking each tree;
+    the same seed grows the same forest."""
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(900, len(FEATURES)))
+    y = (X[:, 0] * X[:, 1] > 0).astype(float)
+    chars = y * 10
+    held = np.arange(len(y)) % 3 == 0
+    forest = fit(X, y, chars, held, model="forest", min_auc=0.0)
+    assert forest.meta["held_out_auc"] > 0.85 and fit(X, y, chars, held, min_auc=0.0).meta["held_out_auc"] < 0.6
+    np.testing.assert_allclose(forest.p_kept(X[:60]), [walk(forest.forest, x) for x in X[:60]])
+    assert Forest.grow(X[:300], y[:300], trees=5).as_dict() == Forest.grow(X[:300], y[:300], trees=5).as_dict()
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_gate_round_trips_and_strength_moves_the_threshold(tmp_path, model):
     X, y, chars, held = synthetic()
-    gate = fit(X, y, chars, held)
+    gate = fit(X, y, chars, held, model=model)
     again = Gate.load(gate.save(tmp_path))
-    np.testing.assert_allclose(again.p_kept(X[:5]), gate.p_kept(X[:5]))
+    np.testing.assert_allclose(again.p_kept(X[:50]), gate.p_kept(X[:50]), atol=1e-4)
     assert gate.threshold_at(0) == 0 and gate.threshold_at(1) == gate.threshold
     assert gate.threshold_at(2) > gate.threshold_at(1) > gate.threshold_at(0.5)
     raw = json.loads((tmp_path / "gate.json").read_text())
@@ -331,4 +361,7 @@ def test_the_gate_refits_from_stored_records_without_decoding(tmp_path):
     with pytest.raises(ValueError, match="not found"):
         calibrate_gate(None, "m", [], out=tmp_path / "model", rows_files=[files[0], tmp_path / "absent.jsonl"],
                        progress=lambda _: None)
-    assert gate.weights[FEATURES.index("first_p")] > 0
+    assert gate.weights[FEATURES.index("first_p")] > 0 and gate.forest is None and gate.meta["model"] == "logistic"
+    forest = Gate.load(calibrate_gate(None, "m", [], out=tmp_path / "forest", rows_files=files, model="forest",
+                                      progress=lambda _: None))
+    assert forest.forest is not None and forest.meta["model"] == "forest" and forest.meta["held_out_auc"] > 0.6
