@@ -8,7 +8,8 @@ same on real ~4,000-token files, an edit in the upper half, the cursor in the lo
 every keystroke (as editors do); the figure is the latency of the last request, and how many decodes
 were cancelled on the way. Cold start: a fresh server, the first task's file opened and edited right
 after `initialize`, explicitly invoked completions until one answers (the time a user waits after
-starting the editor).
+starting the editor). `--mid-line`: each task asked mid-line instead, its target's first word typed
+(`bench.tasks.mid_line`; ids end `-mid`), the rest of the line the target.
 
 Anchors (bench/anchors.py), after the server has exited so that nothing shares the CPU: `hf`, HF
 transformers re-encoding the text before the cursor on every request, and `llamacpp`, llama.cpp with
@@ -23,7 +24,7 @@ chars_saved, wrong_per_100` (what a user keeps of what is shown, ../shared/EVAL.
 same under `bigfile`. Rows keep the target, so `--summarize` recomputes every figure.
 
     python -m bench.lsp_replay --tasks ../shared/data/edits-requests.jsonl [--limit N] [--bigfile 20] \
-        [--anchors hf,llamacpp] [--shard i/n] [--out rows.jsonl] [--typing N] [--options JSON] [--no-cold-start]
+        [--anchors hf,llamacpp] [--shard i/n] [--out rows.jsonl] [--typing N] [--options JSON] [--no-cold-start] [--mid-line]
     python -m bench.lsp_replay --summarize rows.jsonl [more rows files]
 
 llama-cpp-python is benchmark-only: `make anchors` builds and installs it.
@@ -42,7 +43,8 @@ from pathlib import Path
 
 from lsprotocol import types
 
-from bench.tasks import accept_figures, append_row, cursor_offset, em, es, first_line, fresh_state, mean, pct, read_tasks, shard
+from bench.tasks import (accept_figures, append_row, cursor_offset, em, es, first_line, fresh_state, mean, mid_line, pct,
+                         read_tasks, shard)
 from ghostline.lsp.client import running_server
 
 GATE_OFF = "ghostline_gate_off"  # the same run's suggestions before the show gate (see gate_off)
@@ -275,7 +277,10 @@ def report(rows: list[dict], *, extra: dict | None = None, skipped: dict | None 
 
 def run(args) -> dict:
     log = print
-    sets = {"edits": shard(read_tasks(args.tasks, args.limit), args.shard)}
+    tasks = read_tasks(args.tasks, args.limit)
+    if args.mid_line:
+        tasks = [t for t in map(mid_line, tasks) if t is not None]
+    sets = {"edits": shard(tasks, args.shard)}
     if args.bigfile:
         from bench import bigfile
 
@@ -316,6 +321,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tasks", help="EVAL task file (the `edits` set)")
     p.add_argument("--limit", type=int)
+    p.add_argument("--mid-line", action="store_true", help="ask mid-line: each task with its target's first word "
+                   "typed and the rest of the line as the target (tasks of one word left out)")
     p.add_argument("--bigfile", type=int, default=0, help="tasks of the 4k-token-file set (0: none)")
     p.add_argument("--anchors", default="", help="comma-separated: hf,llamacpp")
     p.add_argument("--shard", help="i/n: this process runs every n-th task from the i-th")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rapidfuzz.distance import Levenshtein
 
-from ghostline.engine.gate import accepted
+from ghostline.engine.gate import accepted, first_word
 from ghostline.engine.paths import cache_dir, model_cache_dir
 from ghostline.engine.text import offset_of
 
@@ -36,6 +36,18 @@ def user_document(task: dict) -> tuple[str, int]:
     lines = task["after"].split("\n")
     lines[c["line"]] = lines[c["line"]][: c["character"]]
     return "\n".join(lines), sum(len(x) + 1 for x in lines[: c["line"]]) + c["character"]
+
+
+def mid_line(task: dict) -> dict | None:
+    """The task with the user past its target's first word (typed, the cursor after it) and the rest of
+    the line as its target: a request mid-line; None where the target is one word."""
+    word = first_word(task["target"])
+    end = task["target"].find(word) + len(word) if word else 0
+    rest = task["target"][end:]
+    if not word or not rest.strip():
+        return None
+    cursor = {**task["cursor"], "character": task["cursor"]["character"] + end}
+    return {**task, "id": f"{task['id']}-mid", "cursor": cursor, "target": rest}
 
 
 def first_line(text: str) -> str:
