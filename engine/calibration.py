@@ -158,11 +158,15 @@ def calibrate_exits(model, tokenizer, name: str, roots: Iterable[Path], *, exclu
 
 
 def cursor_tasks(files: list[Path], *, per_file: int = 2, before_lines: int = 40, after_lines: int = 20,
-                 seed: int = 0):
+                 seed: int = 0, mid_line: bool = False):
     """Completion situations cut from real code, shaped like the benchmark tasks: a cursor at the
     first non-blank character of a line, the rest of that line the target, the document the user
-    would have (the line's text removed, `before_lines` above and `after_lines` below kept)."""
+    would have (the line's text removed, `before_lines` above and `after_lines` below kept). With
+    `mid_line`, the cursor after the line's first word instead (the user typed it; lines of one word
+    left out)."""
     import random
+
+    from ghostline.engine.gate import first_word
 
     rng = random.Random(seed)
     for path in files:
@@ -174,10 +178,15 @@ def cursor_tasks(files: list[Path], *, per_file: int = 2, before_lines: int = 40
         for i in sorted(rng.sample(candidates, min(per_file, len(candidates)))):
             line = lines[i]
             indent = line[: len(line) - len(line.lstrip())]
+            if mid_line:
+                word = first_word(line)
+                indent = line[: line.find(word) + len(word)]  # the text typed before the cursor
+                if not line[len(indent):].strip():
+                    continue
             above = "\n".join(lines[max(0, i - before_lines) : i])
             text = above + "\n" + indent + "\n" + "\n".join(lines[i + 1 : i + 1 + after_lines])
             yield {"path": str(path), "text": text, "offset": len(above) + 1 + len(indent),
-                   "target": line.strip()}
+                   "target": line[len(indent):].rstrip() if mid_line else line.strip()}
 
 
 def history_tasks(paths: Iterable[Path], *, before_lines: int = 40, after_lines: int = 20):
@@ -200,20 +209,21 @@ def history_tasks(paths: Iterable[Path], *, before_lines: int = 40, after_lines:
 
 def collect_gate(engine, files: list[Path], *, tasks: int = 400, drafts: int = 3, max_tokens: int = 48,
                  seed: int = 0, context: Callable[[Path, str, int], str] | None = None,
-                 cursors: Iterable[dict] | None = None, progress: Callable[[str], None] = print) -> Iterator[dict]:
+                 cursors: Iterable[dict] | None = None, mid_line: bool = False,
+                 progress: Callable[[str], None] = print) -> Iterator[dict]:
     """The product's k-draft decode at each cursor task (gate off), as a record the gate's features
     are computed from (`engine.gate.record_features`): the first step's distribution, the drafts and
     their scores, the text around the cursor, whether the user would keep some of the first line (the
     accept model) and how many characters. With `context` (path, text, offset -> other files' text),
     only tasks it gives context for, decoded as the server does once its background work is done: the
     document opened, the context set in front of it, and the whole refreshed. `cursors`: these tasks
-    (`history_tasks`) instead of cuts from `files`."""
+    (`history_tasks`) instead of cuts from `files`; `mid_line`: cuts after each line's first word."""
     from ghostline.engine.completion import CompletionOptions
     from ghostline.engine.gate import accepted, situation
 
     uri, n, n_rows, n_kept = "file:///calibration/gate.py", 0, 0, 0
     opts = CompletionOptions(max_tokens=max_tokens, drafts=drafts)
-    for task in cursor_tasks(files, seed=seed) if cursors is None else cursors:
+    for task in cursor_tasks(files, seed=seed, mid_line=mid_line) if cursors is None else cursors:
         if n >= tasks:
             break
         head = context(Path(task["path"]), task["text"], task["offset"]) if context is not None else ""
@@ -279,14 +289,15 @@ def fit_gate(rows: list[dict], model: str = "logistic"):
 def calibrate_gate(engine, name: str, roots: Iterable[Path], *, exclude: Iterable[str] = (), out: Path | None = None,
                    tasks: int = 400, seed: int = 0, rows_files: Iterable[Path] = (),
                    context: Callable[[Path, str, int], str] | None = None, history: Iterable[Path] = (),
-                   model: str = "logistic", progress: Callable[[str], None] = print) -> Path:
+                   model: str = "logistic", mid_line: bool = False, progress: Callable[[str], None] = print) -> Path:
     """Fit the show gate (engine.gate) on cursor tasks cut from the code under `roots` (`seed` picks
     the lines); write `gate.json`, or, from records of completions that read context (`context`, as
     in `collect_gate`), the gate for those, `gate-context.json`. With `rows_files`: when they all
     exist, the gate is fitted on their records together without decoding anything (`engine` unused);
     one that does not exist yet receives the records of this collection (JSON lines, `.gz` compressed).
     With `history` (edit task files): the cursor tasks are theirs (`history_tasks`), not cut from `roots`.
-    `model`: what gives P(kept) (engine.gate.MODELS)."""
+    `model`: what gives P(kept) (engine.gate.MODELS); `mid_line`: cursor tasks cut after each line's
+    first word (`cursor_tasks`)."""
     from ghostline.engine.gate import CONTEXT_GATE_FILE, GATE_FILE
 
     t0 = time.perf_counter()
@@ -304,7 +315,8 @@ def calibrate_gate(engine, name: str, roots: Iterable[Path], *, exclude: Iterabl
             history = [Path(h) for h in history]
             files = [] if history else code_files(roots, exclude=exclude)
             for row in collect_gate(engine, files, tasks=tasks, seed=seed, context=context,
-                                    cursors=history_tasks(history) if history else None, progress=progress):
+                                    cursors=history_tasks(history) if history else None, mid_line=mid_line,
+                                    progress=progress):
                 rows.append(row)
                 if sink is not None:
                     sink.write(json.dumps(row) + "\n")

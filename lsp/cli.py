@@ -82,7 +82,7 @@ def _calibrate(args) -> int:
             context = Projects(roots)
         calibrate_gate(engine, loaded.source.stem, roots, exclude=args.exclude, out=out, tasks=args.gate_tasks,
                        seed=args.gate_seed, rows_files=rows, context=context, history=args.gate_history,
-                       model=args.gate_model, progress=say)
+                       model=args.gate_model, mid_line=args.gate_mid_line, progress=say)
     return 0
 
 
@@ -219,6 +219,8 @@ def main(argv=None) -> int:
     cal.add_argument("--exclude", nargs="*", default=[], help="skip paths containing any of these words")
     cal.add_argument("--steps", default="vocab,adadec,exits,gate", help="comma-separated: vocab, adadec, exits, gate")
     cal.add_argument("--gate-tasks", type=int, default=400, help="cursor tasks cut from the corpus for the show gate")
+    cal.add_argument("--gate-mid-line", action="store_true", help="cut the gate's cursor tasks after each line's "
+                     "first word (a request mid-line) instead of at its indentation")
     cal.add_argument("--gate-model", choices=("logistic", "forest"), default="logistic", help="what gives the "
                      "gate's P(kept): a logistic regression, or a random forest over the same features")
     cal.add_argument("--gate-seed", type=int, default=0, help="which lines of the corpus the gate's cursor tasks take")

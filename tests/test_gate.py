@@ -306,6 +306,23 @@ def test_history_tasks_are_the_document_after_the_edit_without_the_target(tiny_e
     assert len(rows) == 1 and rows[0]["path"] == "shapes:pkg/shapes.py" and rows[0]["target"] == "return x * 1"
 
 
+def test_cursor_tasks_cut_at_the_indentation_or_after_the_first_word(tmp_path):
+    """At the indentation the target is the line's text; mid-line the cursor follows the first word,
+    which stays in the document, and the target is the rest of the line with its leading blank (the
+    accept model compares from the cursor); a line of one word is never cut mid-line."""
+    from ghostline.engine.calibration import cursor_tasks
+
+    code = "\n".join(f"value_{i} = compute({i}, scale=2)" if i % 2 else "pass" for i in range(40)) + "\n"
+    (tmp_path / "m.py").write_text(code)
+    at = list(cursor_tasks([tmp_path / "m.py"], per_file=40))
+    mid = list(cursor_tasks([tmp_path / "m.py"], per_file=40, mid_line=True))
+    assert {t["target"] for t in at} >= {"pass"} and len(mid) == sum(t["target"] != "pass" for t in at) > 0
+    for t in mid:
+        before = t["text"][: t["offset"]].rsplit("\n", 1)[1]
+        assert before.startswith("value_") and t["target"].startswith(" = compute(")
+        assert before + t["target"] in code and before + t["target"] not in t["text"]
+
+
 def test_the_context_gates_records_are_decodes_that_read_their_projects_context(tiny_engine_factory, tmp_path):
     from ghostline.engine.calibration import calibrate_gate, collect_gate
     from ghostline.lsp.context import Projects
