@@ -630,7 +630,7 @@ class GhostlineServer(LanguageServer):
         try:
             line, ch = (pos["line"], pos["character"]) if isinstance(pos, dict) else (pos.line, pos.character)
             return uri, mirror, mirror.offset(int(line), int(ch), self.encoding), text
-        except (EditError, KeyError, TypeError, ValueError):
+        except (AttributeError, EditError, KeyError, TypeError, ValueError):
             return None
 
     def accepted(self, params) -> None:

@@ -120,7 +120,7 @@ def test_a_suggestion_passed_over_but_typed_counts_as_kept():
     """`ghostline/didReject` reports a suggestion that was not taken; where the user typed at least a
     word of it instead, the server counts it as `typed`, which the gate's record counts as kept (as its
     calibration does, EVAL.md's accept model); one that the text does not follow for a whole word, or
-    at a position past the end, stays rejected."""
+    at a position past the end or malformed, stays rejected."""
     from ghostline.lsp.server import DID_REJECT
     from ghostline.lsp.stats import Stats, kept
 
@@ -134,14 +134,15 @@ def test_a_suggestion_passed_over_but_typed_counts_as_kept():
             for shown in ("return a - b", "return a", "returns a", "yield a", "pass"):
                 c.protocol.notify(DID_REJECT, {"uri": URI, "text": shown, "position": at})
             c.protocol.notify(DID_REJECT, {"uri": URI, "text": "return", "position": {"line": 99, "character": 0}})
+            c.protocol.notify(DID_REJECT, {"uri": URI, "text": "return", "position": [9, 4]})  # malformed: not kept
             await c.engine_text(URI)
             return before, Stats().load()
 
     before, after = run(go())
     delta = {k: after.get(k, 0) - before.get(k, 0) for k in ("typed", "rejected", "accepted")}
-    assert delta == {"typed": 2, "rejected": 4, "accepted": 0}, delta
+    assert delta == {"typed": 2, "rejected": 5, "accepted": 0}, delta
     now, then = (kept(d.get("by_kind", {}).get("python:source", {})) for d in (after, before))
-    assert (now[0] - then[0], now[1] - then[1]) == (2, 4)
+    assert (now[0] - then[0], now[1] - then[1]) == (2, 5)
 
 
 def test_utf16_and_utf8_positions_with_non_ascii():
