@@ -190,6 +190,22 @@ def test_accepts_and_rejects_are_counted_by_language_and_kind_of_document(tmp_pa
     assert gate.strength(1.0, (1, 40)) > 1.0 and "gate" not in report(stats.load())
 
 
+def test_the_stats_command_prints_the_counts_and_the_embedded_gates_learned_strength(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    stats = Stats(tmp_path / "stats.json")
+    for event in ["accepted"] * 2 + ["typed"] * 3 + ["rejected"] * 40:
+        stats.count(event, "python", "test")
+    env = {**os.environ, "GHOSTLINE_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "ghostline", "stats"], env=env, capture_output=True, text=True,
+                         check=True, timeout=120).stdout
+    line = next(ln for ln in out.splitlines() if ln.startswith("python:test"))
+    assert line.split()[1:9] == ["shown", "0", "accepted", "2", "typed", "3", "rejected", "40"]
+    assert line.endswith(f"gate x{LEARN_BOUNDS[1]:.2f}")  # kept 11 %, far below the calibration's 71 %
+
+
 def test_strength_learned_from_the_record_rests_where_the_calibration_expected_and_is_bounded():
     gate = gate_with(0.4)
     gate.meta = {"gated": {"accept_pct": 70.0}}
