@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rapidfuzz.distance import Levenshtein
 
-from ghostline.engine.gate import accepted, first_word
+from ghostline.engine.gate import accepted, first_word_end
 from ghostline.engine.paths import cache_dir, model_cache_dir
 from ghostline.engine.text import offset_of
 
@@ -41,10 +41,9 @@ def user_document(task: dict) -> tuple[str, int]:
 def mid_line(task: dict) -> dict | None:
     """The task with the user past its target's first word (typed, the cursor after it) and the rest of
     the line as its target: a request mid-line; None where the target is one word."""
-    word = first_word(task["target"])
-    end = task["target"].find(word) + len(word) if word else 0
+    end = first_word_end(task["target"])
     rest = task["target"][end:]
-    if not word or not rest.strip():
+    if not end or not rest.strip():
         return None
     cursor = {**task["cursor"], "character": task["cursor"]["character"] + end}
     return {**task, "id": f"{task['id']}-mid", "cursor": cursor, "target": rest}

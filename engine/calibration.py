@@ -166,7 +166,7 @@ def cursor_tasks(files: list[Path], *, per_file: int = 2, before_lines: int = 40
     left out)."""
     import random
 
-    from ghostline.engine.gate import first_word
+    from ghostline.engine.gate import first_word_end
 
     rng = random.Random(seed)
     for path in files:
@@ -179,8 +179,7 @@ def cursor_tasks(files: list[Path], *, per_file: int = 2, before_lines: int = 40
             line = lines[i]
             indent = line[: len(line) - len(line.lstrip())]
             if mid_line:
-                word = first_word(line)
-                indent = line[: line.find(word) + len(word)]  # the text typed before the cursor
+                indent = line[: first_word_end(line)]  # the text typed before the cursor
                 if not line[len(indent):].strip():
                     continue
             above = "\n".join(lines[max(0, i - before_lines) : i])

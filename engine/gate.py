@@ -93,8 +93,13 @@ def accepted(shown: str, target: str) -> str:
 
 
 def first_word(text: str) -> str:
+    return text[: first_word_end(text)].strip()
+
+
+def first_word_end(text: str) -> int:
+    """Where the first word of `text`'s first line ends, the blanks before it included (0: none)."""
     m = _WORD.match(text.split("\n", 1)[0])
-    return m.group().strip() if m else ""
+    return m.end() if m else 0
 
 
 def features(conf: Confidence, drafts: list[str], *, above: str, line_before: str, line_after: str, multiline: bool,
@@ -234,7 +239,7 @@ def _best_split(X: np.ndarray, y: np.ndarray, features: np.ndarray, min_leaf: in
 @dataclass
 class Gate:
     """A fitted gate: the threshold on P(kept) chosen on held-out code, and what gives P(kept): a
-    logistic regression (standardisation, weights) or, where fitted so, a forest."""
+    logistic regression (standardisation, weights; empty for a forest) or, where fitted so, a forest."""
 
     mean: list[float]
     scale: list[float]
@@ -354,11 +359,13 @@ def fit(X: np.ndarray, y: np.ndarray, chars: np.ndarray, held_out: np.ndarray, *
     if model not in MODELS:
         raise ValueError(f"gate model {model!r}: one of {', '.join(MODELS)}")
     train = ~held_out
-    mu, sd = X[train].mean(0), X[train].std(0)
-    sd[sd < 1e-9] = 1.0
-    w, b = logistic((X[train] - mu) / sd, y[train])
-    gate = Gate(mu.tolist(), sd.tolist(), w.tolist(), b, 0.0,
-                forest=Forest.grow(X[train], y[train]) if model == "forest" else None)
+    if model == "forest":
+        gate = Gate([], [], [], 0.0, 0.0, forest=Forest.grow(X[train], y[train]))
+    else:
+        mu, sd = X[train].mean(0), X[train].std(0)
+        sd[sd < 1e-9] = 1.0
+        w, b = logistic((X[train] - mu) / sd, y[train])
+        gate = Gate(mu.tolist(), sd.tolist(), w.tolist(), b, 0.0)
     p = gate.p_kept(X[held_out])
     score = auc(p, y[held_out])
     if score < min_auc:
