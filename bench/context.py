@@ -7,8 +7,10 @@ does); the task's file is opened there, the edit applied, and the target removed
 line (the document at completion time). Then, one line, the server's default settings otherwise:
 
 - `context`: the product path: the server chooses chunks for the edit's place and sends them to the
-  engine after the change; the benchmark waits until they are encoded (a user's pause after an edit;
-  `update_ms` is that time, from the change), then asks (`ms`, request to answer);
+  engine after the change; the benchmark waits until they are encoded and the engine's idle work on
+  the document is done (the rows before the cursor encoded again to read them, `EngineOptions.reread`;
+  a user's pause after an edit; `update_ms` is that time, from the change), then asks (`ms`, request
+  to answer);
 - `prefix`: no context (`context: false`), the same steps but for the wait;
 - `settled`: no context, and the same wait as `context` for the engine's idle work on the document
   (the rows before the cursor that the edit left stale encoded again, `EngineOptions.reread`): what
@@ -147,7 +149,8 @@ async def run_tasks(args, tasks: list[dict], ws: dict, record, log, prior: dict 
                         c.change(uri, 3, (line, char), (line, len(task["after"].split("\n")[line])), "")
                         await c.inspect(uri)
                         if mode == "context":
-                            await c.context_ready(uri)  # the context sent and encoded: the request comes in a quiet state
+                            await c.context_ready(uri)  # the context sent and encoded ...
+                            await c.settled(uri)  # ... and read by the rows before the cursor: a quiet state
                         elif mode == "settled":
                             await c.settled(uri)
                         update_ms = (time.perf_counter() - t_change) * 1e3

@@ -210,14 +210,15 @@ class Engine:
 
     def _near_focus(self, doc: Document) -> range:
         """The rows kept fresh when idle: the `reread` before the document's focus, what its next
-        completion reads most (none without a focus, or with it outside a long document's window)."""
+        completion reads most, context rows in front included (none without a focus, or with it
+        outside a long document's window)."""
         if doc.focus is None or not doc.ids:
             return range(0)
         local = doc.local(doc.focus)
         if not len(doc.head) <= local <= len(doc.text):  # outside a long document's window
             return range(0)
         end = doc.token_at(local)
-        return range(max(doc.head_rows, end - self.options.reread), max(doc.head_rows, end))
+        return range(max(0, end - self.options.reread), end)
 
     def edit(self, uri: str, changes: list, *, strategy: str = "pie", encode: bool = True,
              should_stop=None) -> UpdateStats:
@@ -376,8 +377,12 @@ class Engine:
         return "reread" if self._unread(doc) else None
 
     def _unread(self, doc: Document) -> list[int]:
-        """The rows before the focus that idle work encodes again (`_near_focus`, not fresh)."""
-        return [r for r in self._near_focus(doc) if doc.stale[r] != FRESH]
+        """The rows before the focus that idle work encodes again (`_near_focus`): from the first one
+        not fresh to the focus, fresh ones after it included, since their keys and values read the rows
+        encoded again before them (an edit's rows encoded over rows a new context had shifted)."""
+        near = self._near_focus(doc)
+        first = next((r for r in near if doc.stale[r] != FRESH), near.stop)
+        return list(range(first, near.stop))
 
     # completion ----------------------------------------------------------------------------------
 

@@ -139,6 +139,39 @@ def test_a_new_context_encodes_again_the_rows_before_where_the_user_works(smol, 
         assert eng.complete("doc", len(text), opts).tokens == ref.complete("ref", len(HEAD + text), opts).tokens
 
 
+def test_an_edit_while_a_new_context_waits_is_encoded_again_with_the_rows_before_it(smol):
+    """A new context shifts the document's rows; an edit typed before idle work encodes them again
+    gets rows of its own, encoded over the shifted ones. Idle work encodes both again (the edit's rows
+    read the rows encoded again before them): the cache then equals one encode of context and text."""
+    model = engine_for(smol.tokenizer).model
+    eng = Engine(model, smol.tokenizer, EngineOptions(reread=10**6))
+    eng.open("doc", DOC)
+    eng.set_context("doc", HEAD)
+    while eng.background("doc") is not None:  # the context's rows; no focus yet, so nothing else
+        pass
+    doc = eng.docs["doc"]
+    assert SHIFTED in doc.stale
+    eng.edit("doc", [{"range": {"start": {"line": 2, "character": 0}, "end": {"line": 2, "character": 0}},
+                      "text": "import lib.models\n"}])  # its rows encoded now, over the shifted rows above
+    text = eng.text("doc")
+    eng.complete("doc", len(text), CompletionOptions(max_tokens=4))  # the user works at the end
+    while eng.background("doc") is not None:
+        pass
+    ref = Engine(model, smol.tokenizer)
+    ref.open("ref", HEAD + text)
+    end = doc.token_at(doc.local(len(text)))
+    assert doc.ids == ref.docs["ref"].ids and doc.stale[:end].count(0) == end
+    _rows_equal(doc.cache, ref.docs["ref"].cache, end)
+    eng.set_context("doc", BLOCKS["b"])  # the chunk it keeps moves up: its rows read a chunk now gone
+    assert SHIFTED in doc.stale[: doc.head_rows]
+    while eng.background("doc") is not None:
+        pass
+    ref.open("ref", BLOCKS["b"] + text)
+    end = doc.token_at(doc.local(len(text)))
+    assert doc.ids == ref.docs["ref"].ids and doc.stale[:end].count(0) == end
+    _rows_equal(doc.cache, ref.docs["ref"].cache, end)
+
+
 def test_a_completion_never_waits_for_context_and_edits_keep_it(smol):
     eng = engine_for(smol.tokenizer)
     eng.open("doc", DOC)
