@@ -150,9 +150,8 @@ async def run_tasks(args, tasks: list[dict], ws: dict, record, log, prior: dict 
                         await c.inspect(uri)
                         if mode == "context":
                             await c.context_ready(uri)  # the context sent and encoded ...
+                        if mode in ("context", "settled"):
                             await c.settled(uri)  # ... and read by the rows before the cursor: a quiet state
-                        elif mode == "settled":
-                            await c.settled(uri)
                         update_ms = (time.perf_counter() - t_change) * 1e3
                         shown, ms, info = await _answer(c, uri, line, char)
                         if mode == "context" and n == 1:
