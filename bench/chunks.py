@@ -10,6 +10,10 @@ line, the gate off so the model's own writing is scored):
   they share with the 30 lines above the cursor, each under a `# path` line, within the budget, the
   best nearest the document;
 - `chosen`: the product's choice (`lsp.context.choose`) within the same budget, in the product's order;
+- `oracle`: a ceiling, not a method (it reads the target): the workspace's chunks holding the most of
+  the target's names that the text above the cursor lacks (builtins and keywords aside), ties by the
+  names shared with the lines above, within the same budget, the best nearest the document. What any
+  choice of chunks could give this model at this budget;
 - `stale`: the product's cache (`Engine.set_context`): the document encoded with the choice for its
   first lines in front of it, then that context replaced by the cursor's choice (PIE: the chunks
   kept and the document's rows moved and rotated, the new chunks encoded, the document's rows not
@@ -24,19 +28,24 @@ whole long file costs a CPU a minute a form; the 15 sliding-window layers see 51
 from __future__ import annotations
 
 import argparse
+import builtins
 import gzip
 import json
+import keyword
+import re
 
 from bench.context import workspace_of
 from bench.suffix import at_completion
 from bench.tasks import chosen_forms, first_line, form_figures, mean, read_tasks, run_forms, user_document
 from ghostline.engine.engine import CompletionOptions, Engine, EngineOptions
-from ghostline.lsp.context import CHARS_PER_TOKEN, QUERY_LINES, Library, Options, context_text, identifiers
+from ghostline.lsp.context import CHARS_PER_TOKEN, QUERY_LINES, Library, Options, chunk_file, context_text, identifiers
 
-FORMS = ("prefix", "overlap", "chosen", "stale")
+FORMS = ("prefix", "overlap", "chosen", "stale", "oracle")
 STALE_LINES = 30  # `stale` first holds the choice for the cursor at the end of the document's first lines
 OVERLAP_LINES = 40
 URI = "file:///chunks/task.py"
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+PLAIN = frozenset(dir(builtins)) | frozenset(keyword.kwlist) | {"self", "cls"}
 
 
 def overlap_context(files: dict[str, str], doc: str, offset: int, budget: int) -> str:
@@ -53,8 +62,13 @@ def overlap_context(files: dict[str, str], doc: str, offset: int, budget: int) -
             if shared:
                 scored.append((-shared, path, first, f"# {path}\n{body}\n"))
     scored.sort()
+    return within(budget, [chunk for *_, chunk in scored])
+
+
+def within(budget: int, ranked: list[str]) -> str:
+    """The chunk texts, best first, that fit the budget taken in order, joined with the best last."""
     out, left = [], budget * CHARS_PER_TOKEN
-    for _, _, _, chunk in scored:
+    for chunk in ranked:
         if len(chunk) <= left:
             out.append(chunk)
             left -= len(chunk)
@@ -68,13 +82,33 @@ def chosen_context(files: dict[str, str], path: str, doc: str, offset: int, budg
     return context_text(lib, doc, offset, path=path, opts=Options(budget=budget))
 
 
-def prompt(form: str, files: dict[str, str], path: str, doc: str, offset: int, budget: int) -> str:
+def oracle_context(files: dict[str, str], doc: str, offset: int, budget: int, target: str) -> str:
+    """The ceiling's text: chunks by how many of the target's names new to the document they hold."""
+    above = doc[:offset]
+    new = {w for w in NAME.findall(target) if w not in above and w not in PLAIN and len(w) > 2}
+    query = set(identifiers("\n".join(above.split("\n")[-QUERY_LINES - 1 :])))
+    scored = []
+    for path, text in sorted(files.items()):
+        if not path.endswith(".py"):
+            continue
+        for chunk in chunk_file(path, text):
+            hit = sum(1 for w in new if re.search(rf"\b{re.escape(w)}\b", chunk.text))
+            shared = len(query & set(identifiers(chunk.text)))
+            if hit or shared:
+                scored.append((-(100 * hit + shared), path, chunk.first, chunk.text))
+    scored.sort()
+    return within(budget, [text for *_, text in scored])
+
+
+def prompt(form: str, files: dict[str, str], path: str, doc: str, offset: int, budget: int, target: str = "") -> str:
     if form == "prefix":
         return ""
     if form == "overlap":
         return overlap_context(files, doc, offset, budget)
     if form in ("chosen", "stale"):
         return chosen_context(files, path, doc, offset, budget)
+    if form == "oracle":
+        return oracle_context(files, doc, offset, budget, target)
     raise ValueError(f"unknown form {form!r} (of {', '.join(FORMS)})")
 
 
@@ -84,7 +118,7 @@ def run_task(engine: Engine, task: dict, ws: dict, forms: list[str], budget: int
     doc, offset = user_document(task) if above is None else at_completion(task, above)
     row = {"id": task["id"], "target": task["target"]}
     for form in forms:
-        head = prompt(form, files, path, doc, offset, budget)
+        head = prompt(form, files, path, doc, offset, budget, task["target"])
         at = len(head) + offset
         if form == "stale":
             early = sum(len(ln) + 1 for ln in doc.split("\n")[:STALE_LINES])
