@@ -12,8 +12,8 @@ line, the gate off so the model's own writing is scored):
 - `chosen`: the product's choice (`lsp.context.choose`) within the same budget, in the product's order;
 - `oracle`: a ceiling, not a method (it reads the target): the workspace's chunks holding the most of
   the target's names that the text above the cursor lacks (builtins and keywords aside), ties by the
-  names shared with the lines above, within the same budget, the best nearest the document. What any
-  choice of chunks could give this model at this budget;
+  names shared with the lines above, within the same budget, the best nearest the document: what
+  chunks picked knowing the line's names give this model at this budget;
 - `stale`: the product's cache (`Engine.set_context`): the document encoded with the choice for its
   first lines in front of it, then that context replaced by the cursor's choice (PIE: the chunks
   kept and the document's rows moved and rotated, the new chunks encoded, the document's rows not

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ghostline.engine.document import SHIFTED, STALE
+from ghostline.engine.document import FRESH, SHIFTED, STALE
 from ghostline.engine.engine import CompletionOptions, Engine, EngineOptions
 from ghostline.engine.model import build
 from tests.conftest import tiny_hf
@@ -160,7 +160,7 @@ def test_an_edit_while_a_new_context_waits_is_encoded_again_with_the_rows_before
     ref = Engine(model, smol.tokenizer)
     ref.open("ref", HEAD + text)
     end = doc.token_at(doc.local(len(text)))
-    assert doc.ids == ref.docs["ref"].ids and doc.stale[:end].count(0) == end
+    assert doc.ids == ref.docs["ref"].ids and doc.stale[:end].count(FRESH) == end
     _rows_equal(doc.cache, ref.docs["ref"].cache, end)
     eng.set_context("doc", BLOCKS["b"])  # the chunk it keeps moves up: its rows read a chunk now gone
     assert SHIFTED in doc.stale[: doc.head_rows]
@@ -168,7 +168,7 @@ def test_an_edit_while_a_new_context_waits_is_encoded_again_with_the_rows_before
         pass
     ref.open("ref", BLOCKS["b"] + text)
     end = doc.token_at(doc.local(len(text)))
-    assert doc.ids == ref.docs["ref"].ids and doc.stale[:end].count(0) == end
+    assert doc.ids == ref.docs["ref"].ids and doc.stale[:end].count(FRESH) == end
     _rows_equal(doc.cache, ref.docs["ref"].cache, end)
 
 
