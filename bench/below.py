@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.gate import load as replay_rows
+from bench.gate import against_off, load as replay_rows
 from bench.tasks import user_document
 from ghostline.engine.calibration import find, json_lines
 from ghostline.engine.gate import GATE_FILE, Gate, accepted, auc, logistic, outcome, record_features, threshold_for
@@ -189,10 +189,9 @@ def task_rows(rows_path: str, tasks_path: str, score: Scorer, gate: Gate, out) -
 
 
 def ratios(p: np.ndarray, y: np.ndarray, chars: np.ndarray, threshold: float) -> dict:
-    off, on = outcome(p, y, chars, 0.0), outcome(p, y, chars, threshold)
-    return {"wrong_x": round(on["wrong_per_100"] / max(off["wrong_per_100"], 1e-9), 3),
-            "chars_pct": round(100 * on["chars_saved"] / max(off["chars_saved"], 1e-9), 1),
-            "accept_x": round(on["accept_pct"] / max(off["accept_pct"], 1e-9), 3), "threshold": round(threshold, 4)}
+    r = against_off(outcome(p, y, chars, 0.0), outcome(p, y, chars, threshold))
+    return {"wrong_x": round(r["wrong_x"], 3), "chars_pct": round(r["chars_pct"], 1), "accept_x": round(r["accept_x"], 3),
+            "threshold": round(threshold, 4)}
 
 
 def main(argv=None) -> int:

@@ -79,6 +79,14 @@ def learning(rows: list[dict], p: np.ndarray, gate: Gate) -> dict:
             "record": list(record), **accept_figures(shown)}
 
 
+def against_off(off: dict, on: dict) -> dict:
+    """The gate's figures as the targets read them: wrong and kept share as multiples of the ungated
+    ones, characters kept in percent of the ungated (`outcome` dicts)."""
+    return {"wrong_x": on["wrong_per_100"] / max(off["wrong_per_100"], 1e-9),
+            "chars_pct": 100 * on["chars_saved"] / max(off["chars_saved"], 1e-9),
+            "accept_x": on["accept_pct"] / max(off["accept_pct"], 1e-9)}
+
+
 def on_records(paths: list[str], gate: Gate, *, held_out: bool) -> dict:
     """A gate's ranking (AUC) and figures at its threshold on calibration decode records."""
     rows = json_lines([Path(p) for p in paths])
@@ -87,8 +95,7 @@ def on_records(paths: list[str], gate: Gate, *, held_out: bool) -> dict:
     X, y, chars = record_arrays(rows)
     p = gate.p_kept(X)
     off, on = outcome(p, y, chars, 0.0), outcome(p, y, chars, gate.threshold)
-    ratio = {"wrong_x": on["wrong_per_100"] / off["wrong_per_100"], "chars_pct": 100 * on["chars_saved"] / off["chars_saved"],
-             "accept_x": on["accept_pct"] / off["accept_pct"]}
+    ratio = against_off(off, on)
     return {k: round(float(v), 3) for k, v in {"records": len(rows), "auc": auc(p, y), "threshold": gate.threshold,
                                                **{f"off_{k}": v for k, v in off.items()},
                                                **{f"on_{k}": v for k, v in on.items()}, **ratio}.items()}
